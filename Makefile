@@ -1,0 +1,33 @@
+# The two commands of the README. Both create or reuse the project virtual
+# environment (.venv) through scripts/setup_env.sh, which is a no-op when nothing changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+# Offline by design; caches of compiled code stay inside the project (ignored by git).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
+export MPLBACKEND := Agg
+
+.PHONY: setup test demo bench lint clean
+
+setup:
+	@NOENCORE_VENV=$(VENV) bash scripts/setup_env.sh
+
+test: setup
+	NOENCORE_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m noencore demo --out $(DEMO_OUT)
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+lint: setup
+	$(PY) -m ruff check noencore kernels benchmarks tests setup.py
+
+clean:
+	rm -rf build noencore/*.so $(DEMO_OUT) .cache

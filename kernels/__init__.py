@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``noencore.kernels`` (import triton only when used)."""

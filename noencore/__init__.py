@@ -1,0 +1,47 @@
+"""noencore: fast, measurable unlearning (opt-out) for MusicGen.
+
+The data path, one sub-package per stage::
+
+    noencore.data        manifest -> audio -> EnCodec tokens -> memory-mapped shards -> batches
+    noencore.models      MusicGen LM adapter (hidden states before the codebook heads), load/save
+    noencore.methods     GA, RL, GradDiff, bounded GA, NPO, SimNPO: a batch -> targets + row weights
+    noencore.ops         fused linear cross-entropy with ascent (Triton / C++ / torch)
+    noencore.engine      the training loop: one process or DeepSpeed ZeRO
+    noencore.evaluation  batched token metrics, membership inference, CLAP, FAD, reports
+
+``import noencore`` is light: heavy packages (audiocraft, deepspeed, triton,
+laion_clap) load only inside the code paths that use them. The names below are
+resolved on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "precompute": "noencore.data.precompute",
+    "TokenShards": "noencore.data.shards",
+    "load_musicgen": "noencore.models.musicgen",
+    "save_musicgen": "noencore.models.musicgen",
+    "unlearn": "noencore.engine.loop",
+    "evaluate": "noencore.evaluation.evaluate",
+    "run_demo": "noencore.demo",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'noencore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

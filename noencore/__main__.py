@@ -1,0 +1,3 @@
+from noencore.cli import main
+
+raise SystemExit(main())

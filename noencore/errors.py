@@ -1,0 +1,10 @@
+"""Errors that the CLI reports as one clear line (exit code 1), without a traceback."""
+from __future__ import annotations
+
+
+class NoencoreError(Exception):
+    """A failure of the job with a message that names the file or item and what to do."""
+
+
+class UsageError(NoencoreError):
+    """Bad usage: contradictory flags or arguments (CLI exit code 2)."""

@@ -1,0 +1,1 @@
+"""Batched evaluation: token metrics, membership inference, CLAP, FAD, reports."""

@@ -1,0 +1,82 @@
+"""Build noencore: the Python package, its Triton kernels and its C++ CPU extension.
+
+The C++ extension (``noencore._C``, from ``csrc/``) is optional at install time:
+when torch's headers or a C++ compiler are missing, or the build fails, the
+package installs without it and ``noencore.ops`` runs its torch path. That choice
+is visible (``noencore.ops.cpp_available()``) and CI fails when the extension did
+not build (``NOENCORE_REQUIRE_CPP=1``).
+
+Build against the torch already installed (as flash-attention does)::
+
+    pip install --no-build-isolation -e .
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpp_extension():
+    """Return (ext_modules, cmdclass) for the C++ extension, or ([], {}) if it can't build."""
+    if os.environ.get("NOENCORE_NO_CPP") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch absent at build time: torch paths only
+        print(f"[noencore] building without the C++ extension: torch not importable ({exc})",
+              file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return [], {}
+    # -march=native: the extension is built on the machine that runs it (pip install
+    # from source); AVX-512/AVX2 vector paths are chosen by the compiler.
+    cxx = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", "-std=c++17"]
+    ext = CppExtension("noencore._C", sources, extra_compile_args={"cxx": cxx},
+                       extra_link_args=["-fopenmp"])
+
+    class OptionalBuildExt(BuildExtension):
+        """Build the extension, but let the install succeed without it (loudly)."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                print(f"[noencore] WARNING: C++ extension failed to build ({exc}); "
+                      "noencore.ops will use its torch path", file=sys.stderr)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                print(f"[noencore] WARNING: C++ extension {ext.name} failed to build ({exc})",
+                      file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cpp_extension()
+
+setup(
+    name="noencore",
+    version="0.1.0",
+    description="Fast, measurable unlearning (opt-out) for MusicGen text-to-music models",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships inside the package as noencore.kernels (no top-level "kernels").
+    packages=find_packages(include=["noencore", "noencore.*"]) + ["noencore.kernels"],
+    package_dir={"noencore.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    # torch, audiocraft, torchaudio and laion-clap are installed by scripts/setup_env.sh
+    # (they need --no-deps and a torch pin); the rest are ordinary requirements.
+    install_requires=["numpy", "soundfile", "tqdm", "pyyaml", "safetensors"],
+    entry_points={"console_scripts": ["noencore=noencore.cli:main"]},
+)
