@@ -1,13 +1,31 @@
-"""Fused cross-entropy with ascent. (Being built: see issue 3.)"""
+"""Fused cross-entropy with ascent: the op at the heart of unlearning.
+
+One function per input kind, three backends behind them:
+
+* :func:`linear_ce_ascent` (hidden states + head weight; logits never held in full)
+* :func:`ce_ascent` (given logits)
+* :func:`token_stats` (no-grad per-token NLL, top-1, Min-K%++ moments)
+
+Backends: Triton (``noencore.kernels``, CUDA), C++ (``noencore._C``, CPU), and the
+plain-torch chunked reference (:mod:`noencore.ops.reference`) that both are tested
+against. ``backend="auto"`` picks one; :func:`resolve_backend` says which.
+Random labels: :data:`RANDOM_LABEL` and the hash in :mod:`noencore.ops.random_labels`.
+"""
 from __future__ import annotations
 
+from noencore.ops.dispatch import cpp_available, resolve_backend, triton_available
+from noencore.ops.linear_ce import ce_ascent, linear_ce_ascent
+from noencore.ops.random_labels import RANDOM_LABEL, random_label
+from noencore.ops.token_stats import TokenStats, token_stats
 
-def cpp_available() -> bool:
-    """True when the C++ extension ``noencore._C`` was built and imports."""
-    import torch  # noqa: F401  (the extension links against libtorch)
-
-    try:
-        import noencore._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = [
+    "RANDOM_LABEL",
+    "TokenStats",
+    "ce_ascent",
+    "cpp_available",
+    "linear_ce_ascent",
+    "random_label",
+    "resolve_backend",
+    "token_stats",
+    "triton_available",
+]

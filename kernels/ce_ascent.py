@@ -1,0 +1,162 @@
+"""Triton backend (CUDA): row kernel with online log-sum-exp, gradient in the forward.
+
+``ce_fwd``: one program per row of the logits. Pass 1 walks the row in ``BLOCK_V``
+blocks keeping a running max and a rescaled running sum (online log-sum-exp), so the
+row is never held whole; pass 2 writes ``coef * (softmax - onehot)`` over the same
+blocks (in place over the logits when asked). Softmax math is fp32 whatever the input.
+
+``linear_ce_fwd``: rows in chunks; per chunk the logits come from one cuBLAS GEMM into
+a [chunk, V] buffer, the row kernel turns them into gradients in place, and two more
+GEMMs give dh and dW. Peak extra memory is O(chunk x V), never O(N x V).
+
+bf16 outputs are rounded to nearest even with integer ops on the fp32 bit pattern:
+the Triton interpreter (used by the CPU test suite) truncates in ``.to(tl.bfloat16)``,
+real GPUs round; the explicit rounding makes both agree with the other backends.
+
+Kernel contract and random-label hash: see ``noencore/ops/reference.py`` and
+``noencore/ops/random_labels.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_CHUNK = 8192
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _mul32(x, c_lo, c_hi, mask32):
+    # (x * c) mod 2^32 on int64 holding [0, 2^32): 16-bit halves keep products < 2^48.
+    lo = x * c_lo
+    hi = ((x * c_hi) & 0xFFFF) << 16
+    return (lo + hi) & mask32
+
+
+@triton.jit
+def _labels(t, row, key, vocab, ignore_index, mask32, HAS_KEY: tl.constexpr):
+    """Effective int64 label: -1 for ignored rows, the hash for RANDOM_LABEL rows."""
+    t = t.to(tl.int64)
+    lab = tl.where(t == ignore_index, -1, t)
+    if HAS_KEY:
+        x = (row.to(tl.int64) & mask32) ^ key.to(tl.int64)
+        x = x ^ (x >> 16)
+        x = _mul32(x, 0xCA6B, 0x85EB, mask32)
+        x = x ^ (x >> 13)
+        x = _mul32(x, 0xAE35, 0xC2B2, mask32)
+        x = x ^ (x >> 16)
+        lab = tl.where(t == -2, x % vocab, lab)
+    return lab
+
+
+@triton.jit
+def _round_bf16(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _ce_rows_kernel(Z, G, T, COEF, LOSS, stride_z, stride_g, vocab, ignore_index, key, row0,
+                    cap, mask32, HAS_KEY: tl.constexpr, HAS_GRAD: tl.constexpr,
+                    G_BF16: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    lab = _labels(tl.load(T + row), row0 + row, key, vocab, ignore_index, mask32, HAS_KEY)
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    for off in range(0, vocab, BLOCK_V):
+        z = tl.load(z_row + off + cols, mask=off + cols < vocab, other=float("-inf"))
+        z = z.to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    zt = tl.load(z_row + tl.maximum(lab, 0)).to(tl.float32)
+    loss = tl.where(lab >= 0, lse - zt, 0.0)
+    tl.store(LOSS + row, loss)
+    if HAS_GRAD:
+        c = tl.load(COEF + row).to(tl.float32)
+        c = tl.where((lab < 0) | ((c < 0) & (loss > cap)), 0.0, c)
+        g_row = G + row * stride_g
+        for off in range(0, vocab, BLOCK_V):
+            idx = off + cols
+            z = tl.load(z_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            g = tl.exp(z - lse) * c
+            g = tl.where(idx == lab, g - c, g)
+            if G_BF16:
+                tl.store(g_row + idx, _round_bf16(g), mask=idx < vocab)
+            else:
+                tl.store(g_row + idx, g.to(G.dtype.element_ty), mask=idx < vocab)
+
+
+@triton.jit
+def _random_labels_kernel(OUT, n, key, row0, vocab, mask32, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.full([BLOCK], -2, tl.int64)
+    lab = _labels(t, row0 + i, key, vocab, -100, mask32, True)
+    tl.store(OUT + i, lab, mask=i < n)
+
+
+def _block_v(vocab: int) -> int:
+    return min(triton.next_power_of_2(vocab), 4096)
+
+
+def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
+           ignore_index: int, key: int | None, row_offset: int, cap: float,
+           grad: torch.Tensor | None) -> torch.Tensor:
+    """See :func:`noencore.ops.reference.ce_fwd` (logits [N, V], row-contiguous)."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    if n == 0:
+        return loss
+    if logits.stride(1) != 1 or (grad is not None and grad.stride(1) != 1):
+        raise ValueError("the Triton kernel needs rows with unit column stride")
+    g = grad if grad is not None else logits  # unused pointer when HAS_GRAD is False
+    _ce_rows_kernel[(n,)](
+        logits, g, targets.contiguous(), coef.to(torch.float32).contiguous(), loss,
+        logits.stride(0), g.stride(0), vocab, ignore_index, 0 if key is None else key,
+        row_offset, float(cap), _MASK32, HAS_KEY=key is not None, HAS_GRAD=grad is not None,
+        G_BF16=g.dtype == torch.bfloat16, BLOCK_V=_block_v(vocab))
+    return loss
+
+
+def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  coef: torch.Tensor, *, ignore_index: int, key: int | None, row_offset: int,
+                  cap: float, need_dh: bool, need_dw: bool, chunk: int = DEFAULT_CHUNK
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """See :func:`noencore.ops.reference.linear_ce_fwd`."""
+    n = hidden.shape[0]
+    need_grad = need_dh or need_dw
+    loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty(weight.shape, device=hidden.device, dtype=torch.float32) if need_dw else None
+    if n == 0 and dw is not None:
+        dw.zero_()
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        h = hidden[s:e]
+        z = h @ weight.T
+        loss[s:e] = ce_fwd(z, targets[s:e], coef[s:e], ignore_index=ignore_index, key=key,
+                           row_offset=row_offset + s, cap=cap, grad=z if need_grad else None)
+        if dh is not None:
+            torch.mm(z, weight, out=dh[s:e])
+        if dw is not None:
+            part = (z.T @ h).float()
+            if s == 0:
+                dw.copy_(part)
+            else:
+                dw.add_(part)
+    return loss, dh, dw
+
+
+def random_labels(key: int, row_offset: int, n: int, vocab: int,
+                  device: torch.device | str = "cuda") -> torch.Tensor:
+    """Labels of global rows [row_offset, row_offset + n) computed by Triton (int64 [n])."""
+    out = torch.empty(n, device=device, dtype=torch.int64)
+    block = 1024
+    _random_labels_kernel[(triton.cdiv(n, block),)](out, n, key, row_offset, vocab, _MASK32,
+                                                    BLOCK=block)
+    return out

@@ -1,0 +1,100 @@
+"""``noencore evaluate``: measure forgetting and quality; write report.json/.md and plots."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from noencore.errors import NoencoreError, UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate an unlearned model on forget / remain / holdout sets",
+        description="Token NLL and accuracy, membership inference (LOSS, Min-K%%, Min-K%%++, "
+                    "compression, reference ratio; ROC AUC), MUSE privleak, TOFU forget quality, "
+                    "and with --clap: CLAP score, FAD, memorisation. Writes OUT/report.json, "
+                    "OUT/report.md, OUT/nll_hist.png, OUT/roc.png, OUT/token_stats.npz.")
+    p.add_argument("shards", help="token-shard folder (from `noencore precompute`)")
+    p.add_argument("--model", required=True, help="unlearned model: folder, hub id or 'tiny'")
+    p.add_argument("--reference", help="model before unlearning (folder, hub id), or an earlier "
+                                       "evaluation's OUT folder (cached token statistics)")
+    p.add_argument("--retrained", help="model retrained without the forget set (or its cached "
+                                       "statistics): privleak relative to it, forget quality")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--forget-split", default="forget")
+    p.add_argument("--remain-split", default="remain", help="'' to leave the remain set out")
+    p.add_argument("--holdout-split", default="holdout", help="'' to leave the holdout set out")
+    p.add_argument("--forget-ids", help="file with one source id per line (instead of a split)")
+    p.add_argument("--metrics", help="comma-separated subset of: token, mia, privleak, "
+                                     "forget_quality, clap, fad, memorization, continuation")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--frames", type=int, help="window length (default: the longest item)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--conditions", help="text-condition cache folder (default SHARDS/conditions)")
+    p.add_argument("--clap", help="laion-clap checkpoint (.pt), e.g. "
+                                  "music_audioset_epoch_15_esc_90.14.pt")
+    p.add_argument("--clap-tokenizer", default="roberta-base",
+                   help="local RoBERTa tokenizer folder (or a cached hub id)")
+    p.add_argument("--clap-model", default="HTSAT-base", help="laion-clap audio model")
+    p.add_argument("--gen-seconds", type=float, default=5.0, help="seconds generated per caption")
+    p.add_argument("--gen-items", type=int, default=64, help="items per set for generation")
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--cfg-coef", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verdict", help="thresholds, e.g. forget_auc_tol=0.05,remain_nll_rel=0.1")
+    p.add_argument("--min-auc-items", type=int, default=None,
+                   help="fewest items per side for an AUC (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from noencore.data.shards import TokenShards
+    from noencore.evaluation import mia
+    from noencore.evaluation.evaluate import evaluate
+    from noencore.evaluation.generation import GenerationConfig
+    from noencore.evaluation.report import Criteria
+
+    shards = TokenShards(args.shards)
+    if args.forget_ids:
+        path = Path(args.forget_ids)
+        if not path.is_file():
+            raise NoencoreError(f"{path}: no such id list (one source id per line)")
+        ids = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+        forget = shards.select(ids=ids)
+    else:
+        forget = shards.select(split=args.forget_split)
+    sets = {"forget": forget}
+    if args.remain_split:
+        sets["remain"] = shards.select(split=args.remain_split)
+    if args.holdout_split:
+        sets["holdout"] = shards.select(split=args.holdout_split)
+    for name, s in sets.items():
+        if len(s) == 0:
+            raise NoencoreError(f"{shards.path}: the {name} set is empty (no item with split "
+                                f"{getattr(args, name + '_split', '?')!r}); check --{name}-split")
+    try:
+        criteria = Criteria.parse(args.verdict)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    frame_rate = shards.header.frame_rate
+    gen = GenerationConfig(frames=max(1, round(args.gen_seconds * frame_rate)),
+                           cfg_coef=args.cfg_coef, seed=args.seed, batch_size=args.gen_batch_size,
+                           max_items=args.gen_items)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    results = evaluate(
+        args.model, sets, metrics=metrics, reference=args.reference, batch_size=args.batch_size,
+        out=args.out, retrained=args.retrained, conditions=args.conditions, frames=args.frames,
+        precision=args.precision, device=args.device, clap=args.clap,
+        clap_tokenizer=args.clap_tokenizer, clap_model=args.clap_model, generation=gen,
+        criteria=criteria, min_auc_items=args.min_auc_items or mia.MIN_AUC_ITEMS,
+        progress=not args.quiet)
+    for note in results["notes"]:
+        print(f"note: {note}")
+    for v in results["verdicts"]:
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[v["pass"]]
+        value = "n/a" if v["value"] is None else f"{v['value']:.4f}"
+        print(f"{mark} {v['criterion']}: {value} ({v['threshold']}; {v['detail']})")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

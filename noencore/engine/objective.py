@@ -1,0 +1,95 @@
+"""One unlearning step's loss: model -> rows -> method -> fused op.
+
+``UnlearnObjective`` is the module the optimizer (or DeepSpeed) trains. Its forward:
+
+1. runs the LM to the hidden states before the K heads (``codebook_rows``);
+2. measures each token's NLL of its true code, no grad (``token_stats``), for the
+   metrics and for methods whose weights depend on it (NPO, SimNPO);
+3. asks the method for targets and signed row weights;
+4. sums ``linear_ce_ascent(..., reduction="sum")`` over the K codebooks: the gradient is
+   computed inside the op, no ``[N, card]`` logits are kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noencore.methods import Method, Rows
+from noencore.models.adapter import pattern_index
+
+
+def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+    """float64 [2]: (forget tokens, remain tokens) valid under the delay pattern and mask.
+
+    mask bool [B, K, T], forget bool [B]. Known before the forward pass, so ranks can
+    all-reduce it to normalise token means by the *global* batch.
+    """
+    _, valid = pattern_index(lm, mask.shape[-1], mask.device)
+    per_row = (mask & valid).sum(dim=(1, 2)).double()
+    return torch.stack([per_row[forget].sum(), per_row[~forget].sum()])
+
+
+class UnlearnObjective(nn.Module):
+    """Wraps a ``MusicGenModel`` (its ``lm`` holds every trainable parameter).
+
+    forward(codes long [B,K,T], mask bool [B,K,T], forget bool [B], embeds float
+    [B,L,D_t5], embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [2]
+    (global forget/remain tokens), label_seed int) -> (objective scalar, stats float64 [6]:
+    forget NLL sum, forget tokens, remain NLL sum, remain tokens, method loss, rows).
+    """
+
+    def __init__(self, model: nn.Module, method: Method, backend: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.backend = backend
+
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
+                embeds: torch.Tensor, embeds_mask: torch.Tensor, ref_nll: torch.Tensor | None,
+                counts: torch.Tensor, label_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from noencore.ops import linear_ce_ascent, token_stats
+
+        lm = self.model.lm
+        conds = self.model.condition_tensors(embeds, embeds_mask)
+        from noencore.models.adapter import codebook_rows
+
+        parts = codebook_rows(lm, codes, mask, conds)
+        with torch.no_grad():
+            nll = [token_stats(p.hidden.detach(), p.weight.detach(), p.targets).nll
+                   for p in parts]
+        sizes = [p.targets.numel() for p in parts]
+        rows = Rows(targets=torch.cat([p.targets for p in parts]),
+                    item=torch.cat([p.item for p in parts]), nll=torch.cat(nll),
+                    forget=forget, ref_nll=ref_nll, forget_tokens=float(counts[0]),
+                    remain_tokens=float(counts[1]))
+        plan = self.method.plan(rows)
+        targets = plan.targets.split(sizes)
+        weights = plan.row_weight.to(codes.device).split(sizes)
+        objective = codes.new_zeros((), dtype=torch.float32)
+        for k, p in enumerate(parts):
+            if sizes[k] == 0:
+                continue
+            # label seed per (step, codebook): a token's random code is fixed by its row
+            seed_k = (int(label_seed) * 64 + k) & 0x7FFFFFFF
+            objective = objective + linear_ce_ascent(
+                p.hidden, p.weight, targets[k], weights[k], random_labels=seed_k,
+                loss_cap=self.method.loss_cap, reduction="sum", backend=self.backend)
+        isf = rows.is_forget
+        stats = torch.tensor([float(rows.nll[isf].sum()), float(isf.sum()),
+                              float(rows.nll[~isf].sum()), float((~isf).sum()),
+                              plan.loss, float(codes.shape[0])], dtype=torch.float64)
+        return objective, stats
+
+
+@torch.no_grad()
+def sequence_nll(model: nn.Module, codes: torch.Tensor, mask: torch.Tensor,
+                 embeds: torch.Tensor, embeds_mask: torch.Tensor) -> torch.Tensor:
+    """float32 [B]: summed NLL of each row's valid tokens (no grad), for NPO's reference."""
+    from noencore.models.adapter import codebook_rows
+    from noencore.ops import token_stats
+
+    parts = codebook_rows(model.lm, codes, mask, model.condition_tensors(embeds, embeds_mask))
+    out = torch.zeros(codes.shape[0], dtype=torch.float32, device=codes.device)
+    for p in parts:
+        out.index_add_(0, p.item, token_stats(p.hidden, p.weight, p.targets).nll)
+    return out

@@ -1,0 +1,143 @@
+"""DeepSpeed ZeRO 1/2/3 (bf16) for the unlearning loop; the only module that knows DeepSpeed.
+
+The same code runs on GPUs (nccl) and on CPU (gloo), with a launcher (``deepspeed``,
+``torchrun``) or as one process. The optimizer is a torch AdamW handed to DeepSpeed (no
+FusedAdam build); with ``offload_optimizer`` its state lives in CPU memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noencore.errors import UsageError
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join (or create) the process group; returns (rank, world_size).
+
+    Without a launcher the variables of a one-process group are set, since DeepSpeed
+    would otherwise try MPI discovery.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_config(user: dict | str | os.PathLike | None, *, zero_stage: int | None,
+                 micro_batch: int, world_size: int, grad_clip: float | None,
+                 offload_optimizer: bool) -> dict:
+    """The DeepSpeed config: the user's (dict or JSON file), checked against the flags, or
+    one generated from them. Contradictions are refused before any training."""
+    if user is None:
+        cfg: dict[str, Any] = {}
+    elif isinstance(user, dict):
+        cfg = json.loads(json.dumps(user))
+    else:
+        try:
+            cfg = json.loads(Path(user).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{user}: unreadable DeepSpeed config ({exc})") from exc
+    where = ("the DeepSpeed config" if user is None
+             else f"DeepSpeed config {'(dict)' if isinstance(user, dict) else user}")
+    zo = cfg.setdefault("zero_optimization", {})
+    if zero_stage is not None:
+        if "stage" in zo and int(zo["stage"]) != int(zero_stage):
+            raise UsageError(f"{where} sets ZeRO stage {zo['stage']} but --zero-stage is "
+                             f"{zero_stage}; make them agree")
+        zo["stage"] = int(zero_stage)
+    zo.setdefault("stage", 2)
+    if int(zo["stage"]) not in (0, 1, 2, 3):
+        raise UsageError(f"{where}: ZeRO stage must be 0-3, got {zo['stage']}")
+    if "optimizer" in cfg:
+        raise UsageError(f"{where} has an 'optimizer' section; remove it: the engine passes "
+                         "its own AdamW (set --lr / --weight-decay)")
+    if int(cfg.get("gradient_accumulation_steps", 1)) != 1:
+        raise UsageError(f"{where}: gradient_accumulation_steps must be 1 (use --batch-size)")
+    mb = cfg.get("train_micro_batch_size_per_gpu")
+    if mb is not None and int(mb) != micro_batch:
+        raise UsageError(f"{where} sets train_micro_batch_size_per_gpu={mb} but batch size / "
+                         f"ranks gives {micro_batch}; make them agree")
+    tb = cfg.get("train_batch_size")
+    if tb is not None and int(tb) != micro_batch * world_size:
+        raise UsageError(f"{where} sets train_batch_size={tb} but the run uses "
+                         f"{micro_batch * world_size} ({micro_batch} x {world_size} ranks)")
+    if cfg.get("fp16", {}).get("enabled"):
+        raise UsageError(f"{where} enables fp16; the engine trains in bf16 (or fp32)")
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["train_batch_size"] = micro_batch * world_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg.setdefault("bf16", {"enabled": True})
+    if grad_clip is not None:
+        cfg.setdefault("gradient_clipping", float(grad_clip))
+    if offload_optimizer:
+        zo.setdefault("offload_optimizer", {"device": "cpu"})
+    if "offload_optimizer" in zo:
+        cfg["zero_force_ds_cpu_optimizer"] = False  # a torch optimizer on offloaded state
+    cfg["zero_allow_untested_optimizer"] = True
+    zo["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """``deepspeed.initialize`` for the objective module (ZeRO-3: head weights registered
+    as external parameters, since the fused op reads them outside the heads' forward)."""
+    import deepspeed
+
+    if int(config["zero_optimization"]["stage"]) == 3:
+        from deepspeed.runtime.zero import register_external_parameter
+
+        for lin in objective.model.lm.linears:
+            register_external_parameter(objective, lin.weight)
+            if lin.bias is not None:
+                register_external_parameter(objective, lin.bias)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
+    return engine
+
+
+def fp32_state_dict(checkpoint: Path, prefix: str = "model.lm.") -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a DeepSpeed checkpoint (any stage), keys without
+    ``prefix``: what the saved model holds."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,319 @@
+"""``noencore.evaluate``: did the model forget, and did it stay a good music model?
+
+One call measures an unlearned model (and, for before/after comparisons, its
+reference: the model before unlearning, or that model's cached statistics) on the
+forget, remain and holdout sets of token shards:
+
+- token level (batched, teacher-forced, bf16 autocast): NLL and top-1 per set and per
+  codebook, per-item NLL distributions;
+- membership inference, forget vs holdout and remain vs holdout: LOSS, Min-K%,
+  Min-K%++, compression, reference ratio; ROC AUC each; MUSE privleak; TOFU forget
+  quality when a model retrained without the forget set is given;
+- generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
+  CLAP embeddings, CLAP memorisation similarity; exact-token continuation match;
+
+and writes report.json / report.md / plots / token_stats.npz into ``out``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noencore.errors import NoencoreError, UsageError
+from noencore.evaluation import mia
+from noencore.evaluation.generation import GenerationConfig
+from noencore.evaluation.report import Criteria, verdicts, write_report
+from noencore.evaluation.token_metrics import SetStats, collect_set_stats, load_stats, save_stats
+
+TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality")
+GENERATION_METRICS = ("clap", "fad", "memorization", "continuation")
+ALL_METRICS = TOKEN_METRICS + GENERATION_METRICS
+SET_NAMES = ("forget", "remain", "holdout")
+_MIA_ATTACKS = ("loss", "mink", "minkpp", "zlib")
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None, recursively, so report.json stays valid JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _open_sets(sets: Mapping[str, Any]) -> dict[str, Any]:
+    from noencore.data.shards import TokenShards
+
+    unknown = set(sets) - set(SET_NAMES)
+    if unknown:
+        raise UsageError(f"unknown set name(s) {sorted(unknown)}; use {', '.join(SET_NAMES)}")
+    if "forget" not in sets:
+        raise UsageError("sets must include 'forget' (the music to be forgotten)")
+    out = {}
+    for name in SET_NAMES:
+        if name not in sets or sets[name] is None:
+            continue
+        s = sets[name]
+        s = TokenShards(s) if isinstance(s, str | os.PathLike) else s
+        if len(s) == 0:
+            raise NoencoreError(f"{s.path}: the {name} set is empty; check its split name or "
+                                "id list")
+        out[name] = s
+    return out
+
+
+def _load_model(spec: Any, device: str | None) -> Any:
+    if spec is None or not isinstance(spec, str | os.PathLike):
+        return spec
+    from noencore.models.musicgen import load_musicgen
+
+    return load_musicgen(str(spec), device=device or "cpu")
+
+
+def _is_cached_stats(ref: Any) -> bool:
+    if not isinstance(ref, str | os.PathLike):
+        return False
+    p = Path(ref)
+    return (p.is_dir() and (p / "token_stats.npz").is_file()) or p.suffix == ".npz"
+
+
+def _check_compatible(model: Any, shards: Any, name: str) -> None:
+    h = shards.header
+    if (h.n_q, h.card) != (model.n_q, model.card):
+        raise NoencoreError(
+            f"{shards.path}: {name} shards were encoded with codec {h.codec!r} (n_q={h.n_q}, "
+            f"card={h.card}); model {model.spec!r} expects n_q={model.n_q}, card={model.card}: "
+            "evaluate on shards made with the model's codec")
+    if model.codec is not None and (h.sample_rate, h.frame_rate) != (
+            model.codec.sample_rate, model.codec.frame_rate):
+        raise NoencoreError(
+            f"{shards.path}: shards are {h.sample_rate} Hz / {h.frame_rate} frames/s, model "
+            f"{model.spec!r}'s codec {model.codec.sample_rate} Hz / {model.codec.frame_rate}: "
+            "mismatched codec")
+
+
+def _conditions_for(shards: Any, conditions: Any, model: Any) -> Any:
+    from noencore.models.text import ConditionCache
+
+    cache = conditions if conditions is not None else shards.path / "conditions"
+    if not hasattr(cache, "batch"):
+        cache = ConditionCache(cache)
+    if cache.encoder != model.text_encoder:
+        raise NoencoreError(
+            f"{cache.folder}: text conditions were computed with {cache.encoder!r}, model "
+            f"{model.spec!r} uses {model.text_encoder!r}; rebuild them with `noencore condition`")
+    return cache
+
+
+def _mia_block(stats: dict[str, SetStats], ref_stats: dict[str, SetStats] | None,
+               min_items: int) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """AUCs for forget/remain vs holdout; also returns per-attack scores for ROC curves."""
+    if "holdout" not in stats:
+        return {"note": "no holdout set: membership inference needs non-members"}, {}
+    out: dict[str, Any] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for s in ("holdout", "forget", "remain"):
+        if s not in stats:
+            continue
+        t = stats[s].tokens()
+        sc = {"loss": mia.loss_score(t), "mink": mia.mink_score(t), "minkpp": mia.minkpp_score(t),
+              "zlib": mia.compression_score(t, stats[s].sizes)}
+        if ref_stats is not None and s in ref_stats:
+            sc["reference"] = mia.reference_score(t, ref_stats[s].tokens())
+        scores[s] = sc
+    for s in ("forget", "remain"):
+        if s not in scores:
+            continue
+        block: dict[str, Any] = {}
+        why = mia.check_auc_sizes(stats[s].n_items, stats["holdout"].n_items, min_items)
+        if why:
+            block["note"] = why
+        else:
+            for a, v in scores[s].items():
+                block[a] = mia.roc_auc(v, scores["holdout"][a], min_items)
+        out[s] = block
+    return out, scores
+
+
+def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None = None,
+             reference: Any = None, batch_size: int = 16, out: str | os.PathLike | None = None, *,
+             retrained: Any = None, conditions: Any = None, frames: int | None = None,
+             precision: str = "bf16", device: str | None = None,
+             clap: Any = None, clap_tokenizer: str = "roberta-base", clap_model: str = "HTSAT-base",
+             generation: GenerationConfig | None = None, criteria: Criteria | None = None,
+             min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True) -> dict[str, Any]:
+    """Evaluate an unlearned MusicGen model; return the report as a dict (also written to ``out``).
+
+    Args:
+        model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (folder, hub id, "tiny").
+        sets: ``{"forget": ..., "remain": ..., "holdout": ...}``, each a ``TokenShards``
+            (e.g. ``shards.select(split="forget")``) or a shard folder; forget is required,
+            holdout is needed for membership inference.
+        metrics: any of ``ALL_METRICS``; default: the token metrics, plus the generation
+            metrics when ``clap`` is given (asking for one without ``clap`` is an error).
+        reference: the model before unlearning (model or spec), or a folder/``.npz`` of
+            its cached token statistics (``token_stats.npz`` from an earlier evaluation).
+        batch_size: windows per forward pass for token metrics.
+        out: folder for report.json, report.md, nll_hist.png, roc.png, token_stats.npz.
+        retrained: a model retrained without the forget set (or its cached statistics),
+            for privleak relative to it and TOFU forget quality.
+        conditions: a ``ConditionCache`` (or folder); default ``<shards>/conditions``.
+        frames: window length for token metrics (default: the longest item).
+        precision: "bf16" (autocast the LM forward) or "fp32".
+        clap: path of a laion-clap checkpoint, or a loaded ``Clap``.
+        generation: sampling settings for generation metrics.
+        criteria: verdict thresholds.
+    """
+    t0 = time.time()
+    metrics = list(metrics) if metrics is not None else None
+    asked_gen = [m for m in (metrics or []) if m in GENERATION_METRICS]
+    bad = [m for m in (metrics or []) if m not in ALL_METRICS]
+    if bad:
+        raise UsageError(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}")
+    if metrics is None:
+        metrics = list(TOKEN_METRICS) + (list(GENERATION_METRICS) if clap is not None else [])
+    if batch_size <= 0:
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
+    shard_sets = _open_sets(sets)
+    model = _load_model(model, device)
+    if model is None:
+        raise UsageError("model is required")
+    for name, s in shard_sets.items():
+        _check_compatible(model, s, name)
+    notes: list[str] = []
+    crit = criteria or Criteria()
+
+    def stats_of(m: Any, role: str) -> dict[str, SetStats]:
+        res = {}
+        for name, s in shard_sets.items():
+            cache = _conditions_for(s, conditions, m)
+            res[name] = collect_set_stats(m, s, cache, batch_size=batch_size, frames=frames,
+                                          precision=precision, progress=progress,
+                                          desc=f"{role} {name}")
+        return res
+
+    def stats_or_cached(spec: Any, role: str) -> tuple[dict[str, SetStats] | None, Any, str | None]:
+        if spec is None:
+            return None, None, None
+        if _is_cached_stats(spec):
+            st, meta = load_stats(spec)
+            missing = [n for n in shard_sets if n not in st]
+            for n in shard_sets:
+                if n in st and st[n].ids != list(shard_sets[n].ids):
+                    raise NoencoreError(f"{spec}: cached {role} statistics of the {n} set cover "
+                                        "other items than this set; evaluate the same sets")
+            if missing:
+                raise NoencoreError(f"{spec}: cached {role} statistics lack set(s) {missing}")
+            return {n: st[n] for n in shard_sets}, None, f"{meta.get('model')} (cached: {spec})"
+        m = _load_model(spec, device)
+        for name, s in shard_sets.items():
+            _check_compatible(m, s, name)
+        return stats_of(m, role), m, str(getattr(m, "spec", spec))
+
+    after = stats_of(model, "after")
+    before, ref_model, ref_name = stats_or_cached(reference, "before")
+    retr, _, retr_name = stats_or_cached(retrained, "retrained")
+
+    results: dict[str, Any] = {
+        "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
+        "sets": {n: {"shards": str(s.path), "items": len(s), "frames": int(s.frames.sum()),
+                     "codec": s.header.codec} for n, s in shard_sets.items()},
+        "metrics": metrics, "precision": precision, "batch_size": batch_size,
+        "frames": frames, "seed": (generation or GenerationConfig()).seed,
+    }
+    roles = {"after": after} | ({"before": before} if before is not None else {})
+    results["token"] = {r: {n: s.summary() for n, s in st.items()} for r, st in roles.items()}
+    if retr is not None:
+        results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
+
+    curves: dict[str, dict[str, tuple]] = {}
+    if "mia" in metrics or "privleak" in metrics:
+        results["mia"] = {}
+        retr_mia = _mia_block(retr, None, min_auc_items)[0] if retr is not None else None
+        for role, st in roles.items():
+            block, scores = _mia_block(st, before if role == "after" else None, min_auc_items)
+            results["mia"][role] = block
+            if "forget" in block and "note" not in block["forget"]:
+                curves[role] = {a: (*mia.roc_curve(scores["forget"][a], scores["holdout"][a]),
+                                    block["forget"][a]) for a in _MIA_ATTACKS}
+        if "privleak" in metrics:
+            rel = "a retrained model's AUC" if retr_mia else "AUC 0.5 (no retrained model)"
+            results["privleak"] = {"relative_to": rel}
+            for role in roles:
+                fb = results["mia"][role].get("forget", {})
+                ref_auc = (retr_mia or {}).get("forget", {})
+                results["privleak"][role] = {
+                    a: mia.privleak(fb[a], ref_auc.get(a) if retr_mia else None)
+                    for a in _MIA_ATTACKS if fb.get(a) is not None}
+        if "mia" not in metrics:
+            results.pop("mia")
+    if "forget_quality" in metrics:
+        if retr is None:
+            results["forget_quality"] = {"note": "needs a model retrained without the forget set "
+                                                 "(retrained=...)"}
+        else:
+            ref_nll = mia.mean_nll(retr["forget"].tokens())
+            results["forget_quality"] = {
+                role: mia.forget_quality(mia.mean_nll(st["forget"].tokens()), ref_nll)
+                for role, st in roles.items()}
+
+    gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
+    if gen_metrics:
+        from noencore.evaluation.generation_metrics import run_generation_metrics
+
+        results["generation"], results["continuation"] = run_generation_metrics(
+            {"after": model} | ({"before": ref_model} if ref_model is not None else {}),
+            shard_sets, gen_metrics, clap=clap, clap_tokenizer=clap_tokenizer,
+            clap_model=clap_model, cfg=generation or GenerationConfig(), progress=progress,
+            explicit=bool(asked_gen))
+        if results["generation"].get("random_clap"):
+            notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
+                         "memorisation similarities below mean nothing.")
+        if reference is not None and ref_model is None:
+            notes.append("the reference is cached token statistics: generation metrics have "
+                         "no 'before' column")
+    elif clap is None:
+        results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
+                                            "score, FAD and memorisation were not computed"}
+    if before is None:
+        notes.append("no reference model: no 'before' column, no reference-ratio attack, "
+                     "no remain-NLL verdict")
+    results["notes"] = notes
+    results["verdicts"] = verdicts(results, crit)
+    results["criteria"] = crit
+    results["seconds"] = round(time.time() - t0, 2)
+    results = _finite(_jsonable(results))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        results["token_stats_sha256"] = save_stats(out / "token_stats.npz", after,
+                                                   {"model": str(model.spec)})
+        item_nll = {r: {n: mia.mean_nll(s.tokens()) for n, s in st.items()}
+                    for r, st in roles.items()}
+        write_report(out, results, item_nll, curves)
+    return results
+
+
+def _jsonable(x: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(x) and not isinstance(x, type):
+        return asdict(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return x

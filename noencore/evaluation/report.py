@@ -1,0 +1,275 @@
+"""The evaluation report: ``report.json`` (every number), ``report.md`` (the before/after
+table with arrows for the good direction, and the verdicts) and PNG plots (per-item NLL
+histograms, MIA ROC curves). Files are written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTACKS = ("loss", "mink", "minkpp", "zlib", "reference")
+ATTACK_NAMES = {"loss": "LOSS", "mink": "Min-K% (k=20%)", "minkpp": "Min-K%++ (k=20%)",
+                "zlib": "compression (zlib)", "reference": "reference ratio"}
+
+
+@dataclass
+class Criteria:
+    """Thresholds of the verdict lines (all configurable).
+
+    forget_auc_tol: every token MIA AUC, forget vs holdout, within this of 0.5.
+    remain_nll_rel: remain NLL within this fraction of the reference model's.
+    privleak_tol: |privleak| (percent, Min-K%++ attack) at most this.
+    forget_quality_min: KS p-value at least this (needs a retrained model).
+    clap_remain_rel: remain CLAP score within this fraction of the reference's.
+    """
+
+    forget_auc_tol: float = 0.05
+    remain_nll_rel: float = 0.10
+    privleak_tol: float = 10.0
+    forget_quality_min: float = 0.05
+    clap_remain_rel: float = 0.10
+
+    @classmethod
+    def parse(cls, text: str | None) -> Criteria:
+        """From ``"name=value,name=value"`` (CLI); unknown names are an error."""
+        out = cls()
+        for part in filter(None, (text or "").split(",")):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in cls.__dataclass_fields__:
+                raise ValueError(f"unknown verdict criterion {name!r}; known: "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+            setattr(out, name, float(value))
+        return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
+    """One verdict per criterion that the results can decide; others say why not."""
+    out = []
+    mia = results.get("mia", {}).get("after", {}).get("forget", {})
+    aucs = {a: mia.get(a) for a in ("loss", "mink", "minkpp", "zlib") if mia.get(a) is not None}
+    if aucs:
+        worst = max(aucs, key=lambda a: abs(aucs[a] - 0.5))
+        dev = abs(aucs[worst] - 0.5)
+        out.append({"criterion": "forget MIA AUC near chance", "value": aucs[worst],
+                    "detail": f"worst attack {ATTACK_NAMES[worst]}",
+                    "threshold": f"|AUC - 0.5| <= {crit.forget_auc_tol}",
+                    "pass": dev <= crit.forget_auc_tol})
+    else:
+        out.append({"criterion": "forget MIA AUC near chance", "value": None, "pass": None,
+                    "threshold": f"|AUC - 0.5| <= {crit.forget_auc_tol}",
+                    "detail": mia.get("note", "no AUC computed")})
+    tok = results.get("token", {})
+    after, before = tok.get("after", {}).get("remain"), tok.get("before", {}).get("remain")
+    if after and before and before.get("nll"):
+        rel = (after["nll"] - before["nll"]) / before["nll"]
+        out.append({"criterion": "remain NLL kept", "value": after["nll"],
+                    "detail": f"reference {before['nll']:.4f}, change {rel:+.1%}",
+                    "threshold": f"within {crit.remain_nll_rel:.0%} of reference",
+                    "pass": abs(rel) <= crit.remain_nll_rel})
+    pl = results.get("privleak", {}).get("after", {}).get("minkpp")
+    if pl is not None:
+        out.append({"criterion": "privleak (MUSE, Min-K%++)", "value": pl,
+                    "detail": f"relative to {results['privleak']['relative_to']}",
+                    "threshold": f"|privleak| <= {crit.privleak_tol}%",
+                    "pass": abs(pl) <= crit.privleak_tol})
+    fq = results.get("forget_quality", {}).get("after")
+    if fq is not None:
+        out.append({"criterion": "forget quality (TOFU, KS p-value)", "value": fq,
+                    "detail": "item NLL on the forget set, unlearned vs retrained",
+                    "threshold": f">= {crit.forget_quality_min}", "pass": fq >= crit.forget_quality_min})
+    gen = results.get("generation", {})
+    ca = gen.get("after", {}).get("clap_score", {}).get("remain")
+    cb = gen.get("before", {}).get("clap_score", {}).get("remain")
+    if ca is not None and cb:
+        rel = (ca - cb) / abs(cb)
+        out.append({"criterion": "remain CLAP score kept", "value": ca,
+                    "detail": f"reference {cb:.4f}, change {rel:+.1%}"
+                              + (" (RANDOM CLAP WEIGHTS: meaningless)" if gen.get("random_clap") else ""),
+                    "threshold": f"within {crit.clap_remain_rel:.0%} of reference",
+                    "pass": abs(rel) <= crit.clap_remain_rel})
+    return out
+
+
+def _row(name: str, arrow: str, values: dict[str, dict[str, Any]], key: Any) -> str:
+    cells = []
+    for s in ("forget", "remain"):
+        for role in ("before", "after"):
+            cells.append(_fmt(key(values.get(role, {}), s)))
+    return f"| {name} | {arrow} | " + " | ".join(cells) + " |"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The study's before/after table (forget vs remain) plus MIA, privleak and verdicts."""
+    lines = ["# Unlearning evaluation", ""]
+    m = results["models"]
+    lines.append(f"- model (after): `{m['after']}`")
+    lines.append(f"- reference (before): `{m.get('before') or 'none'}`")
+    if m.get("retrained"):
+        lines.append(f"- retrained without the forget set: `{m['retrained']}`")
+    sizes = ", ".join(f"{k} {v['items']} items" for k, v in results["sets"].items())
+    lines += [f"- sets: {sizes}", f"- precision {results['precision']}, batch size "
+              f"{results['batch_size']}, seed {results['seed']}", ""]
+    for note in results.get("notes", []):
+        lines.append(f"> **Note:** {note}")
+    lines += ["", "Arrows give the good direction: on the forget set we want the model to "
+              "lose what it memorised, on the remain set to stay as it was "
+              "(`~` = should not change, `→0.5` = should approach chance).", "",
+              "| metric | good | forget before | forget after | remain before | remain after |",
+              "|---|---|---|---|---|---|"]
+    tok = results.get("token", {})
+    lines.append(_row("NLL (nats/token)", "forget ↑, remain ~", tok,
+                      lambda v, s: v.get(s, {}).get("nll")))
+    lines.append(_row("top-1 accuracy", "forget ↓, remain ~", tok,
+                      lambda v, s: v.get(s, {}).get("accuracy")))
+    mia = results.get("mia", {})
+    for a in ("loss", "mink", "minkpp", "zlib"):
+        lines.append(_row(f"MIA AUC vs holdout: {ATTACK_NAMES[a]}", "forget →0.5", mia,
+                          lambda v, s, a=a: v.get(s, {}).get(a)))
+    gen = results.get("generation", {})
+    if gen.get("after"):
+        lines.append(_row("CLAP text-audio score", "forget ↓, remain ~", gen,
+                          lambda v, s: v.get("clap_score", {}).get(s)))
+        lines.append(_row("FAD (CLAP emb.) vs set audio", "forget ↑, remain ~", gen,
+                          lambda v, s: v.get("fad", {}).get(s)))
+        lines.append(_row("CLAP sim. generation vs its clip", "forget ↓", gen,
+                          lambda v, s: v.get("memorization", {}).get(s, {}).get("clip")))
+        lines.append(_row("CLAP sim. to nearest clip of set", "forget ↓", gen,
+                          lambda v, s: v.get("memorization", {}).get(s, {}).get("nearest")))
+    cont = results.get("continuation", {})
+    if cont.get("after"):
+        lines.append(_row("exact continuation match", "forget ↓, remain ~", cont,
+                          lambda v, s: v.get(s)))
+    lines.append("")
+    ref = mia.get("after", {}).get("forget", {}).get("reference")
+    if ref is not None:
+        lines.append(f"Reference-ratio attack (unlearned vs reference model), forget vs holdout: "
+                     f"AUC {_fmt(ref)} (below 0.5: forget items lost more likelihood than "
+                     "never-seen music).")
+    pl = results.get("privleak", {})
+    if pl.get("after"):
+        rel = pl.get("relative_to")
+        lines.append(f"privleak (MUSE, %, relative to {rel}; 0 is ideal, -100 = fully leaking): "
+                     + ", ".join(f"{ATTACK_NAMES[a]} before {_fmt(pl.get('before', {}).get(a), 1)}"
+                                 f" / after {_fmt(pl['after'].get(a), 1)}"
+                                 for a in ("loss", "minkpp")))
+    fq = results.get("forget_quality", {})
+    if "after" in fq or "note" in fq:
+        lines.append(f"forget quality (TOFU KS p-value): {_fmt(fq.get('after'))}"
+                     + (f" ({fq['note']})" if fq.get("note") else ""))
+    if gen.get("skipped"):
+        lines.append(f"Generation metrics skipped: {gen['skipped']}")
+    lines += ["", "## Verdicts", ""]
+    for v in results.get("verdicts", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[v["pass"]]
+        lines.append(f"- **{mark}** {v['criterion']}: {_fmt(v['value'], 4)} "
+                     f"(threshold {v['threshold']}; {v['detail']})")
+    lines += ["", "## Plots", "", "![per-item NLL](nll_hist.png)", "", "![MIA ROC](roc.png)", ""]
+    return "\n".join(lines)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; reports are meant to be shared
+    os.replace(tmp, path)
+
+
+def _atomic_figure(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def plot_nll_histograms(item_nll: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """item_nll[role][set] = float [n_items] mean NLL; one panel per role (before, after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = [r for r in ("before", "after") if r in item_nll]
+    allv = np.concatenate([v[np.isfinite(v)] for r in roles for v in item_nll[r].values()])
+    bins = np.linspace(allv.min(), allv.max() + 1e-6, 31) if allv.size else 10
+    fig, axes = plt.subplots(1, len(roles), figsize=(6 * len(roles), 4), squeeze=False,
+                             sharex=True, sharey=True)
+    colors = {"forget": "tab:red", "remain": "tab:blue", "holdout": "tab:gray"}
+    for ax, role in zip(axes[0], roles):
+        for name, v in item_nll[role].items():
+            v = v[np.isfinite(v)]
+            ax.hist(v, bins=bins, alpha=0.5, label=f"{name} ({v.size} items)",
+                    color=colors.get(name))
+        ax.set_title({"before": "Before unlearning (reference model)",
+                      "after": "After unlearning"}[role])
+        ax.set_xlabel("per-item mean NLL (nats / token)")
+        ax.set_ylabel("items")
+        ax.legend()
+    fig.suptitle("Per-item NLL: forget should move right after unlearning, remain stay put")
+    fig.tight_layout()
+    _atomic_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_roc(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]], path: Path) -> None:
+    """curves[role][attack] = (fpr, tpr, auc) for forget vs holdout; one panel per role."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = [r for r in ("before", "after") if r in curves]
+    fig, axes = plt.subplots(1, max(len(roles), 1), figsize=(5.5 * max(len(roles), 1), 5),
+                             squeeze=False)
+    for ax, role in zip(axes[0], roles):
+        for attack, (fpr, tpr, auc) in curves[role].items():
+            ax.plot(fpr, tpr, label=f"{ATTACK_NAMES[attack]}: AUC {auc:.3f}")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance (AUC 0.5)")
+        ax.set_title(f"MIA ROC, forget vs holdout, {role} unlearning")
+        ax.set_xlabel("false positive rate (holdout called member)")
+        ax.set_ylabel("true positive rate (forget called member)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.legend(loc="lower right", fontsize=8)
+    _atomic_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(out: str | os.PathLike, results: dict[str, Any],
+                 item_nll: dict[str, dict[str, np.ndarray]],
+                 curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]]) -> Path:
+    """Write report.json, report.md, nll_hist.png and roc.png into ``out``; returns it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_nll_histograms(item_nll, out / "nll_hist.png")
+    plot_roc(curves, out / "roc.png")
+    _atomic_text(out / "report.json", json.dumps(results, indent=2, default=_json_default))
+    _atomic_text(out / "report.md", markdown(results))
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")

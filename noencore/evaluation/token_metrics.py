@@ -1,0 +1,229 @@
+"""Teacher-forced per-token statistics of a model on a set of shards, batched.
+
+Each item is cut into windows of ``frames`` frames (``noencore.data.iter_batches``,
+natural order); a batch of windows goes through the model adapter
+(``MusicGenModel.codebook_rows``: hidden states before the K codebook heads, only the
+positions valid under the delay pattern and the mask) and then through
+``noencore.ops.token_stats`` (no-grad: NLL, top-1, Min-K%++ moments), so the
+``[N, card]`` logits are never held beyond one chunk. The LM forward runs under bf16
+autocast when asked (the fast path on GPUs and on CPUs with AVX-512 bf16); the
+statistics themselves are always computed in fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noencore.errors import NoencoreError
+from noencore.evaluation.mia import ItemTokens, compressed_size
+
+#: arrays saved per set in token_stats.npz
+_FIELDS = ("nll", "correct", "logp_mean", "logp_var", "item", "codebook")
+
+
+@dataclass
+class SetStats:
+    """Per-token statistics of one set, flattened over items and codebooks.
+
+    nll, logp_mean, logp_var: float32 [N]; correct: bool [N]; item: int64 [N] (index of
+    the item within the set); codebook: int16 [N]; n_items, n_q: ints; sizes: int64
+    [n_items] zlib-compressed bytes of each item's int16 codes; ids: [n_items] source ids.
+    """
+
+    nll: np.ndarray
+    correct: np.ndarray
+    logp_mean: np.ndarray
+    logp_var: np.ndarray
+    item: np.ndarray
+    codebook: np.ndarray
+    n_items: int
+    n_q: int
+    sizes: np.ndarray
+    ids: list[str] = field(default_factory=list)
+
+    def tokens(self) -> ItemTokens:
+        return ItemTokens(nll=self.nll, item=self.item, n_items=self.n_items,
+                          logp_mean=self.logp_mean, logp_var=self.logp_var)
+
+    def summary(self) -> dict[str, Any]:
+        """Set-level numbers: mean NLL (nats/token), top-1 accuracy, per codebook too."""
+        per_k = []
+        for k in range(self.n_q):
+            sel = self.codebook == k
+            per_k.append({"codebook": k, "tokens": int(sel.sum()),
+                          "nll": _mean(self.nll[sel]), "accuracy": _mean(self.correct[sel])})
+        return {"items": self.n_items, "tokens": int(self.nll.size), "nll": _mean(self.nll),
+                "accuracy": _mean(self.correct), "per_codebook": per_k}
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(np.mean(x, dtype=np.float64)) if x.size else None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("bf16" | "fp32") on ``device`` (None = off)."""
+    if precision == "fp32":
+        return None
+    if precision != "bf16":
+        raise ValueError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None  # pre-Ampere GPUs: bf16 is emulated and slower than fp32
+    return torch.bfloat16
+
+
+@torch.no_grad()
+def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: int = 16,
+                      frames: int | None = None, precision: str = "bf16",
+                      progress: bool = True, desc: str = "tokens") -> SetStats:
+    """Per-token statistics of ``model`` (a ``MusicGenModel``) on every item of ``shards``.
+
+    Args:
+        shards: a ``TokenShards`` (view) with >= 1 item.
+        conditions: a ``ConditionCache`` holding every caption of ``shards``.
+        batch_size: windows per forward pass (1 = the per-item loop).
+        frames: window length; default the longest item (one window per item).
+        precision: "bf16" (autocast the LM forward) or "fp32".
+    """
+    from tqdm import tqdm
+
+    from noencore.data.batches import iter_batches
+    from noencore.ops import token_stats
+
+    n = len(shards)
+    if n == 0:
+        raise NoencoreError(f"{shards.path}: the set is empty; check its split or id list")
+    if shards.header.n_q != model.n_q:
+        raise NoencoreError(f"{shards.path}: shards have n_q={shards.header.n_q} codebooks, the "
+                            f"model {model.spec!r} {model.n_q}: they come from different codecs")
+    all_frames = shards.frames
+    frames = int(frames or all_frames.max())
+    device = model.device
+    cast = autocast_dtype(precision, device)
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
+    n_batches = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // batch_size)
+    bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False), total=n_batches,
+               desc=desc, unit="batch", disable=not progress, leave=False)
+    valid_cache: dict[int, torch.Tensor] = {}
+    for batch in bar:
+        batch.mask = _pattern_mask(model.lm, batch.mask, valid_cache)
+        cond = conditions.batch(batch.captions)
+        with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
+            rows = model.codebook_rows(batch, cond)
+        index = batch.index.to(device)
+        for k, r in enumerate(rows):
+            st = token_stats(r.hidden, r.weight, r.targets)
+            parts["nll"].append(st.nll.cpu().numpy())
+            parts["correct"].append(st.correct.cpu().numpy())
+            parts["logp_mean"].append(st.logp_mean.cpu().numpy())
+            parts["logp_var"].append(st.logp_var.cpu().numpy())
+            parts["item"].append(index[r.item].cpu().numpy().astype(np.int64))
+            parts["codebook"].append(np.full(r.targets.numel(), k, np.int16))
+    arrays = {f: np.concatenate(v) if v else np.zeros(0) for f, v in parts.items()}
+    sizes = np.array([compressed_size(shards.codes(i).numpy()) for i in range(n)], np.int64)
+    return SetStats(nll=arrays["nll"].astype(np.float32), correct=arrays["correct"].astype(bool),
+                    logp_mean=arrays["logp_mean"].astype(np.float32),
+                    logp_var=arrays["logp_var"].astype(np.float32),
+                    item=arrays["item"].astype(np.int64), codebook=arrays["codebook"].astype(np.int16),
+                    n_items=n, n_q=model.n_q, sizes=sizes, ids=list(shards.ids))
+
+
+def _pattern_mask(lm: Any, mask: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``mask`` bool [B, K, T] narrowed, per row, to the delay pattern's valid positions
+    for that row's own length.
+
+    A window shorter than T is padded; under the delay pattern the last codes of the
+    delayed codebooks of such a row are predicted from steps that already hold padding.
+    audiocraft scores a segment of length L with the pattern of length L, which leaves
+    those positions out; so do we, so that an item's statistics do not depend on what
+    else shares its batch.
+    """
+    from noencore.models.adapter import pattern_index
+
+    lengths = mask[:, 0].sum(dim=1)
+    t = mask.shape[-1]
+    out = mask.clone()
+    for length in lengths.unique().tolist():
+        if length in (0, t):
+            continue
+        if length not in cache:
+            _, valid = pattern_index(lm, length)
+            cache[length] = torch.nn.functional.pad(valid.cpu(), (0, t - length))
+        rows = lengths == length
+        out[rows] &= cache[length].to(out.device)
+    return out
+
+
+def save_stats(path: str | os.PathLike, stats: dict[str, SetStats], meta: dict[str, Any]) -> str:
+    """Write every set's arrays to one ``.npz`` (atomic); returns its sha256.
+
+    ``meta`` (model spec, shards path...) is stored beside the arrays so that a later
+    run can use the file as cached reference statistics and check they fit.
+    """
+    import json
+
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    for name, s in stats.items():
+        for f in _FIELDS:
+            arrays[f"{name}/{f}"] = getattr(s, f)
+        arrays[f"{name}/sizes"] = s.sizes
+        arrays[f"{name}/shape"] = np.array([s.n_items, s.n_q], np.int64)
+        arrays[f"{name}/ids"] = np.frombuffer(json.dumps(s.ids).encode(), np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        digest = _sha256(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    from noencore.data.layout import atomic_write
+
+    # the checksum lands after the data: a crash in between leaves a file load_stats refuses
+    atomic_write(path.parent / (path.name + ".sha256"), (digest + "\n").encode())
+    return digest
+
+
+def load_stats(path: str | os.PathLike) -> tuple[dict[str, SetStats], dict[str, Any]]:
+    """Read a file written by :func:`save_stats`, checking its sha256 first."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "token_stats.npz"
+    side = path.parent / (path.name + ".sha256")
+    if not path.is_file() or not side.is_file():
+        raise NoencoreError(f"{path}: no cached token statistics (token_stats.npz and its .sha256); "
+                            "give a folder written by `noencore evaluate` or a model")
+    if _sha256(path) != side.read_text().strip():
+        raise NoencoreError(f"{path}: checksum mismatch (corrupt or half-written); rerun the "
+                            "evaluation that wrote it")
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    meta = json.loads(data.pop("meta").tobytes().decode())
+    names = sorted({k.split("/")[0] for k in data})
+    stats = {}
+    for name in names:
+        n_items, n_q = (int(v) for v in data[f"{name}/shape"])
+        stats[name] = SetStats(**{f: data[f"{name}/{f}"] for f in _FIELDS}, n_items=n_items,
+                               n_q=n_q, sizes=data[f"{name}/sizes"],
+                               ids=json.loads(data[f"{name}/ids"].tobytes().decode()))
+    return stats, meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,37 @@
+"""Unlearning methods: each turns a batch's rows into targets and signed row weights.
+
+``get_method(name, **options)`` builds one by name: ga, bounded_ga, graddiff, rl, npo,
+simnpo.
+"""
+from __future__ import annotations
+
+from noencore.methods.base import Method, Plan, Rows
+from noencore.methods.bounded_ga import BoundedGradientAscent
+from noencore.methods.ga import GradientAscent
+from noencore.methods.graddiff import GradDiff
+from noencore.methods.npo import NPO
+from noencore.methods.rl import RandomLabeling, swap_forget_codes
+from noencore.methods.simnpo import SimNPO
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (GradientAscent, BoundedGradientAscent, GradDiff, RandomLabeling,
+                              NPO, SimNPO)
+}
+
+
+def get_method(name: str | Method, **options) -> Method:
+    """A method instance from its name and options (or the instance itself)."""
+    if isinstance(name, Method):
+        if options:
+            raise ValueError("options given with a Method instance; set them on the instance")
+        return name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"method {name!r}: bad options {options} ({exc})") from exc
+
+
+__all__ = ["METHODS", "Method", "NPO", "Plan", "Rows", "BoundedGradientAscent", "GradDiff",
+           "GradientAscent", "RandomLabeling", "SimNPO", "get_method", "swap_forget_codes"]

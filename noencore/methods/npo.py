@@ -1,0 +1,51 @@
+"""Negative Preference Optimization (NPO, arXiv 2404.05868) with a remain NLL term.
+
+With S(x) = summed token NLL of forget row x under the model and S_ref(x) under the
+reference (the model before unlearning, cached once)::
+
+    L_NPO = (2 / beta) * mean_x softplus(beta * (S_ref(x) - S(x)))     (forget rows)
+    L     = forget_weight * L_NPO + remain_weight * mean_{remain tokens} CE
+
+dL/dCE_token = -(2 / n_forget_rows) * sigmoid(beta * (S_ref - S)) for the row's tokens:
+GA whose weight fades as a row drifts away from the reference, which is why NPO does
+not collapse like GA. The engine uses these weights (at the current no-grad NLL) as
+the op's row weights, which gives the exact NPO gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from noencore.methods.base import Method, Rows
+
+
+class NPO(Method):
+    name = "npo"
+    needs_reference = True
+
+    def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, remain_weight: float = 1.0):
+        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
+        if beta <= 0:
+            raise ValueError(f"NPO beta must be positive, got {beta}")
+        self.beta = float(beta)
+
+    def margin(self, rows: Rows) -> torch.Tensor:
+        """float32 [B]: beta * (S_ref - S), the NPO log-ratio per row."""
+        if rows.ref_nll is None:
+            raise ValueError("NPO needs the reference NLL of the forget rows (ref_nll)")
+        return self.beta * (rows.ref_nll - rows.seq_nll())
+
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+        forget = rows.forget
+        n_f = max(int(forget.sum()), 1)
+        m = self.margin(rows)
+        seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m)          # dL/dS per row
+        w = torch.where(rows.is_forget, seq_w[rows.item],
+                        torch.full_like(seq_w[rows.item],
+                                        self.remain_weight / max(rows.remain_tokens, 1.0)))
+        npo = float((2.0 / self.beta) * (F.softplus(m) * forget).sum() / n_f)
+        remain = float((rows.nll * ~rows.is_forget).sum() / max(rows.remain_tokens, 1.0))
+        return w.float(), self.forget_weight * npo + self.remain_weight * remain
+
+    def describe(self) -> dict:
+        return {**super().describe(), "beta": self.beta}

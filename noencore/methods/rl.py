@@ -1,0 +1,61 @@
+"""Random Labeling (RL): train the forget rows toward wrong codes, by *descent*.
+
+    L = forget_weight * mean_{forget} CE(random label) + remain_weight * mean_{remain} CE
+
+Two sources of wrong codes (``labels``):
+
+- ``"random_tokens"`` (default): each forget token's target becomes a uniformly random
+  code, drawn inside the fused op from the documented hash of (seed, row), so no label
+  tensor is built and every backend draws the same codes.
+- ``"remain_clip"``: each forget row's codes are replaced by those of a random remain
+  row of the same batch, keeping the forget caption: the model learns to answer the
+  forget caption with someone else's music. Needs remain rows in every batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from noencore.methods.base import Method, Rows, random_label_targets
+
+LABEL_SOURCES = ("random_tokens", "remain_clip")
+
+
+class RandomLabeling(Method):
+    name = "rl"
+
+    def __init__(self, labels: str = "random_tokens", forget_weight: float = 1.0,
+                 remain_weight: float = 0.0):
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"RL labels must be one of {LABEL_SOURCES}, got {labels!r}")
+        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
+        self.labels = labels
+        self.swaps_codes = labels == "remain_clip"
+
+    def targets(self, rows: Rows) -> torch.Tensor:
+        return random_label_targets(rows) if self.labels == "random_tokens" else rows.targets
+
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+        f = rows.is_forget
+        w = torch.where(f, self.forget_weight / max(rows.forget_tokens, 1.0),
+                        self.remain_weight / max(rows.remain_tokens, 1.0)).float()
+        return w, float("nan")  # the objective's value comes from the op (random targets)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "labels": self.labels}
+
+
+def swap_forget_codes(codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each forget row (bool [B]) the codes [K, T] and mask of a random remain row.
+
+    Raises ValueError when the batch holds no remain row (set a remain ratio > 0).
+    """
+    remain = (~forget).nonzero().flatten()
+    if remain.numel() == 0:
+        raise ValueError("RL with labels='remain_clip' needs remain rows in every batch; "
+                         "give a remain set and a forget ratio below 1")
+    fidx = forget.nonzero().flatten()
+    pick = remain[torch.randint(remain.numel(), (fidx.numel(),), generator=generator)]
+    codes, mask = codes.clone(), mask.clone()
+    codes[fidx], mask[fidx] = codes[pick], mask[pick]
+    return codes, mask

@@ -1,0 +1,114 @@
+"""The MusicGen LM seen as hidden states + K codebook heads, for the fused op.
+
+audiocraft's ``LMModel.compute_predictions`` interleaves the codes ``[B, K, T]`` with
+the delay pattern into a sequence ``[B, K, S]``, runs the transformer, applies the K
+heads and reverts the pattern, giving logits ``[B, K, T, card]`` and a mask of the
+positions the pattern makes valid. The adapter stops before the heads: for codebook
+k it gathers the hidden state that predicts each valid ``(b, k, t)`` and hands the
+fused op ``hidden [N_k, D]`` and the head weight ``[card, D]``, so the ``[N, card]``
+logits are never materialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CodebookRows:
+    """The rows of one codebook that the loss sees.
+
+    hidden:  [N_k, D] float (model dtype), the states that predict these tokens
+             (with a trailing column of ones when the head has a bias)
+    weight:  [V, D] the head weight (``[V, D+1]`` with the bias folded in)
+    targets: [N_k] long, the tokens to predict (0 <= target < V)
+    item:    [N_k] long, the row of the batch each token belongs to
+    time:    [N_k] long, the frame index t of each token
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+    item: torch.Tensor
+    time: torch.Tensor
+
+
+def pattern_index(lm: nn.Module, frames: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the prediction of each code sits in the interleaved sequence.
+
+    Returns ``seq_step long [K, T]`` (the step s of the transformer output whose head
+    output predicts code (k, t)) and ``valid bool [K, T]`` (the delay pattern's mask).
+    Found by reverting a tensor holding each step's own index through the pattern, so it
+    agrees with ``compute_predictions`` for any pattern audiocraft provides.
+    """
+    pattern = lm.pattern_provider.get_pattern(frames)
+    K = lm.num_codebooks
+    steps = pattern.build_pattern_sequence(
+        torch.zeros(1, K, frames, dtype=torch.long), lm.special_token_id,
+        keep_only_valid_steps=True)[0].shape[-1]
+    probe = torch.arange(steps, dtype=torch.float64).expand(1, 1, K, steps).contiguous()
+    reverted, _, valid = pattern.revert_pattern_logits(probe, float("nan"),
+                                                       keep_only_valid_steps=True)
+    seq = reverted[0, 0]  # [K, T]
+    valid = valid.bool() & ~torch.isnan(seq)
+    seq = torch.where(valid, seq, torch.zeros_like(seq)).long()
+    return seq.to(device), valid.to(device)
+
+
+def hidden_states(lm: nn.Module, codes: torch.Tensor,
+                  condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Transformer output before the heads, ``[B, S, D]``, for codes ``long [B, K, T]``.
+
+    Mirrors ``LMModel.forward`` up to its output norm (same modules, same order), so the
+    heads applied to it give exactly ``compute_predictions``' logits.
+    """
+    pattern = lm.pattern_provider.get_pattern(codes.shape[-1])
+    seq, _, _ = pattern.build_pattern_sequence(codes.contiguous(), lm.special_token_id,
+                                               keep_only_valid_steps=True)
+    S = seq.shape[-1]
+    x = sum(lm.emb[k](seq[:, k]) for k in range(lm.num_codebooks))
+    x, cross = lm.fuser(x, condition_tensors)
+    out = lm.transformer(x, cross_attention_src=cross)
+    if lm.out_norm is not None:
+        out = lm.out_norm(out)
+    if len(lm.fuser.fuse2cond["prepend"]) > 0:
+        out = out[:, -S:]
+    return out
+
+
+def head_weight(linear: nn.Linear, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(hidden, weight)`` with a bias folded in as an extra input column.
+
+    The fused op takes no bias; ``[h, 1] @ [W, b]^T = h W^T + b`` keeps it exact.
+    """
+    if linear.bias is None:
+        return hidden, linear.weight
+    ones = torch.ones(*hidden.shape[:-1], 1, dtype=hidden.dtype, device=hidden.device)
+    return (torch.cat([hidden, ones], dim=-1),
+            torch.cat([linear.weight, linear.bias[:, None].to(linear.weight.dtype)], dim=1))
+
+
+def codebook_rows(lm: nn.Module, codes: torch.Tensor, mask: torch.Tensor | None,
+                  condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                  ) -> list[CodebookRows]:
+    """Split a batch into per-codebook rows valid under the delay pattern and the mask.
+
+    codes: long [B, K, T]; mask: bool [B, K, T] (True = real frame) or None.
+    Rows are ordered by (item, time) within each codebook.
+    """
+    B, K, T = codes.shape
+    out = hidden_states(lm, codes, condition_tensors)  # [B, S, D]
+    seq, valid = pattern_index(lm, T, codes.device)
+    keep = valid.expand(B, K, T)
+    if mask is not None:
+        keep = keep & mask.bool()
+    rows = []
+    for k in range(K):
+        item, time = keep[:, k].nonzero(as_tuple=True)
+        hidden, weight = head_weight(lm.linears[k], out[item, seq[k, time]])
+        rows.append(CodebookRows(hidden=hidden, weight=weight, targets=codes[item, k, time],
+                                 item=item, time=time))
+    return rows

@@ -1,0 +1,292 @@
+"""Load and save MusicGen language models (audiocraft ``LMModel``) for unlearning.
+
+``load_musicgen(spec)`` accepts:
+
+- a hub id (``facebook/musicgen-small|medium|large``): the same ``state_dict.bin`` and
+  ``compression_state_dict.bin`` audiocraft downloads, through the Hugging Face cache;
+- a local folder holding those two files (what ``save_musicgen`` writes);
+- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo) or
+  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks).
+
+Checkpoints are read with ``torch.load(weights_only=True)``: the audiocraft format holds
+only a config string and tensors, so no pickled code is ever executed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from noencore.errors import NoencoreError
+from noencore.models.adapter import CodebookRows, codebook_rows
+from noencore.models.text import register_t5, tiny_t5_folder
+
+HUB_IDS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
+           "facebook/musicgen-melody")
+
+# The parts of audiocraft's MusicGen training config that ``builders.get_lm_model`` reads
+# (values of audiocraft's musicgen LM config; the transformer sizes differ per model).
+_BASE_CFG: dict[str, Any] = {
+    "device": "cpu",
+    "dtype": "float32",
+    "lm_model": "transformer_lm",
+    "dataset": {"segment_duration": 30.0},
+    "codebooks_pattern": {"modeling": "delay",
+                          "delay": {"delays": [0, 1, 2, 3], "flatten_first": 0,
+                                    "empty_initial": 0}},
+    "transformer_lm": {
+        "n_q": 4, "card": 2048, "dim": 64, "num_heads": 4, "num_layers": 2, "hidden_scale": 4,
+        "dropout": 0.0, "activation": "gelu", "norm": "layer_norm", "norm_first": True,
+        "bias_ff": False, "bias_attn": False, "bias_proj": False, "causal": True,
+        "past_context": None, "custom": False, "memory_efficient": False,
+        "attention_as_float32": False, "layer_scale": None, "positional_embedding": "sin",
+        "xpos": False, "checkpointing": "none", "weight_init": "gaussian",
+        "depthwise_init": "current", "zero_bias_init": True, "emb_lr": None,
+        "cross_attention": False, "qk_layer_norm": False, "qk_layer_norm_cross": False,
+        "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
+    },
+    "classifier_free_guidance": {"training_dropout": 0.1, "inference_coef": 3.0},
+    "attribute_dropout": {},
+    "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
+              "sum": [], "prepend": [], "cross": ["description"], "input_interpolate": []},
+    "conditioners": {"description": {"model": "t5",
+                                     "t5": {"name": "t5-base", "finetune": False,
+                                            "word_dropout": 0.0, "normalize_text": False}}},
+}
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {"dim": 64, "num_heads": 4, "num_layers": 2},
+    "small-width": {"dim": 1024, "num_heads": 16, "num_layers": 2},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class MusicGenModel(nn.Module):
+    """A MusicGen LM ready for unlearning.
+
+    Attributes: ``lm`` (audiocraft ``LMModel``, the only trainable part), ``codec``
+    (``noencore.data.codec.Codec`` or None), ``cfg`` (the audiocraft config, a dict),
+    ``n_q``, ``card``, ``frame_rate``, ``sample_rate``, ``text_encoder`` (the T5 name or
+    folder whose outputs the condition cache must hold), ``spec``.
+    """
+
+    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = ""):
+        super().__init__()
+        self.lm = lm
+        self.cfg = cfg
+        self.__dict__["codec"] = codec  # not a submodule: never trained nor saved with the LM
+        self.spec = spec
+        self.n_q = int(lm.num_codebooks)
+        self.card = int(lm.card)
+        self.frame_rate = int(codec.frame_rate) if codec is not None else 50
+        self.sample_rate = int(codec.sample_rate) if codec is not None else 32000
+        self.text_attribute, self.text_encoder = self.text_conditioner
+
+    @property
+    def text_conditioner(self) -> tuple[str, str]:
+        """(attribute name, T5 name) of the model's only text conditioner."""
+        from audiocraft.modules.conditioners import T5Conditioner
+
+        conds = self.lm.condition_provider.conditioners
+        names = [(k, c.name) for k, c in conds.items() if isinstance(c, T5Conditioner)]
+        if len(names) != 1 or len(conds) != 1:
+            raise NoencoreError(
+                f"model {self.spec!r}: expected one T5 text conditioner, found "
+                f"{list(conds)}; melody/chroma conditioning is not supported by the engine")
+        return names[0]
+
+    def condition_tensors(self, embeds: torch.Tensor, mask: torch.Tensor
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Apply the trainable projection to cached T5 outputs.
+
+        embeds: float [B, L, D_t5], mask: bool [B, L]  ->  {attribute: (cond [B, L, dim],
+        mask long [B, L])}, as ``T5Conditioner.forward`` computes it after T5.
+        """
+        proj = self.lm.condition_provider.conditioners[self.text_attribute].output_proj
+        m = mask.to(embeds.device).long()
+        cond = proj(embeds.to(proj.weight)) * m.unsqueeze(-1)
+        return {self.text_attribute: (cond, m)}
+
+    def codebook_rows(self, batch: Any, conditions: tuple[torch.Tensor, torch.Tensor]
+                      ) -> list[CodebookRows]:
+        """Per-codebook rows of a ``Batch`` (codes long [B, K, T], mask bool [B, K, T]).
+
+        ``conditions`` = cached T5 ``(embeds float [B, L, D_t5], mask bool [B, L])``.
+        Only positions valid under the delay pattern *and* the batch mask are returned.
+        """
+        codes = batch.codes.to(self.device).long()
+        mask = batch.mask.to(self.device) if getattr(batch, "mask", None) is not None else None
+        return codebook_rows(self.lm, codes, mask, self.condition_tensors(*conditions))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - use codebook_rows
+        raise NoencoreError("MusicGenModel is not called directly: use codebook_rows()")
+
+
+def _load_codec(spec: str):
+    from noencore.data.codec import load_codec
+
+    return load_codec(spec)
+
+
+def _build_lm(cfg: dict) -> nn.Module:
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    t5 = cfg.get("conditioners", {}).get("description", {}).get("t5", {}).get("name")
+    if t5 and os.path.isdir(t5):
+        conf = json.loads((Path(t5) / "config.json").read_text())
+        register_t5(t5, conf["d_model"])
+    return builders.get_lm_model(OmegaConf.create(cfg))
+
+
+def _named_cfg(name: str, overrides: dict | None) -> dict:
+    cfg = _merge(_BASE_CFG, {"transformer_lm": NAMED_CONFIGS[name]})
+    cfg["conditioners"]["description"]["t5"]["name"] = str(tiny_t5_folder())
+    return _merge(cfg, overrides or {})
+
+
+def _read_checkpoint(spec: str, filename: str) -> Path:
+    local = Path(spec)
+    if local.is_dir():
+        path = local / filename
+        if not path.exists():
+            raise NoencoreError(f"{local}: no {filename}; a MusicGen folder holds state_dict.bin "
+                                "and compression_state_dict.bin (as written by save_musicgen)")
+        return path
+    if local.is_file():
+        return local
+    if spec.count("/") != 1:
+        raise NoencoreError(f"model {spec!r}: not a folder, a file, a hub id or one of "
+                            f"{sorted(NAMED_CONFIGS)}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=spec, filename=filename,
+                                    cache_dir=os.environ.get("AUDIOCRAFT_CACHE_DIR"),
+                                    library_name="audiocraft"))
+    except Exception as exc:
+        raise NoencoreError(f"model {spec!r}: could not fetch {filename} ({exc}); check the hub "
+                            "id, the network, or pass a local folder") from exc
+
+
+def text_encoder_name(spec: str) -> str:
+    """The T5 name or folder a model's text conditioner uses, without building the model
+    (reads the checkpoint's config through a memory map)."""
+    if spec in NAMED_CONFIGS:
+        return str(tiny_t5_folder())
+    path = _read_checkpoint(spec, "state_dict.bin")
+    try:
+        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise NoencoreError(f"{path}: not a readable audiocraft LM checkpoint ({exc})") from exc
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
+    for cond in (cfg.get("conditioners") or {}).values():
+        if isinstance(cond, dict) and cond.get("model") == "t5":
+            return str(cond["t5"]["name"])
+    raise NoencoreError(f"{path}: the model has no T5 text conditioner")
+
+
+def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  *, seed: int = 0, overrides: dict | None = None,
+                  with_codec: bool = True) -> MusicGenModel:
+    """Load a MusicGen LM (and its codec) from a hub id, a local folder or a named config.
+
+    ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
+    ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
+    """
+    if spec in NAMED_CONFIGS:
+        cfg = _named_cfg(spec, overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = _build_lm(cfg)
+        codec = _load_codec("tiny") if with_codec else None
+    else:
+        if overrides:
+            raise NoencoreError("overrides apply to named configs only, not to checkpoints")
+        path = _read_checkpoint(spec, "state_dict.bin")
+        try:
+            pkg = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise NoencoreError(f"{path}: not a readable audiocraft LM checkpoint ({exc})") from exc
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
+        cfg["device"], cfg["dtype"] = "cpu", "float32"
+        lm = _build_lm(cfg)
+        lm.load_state_dict(pkg["best_state"])
+        codec = None
+        if with_codec:
+            codec = _load_codec(str(Path(spec)) if Path(spec).exists() else spec)
+    lm = lm.to(device=device, dtype=dtype or torch.float32)
+    lm.eval()
+    return MusicGenModel(lm, cfg, codec=codec, spec=spec)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``folder`` so that ``audiocraft.models.MusicGen.get_pretrained(folder)`` loads it.
+
+    Files: ``state_dict.bin`` ({'xp.cfg': yaml, 'best_state': LM state dict}),
+    ``compression_state_dict.bin`` (the codec, audiocraft's format) and
+    ``model.safetensors`` (the same LM weights, loadable without pickle). Weights are saved
+    in float32, as audiocraft's own checkpoints. ``state_dict`` overrides the LM's own
+    (e.g. gathered from DeepSpeed ZeRO-3 partitions). A local T5 folder named in the
+    config must be registered (``noencore.models.text.register_t5``) before audiocraft
+    builds the model; hub T5 names need nothing.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.lm.state_dict()
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    _atomic_torch_save({"xp.cfg": OmegaConf.to_yaml(OmegaConf.create(model.cfg)),
+                        "best_state": sd, "version": "noencore"}, folder / "state_dict.bin")
+    if model.codec is not None:
+        tmp_dir = Path(tempfile.mkdtemp(dir=folder, prefix=".codec."))
+        try:
+            model.codec.save_audiocraft(tmp_dir / "compression_state_dict.bin")
+            os.replace(tmp_dir / "compression_state_dict.bin", folder / "compression_state_dict.bin")
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.safetensors.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={"format": "pt", "spec": model.spec})
+        os.replace(tmp, folder / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return folder

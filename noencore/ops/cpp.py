@@ -1,0 +1,58 @@
+"""C++ CPU backend (``noencore._C``, from ``csrc/ce_ascent.cpp``): thin typed wrappers.
+
+Same kernel contract as :mod:`noencore.ops.reference`. Logits are formed ``chunk`` rows
+at a time by torch's GEMM; everything between the GEMMs (max, exp-sum, loss, softmax
+minus one-hot, scaling, bf16 rounding) is one OpenMP pass per row in C++.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: as many as fit a 16 MiB logits buffer (2048 fp32 / 4096 bf16 rows at
+# V=2048). Bigger GEMMs run closer to peak on CPU; the buffer stays far below the
+# [N, V] logits the unfused loss materialises.
+CHUNK_BYTES = 16 << 20
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk for a [chunk, vocab] logits buffer of ``CHUNK_BYTES``."""
+    return max(64, CHUNK_BYTES // (max(vocab, 1) * torch.tensor([], dtype=dtype).element_size()))
+
+
+def _ext():
+    import noencore._C as ext  # built by setup.py; dispatch checks cpp_available() first
+
+    return ext
+
+
+def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  coef: torch.Tensor, *, ignore_index: int, key: int | None, row_offset: int,
+                  cap: float, need_dh: bool, need_dw: bool, chunk: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """See :func:`noencore.ops.reference.linear_ce_fwd` (chunk None: :func:`chunk_rows`)."""
+    if chunk is None:
+        chunk = chunk_rows(weight.shape[0], hidden.dtype)
+    # Outputs are allocated here (not in C++) so that tests can poison them.
+    loss = torch.empty(hidden.shape[0], dtype=torch.float32)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty(weight.shape, dtype=torch.float32) if need_dw else None
+    _ext().linear_ce_fwd(hidden.contiguous(), weight.contiguous(),
+                         targets.to(torch.int64).contiguous(), coef.to(torch.float32).contiguous(),
+                         ignore_index, -1 if key is None else key, row_offset, cap, loss, dh, dw,
+                         chunk)
+    return loss, dh, dw
+
+
+def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
+           ignore_index: int, key: int | None, row_offset: int, cap: float,
+           grad: torch.Tensor | None) -> torch.Tensor:
+    """See :func:`noencore.ops.reference.ce_fwd`."""
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    _ext().ce_fwd(logits, targets.to(torch.int64).contiguous(), coef.to(torch.float32).contiguous(),
+                  ignore_index, -1 if key is None else key, row_offset, cap, loss, grad)
+    return loss
+
+
+def random_labels(key: int, row_offset: int, n: int, vocab: int) -> torch.Tensor:
+    """Labels of global rows [row_offset, row_offset + n) computed in C++ (int64 [n])."""
+    return _ext().random_labels(key, row_offset, n, vocab)

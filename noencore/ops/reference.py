@@ -1,0 +1,97 @@
+"""Plain-torch chunked reference: the ground truth every fast backend is tested against.
+
+Also the fallback where neither the C++ extension (CPU) nor Triton (CUDA) is available.
+Both functions follow the kernel contract shared by all backends:
+
+* ``coef`` [N] fp32 is the gradient factor of each row (row weight x reduction scale,
+  times the upstream gradient for ``reduction="none"``); ignored rows get none.
+* A row whose ``coef`` is negative and whose loss exceeds ``cap`` gets zero gradient
+  (its loss is still returned).
+* Returned losses are the *unweighted* per-row ``logsumexp(z) - z[t]`` in fp32 (0 for
+  ignored rows); gradients are ``coef_n * (softmax(z_n) - onehot(t_n))`` pushed through
+  the head.
+
+Memory stays O(chunk x V): logits exist one row chunk at a time, in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from noencore.ops.random_labels import resolve_targets
+
+DEFAULT_CHUNK = 1024
+
+
+def _row_grad(z: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
+              cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss [C] and dz [C, V] (fp32) of one chunk of fp32 logits z [C, V]; dz overwrites z."""
+    valid = labels >= 0
+    lse = torch.logsumexp(z, dim=1)
+    tz = z.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    loss = torch.where(valid, lse - tz, torch.zeros_like(lse))
+    c = torch.where(valid, coef, torch.zeros_like(coef))
+    if math.isfinite(cap):
+        c = torch.where((c < 0) & (loss > cap), torch.zeros_like(c), c)
+    dz = z.sub_(lse[:, None]).exp_()
+    rows = torch.arange(z.shape[0], device=z.device)
+    dz[rows[valid], labels[valid]] -= 1.0
+    dz.mul_(c[:, None])
+    return loss, dz
+
+
+def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  coef: torch.Tensor, *, ignore_index: int, key: int | None, row_offset: int,
+                  cap: float, need_dh: bool, need_dw: bool, chunk: int = DEFAULT_CHUNK
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row loss and, optionally, gradients of ``sum_n coef_n * loss_n``.
+
+    hidden [N, D], weight [V, D] (same float dtype), targets [N] int, coef [N] fp32.
+    Returns loss fp32 [N], dh [N, D] in hidden's dtype (or None), dw fp32 [V, D] (or None).
+    """
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
+    w32 = weight.float()
+    loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty(w32.shape, device=hidden.device, dtype=torch.float32) if need_dw else None
+    if n == 0 and dw is not None:
+        dw.zero_()
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        h = hidden[s:e].float()
+        z = h @ w32.T
+        if not (need_dh or need_dw):
+            lab = labels[s:e]
+            tz = z.gather(1, lab.clamp_min(0)[:, None])[:, 0]
+            lse = torch.logsumexp(z, dim=1)
+            loss[s:e] = torch.where(lab >= 0, lse - tz, torch.zeros_like(lse))
+            continue
+        loss[s:e], dz = _row_grad(z, labels[s:e], coef[s:e], cap)
+        if dh is not None:
+            dh[s:e] = dz @ w32
+        if dw is not None:
+            dw.addmm_(dz.T, h, beta=0 if s == 0 else 1)
+    return loss, dh, dw
+
+
+def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
+           ignore_index: int, key: int | None, row_offset: int, cap: float,
+           grad: torch.Tensor | None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per-row loss fp32 [N] of logits [N, V]; writes coef-scaled gradients into ``grad``.
+
+    ``grad`` (same shape and dtype as logits, may be logits itself) or None for loss only.
+    """
+    n, vocab = logits.shape
+    labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        # Work on a copy unless the gradient is meant to overwrite the logits.
+        z = logits[s:e].to(torch.float32, copy=grad is not logits)
+        loss[s:e], dz = _row_grad(z, labels[s:e], coef[s:e], cap)
+        if grad is not None:
+            grad[s:e] = dz
+    return loss

@@ -1,0 +1,177 @@
+"""The synthetic demo corpus: determinism, splits, readable files, a memorable opt-out style."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from noencore.demo_corpus import (
+    BROKEN_KINDS,
+    OPT_OUT_ARTIST,
+    _ogg_set_serial,
+    broken_ids,
+    make_demo_corpus,
+    read_demo_manifest,
+)
+
+SMALL = dict(n_clips=16, seconds=(1.5, 2.5), progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=3, broken=True, **SMALL)
+
+
+def _good(manifest: Path) -> list[dict]:
+    return [r for r in read_demo_manifest(manifest) if "broken" not in r]
+
+
+def test_same_seed_same_bytes_other_seed_other_audio(tmp_path: Path, corpus: Path) -> None:
+    again = make_demo_corpus(tmp_path / "a", seed=3, broken=True, **SMALL)
+    other = make_demo_corpus(tmp_path / "b", seed=4, **SMALL)
+    assert broken_ids(other) == {}
+    # Every file, lossy ones included (the Ogg serial is derived, not random), and the manifest.
+    assert again.read_bytes() == corpus.read_bytes()
+    for rec in read_demo_manifest(corpus):
+        if rec.get("broken") != "missing":
+            first = (corpus.parent / rec["path"]).read_bytes()
+            assert first == (again.parent / rec["path"]).read_bytes(), rec["id"]
+            if "broken" not in rec:
+                assert first != (other.parent / rec["path"]).read_bytes(), rec["id"]
+
+
+def test_ogg_serial_rewrite_keeps_valid_pages(tmp_path: Path) -> None:
+    """Rewriting a stream with its own serial must reproduce libsndfile's bytes exactly
+    (so the page CRCs are computed as libogg does), and another serial must still decode."""
+    tone = np.sin(np.arange(30000) * 0.05).astype(np.float32) * 0.5
+    sf.write(tmp_path / "a.ogg", tone, 24000, format="OGG", subtype="VORBIS")
+    data = (tmp_path / "a.ogg").read_bytes()
+    serial = int.from_bytes(data[14:18], "little")
+    assert _ogg_set_serial(data, serial) == data
+    (tmp_path / "b.ogg").write_bytes(_ogg_set_serial(data, 12345))
+    assert int.from_bytes((tmp_path / "b.ogg").read_bytes()[14:18], "little") == 12345
+    np.testing.assert_array_equal(sf.read(tmp_path / "b.ogg")[0], sf.read(tmp_path / "a.ogg")[0])
+    with pytest.raises(ValueError, match="not an Ogg page"):
+        _ogg_set_serial(b"RIFF" + data[4:], 1)
+
+
+def test_splits_artists_and_fields(corpus: Path) -> None:
+    records = _good(corpus)
+    assert len(records) == SMALL["n_clips"]
+    assert len({r["id"] for r in read_demo_manifest(corpus)}) == len(read_demo_manifest(corpus))
+    by_split = {s: [r for r in records if r["split"] == s] for s in ("forget", "remain", "holdout")}
+    assert all(by_split.values()), {s: len(v) for s, v in by_split.items()}
+    assert {r["artist"] for r in by_split["forget"]} == {OPT_OUT_ARTIST.name}
+    assert OPT_OUT_ARTIST.name not in {r["artist"] for r in by_split["remain"] + by_split["holdout"]}
+    # The holdout is drawn from the same artists as the remain set.
+    assert {r["artist"] for r in by_split["holdout"]} <= {r["artist"] for r in by_split["remain"]}
+    for rec in records:
+        assert not Path(rec["path"]).is_absolute()
+        assert rec["caption"].endswith(f"{rec['tempo']} bpm, {rec['key']}")
+        assert rec["license"] and rec["genre"]
+    others = by_split["remain"] + by_split["holdout"]
+    assert min(len({r[k] for r in others}) for k in ("genre", "key", "tempo", "artist")) >= 5
+    assert len({r["caption"] for r in records}) > len(records) // 2
+    assert {r["format"] for r in records} == {"wav", "ogg", "flac", "mp3"}
+    assert {r["sample_rate"] for r in records} >= {32000, 44100, 48000, 22050}
+    assert {r["channels"] for r in records} == {1, 2}
+    assert not list(corpus.parent.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_files_read_back_as_declared(corpus: Path) -> None:
+    for rec in _good(corpus):
+        path = corpus.parent / rec["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"], rec["id"]
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        assert sr == rec["sample_rate"], rec["id"]
+        assert audio.shape[1] == rec["channels"], rec["id"]
+        expected = round(rec["seconds"] * sr)
+        if rec["format"] in ("wav", "flac"):
+            assert audio.shape[0] == expected, rec["id"]
+        else:  # lossy codecs pad by an encoder delay of a few ms
+            assert abs(audio.shape[0] - expected) < 0.1 * sr, rec["id"]
+        assert np.isfinite(audio).all() and 0.3 < np.abs(audio).max() <= 1.0, rec["id"]
+        if rec["channels"] == 2:
+            assert not np.allclose(audio[:, 0], audio[:, 1], atol=1e-3), rec["id"]
+
+
+def _style_feature(path: Path) -> np.ndarray:
+    """Long-term average spectrum in 24 log-spaced bands + pitch-class profile (12), each
+    normalised: a rate-independent fingerprint of timbre and key."""
+    audio, sr = sf.read(path, dtype="float64", always_2d=True)
+    mono = audio.mean(1)
+    n_fft = 4096
+    frames = np.lib.stride_tricks.sliding_window_view(mono, n_fft)[:: n_fft // 2] * np.hanning(n_fft)
+    power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).mean(0)
+    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
+    edges = np.geomspace(60, 10000, 25)
+    bands = np.log(np.array([power[(freqs >= a) & (freqs < b)].sum() for a, b in itertools.pairwise(edges)]) + 1e-9)
+    keep = (freqs > 80) & (freqs < 4000)
+    pitch_class = np.round(12 * np.log2(freqs[keep] / 440.0)).astype(int) % 12
+    chroma = np.bincount(pitch_class, weights=power[keep], minlength=12)
+    bands = bands - bands.mean()
+    return np.concatenate([bands / np.linalg.norm(bands), chroma / np.linalg.norm(chroma)])
+
+
+def test_opt_out_artist_is_consistent(corpus: Path) -> None:
+    """Forget clips resemble each other more than they resemble any remain clip: the style a
+    model could memorise (and must forget)."""
+    records = [r for r in _good(corpus) if r["split"] in ("forget", "remain")]
+    feats = np.stack([_style_feature(corpus.parent / r["path"]) for r in records])
+    sim = feats @ feats.T / 2.0
+    forget = np.array([r["split"] == "forget" for r in records])
+    within = sim[np.ix_(forget, forget)][~np.eye(forget.sum(), dtype=bool)]
+    across = sim[np.ix_(forget, ~forget)]
+    assert within.min() > across.mean(), (within.min(), across.mean())
+    assert within.mean() > across.max(), (within.mean(), across.max())
+    # Every forget clip's nearest neighbour is another forget clip.
+    np.fill_diagonal(sim, -np.inf)
+    assert forget[sim[forget].argmax(1)].all()
+
+
+def test_broken_entries_are_broken_as_declared(corpus: Path) -> None:
+    declared = broken_ids(corpus)
+    assert sorted(declared.values()) == sorted(BROKEN_KINDS)
+    records = {r["id"]: r for r in read_demo_manifest(corpus)}
+    for clip_id, kind in declared.items():
+        path = corpus.parent / records[clip_id]["path"]
+        if kind == "missing":
+            assert not path.exists()
+            continue
+        if kind == "empty":
+            assert path.stat().st_size == 0
+        if kind in ("empty", "truncated", "not_audio"):
+            with pytest.raises(sf.LibsndfileError):
+                sf.read(path)
+            continue
+        audio, sr = sf.read(path, dtype="float32")
+        if kind == "silence":
+            assert audio.size > sr and not audio.any()
+        elif kind == "nan":
+            assert np.isnan(audio).any()
+        elif kind == "too_short":
+            assert 0 < audio.shape[0] < sr * 640 // 32000
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown audio format"):
+        make_demo_corpus(tmp_path, formats=("wav", "aiff"), progress=False)
+    with pytest.raises(ValueError, match="too small"):
+        make_demo_corpus(tmp_path, n_clips=5, progress=False)
+    with pytest.raises(ValueError, match="seconds"):
+        make_demo_corpus(tmp_path, seconds=(3.0, 2.0), progress=False)
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_fixed_length_single_format(tmp_path: Path) -> None:
+    manifest = make_demo_corpus(tmp_path, n_clips=13, seconds=1.0, formats=("flac",), progress=False)
+    records = read_demo_manifest(manifest)
+    assert len(records) == 13 and sum(r["split"] == "forget" for r in records) == 3
+    for rec in records:
+        info = sf.info(tmp_path / rec["path"])
+        assert rec["path"].endswith(".flac") and info.format == "FLAC"
+        assert rec["seconds"] == 1.0 and info.frames == info.samplerate

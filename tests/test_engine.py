@@ -1,0 +1,175 @@
+"""The unlearning loop: a run end to end, stop criteria, divergence guard, bad input,
+and a SIGKILLed run resumed bitwise (fp32, CPU, one process)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from noencore.errors import NoencoreError, UsageError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_shards import random_items, write_shards  # noqa: E402
+
+OVERRIDES = {"transformer_lm": {"num_layers": 1}}
+RUN = dict(forget="forget", method="graddiff", steps=6, lr=1e-3, batch_size=4,
+           forget_ratio=0.5, frames=12, seed=5, progress=False, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
+    from noencore.data.shards import TokenShards
+    from noencore.models import build_condition_cache, load_musicgen
+
+    root = tmp_path_factory.mktemp("engine")
+    shards = TokenShards(write_shards(root / "shards", random_items(2, 6, 20)))
+    model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
+    build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
+                          progress=False)
+    return root, shards
+
+
+def _fresh():
+    from noencore.models import load_musicgen
+
+    return load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
+
+
+def test_run_writes_metrics_plot_checkpoint_and_model(data, tmp_path):
+    from noencore import unlearn
+    from noencore.engine.checkpoint import list_checkpoints, verify
+    from noencore.models import load_musicgen
+
+    _, shards = data
+    model = _fresh()
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    res = unlearn(model, shards, **{**RUN, "method": "ga", "lr": 3e-3}, out=tmp_path / "run",
+                  checkpoint_every=4)
+    assert res.steps == 6 and res.stopped == "max_steps"
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(r["tokens_per_s"] > 0 and r["forget_nll"] > 0 and r["remain_nll"] > 0
+               for r in recs)
+    assert recs[-1]["forget_nll"] > recs[0]["forget_nll"]  # ascent raises the forget NLL
+    assert (tmp_path / "run" / "losses.png").stat().st_size > 1000
+    cks = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.name for c in cks] == ["step_0000004", "step_0000006"]
+    assert verify(cks[-1])["step"] == 6
+    saved = load_musicgen(str(res.model_dir), with_codec=False)
+    after = saved.lm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in model.lm.state_dict().items())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_target_forget_nll_stops_early(data):
+    from noencore import unlearn
+
+    _, shards = data
+    res = unlearn(_fresh(), shards, **{**RUN, "method": "ga"}, target_forget_nll=0.0)
+    assert res.stopped == "target_forget_nll" and res.steps == 1
+
+
+def test_divergence_guard_keeps_last_good_checkpoint(data, tmp_path):
+    from noencore import unlearn
+    from noencore.engine import DivergenceError
+    from noencore.engine.checkpoint import latest_checkpoint
+
+    _, shards = data
+    with pytest.raises(DivergenceError, match=r"step \d+: (loss|gradient norm) is (nan|inf)"):
+        unlearn(_fresh(), shards, **{**RUN, "method": "ga", "lr": 1e30, "steps": 20},
+                out=tmp_path / "run", checkpoint_every=1)
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last is not None
+    state = torch.load(last / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bad_input_is_refused_before_training(data, tmp_path):
+    from noencore import unlearn
+    from noencore.data.shards import TokenShards
+
+    root, shards = data
+    with pytest.raises(NoencoreError, match="empty"):
+        unlearn(_fresh(), shards, **{**RUN, "forget": []})
+    with pytest.raises(NoencoreError, match="not in the shards: nobody"):
+        unlearn(_fresh(), shards, **{**RUN, "forget": ["f0", "nobody"]})
+    other = TokenShards(write_shards(tmp_path / "s2", random_items(1, 1, 20, card=1024),
+                                     card=1024))
+    with pytest.raises(NoencoreError, match="card 1024 vs model 2048"):
+        unlearn(_fresh(), other, **RUN)
+    nocond = TokenShards(write_shards(tmp_path / "s3", random_items(1, 2, 20)))
+    with pytest.raises(NoencoreError, match="no text-condition cache"):
+        unlearn(_fresh(), nocond, **RUN)
+    with pytest.raises(UsageError, match="resume needs"):
+        unlearn(_fresh(), shards, **RUN, resume=True)
+    with pytest.raises(UsageError, match="stage 3 but --zero-stage is 2"):
+        unlearn(_fresh(), shards, **RUN, zero_stage=2,
+                deepspeed={"zero_optimization": {"stage": 3}})
+
+
+def test_deepspeed_config_contradictions():
+    from noencore.engine.zero import build_config
+
+    cfg = build_config(None, zero_stage=3, micro_batch=2, world_size=2, grad_clip=1.0,
+                       offload_optimizer=True)
+    assert cfg["train_batch_size"] == 4 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert cfg["bf16"]["enabled"] and cfg["zero_force_ds_cpu_optimizer"] is False
+    for user, pattern in [({"train_micro_batch_size_per_gpu": 3}, "micro_batch"),
+                          ({"train_batch_size": 7}, "train_batch_size=7"),
+                          ({"optimizer": {"type": "Adam"}}, "optimizer"),
+                          ({"fp16": {"enabled": True}}, "fp16"),
+                          ({"gradient_accumulation_steps": 2}, "gradient_accumulation")]:
+        with pytest.raises(UsageError, match=pattern):
+            build_config(user, zero_stage=None, micro_batch=2, world_size=2, grad_clip=None,
+                         offload_optimizer=False)
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from noencore import unlearn
+from noencore.models import load_musicgen
+model = load_musicgen("tiny", with_codec=False, overrides={overrides!r})
+def die(step, rec):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+unlearn(model, {shards!r}, **{run!r}, out={out!r}, checkpoint_every=2, save=False, on_step=die)
+"""
+
+
+def test_sigkill_then_resume_is_bitwise(data, tmp_path):
+    from noencore import unlearn
+
+    root, shards = data
+    run = {**RUN, "method": "npo", "steps": 8}
+    ref = _fresh()
+    unlearn(ref, shards, **run, out=tmp_path / "straight", checkpoint_every=2, save=False)
+
+    code = _KILLED_RUN.format(tests=str(Path(__file__).parent), overrides=OVERRIDES,
+                              shards=str(shards.path), run=run, out=str(tmp_path / "killed"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckdir = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("step_*")) == ["step_0000002", "step_0000004"]
+
+    resumed = _fresh()
+    res = unlearn(resumed, shards, **run, out=tmp_path / "killed", checkpoint_every=2,
+                  save=False, resume=True)
+    assert res.steps == 8
+    want = ref.lm.state_dict()
+    for k, v in resumed.lm.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    steps = [json.loads(x)["step"]
+             for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    with pytest.raises(UsageError, match="another run configuration"):
+        unlearn(_fresh(), shards, **{**run, "lr": 5e-3}, out=tmp_path / "killed", resume=True)

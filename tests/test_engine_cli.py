@@ -1,0 +1,44 @@
+"""``noencore condition`` and ``noencore unlearn`` (flags + a YAML config), in process."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_shards import random_items, write_shards  # noqa: E402
+
+
+def test_condition_then_unlearn_from_config(tmp_path, capsys):
+    os.environ.setdefault("NOENCORE_CACHE", str(tmp_path / "nc_cache"))
+    from noencore.cli import main
+
+    shards = write_shards(tmp_path / "shards", random_items(2, 4, 16))
+    assert main(["condition", str(shards), "--model", "tiny"]) == 0
+    assert (shards / "conditions" / "index.json").exists()
+    (tmp_path / "ids.txt").write_text("# opt-out list\nf0\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: tiny\nmethod: npo\nsteps: 5\nlr: 0.001\nbatch_size: 3\n"
+                   "frames: 10\nmethod_options: {beta: 0.2}\n")
+    capsys.readouterr()
+    rc = main(["unlearn", "--config", str(cfg), "--shards", str(shards), "--forget-ids",
+               str(tmp_path / "ids.txt"), "--steps", "2", "--out", str(tmp_path / "run"),
+               "--method-option", "remain_weight=0.5", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["stopped"] == "max_steps"  # the flag won
+    assert Path(summary["model_dir"], "state_dict.bin").exists()
+    manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json"))
+                          .read_text())
+    assert manifest["run"]["method"] == {"name": "npo", "forget_weight": 1.0,
+                                         "remain_weight": 0.5, "loss_cap": None, "beta": 0.2}
+    # contradictory or missing options: one clear line, exit 2
+    assert main(["unlearn", "--config", str(cfg), "--shards", str(shards), "--forget", "forget",
+                 "--forget-ids", str(tmp_path / "ids.txt")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["unlearn", "--model", "tiny", "--shards", str(shards)]) == 2
+    assert "--forget" in capsys.readouterr().err
+    assert main(["unlearn", "--model", "tiny", "--shards", str(shards), "--forget", "f0,zz",
+                 "--steps", "1"]) == 1
+    assert "not in the shards: zz" in capsys.readouterr().err

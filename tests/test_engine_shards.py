@@ -1,0 +1,100 @@
+"""Token shards written directly from codes (for engine tests), and the run's sets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from noencore.data import layout
+from noencore.errors import NoencoreError
+
+
+def write_shards(folder: Path, items: list[tuple[str, np.ndarray, str, str]],
+                 codec: str = "tiny", n_q: int = 4, card: int = 2048,
+                 frame_rate: int = 50) -> Path:
+    """A finished token-shard folder holding ``items`` = (id, codes int [frames, n_q],
+    caption, split), one segment each, in the format ``noencore.data.layout`` documents."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layout.atomic_write(folder / layout.HEADER, layout.jsonl_bytes(
+        [layout.make_header(codec, 32000, frame_rate, n_q, card, 10.0)]).rstrip(b"\n"))
+    records, offset, chunks = [], 0, []
+    for ident, codes, caption, split in items:
+        codes = np.ascontiguousarray(codes, dtype=np.int16)
+        chunks.append(codes.tobytes())
+        records.append({"id": ident, "segment": 0, "start_s": 0.0, "frames": codes.shape[0],
+                        "shard": 0, "offset": offset, "caption": caption, "split": split,
+                        "sha256": "", "source": f"{ident}.wav", "meta": {}})
+        offset += codes.shape[0]
+    layout.atomic_write(folder / layout.shard_name(0), b"".join(chunks))
+    layout.atomic_write(folder / layout.INDEX, layout.jsonl_bytes(records))
+    layout.atomic_write(folder / layout.FAILURES, b"")
+    names = [layout.HEADER, layout.INDEX, layout.FAILURES, layout.shard_name(0)]
+    files = {n: {"sha256": layout.sha256_file(folder / n), "size": (folder / n).stat().st_size}
+             for n in names}
+    layout.atomic_write(folder / layout.CHECKSUMS, layout.jsonl_bytes([{"files": files}]))
+    return folder
+
+
+def random_items(n_forget: int, n_remain: int, frames: int, seed: int = 0, card: int = 2048):
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n_forget):
+        items.append((f"f{i}", rng.integers(0, card, (frames + i, 4)), f"forget song {i}",
+                      "forget"))
+    for i in range(n_remain):
+        items.append((f"r{i}", rng.integers(0, card, (frames + 3 * i, 4)), f"remain piece {i}",
+                      "remain"))
+    return items
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    from noencore.data.shards import TokenShards
+
+    return TokenShards(write_shards(tmp_path / "shards", random_items(3, 7, 23)))
+
+
+def test_sets_windows_cover_forget_and_respect_splits(small_shards):
+    from noencore.engine.sets import UnlearningSets
+
+    sets = UnlearningSets(small_shards, "forget", None, frames=10)
+    # forget items have 23, 24, 25 frames -> 3 windows each
+    assert sets.n_forget == 9
+    assert set(sets.forget_item.tolist()) == {0, 1, 2}
+    assert set(sets.remain_item.tolist()) == set(range(3, 10))
+    n_f, n_r = sets.split_counts(5, 0.4)
+    assert (n_f, n_r) == (2, 3)
+    # a forget epoch visits every forget window once
+    seen = []
+    for step in range(9 // 2 + 1):
+        f, u = sets.global_units(step, seed=3, n_f=n_f, n_r=n_r)
+        assert f.tolist() == [True, True, False, False, False]
+        seen += u[:2].tolist()
+    assert sorted(seen[:9]) == list(range(9))
+    # ranks split the same global batch, padded with empty rows
+    full = sets.step_batch(4, 3, n_f, n_r)
+    r0 = sets.step_batch(4, 3, n_f, n_r, rank=0, world_size=2)
+    r1 = sets.step_batch(4, 3, n_f, n_r, rank=1, world_size=2)
+    assert torch.equal(r0.codes[:3], full.codes[0::2]) and torch.equal(r1.codes[:2], full.codes[1::2])
+    assert r1.unit[2] == -1 and not r1.mask[2].any()
+    # the window codes are the shard's codes
+    it, st = sets.forget_item[full.unit[0]], sets.forget_start[full.unit[0]]
+    ref = small_shards.codes(int(it))[:, st:st + 10].long()
+    assert torch.equal(full.codes[0, :, :ref.shape[1]], ref)
+    assert full.mask[0, :, :ref.shape[1]].all() and not full.mask[0, :, ref.shape[1]:].any()
+
+
+def test_sets_bad_input(small_shards):
+    from noencore.engine.sets import UnlearningSets
+
+    with pytest.raises(NoencoreError, match="not in the shards.*nope"):
+        UnlearningSets(small_shards, ["f0", "nope"], None, frames=10)
+    with pytest.raises(NoencoreError, match="empty"):
+        UnlearningSets(small_shards, [], None, frames=10)
+    with pytest.raises(NoencoreError, match="split 'gone'"):
+        UnlearningSets(small_shards, "gone", None, frames=10)
+    with pytest.raises(NoencoreError, match="both"):
+        UnlearningSets(small_shards, ["f0"], ["f0", "r1"], frames=10)

@@ -1,0 +1,182 @@
+"""noencore.evaluate on a tiny model: batched token statistics against a plain per-item
+reference, cached reference statistics, the report files, and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from noencore.errors import NoencoreError, UsageError
+
+N_PER_SET = 6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from noencore.data.shards import TokenShards
+    from noencore.evaluation.synthetic import write_code_shards
+    from noencore.models.musicgen import load_musicgen
+    from noencore.models.text import build_condition_cache
+
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(11)
+    n = 3 * N_PER_SET
+    codes = [rng.integers(0, 2048, size=(4, int(rng.integers(9, 47)))) for _ in range(n)]
+    caps = [f"caption {i % 4}" for i in range(n)]
+    splits = ["forget"] * N_PER_SET + ["remain"] * N_PER_SET + ["holdout"] * N_PER_SET
+    path = write_code_shards(root / "shards", codes, caps, splits)
+    model = load_musicgen("tiny")
+    ref = load_musicgen("tiny", seed=1)
+    build_condition_cache(path / "conditions", caps, model.text_encoder, progress=False)
+    sh = TokenShards(path)
+    sets = {s: sh.select(split=s) for s in ("forget", "remain", "holdout")}
+    return {"root": root, "path": path, "shards": sh, "sets": sets, "model": model, "ref": ref,
+            "codes": codes}
+
+
+@torch.no_grad()
+def _per_item_reference(model, shards, cache):
+    """Mean NLL and token count per item from audiocraft's own logits, one item at a time."""
+    out = []
+    for i in range(len(shards)):
+        codes = shards.codes(i).long()[None]
+        cond = model.condition_tensors(*cache.batch([shards.captions[i]]))
+        o = model.lm.compute_predictions(codes, [], condition_tensors=cond)
+        logp = torch.log_softmax(o.logits.float(), dim=-1)
+        nll = -logp.gather(-1, codes[..., None])[..., 0]
+        m = o.mask.bool()
+        out.append((float(nll[m].mean().detach()), int(m.sum())))
+    return out
+
+
+def test_batched_stats_match_per_item_reference(env):
+    from noencore.evaluation import mia
+    from noencore.evaluation.token_metrics import collect_set_stats
+    from noencore.models.text import ConditionCache
+
+    cache = ConditionCache(env["path"] / "conditions")
+    sh = env["sets"]["remain"]
+    ref = _per_item_reference(env["model"], sh, cache)
+    for bs, frames in ((4, None), (1, None), (5, 16)):
+        st = collect_set_stats(env["model"], sh, cache, batch_size=bs, frames=frames,
+                               precision="fp32", progress=False)
+        counts = st.tokens().counts()
+        got = mia.mean_nll(st.tokens())
+        if frames is None:  # one window per item: exactly audiocraft's valid positions
+            assert counts.tolist() == [c for _, c in ref]
+            np.testing.assert_allclose(got, [m for m, _ in ref], rtol=1e-5)
+        else:  # shorter windows lose the delayed codebooks' first steps at each cut
+            assert np.all(counts <= np.array([c for _, c in ref]))
+        assert np.isfinite(st.nll).all() and st.nll.shape == st.item.shape
+        assert set(np.unique(st.codebook)) == {0, 1, 2, 3}
+    bf = collect_set_stats(env["model"], sh, cache, batch_size=4, precision="bf16", progress=False)
+    np.testing.assert_allclose(mia.mean_nll(bf.tokens()), [m for m, _ in ref], rtol=2e-2)
+
+
+def test_evaluate_report_and_cached_reference(env, tmp_path):
+    from noencore.evaluation.evaluate import evaluate
+
+    sets = env["sets"]
+    base = evaluate(env["ref"], sets, out=tmp_path / "base", progress=False, min_auc_items=3)
+    assert base["models"]["before"] is None
+    r = evaluate(env["model"], sets, reference=env["ref"], out=tmp_path / "after",
+                 batch_size=5, progress=False, min_auc_items=3)
+    cached = evaluate(env["model"], sets, reference=tmp_path / "base", batch_size=3,
+                      progress=False, min_auc_items=3)
+    # cached statistics of the reference give the same "before" numbers as the model itself
+    for s in ("forget", "remain", "holdout"):
+        assert cached["token"]["before"][s]["nll"] == pytest.approx(r["token"]["before"][s]["nll"],
+                                                                    rel=1e-6)
+        assert r["token"]["before"][s]["nll"] == pytest.approx(base["token"]["after"][s]["nll"],
+                                                               rel=1e-6)
+    for a in ("loss", "mink", "minkpp", "zlib", "reference"):
+        assert 0.0 <= r["mia"]["after"]["forget"][a] <= 1.0
+    assert r["privleak"]["after"]["loss"] == pytest.approx(
+        (0.5 - r["mia"]["after"]["forget"]["loss"]) / 0.5 * 100)
+    assert "no CLAP checkpoint" in r["generation"]["skipped"]
+    assert "needs a model retrained" in r["forget_quality"]["note"]
+    out = tmp_path / "after"
+    text = (out / "report.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    assert data["sets"]["forget"]["items"] == N_PER_SET and data["seed"] == 0
+    md = (out / "report.md").read_text()
+    assert "| metric | good | forget before | forget after | remain before | remain after |" in md
+    assert "forget ↑, remain ~" in md and "## Verdicts" in md and "remain NLL kept" in md
+    for png in ("nll_hist.png", "roc.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [v["criterion"] for v in r["verdicts"]][:2] == ["forget MIA AUC near chance",
+                                                            "remain NLL kept"]
+    # a retrained model (here: the same model) gives forget quality 1 and privleak 0
+    rr = evaluate(env["model"], sets, retrained=tmp_path / "after", progress=False,
+                  min_auc_items=3, batch_size=6)
+    assert rr["forget_quality"]["after"] == pytest.approx(1.0)
+    assert rr["privleak"]["after"]["minkpp"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_cached_stats_checked(env, tmp_path):
+    from noencore.evaluation.evaluate import evaluate
+
+    sets = env["sets"]
+    evaluate(env["ref"], sets, out=tmp_path / "base", progress=False, min_auc_items=3)
+    npz = tmp_path / "base" / "token_stats.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(NoencoreError, match="checksum"):
+        evaluate(env["model"], sets, reference=tmp_path / "base", progress=False)
+    evaluate(env["ref"], {"forget": sets["remain"]}, out=tmp_path / "other", progress=False)
+    with pytest.raises(NoencoreError, match="other items"):
+        evaluate(env["model"], {"forget": sets["forget"]}, reference=tmp_path / "other",
+                 progress=False)
+
+
+def test_small_sets_say_so(env):
+    from noencore.evaluation.evaluate import evaluate
+
+    sets = env["sets"]
+    r = evaluate(env["model"], sets, progress=False)  # 6 items < the default minimum? no: 5
+    assert "note" not in r["mia"]["after"]["forget"]
+    small = {"forget": sets["forget"].select(ids=["item-0", "item-1"]),
+             "holdout": sets["holdout"]}
+    r = evaluate(env["model"], small, progress=False)
+    assert "too small for an AUC" in r["mia"]["after"]["forget"]["note"]
+    assert "loss" not in r["mia"]["after"]["forget"]
+    assert r["verdicts"][0]["pass"] is None
+    nohold = evaluate(env["model"], {"forget": sets["forget"]}, progress=False)
+    assert "holdout" in nohold["mia"]["after"]["note"]
+
+
+def test_bad_input(env, tmp_path):
+    from noencore.evaluation.evaluate import evaluate
+    from noencore.evaluation.synthetic import write_code_shards
+
+    sets = env["sets"]
+    with pytest.raises(NoencoreError, match="empty"):
+        evaluate(env["model"], {"forget": env["shards"].select(split="nope")}, progress=False)
+    with pytest.raises(UsageError, match="forget"):
+        evaluate(env["model"], {"remain": sets["remain"]}, progress=False)
+    with pytest.raises(UsageError, match="unknown metric"):
+        evaluate(env["model"], sets, metrics=["loss_of_nerve"], progress=False)
+    with pytest.raises(UsageError, match="CLAP checkpoint"):
+        evaluate(env["model"], sets, metrics=["token", "clap"], progress=False)
+    other = write_code_shards(tmp_path / "nq2", [np.zeros((2, 20), int)] * 2, ["a", "b"],
+                              ["forget", "forget"])
+    with pytest.raises(NoencoreError, match="n_q=2"):
+        evaluate(env["model"], {"forget": other}, progress=False)
+    nocond = write_code_shards(tmp_path / "nocond", [np.zeros((4, 20), int)] * 2, ["a", "b"],
+                               ["forget", "forget"])
+    with pytest.raises(NoencoreError, match="text-condition cache"):
+        evaluate(env["model"], {"forget": str(nocond)}, progress=False)
+    with pytest.raises(NoencoreError, match="CLAP checkpoint .* not found"):
+        evaluate(env["model"], sets, clap=tmp_path / "missing.pt", progress=False)
+
+
+def test_criteria_parse():
+    from noencore.evaluation.report import Criteria
+
+    c = Criteria.parse("forget_auc_tol=0.1, remain_nll_rel=0.05")
+    assert (c.forget_auc_tol, c.remain_nll_rel, c.privleak_tol) == (0.1, 0.05, 10.0)
+    with pytest.raises(ValueError, match="unknown verdict criterion"):
+        Criteria.parse("speed=3")

@@ -1,0 +1,389 @@
+"""The fused CE-with-ascent op: every backend against float64 autograd and each other.
+
+All backends run the same tests: "torch" (reference), "cpp" (C++ extension) and
+"triton" (through TRITON_INTERPRET=1 on CPU, so its sizes stay small). Outputs are
+poisoned with NaN before each call so that an element a kernel forgot to write fails.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+import noencore.ops as ops
+from noencore.ops.dispatch import backend_module
+from noencore.ops.random_labels import label_key, resolve_targets
+
+BACKENDS = ["torch", "cpp", "triton"]
+SHAPES = [(1, 257, 2049), (17, 1, 2048), (17, 257, 2049)]  # (N, D, V): no block multiples
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _skip_unavailable(backend: str) -> None:
+    if backend == "cpp" and not ops.cpp_available():
+        if os.environ.get("NOENCORE_REQUIRE_CPP") == "1":
+            pytest.fail("NOENCORE_REQUIRE_CPP=1 but the C++ extension noencore._C is not built")
+        pytest.skip("C++ extension not built")
+    if backend == "triton" and not ops.triton_available():
+        pytest.skip("triton unavailable (needs a GPU or TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled (float) or -7777 (int) tensors."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32: max-abs error over max-abs value; bf16: relative L2 error."""
+    a, e = actual.double(), expected.double()
+    assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
+    if dtype == torch.float32:
+        return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def _f64_objective(hidden, weight, labels, row_weight, reduction, cap, logits=None):
+    """Float64 autograd ground truth. labels: resolved int64 (-1 = ignored)."""
+    if logits is None:
+        z = hidden @ weight.T
+    else:
+        z = logits
+    valid = labels >= 0
+    loss = torch.logsumexp(z, 1) - z.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if cap is not None:
+        capped = (row_weight < 0) & (loss.detach() > cap)
+        loss = torch.where(capped, loss.detach(), loss)  # counted, but no gradient
+    per = row_weight.double() * loss
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / max(int(valid.sum()), 1)
+
+
+def _inputs(n, d, v, dtype, seed, *, cap_mode="active"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / math.sqrt(d) * 3).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < 0.2] = -100
+    targets[torch.rand(n, generator=g) < 0.2] = ops.RANDOM_LABEL
+    row_weight = torch.randn(n, generator=g)  # mixed signs: descent and ascent rows
+    cap = None
+    if cap_mode == "active":
+        with torch.no_grad():
+            lab = resolve_targets(targets, label_key(5), 3, v, -100)
+            z = hidden.double() @ weight.double().T
+            loss = torch.logsumexp(z, 1) - z.gather(1, lab.clamp_min(0)[:, None])[:, 0]
+        # Some ascent rows above the cap, some below, none near it (bf16 logits differ
+        # slightly between backends: a row on the edge would flip its capping).
+        lv = loss[lab >= 0].sort().values
+        if lv.numel() < 2:
+            cap = float(lv.sum()) / 2
+        else:
+            i = int((lv[1:] - lv[:-1]).argmax())
+            cap = float(lv[i] + lv[i + 1]) / 2
+    return hidden, weight, targets, row_weight, cap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned):
+    _skip_unavailable(backend)
+    n, d, v = shape
+    seed = zlib.crc32(f"{backend}{dtype}{reduction}{shape}".encode())
+    hidden, weight, targets, row_weight, cap = _inputs(n, d, v, dtype, seed)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = ops.linear_ce_ascent(h, w, targets, row_weight, random_labels=5, row_offset=3,
+                               loss_cap=cap, reduction=reduction, backend=backend)
+    upstream = torch.randn(out.shape)  # any upstream gradient, scalar or per row
+    (out * upstream).sum().backward()
+
+    labels = resolve_targets(targets, label_key(5), 3, v, -100)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    ref = _f64_objective(h64, w64, labels, row_weight, reduction, cap)
+    (ref * upstream.double()).sum().backward()
+
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
+                torch.bfloat16) < _tol(dtype)
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert _rel(h.grad, h64.grad, dtype) < _tol(dtype), "d hidden"
+    assert _rel(w.grad, w64.grad, dtype) < _tol(dtype), "d weight"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_reduction_weight_grad_any_upstream(backend):
+    """Liger-Kernel #968: with reduction="none", dW must use each row's upstream gradient."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, row_weight, _ = _inputs(13, 24, 300, torch.float32, 1,
+                                                    cap_mode="off")
+    w = weight.clone().requires_grad_()
+    out = ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
+                               reduction="none", backend=backend)
+    upstream = torch.randn(13) * torch.arange(13)  # very unequal per-row factors
+    out.backward(upstream)
+    w64 = weight.double().requires_grad_()
+    labels = resolve_targets(targets, label_key(5), 3, 300, -100)
+    _f64_objective(hidden.double(), w64, labels, row_weight, "none", None).backward(
+        upstream.double())
+    assert _rel(w.grad, w64.grad, torch.float32) < 1e-5
+    # The wrong answer (upstream mean times the summed gradient) is far from it.
+    w.grad = None
+    ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
+                         reduction="sum", backend=backend).backward(upstream.mean())
+    assert _rel(w.grad, w64.grad, torch.float32) > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poisoned):
+    _skip_unavailable(backend)
+    n, v = (17, 2049)
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::5] = -100
+    targets[1::4] = ops.RANDOM_LABEL
+    row_weight = torch.randn(n, generator=g)
+    cap = 9.0
+    x = logits.clone().requires_grad_()
+    leaf = x
+    if inplace:
+        x = x * 1  # a non-leaf whose value nothing else needs
+    out = ops.ce_ascent(x, targets, row_weight, random_labels=9, row_offset=100, loss_cap=cap,
+                        reduction=reduction, backend=backend, inplace=inplace)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+
+    labels = resolve_targets(targets, label_key(9), 100, v, -100)
+    z64 = logits.double().requires_grad_()
+    ref = _f64_objective(None, None, labels, row_weight, reduction, cap, logits=z64)
+    (ref * upstream.double()).sum().backward()
+    assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
+                torch.bfloat16) < _tol(dtype)
+    assert leaf.grad.dtype == dtype
+    assert _rel(leaf.grad, z64.grad, dtype) < _tol(dtype)
+    if not inplace:
+        assert torch.equal(x.detach(), logits), "logits must be left untouched"
+
+
+def test_ce_inplace_overwrite_is_detected():
+    """Autograd refuses to reuse logits that the op overwrote with their gradient."""
+    x = torch.randn(4, 10, requires_grad=True)
+    y = x * 1
+    z = torch.sin(y)  # saves y for its backward
+    loss = ops.ce_ascent(y, torch.tensor([1, 2, 3, 4]), inplace=True) + z.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_labels_identical_across_backends(backend):
+    _skip_unavailable(backend)
+    for seed, offset, v in [(0, 0, 2048), (123456789, 17, 2049), (2**40 + 3, 2**32 - 5, 7)]:
+        key = label_key(seed)
+        expected = ops.random_label(seed, torch.arange(offset, offset + 1000), v)
+        if backend == "cpp":
+            got = backend_module("cpp").random_labels(key, offset, 1000, v)
+        elif backend == "triton":
+            got = backend_module("triton").random_labels(key, offset, 1000, v, device="cpu")
+        else:
+            got = resolve_targets(torch.full((1000,), ops.RANDOM_LABEL), key, offset, v, -100)
+        assert torch.equal(got, expected), (seed, offset, v)
+    # Known values pin the hash down: changing it would silently change RL experiments.
+    assert ops.random_label(0, torch.arange(4), 2048).tolist() == _pinned_labels()
+
+
+def _pinned_labels() -> list[int]:
+    """fmix32(fmix32(0x9E3779B9) ^ row) % 2048 for rows 0..3, by plain Python ints."""
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    key = fmix(0x9E3779B9)
+    return [fmix(key ^ r) % 2048 for r in range(4)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_labels_global_rows(backend):
+    """Relabelled rows equal explicit targets; splitting rows with row_offset changes nothing."""
+    _skip_unavailable(backend)
+    hidden, weight, _, row_weight, _ = _inputs(12, 16, 500, torch.float32, 3, cap_mode="off")
+    targets = torch.full((12,), ops.RANDOM_LABEL)
+    kw = dict(random_labels=77, reduction="none", backend=backend)
+    whole = ops.linear_ce_ascent(hidden, weight, targets, row_weight, row_offset=40, **kw)
+    explicit = ops.linear_ce_ascent(hidden, weight, ops.random_label(77, torch.arange(40, 52), 500),
+                                    row_weight, backend=backend, reduction="none")
+    first = ops.linear_ce_ascent(hidden[:5], weight, targets[:5], row_weight[:5], row_offset=40,
+                                 **kw)
+    second = ops.linear_ce_ascent(hidden[5:], weight, targets[5:], row_weight[5:],
+                                  row_offset=45, **kw)
+    torch.testing.assert_close(whole, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(backend, reduction):
+    _skip_unavailable(backend)
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    out = ops.linear_ce_ascent(h, w, torch.full((5,), -100), reduction=reduction, backend=backend)
+    out.sum().backward()
+    assert torch.count_nonzero(out) == 0
+    assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_cap(backend):
+    """Capped ascent rows: loss reported, no gradient; an unreachable cap changes nothing."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, _, _ = _inputs(9, 16, 300, torch.float32, 4, cap_mode="off")
+    targets[targets < 0] = 1
+    h = hidden.clone().requires_grad_()
+    neg = -torch.ones(9)
+    out = ops.linear_ce_ascent(h, weight, targets, neg, loss_cap=0.0, reduction="sum",
+                               backend=backend)
+    out.backward()
+    assert out.item() < 0 and torch.count_nonzero(h.grad) == 0
+    grads = []
+    for cap in (None, 1e6):
+        h.grad = None
+        ops.linear_ce_ascent(h, weight, targets, neg, loss_cap=cap, backend=backend).backward()
+        grads.append(h.grad.clone())
+    assert torch.count_nonzero(grads[0]) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_kernel_chunks_agree(backend, dtype, poisoned):
+    """Row chunking (awkward chunk sizes) gives the same loss and gradients as one chunk."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, row_weight, cap = _inputs(23, 40, 333, dtype, 6)
+    kern = backend_module(backend)
+    kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap, need_dh=True,
+              need_dw=True)
+    coef = row_weight / 23
+    one = kern.linear_ce_fwd(hidden, weight, targets, coef, chunk=1024, **kw)
+    many = kern.linear_ce_fwd(hidden, weight, targets, coef, chunk=7, **kw)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_weight_and_no_grad(backend):
+    """Frozen head: only d hidden; under no_grad: the same loss, no gradient work."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, row_weight, _ = _inputs(10, 16, 100, torch.float32, 8,
+                                                    cap_mode="off")
+    h = hidden.clone().requires_grad_()
+    out = ops.linear_ce_ascent(h, weight, targets, row_weight, random_labels=1, backend=backend)
+    out.backward()
+    assert weight.grad is None and torch.count_nonzero(h.grad) > 0
+    with torch.no_grad():
+        again = ops.linear_ce_ascent(hidden, weight, targets, row_weight, random_labels=1,
+                                     backend=backend)
+    torch.testing.assert_close(again, out.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_bf16_matches_bf16_inputs():
+    """Under autocast, fp32 master tensors train through the bf16 kernels."""
+    hidden, weight, targets, row_weight, _ = _inputs(9, 32, 200, torch.float32, 9,
+                                                    cap_mode="off")
+    targets[targets == ops.RANDOM_LABEL] = 0
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear_ce_ascent(h, w, targets, row_weight)
+    out.backward()
+    hb = hidden.bfloat16().requires_grad_()
+    wb = weight.bfloat16().requires_grad_()
+    ref = ops.linear_ce_ascent(hb, wb, targets, row_weight)
+    ref.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h.grad, hb.grad.float())
+    torch.testing.assert_close(w.grad, wb.grad.float())
+
+
+def test_backend_resolution():
+    x = torch.zeros(2, 2)
+    expected = "cpp" if ops.cpp_available() else "torch"
+    assert ops.resolve_backend(x) == expected
+    assert ops.resolve_backend(x.half()) == "torch"  # fp16 on CPU: reference path
+    assert ops.resolve_backend(x, "torch") == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.resolve_backend(x, "cuda")
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        ops.resolve_backend(x.half(), "cpp")
+
+
+def test_cpp_extension_built_when_required():
+    """`make test` sets NOENCORE_REQUIRE_CPP=1: a silently missing extension fails CI."""
+    if os.environ.get("NOENCORE_REQUIRE_CPP") != "1":
+        pytest.skip("NOENCORE_REQUIRE_CPP is not set")
+    assert ops.cpp_available(), "noencore._C did not build: run `pip install --no-build-isolation -e .`"
+    assert ops.resolve_backend(torch.zeros(1)) == "cpp"
+
+
+def test_bad_inputs_have_clear_errors():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"targets\[2\] = 10"):
+        ops.linear_ce_ascent(h, w, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="random_labels=seed"):
+        ops.linear_ce_ascent(h, w, torch.tensor([0, ops.RANDOM_LABEL, 1, 2]))
+    with pytest.raises(ValueError, match=r"weight \[V, D\]"):
+        ops.linear_ce_ascent(h, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="share a dtype"):
+        ops.linear_ce_ascent(h, w.bfloat16(), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        ops.ce_ascent(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), reduction="avg")
+    with pytest.raises(ValueError, match="row_weight"):
+        ops.ce_ascent(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(3))
+
+
+def test_token_stats_matches_float64():
+    hidden, weight, targets, _, _ = _inputs(30, 20, 257, torch.bfloat16, 10, cap_mode="off")
+    st = ops.token_stats(hidden, weight, targets, random_labels=3, chunk=7)
+    labels = resolve_targets(targets, label_key(3), 0, 257, -100)
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, 1)
+    valid = labels >= 0
+    nll = -logp.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    p = logp.exp()
+    mu = (p * logp).sum(1)
+    var = (p * (logp - mu[:, None]) ** 2).sum(1)
+    assert torch.isnan(st.nll[~valid]).all() and not st.correct[~valid].any()
+    torch.testing.assert_close(st.nll[valid].double(), nll[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.logp_mean[valid].double(), mu[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.logp_var[valid].double(), var[valid], rtol=1e-4, atol=1e-4)
+    assert torch.equal(st.correct[valid], (logp.argmax(1) == labels)[valid])
