@@ -13,6 +13,9 @@ Items per second for each, and the ratios (target: batched >= 5x the per-item lo
 Timings are the minimum over repetitions (the machine is shared).
 
     python benchmarks/eval_ratios.py [--model small-width --items 32 --frames 250 --batch-size 16]
+
+(without --model: a fixed set of workloads, short and 5-second items, tiny and
+MusicGen-small-width LMs).
 """
 from __future__ import annotations
 
@@ -76,20 +79,14 @@ def timed(fn, reps: int) -> float:
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
+DEFAULT_RUNS = (("tiny", 64, 50), ("tiny", 32, 250), ("small-width", 16, 250))
+
+
+def run_one(model_spec: str, items: int, frames: int, args: argparse.Namespace) -> None:
     from noencore.evaluation.token_metrics import collect_set_stats
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small-width", help="named config: tiny | small-width")
-    ap.add_argument("--items", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=250, help="frames per item (50 = 1 s)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model, shards, cache = build(args.model, args.items, args.frames, args.device, Path(tmp))
+        model, shards, cache = build(model_spec, items, frames, args.device, Path(tmp))
 
         def batched():
             collect_set_stats(model, shards, cache, batch_size=args.batch_size,
@@ -103,18 +100,33 @@ def main(argv: list[str] | None = None) -> int:
                 ("per-item loop (noencore, batch 1)", timed(per_item, args.reps)),
                 ("per-item loop (audiocraft logits)",
                  timed(lambda: audiocraft_loop(model, shards, cache, args.precision), args.reps))]
-    tokens = args.items * (4 * args.frames - 6)
-    print(f"### Token evaluation: {args.model} LM, {args.items} items x {args.frames} frames "
-          f"(K=4, {tokens} scored tokens), {args.precision}, device {args.device}\n")
+    tokens = items * (4 * frames - 6)
+    print(f"### {model_spec} LM, {items} items x {frames} frames ({frames / 50:g} s; "
+          f"{tokens} scored tokens), {args.precision}, device {args.device}\n")
     print("| path | seconds | items/s | tokens/s | batched speed-up |")
     print("|---|---|---|---|---|")
     base = rows[0][1]
     for name, t in rows:
-        print(f"| {name} | {t:.3f} | {args.items / t:.1f} | {tokens / t:,.0f} | "
-              f"{t / base:.2f}x |")
+        print(f"| {name} | {t:.3f} | {items / t:.1f} | {tokens / t:,.0f} | {t / base:.2f}x |")
     ratio = rows[1][1] / base
     print(f"\nbatched vs per-item loop: {ratio:.2f}x (target >= 5x): "
-          f"{'met' if ratio >= 5 else 'NOT met'}")
+          f"{'met' if ratio >= 5 else 'NOT met'}\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="named config: tiny | small-width (default: a fixed set "
+                                    "of workloads)")
+    ap.add_argument("--items", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=250, help="frames per item (50 = 1 s)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    runs = [(args.model, args.items, args.frames)] if args.model else DEFAULT_RUNS
+    for spec, items, frames in runs:
+        run_one(spec, items, frames, args)
     return 0
 
 

@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -256,7 +255,7 @@ void ce_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
 }
 
 // Per-row loss [N] fp32 into `loss` and, when given, dh [N, D] (hidden's dtype) and
-// dW [V, D] fp32 of sum_n coef_n * loss_n, with logits formed `chunk` rows at a time.
+// dW [V, D] (weight's dtype) of sum_n coef_n * loss_n, with logits formed `chunk` rows at a time.
 // Every element of the given outputs is overwritten (dW is not accumulated into).
 void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                    const at::Tensor& coef, int64_t ignore_index, int64_t key, int64_t row_offset,
@@ -278,19 +277,28 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
                 "dh must be contiguous, with hidden's shape and dtype");
   }
   if (need_dw) {
-    TORCH_CHECK(dw_opt->sizes() == weight.sizes() && dw_opt->scalar_type() == at::kFloat &&
+    TORCH_CHECK(dw_opt->sizes() == weight.sizes() && dw_opt->scalar_type() == weight.scalar_type() &&
                     dw_opt->is_contiguous(),
-                "dw must be contiguous float32 with weight's shape");
+                "dw must be contiguous, with weight's shape and dtype");
   }
   const bool need_grad = need_dh || need_dw;
   if (n == 0) {
     if (need_dw) dw_opt->zero_();
     return;
   }
-  const int64_t rows = std::min(chunk, n);
+  // Equal chunks of at most `chunk` rows (6000 rows -> 2 x 3000, not 4096 + 1904: a
+  // small last GEMM runs well below the rate of the others).
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const int64_t rows = (n + n_chunks - 1) / n_chunks;
   at::Tensor buf = at::empty({rows, vocab}, hidden.options());
-  // No bf16 x bf16 -> fp32 GEMM here: each chunk's dW lands in bf16, summed in fp32.
-  at::Tensor dw_part = (need_dw && bf16) ? at::empty({vocab, d}, hidden.options()) : at::Tensor();
+  // dW accumulates in the GEMM's output (fp32 inside the GEMM, rounded to the weight's
+  // dtype between chunks). For bf16 with many chunks that rounding would add up, so
+  // beyond kMaxBf16Chunks the sum is kept in an fp32 buffer instead.
+  constexpr int64_t kMaxBf16Chunks = 4;
+  at::Tensor dw_acc;
+  if (need_dw && bf16 && n_chunks > kMaxBf16Chunks) {
+    dw_acc = at::empty({vocab, d}, hidden.options().dtype(at::kFloat));
+  }
   const at::Tensor wt = weight.t();
   for (int64_t s = 0; s < n; s += rows) {
     const int64_t c = std::min(rows, n - s);
@@ -306,20 +314,21 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
     }
     if (need_dw) {
       at::Tensor dw = *dw_opt;
-      if (bf16) {
-        at::mm_out(dw_part, z.t(), h);
-        if (s == 0) {
-          dw.copy_(dw_part);
-        } else {
-          dw.add_(dw_part);
-        }
-      } else if (s == 0) {
-        at::mm_out(dw, z.t(), h);
+      if (s == 0 || dw_acc.defined()) {
+        at::mm_out(dw, z.t(), h);  // overwrites: dw may hold anything on entry
       } else {
         dw.addmm_(z.t(), h);
       }
+      if (dw_acc.defined()) {  // bf16, many chunks: this chunk's part goes into fp32
+        if (s == 0) {
+          dw_acc.copy_(dw);
+        } else {
+          dw_acc.add_(dw);
+        }
+      }
     }
   }
+  if (dw_acc.defined()) dw_opt->copy_(dw_acc);
 }
 
 // Random labels of global rows [row_offset, row_offset + n) (for cross-backend tests).

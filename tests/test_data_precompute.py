@@ -23,6 +23,15 @@ from noencore.errors import NoencoreError
 
 OPTS = dict(codec="tiny", segment_seconds=0.5, batch_size=2, progress=False)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded CPU, OpenMP spin-waits make tiny convs 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def snapshot(out: Path) -> dict[str, bytes]:
     """Every file of a shard directory, by name."""

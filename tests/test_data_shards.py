@@ -20,6 +20,15 @@ from noencore.errors import NoencoreError
 
 SEG = 0.5  # seconds: several segments per file, and a short tail for most
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded CPU, OpenMP spin-waits make tiny convs 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -46,9 +55,10 @@ def test_codes_equal_a_plain_reencoding(built, shards):
         starts = [s for s in range(0, len(wav), seg) if s == 0 or len(wav) - s >= 640]
         for k, s in enumerate(starts):
             piece = torch.from_numpy(wav[s:s + seg].copy())
-            frames = -(-piece.numel() // 640)
+            # precompute pads a short segment to whole seconds, capped at a full segment
+            frames = min(-(-piece.numel() // 32000) * 50, int(SEG * 50))
             padded = torch.nn.functional.pad(piece, (0, frames * 640 - piece.numel()))
-            want = codec.encode(padded.view(1, 1, -1))[0]  # [n_q, F], one segment alone
+            want = codec.encode(padded.view(1, 1, -1))[0][:, :-(-piece.numel() // 640)]
             item = shards.item(row)
             assert (item.id, item.segment, item.start_s) == (f"song{i}", k, pytest.approx(k * SEG))
             assert item.caption == f"song number {i}" and item.meta == {"artist": f"artist{i % 2}"}

@@ -43,15 +43,18 @@ def test_random_clap_embeddings(random_clap):
     # batching does not change results
     np.testing.assert_allclose(clap.text_embeddings(caps, batch_size=3), t, atol=1e-5)
     g = torch.Generator().manual_seed(1)
-    wav = torch.randn(3, 1, 32000 * 2, generator=g) * 0.2
-    a = clap.audio_embeddings(wav, 32000, batch_size=2)
-    assert a.shape == (3, 512)
-    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
-    # deterministic (first 10 s kept, no random crop), list input of any lengths
-    b = clap.audio_embeddings([w[0] for w in wav], 32000, batch_size=3)
-    np.testing.assert_allclose(a, b, atol=1e-5)
-    long = clap.audio_embeddings([torch.randn(48000 * 12, generator=g) * 0.1] * 2, 48000)
-    np.testing.assert_allclose(long[0], long[1], atol=1e-6)
+    short = torch.randn(32000 * 2, generator=g) * 0.2
+    long = torch.randn(48000 * 12, generator=g) * 0.1  # 12 s at 48 kHz
+    both = clap.audio_embeddings([short, long], 48000, batch_size=2)
+    assert both.shape == (2, 512) and both.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, atol=1e-5)
+    # one clip per call gives the same rows (no batch effects), and a clip longer than
+    # 10 s is cut to its first 10 s (no random crop: the metric is repeatable)
+    np.testing.assert_allclose(clap.audio_embeddings(short[None, None], 48000), both[:1],
+                               atol=1e-5)
+    np.testing.assert_allclose(clap.audio_embeddings([long[:480000]], 48000), both[1:],
+                               atol=1e-5)
+    assert clap.audio_embeddings([], 48000).shape == (0, 512)
 
 
 def test_clap_load_errors(random_clap, tmp_path):
@@ -73,6 +76,7 @@ def test_clap_load_errors(random_clap, tmp_path):
         load_clap(tmp_path / "junk.pt", tok)
 
 
+@pytest.mark.slow
 def test_generation_metrics_with_random_clap(random_clap, tmp_path):
     """Generation metrics run end to end (batched generate + decode + CLAP) and the report
     says the CLAP weights were random."""
@@ -85,14 +89,14 @@ def test_generation_metrics_with_random_clap(random_clap, tmp_path):
 
     ckpt, tok, _ = random_clap
     rng = np.random.default_rng(3)
-    caps = ["calm piano", "fast drums", "slow strings"] * 2
+    caps = ["calm piano", "fast drums"] * 2
     codes = [rng.integers(0, 2048, size=(4, 30)) for _ in caps]
-    path = write_code_shards(tmp_path / "sh", codes, caps, ["forget"] * 3 + ["remain"] * 3)
+    path = write_code_shards(tmp_path / "sh", codes, caps, ["forget"] * 2 + ["remain"] * 2)
     model = load_musicgen("tiny")
     build_condition_cache(path / "conditions", caps, model.text_encoder, progress=False)
     sh = TokenShards(path)
     sets = {"forget": sh.select(split="forget"), "remain": sh.select(split="remain")}
-    cfg = GenerationConfig(frames=20, batch_size=2, max_items=3, prompt_frames=10,
+    cfg = GenerationConfig(frames=20, batch_size=2, max_items=2, prompt_frames=10,
                            continuation_frames=8)
     r = evaluate(model, sets, reference=load_musicgen("tiny", seed=1), clap=ckpt,
                  clap_tokenizer=tok, clap_model="HTSAT-tiny", generation=cfg,

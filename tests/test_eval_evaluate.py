@@ -180,3 +180,51 @@ def test_criteria_parse():
     assert (c.forget_auc_tol, c.remain_nll_rel, c.privleak_tol) == (0.1, 0.05, 10.0)
     with pytest.raises(ValueError, match="unknown verdict criterion"):
         Criteria.parse("speed=3")
+
+
+def test_generation_batched_and_continuation(env):
+    """Batched generation is deterministic per seed and has the asked shape; a greedy
+    continuation of the model's own greedy output matches it exactly (rate 1)."""
+    from noencore.evaluation.generation import (
+        GenerationConfig,
+        _attributes,
+        continuation_match,
+        generate_codes,
+    )
+
+    model = env["model"]
+    cfg = GenerationConfig(frames=12, batch_size=2, seed=5, cfg_coef=3.0)
+    caps = ["caption 0", "caption 1", "caption 2"]
+    a = generate_codes(model, caps, cfg, progress=False)
+    b = generate_codes(model, caps, cfg, progress=False)
+    assert a.shape == (3, 4, 12) and a.dtype == torch.long
+    assert torch.equal(a, b) and int(a.min()) >= 0 and int(a.max()) < 2048
+    # greedy output of the model, then ask it to continue its own prefix
+    greedy = model.lm.generate(conditions=_attributes(model, caps), max_gen_len=14,
+                               use_sampling=False, cfg_coef=3.0).cpu()
+    cont = GenerationConfig(batch_size=2, cfg_coef=3.0)
+    rates = continuation_match(model, greedy[..., :8], greedy[..., 8:14], caps, cont)
+    np.testing.assert_allclose(rates, 1.0)
+    wrong = (greedy[..., 8:14] + 1) % 2048
+    np.testing.assert_allclose(continuation_match(model, greedy[..., :8], wrong, caps, cont), 0.0)
+
+
+def test_cli_evaluate(env, tmp_path, capsys):
+    import noencore
+    from noencore.cli import main
+
+    assert noencore.evaluate.__module__ == "noencore.evaluation.evaluate"
+    out = tmp_path / "cli"
+    rc = main(["evaluate", str(env["path"]), "--model", "tiny", "--out", str(out), "--quiet",
+               "--min-auc-items", "3", "--batch-size", "4",
+               "--verdict", "forget_auc_tol=0.5"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "PASS forget MIA AUC near chance" in text  # tolerance 0.5 always passes
+    assert "no reference model" in text and (out / "report.md").is_file()
+    assert json.loads((out / "report.json").read_text())["criteria"]["forget_auc_tol"] == 0.5
+    assert main(["evaluate", str(env["path"]), "--model", "tiny", "--out", str(out),
+                 "--forget-split", "nope", "--quiet"]) == 1
+    assert "forget set is empty" in capsys.readouterr().err
+    assert main(["evaluate", str(env["path"]), "--model", "tiny", "--out", str(out),
+                 "--verdict", "speed=1", "--quiet"]) == 2

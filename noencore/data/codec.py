@@ -152,7 +152,7 @@ def _spread_codebooks(model: torch.nn.Module) -> None:
     Each layer instead takes its codes from the residuals of a fixed synthetic signal
     (what k-means initialisation would start from). Uses the caller's RNG state.
     """
-    t = torch.arange(4 * 32000, dtype=torch.float32) / 32000
+    t = torch.arange(8000, dtype=torch.float32) / 32000  # 4 x 0.25 s: 200 frames
     freqs = torch.tensor([110.0, 220.0, 330.0, 523.0]).view(4, 1)
     wav = (0.3 * torch.sin(2 * torch.pi * freqs * t) * torch.rand(4, 1)
            + 0.05 * torch.randn(4, t.numel())).view(4, 1, -1)

@@ -4,8 +4,8 @@ The output depends only on the manifest (its order and the files' content), neve
 timing, so an interrupted run resumes to the same bytes as an uninterrupted one:
 
 - items are encoded and written in manifest order, in *chunks*: a chunk takes items
-  until 4 x batch_size segments wait, then encodes them all (segments padded to whole
-  frames of their own length, batched with segments of the same length) and commits.
+  until 4 x batch_size segments wait, then encodes them all (a short segment is padded
+  to whole seconds, and batched with segments of the same padded length) and commits.
   Chunking restarts at each commit, so a resumed run forms the very same batches (the
   encoder's float sums vary slightly with the batch, enough to flip a near-tie code);
   resuming with another --batch-size still works but may change such codes;
@@ -231,17 +231,23 @@ class _Encoder:
         return done
 
 
-def _segments(wav: np.ndarray, seg_samples: int, hop: int) -> tuple[list[np.ndarray], list[int]]:
-    """Cut mono audio into segments; pad each to whole frames of its own length.
-    A final piece shorter than one frame is dropped (under 20 ms at 50 frames/s)."""
+def _segments(wav: np.ndarray, seg_samples: int, hop: int,
+              bucket: int) -> tuple[list[np.ndarray], list[int]]:
+    """Cut mono audio into segments of ``seg_samples``; return them zero-padded and their
+    true frame counts. A final piece shorter than one frame is dropped (< 20 ms at 50
+    frames/s). A short piece is padded up to a multiple of ``bucket`` frames (capped at a
+    full segment): few distinct shapes let tails share batches and spare the backend a
+    kernel build per length; the codec pads with zeros itself, so codes barely change."""
+    full = -(-seg_samples // hop)
     segs, frames = [], []
     for start in range(0, wav.shape[0], seg_samples):
         piece = wav[start:start + seg_samples]
         if piece.shape[0] < hop and start > 0:
             break
         f = -(-piece.shape[0] // hop)
-        if f * hop != piece.shape[0]:
-            piece = np.pad(piece, (0, f * hop - piece.shape[0]))
+        padded = min(-(-f // bucket) * bucket, full) * hop
+        if padded != piece.shape[0]:
+            piece = np.pad(piece, (0, padded - piece.shape[0]))
         segs.append(np.ascontiguousarray(piece))
         frames.append(f)
     return segs, frames
@@ -397,7 +403,7 @@ def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size,
                 writer = _Writer(out, n_q, records, shard_frames)
                 encoder = _Encoder(codec, batch_size, dtype)
             wav, digest = result
-            segs, frames = _segments(wav, seg_samples, hop)
+            segs, frames = _segments(wav, seg_samples, hop, int(header["frame_rate"]))
             encoder.queue.append(_Work(item, digest, segs, frames, [None] * len(segs)))
             # A chunk closes once enough segments wait; its batches depend only on its own
             # items, so a resumed run (which restarts at a chunk boundary) forms the same

@@ -198,6 +198,15 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                              f"({manifest.get('run')}); resume with the same options")
         start_step = int(manifest["step"])
 
+    state = None
+    if resume_from is not None:
+        state = torch.load(resume_from / ("extra.pt" if distributed else "state.pt"),
+                           map_location=dev, weights_only=True)
+        ref_nll = state["ref_nll"]
+    if method.needs_reference and ref_nll is None:
+        # before DeepSpeed partitions the parameters (ZeRO-3), with the starting weights
+        ref_nll = _reference_nll(model, sets, cache, max(1, batch_size), dev)
+
     objective = UnlearnObjective(model, method, backend=backend)
     objective.train()
     params = [p for p in model.lm.parameters() if p.requires_grad]
@@ -207,14 +216,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         engine = zero.initialize(objective, optimizer, ds_config)
         if resume_from is not None:
             engine.load_checkpoint(str(resume_from), tag="ds")
-            ref_nll = torch.load(resume_from / "extra.pt", weights_only=True)["ref_nll"]
-    elif resume_from is not None:
-        state = torch.load(resume_from / "state.pt", map_location=dev, weights_only=True)
+    elif state is not None:
         model.lm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        ref_nll = state["ref_nll"]
-    if method.needs_reference and ref_nll is None:
-        ref_nll = _reference_nll(model, sets, cache, max(1, batch_size), dev)
 
     def save_checkpoint(step: int) -> None:
         tmp = ckpt.begin(ckpt_root, step) if rank == 0 else None
@@ -330,6 +334,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             if log.path.exists() and log.path.stat().st_size:
                 plot_losses(log.path, out_dir / "losses.png")
 
+    model.lm.eval()
     model_dir = None
     if save and out_dir is not None:
         if engine is not None:

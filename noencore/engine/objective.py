@@ -15,26 +15,28 @@ import torch
 from torch import nn
 
 from noencore.methods import Method, Rows
-from noencore.models.adapter import pattern_index
+from noencore.models.adapter import codebook_rows, pattern_index
 
 
 def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
-    """float64 [2]: (forget tokens, remain tokens) valid under the delay pattern and mask.
+    """float64 [3]: (forget tokens, remain tokens, forget rows) valid under the delay
+    pattern and the mask.
 
     mask bool [B, K, T], forget bool [B]. Known before the forward pass, so ranks can
-    all-reduce it to normalise token means by the *global* batch.
+    all-reduce it to normalise means by the *global* batch.
     """
     _, valid = pattern_index(lm, mask.shape[-1], mask.device)
     per_row = (mask & valid).sum(dim=(1, 2)).double()
-    return torch.stack([per_row[forget].sum(), per_row[~forget].sum()])
+    rows = (forget & (per_row > 0)).sum().double()
+    return torch.stack([per_row[forget].sum(), per_row[~forget].sum(), rows])
 
 
 class UnlearnObjective(nn.Module):
     """Wraps a ``MusicGenModel`` (its ``lm`` holds every trainable parameter).
 
     forward(codes long [B,K,T], mask bool [B,K,T], forget bool [B], embeds float
-    [B,L,D_t5], embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [2]
-    (global forget/remain tokens), label_seed int) -> (objective scalar, stats float64 [6]:
+    [B,L,D_t5], embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3]
+    (global forget tokens, remain tokens, forget rows), label_seed int) -> (objective scalar, stats float64 [6]:
     forget NLL sum, forget tokens, remain NLL sum, remain tokens, method loss, rows).
     """
 
@@ -49,11 +51,8 @@ class UnlearnObjective(nn.Module):
                 counts: torch.Tensor, label_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         from noencore.ops import linear_ce_ascent, token_stats
 
-        lm = self.model.lm
         conds = self.model.condition_tensors(embeds, embeds_mask)
-        from noencore.models.adapter import codebook_rows
-
-        parts = codebook_rows(lm, codes, mask, conds)
+        parts = codebook_rows(self.model.lm, codes, mask, conds)
         with torch.no_grad():
             nll = [token_stats(p.hidden.detach(), p.weight.detach(), p.targets).nll
                    for p in parts]
@@ -61,7 +60,7 @@ class UnlearnObjective(nn.Module):
         rows = Rows(targets=torch.cat([p.targets for p in parts]),
                     item=torch.cat([p.item for p in parts]), nll=torch.cat(nll),
                     forget=forget, ref_nll=ref_nll, forget_tokens=float(counts[0]),
-                    remain_tokens=float(counts[1]))
+                    remain_tokens=float(counts[1]), forget_rows=float(counts[2]))
         plan = self.method.plan(rows)
         targets = plan.targets.split(sizes)
         weights = plan.row_weight.to(codes.device).split(sizes)
@@ -85,7 +84,6 @@ class UnlearnObjective(nn.Module):
 def sequence_nll(model: nn.Module, codes: torch.Tensor, mask: torch.Tensor,
                  embeds: torch.Tensor, embeds_mask: torch.Tensor) -> torch.Tensor:
     """float32 [B]: summed NLL of each row's valid tokens (no grad), for NPO's reference."""
-    from noencore.models.adapter import codebook_rows
     from noencore.ops import token_stats
 
     parts = codebook_rows(model.lm, codes, mask, model.condition_tensors(embeds, embeds_mask))

@@ -32,6 +32,7 @@ class Rows:
                (forget rows; cached once before training, for NPO-type methods)
     forget_tokens / remain_tokens: global token counts of each set in this step (all ranks),
                the denominators of the token means
+    forget_rows: global number of forget rows in this step (sequence-level means)
     """
 
     targets: torch.Tensor
@@ -41,6 +42,7 @@ class Rows:
     ref_nll: torch.Tensor | None
     forget_tokens: float
     remain_tokens: float
+    forget_rows: float = 0.0
 
     @property
     def is_forget(self) -> torch.Tensor:

@@ -37,7 +37,7 @@ class NPO(Method):
 
     def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
         forget = rows.forget
-        n_f = max(int(forget.sum()), 1)
+        n_f = max(rows.forget_rows, 1.0)  # global: ranks see part of the batch
         m = self.margin(rows)
         seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m)          # dL/dS per row
         w = torch.where(rows.is_forget, seq_w[rows.item],

@@ -27,7 +27,7 @@ class SimNPO(Method):
 
     def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
         forget = rows.forget
-        n_f = max(int(forget.sum()), 1)
+        n_f = max(rows.forget_rows, 1.0)  # global: ranks see part of the batch
         length = rows.seq_tokens().clamp_min(1.0)
         z = self.gamma - self.beta * rows.seq_nll() / length
         seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(z) / length

@@ -35,7 +35,7 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     # Outputs are allocated here (not in C++) so that tests can poison them.
     loss = torch.empty(hidden.shape[0], dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.empty(weight.shape, dtype=torch.float32) if need_dw else None
+    dw = torch.empty_like(weight) if need_dw else None
     _ext().linear_ce_fwd(hidden.contiguous(), weight.contiguous(),
                          targets.to(torch.int64).contiguous(), coef.to(torch.float32).contiguous(),
                          ignore_index, -1 if key is None else key, row_offset, cap, loss, dh, dw,

@@ -114,8 +114,6 @@ class _LinearCEAscent(torch.autograd.Function):
         else:
             loss, dh, dw = kern.linear_ce_fwd(hidden, weight, targets, coef, need_dh=need_dh,
                                               need_dw=need_dw, **kw)
-            if dw is not None:  # stash in the weight's dtype: half the memory for bf16
-                dw = dw.to(weight.dtype)
             # Plain attributes, not save_for_backward: backward hands these buffers to
             # autograd as the gradients themselves, and a second reference would make
             # AccumulateGrad copy them instead of taking them.

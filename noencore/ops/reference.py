@@ -48,7 +48,8 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """Per-row loss and, optionally, gradients of ``sum_n coef_n * loss_n``.
 
     hidden [N, D], weight [V, D] (same float dtype), targets [N] int, coef [N] fp32.
-    Returns loss fp32 [N], dh [N, D] in hidden's dtype (or None), dw fp32 [V, D] (or None).
+    Returns loss fp32 [N], dh [N, D] in hidden's dtype (or None), dw [V, D] in weight's
+    dtype (or None; accumulated in fp32 here).
     """
     n, _ = hidden.shape
     vocab = weight.shape[0]
@@ -74,7 +75,7 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             dh[s:e] = dz @ w32
         if dw is not None:
             dw.addmm_(dz.T, h, beta=0 if s == 0 else 1)
-    return loss, dh, dw
+    return loss, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
 def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
