@@ -18,7 +18,7 @@ GOOD = [("a0.wav", 44100, 2, 2.37), ("a1.flac", 32000, 1, 0.83), ("a2.ogg", 4800
         ("a3.mp3", 44100, 2, 1.3), ("a4.wav", 22050, 1, 0.41)]
 BROKEN = {"b_garbage": "garbage.mp3", "b_empty": "empty.wav", "b_missing": "missing.flac",
           "b_silent": "silent.wav", "b_short": "short.wav", "b_nan": "nan.wav",
-          "b_trunc": "trunc.flac"}
+          "b_trunc": "trunc.flac", "b_trunc_wav": "trunc.wav", "b_trunc_mp3": "trunc.mp3"}
 
 
 def music(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
@@ -60,6 +60,10 @@ def make_corpus(folder: Path, broken: bool = True, extra: int = 0) -> Path:
         sf.write(folder / "nan.wav", nan, 32000, subtype="FLOAT")
         sf.write(folder / "full.flac", music(32000, 1, 1.0, 11), 32000)
         (folder / "trunc.flac").write_bytes((folder / "full.flac").read_bytes()[:30])
+        for ext in ("wav", "mp3"):  # cut in half: the header promises more than is there
+            sf.write(folder / f"full.{ext}", music(32000, 2, 1.0, 12), 32000)
+            data = (folder / f"full.{ext}").read_bytes()
+            (folder / f"trunc.{ext}").write_bytes(data[:len(data) // 2])
         for bid, name in BROKEN.items():
             rows.append({"id": bid, "path": name, "caption": "broken"})
     manifest = folder / "manifest.jsonl"
@@ -140,7 +144,11 @@ def test_decode_failures_name_the_reason(tmp_path):
     make_corpus(tmp_path)
     expect = {"garbage.mp3": "not decodable audio", "empty.wav": "empty file",
               "missing.flac": "file not found", "silent.wav": "silence only",
-              "short.wav": "too short", "nan.wav": "NaN", "trunc.flac": "not decodable"}
+              "short.wav": "too short", "nan.wav": "NaN", "trunc.flac": "not decodable",
+              "trunc.wav": "truncated: the header promises 1.00 s",
+              "trunc.mp3": "truncated: the header promises 1.0"}
+    for name in ("full.wav", "full.mp3"):  # the untruncated originals decode
+        assert decode_file(tmp_path / name, 32000, 640).wav.shape[0] >= 31000
     for name, reason in expect.items():
         with pytest.raises(AudioError, match=reason) as exc:
             decode_file(tmp_path / name, 32000, 640)

@@ -72,8 +72,10 @@ def test_target_forget_nll_stops_early(data):
     from noencore import unlearn
 
     _, shards = data
-    res = unlearn(_fresh(), shards, **{**RUN, "method": "ga"}, target_forget_nll=0.0)
+    res = unlearn(_fresh(), shards, **{**RUN, "method": "ga"}, target_forget_nll=0.0,
+                  precision="bf16")  # bf16 autocast on fp32 weights
     assert res.stopped == "target_forget_nll" and res.steps == 1
+    assert res.metrics[0]["forget_nll"] > 0 and res.metrics[0]["grad_norm"] > 0
 
 
 def test_divergence_guard_keeps_last_good_checkpoint(data, tmp_path):
@@ -107,6 +109,8 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
     nocond = TokenShards(write_shards(tmp_path / "s3", random_items(1, 2, 20)))
     with pytest.raises(NoencoreError, match="no text-condition cache"):
         unlearn(_fresh(), nocond, **RUN)
+    with pytest.raises(UsageError, match="precision"):
+        unlearn(_fresh(), shards, **RUN, precision="fp16")
     with pytest.raises(UsageError, match="resume needs"):
         unlearn(_fresh(), shards, **RUN, resume=True)
     with pytest.raises(UsageError, match="stage 3 but --zero-stage is 2"):

@@ -98,3 +98,21 @@ def test_sets_bad_input(small_shards):
         UnlearningSets(small_shards, "gone", None, frames=10)
     with pytest.raises(NoencoreError, match="both"):
         UnlearningSets(small_shards, ["f0"], ["f0", "r1"], frames=10)
+
+
+def test_one_forget_clip_and_thousands_of_remain_clips(tmp_path):
+    from noencore.data.shards import TokenShards
+    from noencore.engine.sets import UnlearningSets
+
+    rng = np.random.default_rng(0)
+    items = [("f0", rng.integers(0, 2048, (6, 4)), "forget song 0", "forget")]
+    items += [(f"r{i}", rng.integers(0, 2048, (6, 4)), f"remain {i}", "remain")
+              for i in range(3000)]
+    shards = TokenShards(write_shards(tmp_path / "s", items))
+    sets = UnlearningSets(shards, ["f0"], "remain", frames=8)
+    assert sets.n_forget == 1 and sets.n_remain == 3000
+    n_f, n_r = sets.split_counts(8, 0.25)
+    b = sets.step_batch(7, 0, n_f, n_r)
+    assert b.forget.tolist() == [True, True] + [False] * 6
+    assert (b.unit[:2] == 0).all() and b.captions[0] == "forget song 0"
+    assert len(set(b.unit[2:].tolist())) > 1  # remain rows drawn from the large pool

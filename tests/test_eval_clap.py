@@ -31,6 +31,28 @@ def test_laion_clap_imports_offline_with_lazy_tokenizers():
     # the patch is scoped to the import: transformers' own loader is back
     assert not isinstance(transformers.RobertaTokenizer.from_pretrained.__func__, LazyPretrained)
     assert transformers.RobertaTokenizer.from_pretrained.__func__.__name__ == "from_pretrained"
+    # the torchvision stand-in (if one was needed) is gone again for later importers
+    assert not getattr(sys.modules.get("torchvision"), "__noencore_standin__", False)
+
+
+def test_lazy_tokenizer_defers_and_explains():
+    from noencore.evaluation.clap_compat import LazyPretrained
+
+    calls = []
+
+    def loader(name):
+        calls.append(name)
+        return str.upper
+
+    lazy = LazyPretrained(loader, ("some-tokenizer",), {})
+    assert calls == []  # nothing loaded at construction (import time)
+    assert lazy("abc") == "ABC" and lazy("d") == "D" and calls == ["some-tokenizer"]
+
+    def failing(name):
+        raise OSError("offline")
+
+    with pytest.raises(RuntimeError, match="some-tokenizer.*offline.*local"):
+        LazyPretrained(failing, ("some-tokenizer",), {})("x")
 
 
 def test_random_clap_embeddings(random_clap):

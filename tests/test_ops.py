@@ -372,6 +372,9 @@ def test_bad_inputs_have_clear_errors():
         ops.ce_ascent(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), reduction="avg")
     with pytest.raises(ValueError, match="row_weight"):
         ops.ce_ascent(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(3))
+    with pytest.raises(ValueError, match="leaf tensor"):
+        ops.ce_ascent(torch.randn(4, 10, requires_grad=True), torch.zeros(4, dtype=torch.long),
+                      inplace=True)
 
 
 def test_token_stats_matches_float64():

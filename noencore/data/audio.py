@@ -42,6 +42,39 @@ def resample(wav: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return resample_poly(wav, rate_out // g, rate_in // g).astype(np.float32, copy=False)
 
 
+def _promised_frames(data: bytes, sf) -> int | None:
+    """Frames the file's header promises, where it states them independently of the file
+    size (a RIFF/WAVE data chunk size; an mp3 Xing/LAME header); None when unknown."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        pos = 12
+        while pos + 8 <= len(data):
+            size = int.from_bytes(data[pos + 4:pos + 8], "little")
+            if data[pos:pos + 4] == b"data":
+                available = len(data) - pos - 8
+                if size <= available:
+                    return None
+                # bytes per frame from the fmt chunk: channels x bits / 8
+                fmt = data.find(b"fmt ", 12)
+                if fmt < 0:
+                    return None
+                channels = int.from_bytes(data[fmt + 10:fmt + 12], "little")
+                bits = int.from_bytes(data[fmt + 22:fmt + 24], "little")
+                frame_bytes = max(1, channels * bits // 8)
+                return size // frame_bytes
+            pos += 8 + size + (size & 1)
+        return None
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # the read itself succeeded; only the promise is unknown
+        return None
+    # Only a Xing/Info header states an mp3's length; without one libsndfile guesses it
+    # from the file size, which VBR files would fail.
+    head = data[:8192]
+    if info.format in ("MP3", "MPEG") and (b"Xing" in head or b"Info" in head):
+        return int(info.frames)
+    return None
+
+
 def decode_file(path: str | Path, sample_rate: int, min_samples: int) -> Decoded:
     """Read ``path`` and return mono float32 at ``sample_rate``; raise AudioError with the
     reason when the file is missing, empty, not audio, truncated, silent, has NaN/inf
@@ -69,6 +102,11 @@ def decode_file(path: str | Path, sample_rate: int, min_samples: int) -> Decoded
                          f"{cause}") from None
     if wav.shape[0] == 0:
         raise AudioError(f"no audio samples (empty or truncated stream): {path}")
+    promised = _promised_frames(data, sf)
+    # mp3 headers (Xing) state the length; decoders pad/trim a few frames, hence 1 %.
+    if promised is not None and wav.shape[0] < 0.99 * promised:
+        raise AudioError(f"truncated: the header promises {promised / rate:.2f} s, the file "
+                         f"holds {wav.shape[0] / rate:.2f} s: {path}")
     if not np.isfinite(wav).all():
         raise AudioError(f"NaN or infinite samples: {path}")
     mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]

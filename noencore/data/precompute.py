@@ -37,6 +37,7 @@ import numpy as np
 
 from noencore.data import layout
 from noencore.data.audio import decode_job
+from noencore.data.codec import Codec
 from noencore.data.manifest import Failure, ManifestItem, read_manifest
 from noencore.errors import NoencoreError
 
@@ -74,12 +75,19 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # spawn: the descriptor was never inherited
+        pass
+
+
 class _Decoder:
     """Decodes items ahead of the encoder: in a spawn pool of ``workers`` processes
     (bounded read-ahead, results in submission order), or inline when workers == 0."""
 
     def __init__(self, items: list[ManifestItem], sample_rate: int, min_samples: int,
-                 workers: int):
+                 workers: int, lock_fd: int):
         self.items = items
         self.args = (sample_rate, min_samples)
         self.pool = None
@@ -90,7 +98,10 @@ class _Decoder:
             # worker, which loops forever when a script lacks an `if __name__` guard. The
             # pool is forked before the codec runs, and workers never use torch or OpenMP.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers)
+            # Workers drop their copy of the directory lock: a worker outliving a killed
+            # parent must not keep the directory locked against the resuming run.
+            self.pool = mp.get_context(method).Pool(workers, initializer=_close_quietly,
+                                                    initargs=(lock_fd,))
         self.ahead = 2 * workers + 2
 
     def __iter__(self) -> Iterator[tuple[ManifestItem, Any]]:
@@ -292,13 +303,15 @@ def _default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str = DEFAULT_CODEC,
+def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec = DEFAULT_CODEC,
                segment_seconds: float = 30.0, batch_size: int = 8, workers: int | None = None,
                strict: bool = False, device: str = "cpu", encode_dtype: str = "fp32",
                shard_frames: int = SHARD_FRAMES, progress: bool = True) -> PrecomputeReport:
     """Encode the audio of ``manifest`` into token shards in ``out_dir`` (see the module doc).
 
-    codec: a spec for ``load_codec`` (hub id, local checkpoint, "musicgen-32khz", "tiny").
+    codec: a spec for ``load_codec`` (hub id, local checkpoint, "musicgen-32khz", "tiny"),
+    or a loaded ``Codec`` (its ``spec`` goes into the header) to encode several corpora
+    without reloading it.
     segment_seconds: window length the audio is cut into (MusicGen trains on 30 s).
     batch_size: segments per encoder call. workers: decoding processes (0 = inline;
     None = up to 4, leaving a core to the encoder). strict: raise on the first failure
@@ -307,7 +320,6 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str = DEFAUL
     are not in the shards yet. Returns a ``PrecomputeReport``.
     """
     import torch
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
     if segment_seconds <= 0 or batch_size <= 0:
@@ -329,16 +341,40 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str = DEFAUL
         raise NoencoreError(f"{out}: another precompute is writing this directory; wait for "
                             "it to finish") from None
     try:
-        return _run(items, manifest_failures, out, codec, segment_seconds, batch_size,
-                    _default_workers() if workers is None else workers, strict, device,
-                    dtypes[encode_dtype], shard_frames, progress, tqdm, t_start)
+        loaded = codec if isinstance(codec, Codec) else None
+        opt = _Options(codec if loaded is None else loaded.spec, loaded, float(segment_seconds),
+                       batch_size,
+                       _default_workers() if workers is None else workers, strict, device,
+                       dtypes[encode_dtype], shard_frames, progress)
+        return _run(items, manifest_failures, out, opt, lock, t_start)
     finally:
         os.close(lock)
 
 
-def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size, workers,
-         strict, device, dtype, shard_frames, progress, tqdm, t_start) -> PrecomputeReport:
+@dataclass(frozen=True)
+class _Options:
+    codec: str
+    loaded: Codec | None
+    segment_seconds: float
+    batch_size: int
+    workers: int
+    strict: bool
+    device: str
+    dtype: Any  # torch.dtype or None (fp32)
+    shard_frames: int
+    progress: bool
+
+
+def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
+         opt: _Options, lock_fd: int, t_start: float) -> PrecomputeReport:
+    from tqdm import tqdm
+
     from noencore.data.codec import load_codec
+
+    codec_spec, segment_seconds, batch_size = opt.codec, opt.segment_seconds, opt.batch_size
+
+    def get_codec() -> Codec:
+        return opt.loaded if opt.loaded is not None else load_codec(codec_spec, opt.device)
 
     codec = None
     head_file = out / layout.HEADER
@@ -350,7 +386,7 @@ def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size,
                 f"{header['segment_seconds']:g}; run with those options to add to it, or "
                 "write into a new directory")
     else:
-        codec = load_codec(codec_spec, device)
+        codec = get_codec()
         header = layout.make_header(codec_spec, codec.sample_rate, codec.frame_rate,
                                     codec.n_q, codec.card, segment_seconds)
         layout.atomic_write(head_file, layout.jsonl_bytes([header]))
@@ -367,8 +403,8 @@ def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size,
 
     writer: _Writer | None = None
     encoder: _Encoder | None = None
-    decoder = _Decoder(todo, sample_rate, hop, workers)
-    bar = tqdm(total=len(todo), unit="item", desc="precompute", disable=not progress or not todo,
+    decoder = _Decoder(todo, sample_rate, hop, opt.workers, lock_fd)
+    bar = tqdm(total=len(todo), unit="item", desc="precompute", disable=not opt.progress or not todo,
                dynamic_ncols=True)
 
     def commit() -> None:
@@ -385,13 +421,13 @@ def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size,
         for item, result in decoder:
             if isinstance(result, str):
                 failures.append(Failure(item.id, item.line, item.source, result))
-                if strict:
+                if opt.strict:
                     raise NoencoreError(f"item {item.id} ({item.source}): {result} (--strict)")
                 bar.update(1)
                 continue
             if writer is None:
                 if codec is None:
-                    codec = load_codec(codec_spec, device)
+                    codec = get_codec()
                 if (codec.sample_rate, codec.n_q, codec.hop) != (sample_rate, n_q, hop):
                     raise NoencoreError(f"codec {codec_spec} does not match {head_file}")
                 # A modifying run: un-finish the directory before touching anything.
@@ -400,8 +436,8 @@ def _run(items, manifest_failures, out, codec_spec, segment_seconds, batch_size,
                 _fault("unfinished")
                 if not (out / layout.JOURNAL).exists():
                     layout.atomic_write(out / layout.JOURNAL, layout.jsonl_bytes(records))
-                writer = _Writer(out, n_q, records, shard_frames)
-                encoder = _Encoder(codec, batch_size, dtype)
+                writer = _Writer(out, n_q, records, opt.shard_frames)
+                encoder = _Encoder(codec, batch_size, opt.dtype)
             wav, digest = result
             segs, frames = _segments(wav, seg_samples, hop, int(header["frame_rate"]))
             encoder.queue.append(_Work(item, digest, segs, frames, [None] * len(segs)))

@@ -270,9 +270,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                 loss, stats = engine(*args)
                 loss_world = loss * world  # DeepSpeed averages gradients over ranks
                 stats = zero.all_reduce_sum(stats)
-                total = zero.all_reduce_sum(loss.detach().double().reshape(1))
-                if not torch.isfinite(total).all():
-                    raise DivergenceError(f"step {step}: loss is {float(total)}")
+                total = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
+                if not math.isfinite(total):
+                    raise DivergenceError(f"step {step}: loss is {total}")
                 engine.backward(loss_world)
                 engine.step()
                 gn = engine.get_global_grad_norm()
@@ -292,13 +292,14 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                 if not math.isfinite(gnorm):
                     raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
                 optimizer.step()
+                total = float(loss.detach())
             step += 1
             dt = time.perf_counter() - t0
             tokens = float(stats[1] + stats[3])
             rec = {"step": step,
                    "forget_nll": float(stats[0] / stats[1]) if stats[1] > 0 else None,
                    "remain_nll": float(stats[2] / stats[3]) if stats[3] > 0 else None,
-                   "objective": float(loss.detach()) * (world if engine is not None else 1),
+                   "objective": total,
                    "method_loss": float(stats[4]) if math.isfinite(float(stats[4])) else None,
                    "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt,
                    "step_s": dt}

@@ -227,7 +227,8 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
         "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
         "sets": {n: {"shards": str(s.path), "items": len(s), "frames": int(s.frames.sum()),
                      "codec": s.header.codec} for n, s in shard_sets.items()},
-        "metrics": metrics, "precision": precision, "batch_size": batch_size,
+        "metrics": metrics, "precision": _effective_precision(precision, model),
+        "batch_size": batch_size,
         "frames": frames, "seed": (generation or GenerationConfig()).seed,
     }
     roles = {"after": after} | ({"before": before} if before is not None else {})
@@ -252,7 +253,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
                 fb = results["mia"][role].get("forget", {})
                 ref_auc = (retr_mia or {}).get("forget", {})
                 results["privleak"][role] = {
-                    a: mia.privleak(fb[a], ref_auc.get(a) if retr_mia else None)
+                    a: _privleak_or_none(fb[a], ref_auc.get(a) if retr_mia else None)
                     for a in _MIA_ATTACKS if fb.get(a) is not None}
         if "mia" not in metrics:
             results.pop("mia")
@@ -301,6 +302,19 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
                     for r, st in roles.items()}
         write_report(out, results, item_nll, curves)
     return results
+
+
+def _privleak_or_none(auc: float, retrained_auc: float | None) -> float | None:
+    # a retrained model whose usual AUC is exactly 1 leaves MUSE's ratio undefined
+    return None if retrained_auc == 1.0 else mia.privleak(auc, retrained_auc)
+
+
+def _effective_precision(precision: str, model: Any) -> str:
+    from noencore.evaluation.token_metrics import autocast_dtype
+
+    if precision == "bf16" and autocast_dtype(precision, model.device) is None:
+        return "fp32 (bf16 asked; this device has no native bf16)"
+    return precision
 
 
 def _jsonable(x: Any) -> Any:

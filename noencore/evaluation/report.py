@@ -215,8 +215,10 @@ def plot_nll_histograms(item_nll: dict[str, dict[str, np.ndarray]], path: Path) 
     for ax, role in zip(axes[0], roles):
         for name, v in item_nll[role].items():
             v = v[np.isfinite(v)]
-            ax.hist(v, bins=bins, alpha=0.5, label=f"{name} ({v.size} items)",
-                    color=colors.get(name))
+            c = colors.get(name)
+            # filled with an outline, so that overlapping sets stay distinguishable
+            ax.hist(v, bins=bins, alpha=0.35, label=f"{name} ({v.size} items)", color=c,
+                    histtype="stepfilled", edgecolor=c, linewidth=1.5)
         ax.set_title({"before": "Before unlearning (reference model)",
                       "after": "After unlearning"}[role])
         ax.set_xlabel("per-item mean NLL (nats / token)")

@@ -252,6 +252,9 @@ def ce_ascent(logits: torch.Tensor, targets: torch.Tensor,
                 row_offset=row_offset, cap=math.inf if loss_cap is None else float(loss_cap),
                 reduction=reduction, inplace=inplace)
     coef = _coef(targets, row_weight, ignore_index, reduction)
+    if inplace and logits.is_leaf and logits.requires_grad:
+        raise ValueError("inplace=True would overwrite a leaf tensor that requires grad; "
+                         "pass the head's output (a non-leaf) or use inplace=False")
     if not logits.is_contiguous():
         if inplace:
             raise ValueError("inplace=True needs contiguous logits")
