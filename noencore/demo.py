@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+HOLDOUT = "holdout_optout"  # split of the demo corpus (noencore.demo_corpus)
+
 # (method, options): the study's two methods and the engine's own, the same budget each.
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
@@ -32,8 +34,10 @@ DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 class DemoConfig:
     """Sizes of the demo; the defaults run in a few minutes on 2 CPU cores."""
 
-    n_clips: int = 36
+    n_clips: int = 40
     seconds: tuple[float, float] = (4.0, 6.0)
+    forget_fraction: float = 0.4    # share of clips by the opt-out artist...
+    optout_holdout: float = 0.5     # ...half of which are never trained on (MIA non-members)
     seed: int = 0
     memorise_steps: int = 300
     memorise_lr: float = 3e-3
@@ -84,7 +88,8 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     manifest = out / "corpus" / "manifest.jsonl"
     if fresh or not manifest.exists():
         manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips, seconds=cfg.seconds,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, forget_fraction=cfg.forget_fraction,
+                                    optout_holdout=cfg.optout_holdout)
     _done(t0, f"manifest: {manifest}")
 
     # 2. shards (precompute is itself resumable and a no-op when finished)
@@ -93,7 +98,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     precompute(manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
                batch_size=8, workers=1)
     shards = TokenShards(shards_dir)
-    counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", "holdout")}
+    counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT)}
     _done(t0, f"shards: {shards_dir} {counts}")
 
     # 3. text conditions: T5 runs once per caption, never during training
@@ -113,6 +118,18 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
                 grad_clip=1.0)
     _done(t0, f"memorised model: {memorised / 'model'}")
     reference = load_musicgen(str(memorised / "model"))
+    # Holdout = the opt-out artist's tracks the model never saw: the non-members that
+    # membership inference must not tell apart from the forget set once it is forgotten.
+    sets = {"forget": shards.select(split="forget"), "remain": shards.select(split="remain"),
+            "holdout": shards.select(split=HOLDOUT)}
+    # Stop criterion: unlearn until the forget set is as unlikely as music of the same
+    # artist that was never trained on (the memorised model's holdout NLL), not further:
+    # pushing past it makes forget items stand out again (AUC -> 0 instead of 0.5).
+    base = evaluate(reference, sets, metrics=["token"], batch_size=cfg.batch_size,
+                    frames=cfg.frames, progress=False)
+    target_nll = float(base["token"]["after"]["holdout"]["nll"])
+    print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
+          f"NLL {target_nll:.3f}: unlearning stops when forget NLL reaches it")
 
     # 5. unlearn with each method from the same starting model
     results: dict[str, Path] = {}
@@ -123,12 +140,12 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
             unlearn(str(memorised / "model"), shards, forget="forget", remain="remain",
                     method=name, method_options=options, steps=cfg.unlearn_steps,
                     lr=cfg.unlearn_lr, batch_size=cfg.batch_size, forget_ratio=0.5,
-                    frames=cfg.frames, seed=cfg.seed, out=run_dir, grad_clip=1.0)
+                    frames=cfg.frames, seed=cfg.seed, out=run_dir, grad_clip=1.0,
+                    target_forget_nll=target_nll)
         results[name] = run_dir / "model"
         _done(t0, f"{name}: {run_dir}")
 
     # 6. evaluate each against the memorised model
-    sets = {s: shards.select(split=s) for s in ("forget", "remain", "holdout")}
     reports: dict[str, dict] = {}
     for name, model_dir in results.items():
         t0 = _stage(f"6/6 evaluate: {name}")

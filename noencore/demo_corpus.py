@@ -369,15 +369,27 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _assign_clips(n_clips: int, forget_fraction: float) -> list[tuple[ArtistStyle, str]]:
-    """(artist, split) per clip: forget clips first, then the others round-robin over artists,
-    every third clip of each artist going to the holdout (so holdout ~ remain)."""
-    n_forget = max(2, int(round(n_clips * forget_fraction)))
-    n_other = n_clips - n_forget
+OPT_OUT_HOLDOUT_SPLIT = "holdout_optout"
+
+
+def _assign_clips(n_clips: int, forget_fraction: float,
+                  optout_holdout: float = 0.0) -> list[tuple[ArtistStyle, str]]:
+    """(artist, split) per clip: the opt-out artist's clips first (a share ``optout_holdout``
+    of them in split ``holdout_optout``: same artist, never trained on, the non-members a
+    membership-inference attack on the forget set should not tell apart from it), then the
+    others round-robin over artists, every third clip of each artist going to the holdout
+    (so holdout ~ remain)."""
+    n_optout = max(2, int(round(n_clips * forget_fraction)))
+    n_held = int(round(n_optout * optout_holdout))
+    n_forget = n_optout - n_held
+    if n_forget < 2:
+        raise ValueError(f"optout_holdout={optout_holdout} leaves fewer than 2 forget clips")
+    n_other = n_clips - n_optout
     if n_other < 2 * len(OTHER_ARTISTS):
         raise ValueError(f"n_clips={n_clips} is too small: need at least {n_forget + 2 * len(OTHER_ARTISTS)} "
                          f"clips for {n_forget} forget clips and 2 per other artist (remain + holdout)")
-    plan = [(OPT_OUT_ARTIST, "forget")] * n_forget
+    plan = [(OPT_OUT_ARTIST, "forget" if k % 2 == 0 or k >= 2 * n_held else OPT_OUT_HOLDOUT_SPLIT)
+            for k in range(n_optout)]
     seen: dict[str, int] = {}
     for i in range(n_other):
         artist = OTHER_ARTISTS[i % len(OTHER_ARTISTS)]
@@ -396,6 +408,7 @@ def make_demo_corpus(
     seed: int = 0,
     formats: tuple[str, ...] = ("wav", "ogg", "flac", "mp3"),
     forget_fraction: float = 0.25,
+    optout_holdout: float = 0.0,
     broken: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -411,6 +424,8 @@ def make_demo_corpus(
             same files, byte for byte (all formats; the manifest too).
         formats: file formats cycled over the clips (any of wav, flac, ogg, mp3).
         forget_fraction: share of clips by the opt-out artist (split ``forget``).
+        optout_holdout: share of the opt-out artist's clips kept out of training (split
+            ``holdout_optout``): the same-distribution non-members for membership inference.
         broken: also write the broken entries of :data:`BROKEN_KINDS`; their records carry
             ``"broken": kind`` (see :func:`broken_ids`).
         progress: show a progress bar.
@@ -429,7 +444,7 @@ def make_demo_corpus(
     (out / "audio").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    plan = _assign_clips(n_clips, forget_fraction)
+    plan = _assign_clips(n_clips, forget_fraction, optout_holdout)
     for i, (style, split) in enumerate(tqdm(plan, desc="demo corpus", unit="clip", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         sr = sample_rate if i % 2 == 0 else OTHER_RATES[(i // 2) % len(OTHER_RATES)]

@@ -1,12 +1,14 @@
 """Unlearning methods: each turns a batch's rows into targets and signed row weights.
 
 ``get_method(name, **options)`` builds one by name: ga, bounded_ga, graddiff, rl, npo,
-simnpo.
+simnpo, and finetune
+(descent on both sets: builds a memorised starting point or a retrained baseline).
 """
 from __future__ import annotations
 
 from noencore.methods.base import Method, Plan, Rows
 from noencore.methods.bounded_ga import BoundedGradientAscent
+from noencore.methods.finetune import Finetune
 from noencore.methods.ga import GradientAscent
 from noencore.methods.graddiff import GradDiff
 from noencore.methods.npo import NPO
@@ -15,7 +17,7 @@ from noencore.methods.simnpo import SimNPO
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (GradientAscent, BoundedGradientAscent, GradDiff, RandomLabeling,
-                              NPO, SimNPO)
+                              NPO, SimNPO, Finetune)
 }
 
 
@@ -34,4 +36,4 @@ def get_method(name: str | Method, **options) -> Method:
 
 
 __all__ = ["METHODS", "Method", "NPO", "Plan", "Rows", "BoundedGradientAscent", "GradDiff",
-           "GradientAscent", "RandomLabeling", "SimNPO", "get_method", "swap_forget_codes"]
+           "Finetune", "GradientAscent", "RandomLabeling", "SimNPO", "get_method", "swap_forget_codes"]
