@@ -74,7 +74,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     from noencore.demo_corpus import make_demo_corpus
     from noencore.engine.loop import unlearn
     from noencore.evaluation.evaluate import evaluate
-    from noencore.models.musicgen import load_musicgen, text_encoder_name
+    from noencore.models.musicgen import text_encoder_name
     from noencore.models.text import build_condition_cache
 
     cfg = config or DemoConfig()
@@ -117,7 +117,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
                 checkpoint_every=100, resume=(memorised / "checkpoints").exists() and not fresh,
                 grad_clip=1.0)
     _done(t0, f"memorised model: {memorised / 'model'}")
-    reference = load_musicgen(str(memorised / "model"))
+    reference = str(memorised / "model")
     # Holdout = the opt-out artist's tracks the model never saw: the non-members that
     # membership inference must not tell apart from the forget set once it is forgotten.
     sets = {"forget": shards.select(split="forget"), "remain": shards.select(split="remain"),
@@ -125,8 +125,10 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # Stop criterion: unlearn until the forget set is as unlikely as music of the same
     # artist that was never trained on (the memorised model's holdout NLL), not further:
     # pushing past it makes forget items stand out again (AUC -> 0 instead of 0.5).
-    base = evaluate(reference, sets, metrics=["token"], batch_size=cfg.batch_size,
-                    frames=cfg.frames, progress=False)
+    # (evaluated once; its cached statistics are the "before" of every method's report)
+    ref_stats = out / "reports" / "memorised"
+    base = evaluate(reference, sets, batch_size=cfg.batch_size, frames=cfg.frames,
+                    out=ref_stats, progress=False)
     target_nll = float(base["token"]["after"]["holdout"]["nll"])
     print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
           f"NLL {target_nll:.3f}: unlearning stops when forget NLL reaches it")
@@ -150,7 +152,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     for name, model_dir in results.items():
         t0 = _stage(f"6/6 evaluate: {name}")
         rep_dir = out / "reports" / name
-        reports[name] = evaluate(str(model_dir), sets, reference=reference,
+        reports[name] = evaluate(str(model_dir), sets, reference=ref_stats,
                                  batch_size=cfg.batch_size, out=rep_dir, frames=cfg.frames)
         _done(t0, f"report: {rep_dir / 'report.md'}")
 

@@ -23,7 +23,6 @@ def memorised(tmp_path_factory):
     os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
     from noencore import unlearn
     from noencore.data.shards import TokenShards
-    from noencore.methods import GradDiff
     from noencore.models import build_condition_cache, load_musicgen
 
     root = tmp_path_factory.mktemp("memo")
@@ -31,10 +30,9 @@ def memorised(tmp_path_factory):
     model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
     build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
                           progress=False)
-    # fine-tune on everything (descent on both sets: a negative forget weight) so that the
-    # forget clips, seen in half of every batch, are memorised
-    unlearn(model, shards, **COMMON, method=GradDiff(forget_weight=-1.0, remain_weight=1.0),
-            steps=150, lr=3e-3)
+    # fine-tune on everything (descent on both sets) so that the forget clips, seen in half
+    # of every batch, are memorised
+    unlearn(model, shards, **COMMON, method="finetune", steps=150, lr=3e-3)
     return shards, {k: v.clone() for k, v in model.lm.state_dict().items()}
 
 

@@ -312,9 +312,23 @@ def test_fixed_weight_and_no_grad(backend):
     out = ops.linear_ce_ascent(h, weight, targets, row_weight, random_labels=1, backend=backend)
     out.backward()
     assert weight.grad is None and torch.count_nonzero(h.grad) > 0
-    with torch.no_grad():
-        again = ops.linear_ce_ascent(hidden, weight, targets, row_weight, random_labels=1,
-                                     backend=backend)
+    kern = backend_module(backend)
+    asked = []
+    real = kern.linear_ce_fwd
+
+    def spy(*args, **kwargs):
+        asked.append((kwargs["need_dh"], kwargs["need_dw"]))
+        return real(*args, **kwargs)
+
+    kern.linear_ce_fwd = spy
+    try:
+        with torch.no_grad():
+            again = ops.linear_ce_ascent(h, weight.requires_grad_(), targets, row_weight,
+                                         random_labels=1, backend=backend)
+    finally:
+        kern.linear_ce_fwd = real
+        weight.requires_grad_(False)
+    assert asked == [(False, False)], "no gradient work under no_grad"
     torch.testing.assert_close(again, out.detach(), rtol=1e-6, atol=1e-6)
 
 

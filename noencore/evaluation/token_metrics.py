@@ -110,9 +110,7 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
     n_batches = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // batch_size)
     bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False), total=n_batches,
                desc=desc, unit="batch", disable=not progress, leave=False)
-    valid_cache: dict[int, torch.Tensor] = {}
     for batch in bar:
-        batch.mask = _pattern_mask(model.lm, batch.mask, valid_cache)
         cond = conditions.batch(batch.captions)
         with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
             rows = model.codebook_rows(batch, cond)
@@ -132,32 +130,6 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
                     logp_var=arrays["logp_var"].astype(np.float32),
                     item=arrays["item"].astype(np.int64), codebook=arrays["codebook"].astype(np.int16),
                     n_items=n, n_q=model.n_q, sizes=sizes, ids=list(shards.ids))
-
-
-def _pattern_mask(lm: Any, mask: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``mask`` bool [B, K, T] narrowed, per row, to the delay pattern's valid positions
-    for that row's own length.
-
-    A window shorter than T is padded; under the delay pattern the last codes of the
-    delayed codebooks of such a row are predicted from steps that already hold padding.
-    audiocraft scores a segment of length L with the pattern of length L, which leaves
-    those positions out; so do we, so that an item's statistics do not depend on what
-    else shares its batch.
-    """
-    from noencore.models.adapter import pattern_index
-
-    lengths = mask[:, 0].sum(dim=1)
-    t = mask.shape[-1]
-    out = mask.clone()
-    for length in lengths.unique().tolist():
-        if length in (0, t):
-            continue
-        if length not in cache:
-            _, valid = pattern_index(lm, length)
-            cache[length] = torch.nn.functional.pad(valid.cpu(), (0, t - length))
-        rows = lengths == length
-        out[rows] &= cache[length].to(out.device)
-    return out
 
 
 def save_stats(path: str | os.PathLike, stats: dict[str, SetStats], meta: dict[str, Any]) -> str:

@@ -91,6 +91,32 @@ def head_weight(linear: nn.Linear, hidden: torch.Tensor) -> tuple[torch.Tensor, 
             torch.cat([linear.weight, linear.bias[:, None].to(linear.weight.dtype)], dim=1))
 
 
+def pattern_mask(lm: nn.Module, mask: torch.Tensor,
+                 cache: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """``mask`` bool [B, K, T] narrowed, per row, to the delay pattern's valid positions
+    for that row's own length (up to its last real frame: padding sits at the end).
+
+    A window shorter than T is padded; under the delay pattern the last codes of the
+    delayed codebooks of such a row would be predicted from steps that already hold
+    padding. audiocraft scores a segment of length L with the pattern of length L, which
+    leaves those positions out; so does this, so that a row's loss does not depend on
+    what else shares its batch, in training and in evaluation alike.
+    """
+    t = mask.shape[-1]
+    frame = torch.arange(1, t + 1, device=mask.device)
+    lengths = (mask.any(dim=1) * frame).amax(dim=1)
+    out = mask.clone()
+    cache = {} if cache is None else cache
+    for length in lengths.unique().tolist():
+        if length in (0, t):
+            continue
+        if length not in cache:
+            _, valid = pattern_index(lm, length)
+            cache[length] = torch.nn.functional.pad(valid, (0, t - length))
+        out[lengths == length] &= cache[length].to(out.device)
+    return out
+
+
 def codebook_rows(lm: nn.Module, codes: torch.Tensor, mask: torch.Tensor | None,
                   condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
                   ) -> list[CodebookRows]:
@@ -104,7 +130,7 @@ def codebook_rows(lm: nn.Module, codes: torch.Tensor, mask: torch.Tensor | None,
     seq, valid = pattern_index(lm, T, codes.device)
     keep = valid.expand(B, K, T)
     if mask is not None:
-        keep = keep & mask.bool()
+        keep = keep & pattern_mask(lm, mask.bool())
     rows = []
     for k in range(K):
         item, time = keep[:, k].nonzero(as_tuple=True)

@@ -104,7 +104,10 @@ class _LinearCEAscent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, coef, opts):
         kern = backend_module(opts["backend"])
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad says True under no_grad too: opts["grad"] holds the grad mode
+        # of the caller, so that evaluation never pays for gradients.
+        need_dh = ctx.needs_input_grad[0] and opts["grad"]
+        need_dw = ctx.needs_input_grad[1] and opts["grad"]
         kw = dict(ignore_index=opts["ignore_index"], key=opts["key"],
                   row_offset=opts["row_offset"], cap=opts["cap"])
         if opts["reduction"] == "none":
@@ -190,7 +193,7 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     opts = dict(backend=resolve_backend(hidden, backend), ignore_index=ignore_index,
                 key=None if random_labels is None else label_key(random_labels),
                 row_offset=row_offset, cap=math.inf if loss_cap is None else float(loss_cap),
-                reduction=reduction)
+                reduction=reduction, grad=torch.is_grad_enabled())
     coef = _coef(targets, row_weight, ignore_index, reduction)
     with torch.autocast(dev_type, enabled=False):
         return _LinearCEAscent.apply(hidden.contiguous(), weight.contiguous(),
@@ -202,7 +205,7 @@ class _CEAscent(torch.autograd.Function):
     def forward(ctx, logits, targets, coef, opts):
         kern = backend_module(opts["backend"])
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and opts["grad"]:  # see _LinearCEAscent.forward
             grad = logits if opts["inplace"] else torch.empty_like(logits)
         loss = kern.ce_fwd(logits, targets, coef, ignore_index=opts["ignore_index"],
                            key=opts["key"], row_offset=opts["row_offset"], cap=opts["cap"],
@@ -250,7 +253,7 @@ def ce_ascent(logits: torch.Tensor, targets: torch.Tensor,
     opts = dict(backend=resolve_backend(logits, backend), ignore_index=ignore_index,
                 key=None if random_labels is None else label_key(random_labels),
                 row_offset=row_offset, cap=math.inf if loss_cap is None else float(loss_cap),
-                reduction=reduction, inplace=inplace)
+                reduction=reduction, inplace=inplace, grad=torch.is_grad_enabled())
     coef = _coef(targets, row_weight, ignore_index, reduction)
     if inplace and logits.is_leaf and logits.requires_grad:
         raise ValueError("inplace=True would overwrite a leaf tensor that requires grad; "
