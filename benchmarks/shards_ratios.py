@@ -13,7 +13,7 @@
 
 Timings are the best of ``--reps`` (a shared machine: the best is the least disturbed).
 
-    python benchmarks/shards_ratios.py [--files 4 --file-seconds 10 --batch 2 --reps 2]
+    python benchmarks/shards_ratios.py [--files 4 --file-seconds 10 --batch 2 --reps 3]
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment-seconds", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
 
     from noencore.data.codec import load_codec

@@ -331,6 +331,76 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
   if (dw_acc.defined()) dw_opt->copy_(dw_acc);
 }
 
+// Per-row statistics (no gradient) with fp32 logits formed `chunk` rows at a time: nll,
+// correct (first argmax == label), and the mean / variance of log p under the row's own
+// distribution. Ignored rows get NaN and false. All outputs are [N] and fully written.
+void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                 int64_t ignore_index, int64_t key, int64_t row_offset, int64_t chunk,
+                 const at::Tensor& nll, const at::Tensor& correct, const at::Tensor& mean,
+                 const at::Tensor& var) {
+  check_float(hidden, "hidden");
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "hidden [N, D] and weight [V, D] disagree on D");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n && targets.scalar_type() == at::kLong &&
+                  targets.is_contiguous(),
+              "targets must be contiguous int64 [N]");
+  check_loss(nll, n);
+  check_loss(mean, n);
+  check_loss(var, n);
+  TORCH_CHECK(correct.dim() == 1 && correct.size(0) == n && correct.scalar_type() == at::kBool &&
+                  correct.is_contiguous(),
+              "correct must be contiguous bool [N]");
+  if (n == 0) return;
+  const at::Tensor w32 = weight.to(at::kFloat).t();
+  const int64_t rows = std::min(chunk, n);
+  at::Tensor buf = at::empty({rows, vocab}, hidden.options().dtype(at::kFloat));
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float* nllp = nll.data_ptr<float>();
+  bool* okp = correct.data_ptr<bool>();
+  float* mup = mean.data_ptr<float>();
+  float* varp = var.data_ptr<float>();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t s0 = 0; s0 < n; s0 += rows) {
+    const int64_t c = std::min(rows, n - s0);
+    at::Tensor z = buf.narrow(0, 0, c);
+    at::mm_out(z, hidden.narrow(0, s0, c).to(at::kFloat), w32);
+    const float* zp = z.data_ptr<float>();
+    at::parallel_for(0, c, 4, [&](int64_t b, int64_t e) {
+      std::vector<float> ex(vocab);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t g = s0 + r;
+        const int64_t label = resolve_label(tp[g], ignore_index, key, row_offset + g, vocab);
+        if (label < 0) {
+          nllp[g] = mup[g] = varp[g] = nan;
+          okp[g] = false;
+          continue;
+        }
+        const float* zr = zp + r * vocab;
+        float m = 0.0f;
+        const float sum = max_expsum(zr, ex.data(), vocab, &m);
+        // With d = z - max: mu = E[d] - log(sum), var = E[d^2] - E[d]^2 (double sums:
+        // the difference cancels when the distribution is peaked).
+        double a = 0.0, q = 0.0;
+#pragma omp simd reduction(+ : a, q)
+        for (int64_t v = 0; v < vocab; ++v) {
+          const double d = static_cast<double>(zr[v]) - m;
+          a += ex[v] * d;
+          q += ex[v] * d * d;
+        }
+        const double ed = a / sum, log_s = std::log(static_cast<double>(sum));
+        int64_t arg = 0;
+        while (arg + 1 < vocab && zr[arg] != m) ++arg;  // first maximum, as torch.argmax
+        nllp[g] = static_cast<float>(m + log_s - zr[label]);
+        okp[g] = arg == label;
+        mup[g] = static_cast<float>(ed - log_s);
+        varp[g] = static_cast<float>(std::max(q / sum - ed * ed, 0.0));
+      }
+    });
+  }
+}
+
 // Random labels of global rows [row_offset, row_offset + n) (for cross-backend tests).
 at::Tensor random_labels(int64_t key, int64_t row_offset, int64_t n, int64_t vocab) {
   TORCH_CHECK(key >= 0 && vocab > 0 && n >= 0, "bad random_labels arguments");
@@ -345,4 +415,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_fwd", &ce_fwd, "per-row CE loss and gradient (optionally in place) on logits [N, V]");
   m.def("linear_ce_fwd", &linear_ce_fwd, "fused linear head + CE: loss, dh, dW into given outputs");
   m.def("random_labels", &random_labels, "random labels of a row range");
+  m.def("token_stats", &token_stats, "per-row nll, top-1, log-prob mean and variance");
 }

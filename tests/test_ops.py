@@ -391,9 +391,12 @@ def test_bad_inputs_have_clear_errors():
                       inplace=True)
 
 
-def test_token_stats_matches_float64():
-    hidden, weight, targets, _, _ = _inputs(30, 20, 257, torch.bfloat16, 10, cap_mode="off")
-    st = ops.token_stats(hidden, weight, targets, random_labels=3, chunk=7)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_token_stats_matches_float64(backend, dtype, poisoned):
+    _skip_unavailable(backend)
+    hidden, weight, targets, _, _ = _inputs(30, 20, 257, dtype, 10, cap_mode="off")
+    st = ops.token_stats(hidden, weight, targets, random_labels=3, chunk=7, backend=backend)
     labels = resolve_targets(targets, label_key(3), 0, 257, -100)
     logp = torch.log_softmax(hidden.double() @ weight.double().T, 1)
     valid = labels >= 0

@@ -56,3 +56,16 @@ def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
 def random_labels(key: int, row_offset: int, n: int, vocab: int) -> torch.Tensor:
     """Labels of global rows [row_offset, row_offset + n) computed in C++ (int64 [n])."""
     return _ext().random_labels(key, row_offset, n, vocab)
+
+
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                ignore_index: int, key: int | None, row_offset: int, chunk: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nll, correct, logp_mean, logp_var), each [N]; fp32 logits; see ``token_stats``."""
+    n = hidden.shape[0]
+    out = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bool),
+           torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32))
+    _ext().token_stats(hidden.contiguous(), weight.contiguous(),
+                       targets.to(torch.int64).contiguous(), ignore_index,
+                       -1 if key is None else key, row_offset, chunk, *out)
+    return out

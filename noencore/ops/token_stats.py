@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from noencore.ops.dispatch import resolve_backend
 from noencore.ops.random_labels import label_key, resolve_targets
 
 
@@ -20,13 +21,15 @@ class TokenStats(NamedTuple):
 @torch.no_grad()
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                 ignore_index: int = -100, random_labels: int | None = None,
-                row_offset: int = 0, chunk: int = 1024) -> TokenStats:
+                row_offset: int = 0, chunk: int = 1024, backend: str = "auto") -> TokenStats:
     """NLL, top-1 correctness and the mean/variance of log-probs under the model's own
     distribution (Min-K%++ uses ``(log p(t) - mu) / sqrt(var)``), per row.
 
-    hidden [N, D] and weight [V, D] (any float dtype; computed in fp32), targets [N]
-    integer (``ignore_index`` rows -> NaN; RANDOM_LABEL rows as in the op). Memory is
-    O(chunk x V): logits exist one row chunk at a time.
+    hidden [N, D] and weight [V, D] (any float dtype; logits computed in fp32), targets
+    [N] integer (``ignore_index`` rows -> NaN; RANDOM_LABEL rows as in the op). Memory
+    is O(chunk x V): logits exist one row chunk at a time. ``backend``: "auto" runs the
+    C++ kernel for fp32/bf16 CPU tensors when built, the torch path otherwise (also for
+    "triton": there is no Triton kernel for these statistics).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} "
@@ -41,6 +44,14 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if bool(((labels < -1) | (labels >= vocab)).any()):
         raise ValueError(f"targets must be in [0, {vocab}), ignore_index or RANDOM_LABEL "
                          "(with random_labels=seed)")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and "
+                         f"{weight.dtype}")
+    if resolve_backend(hidden, "torch" if backend == "triton" else backend) == "cpp":
+        from noencore.ops import cpp
+
+        return TokenStats(*cpp.token_stats(hidden, weight, targets, ignore_index=ignore_index,
+                                           key=key, row_offset=row_offset, chunk=chunk))
     w32 = weight.float()
     out = TokenStats(*(torch.empty(n, device=hidden.device, dtype=dt) for dt in
                        (torch.float32, torch.bool, torch.float32, torch.float32)))
