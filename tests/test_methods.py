@@ -29,7 +29,15 @@ def env(tmp_path_factory):
 def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_seed):
     """Plain torch: full logits from compute_predictions, per-token CE, the method's loss."""
     out = model.lm.compute_predictions(codes, [], model.condition_tensors(emb, emask))
-    valid = out.mask & mask                                   # [B, K, T]
+    # a padded row is scored as audiocraft scores it alone: the delay pattern of its own
+    # length (the delayed codebooks' last codes would otherwise be predicted from padding)
+    own = torch.zeros_like(mask)
+    for b in range(codes.shape[0]):
+        length = int(mask[b, 0].sum())
+        own[b, :, :length] = model.lm.compute_predictions(
+            codes[b:b + 1, :, :length], [],
+            model.condition_tensors(emb[b:b + 1], emask[b:b + 1])).mask[0]
+    valid = out.mask & mask & own                             # [B, K, T]
     K = codes.shape[1]
     targets = codes.clone()
     if method.name == "rl":  # forget tokens -> the op's documented random labels

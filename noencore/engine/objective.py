@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from noencore.methods import Method, Rows
-from noencore.models.adapter import codebook_rows, pattern_index
+from noencore.models.adapter import codebook_rows, pattern_index, pattern_mask
 
 
 def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> tor
     all-reduce it to normalise means by the *global* batch.
     """
     _, valid = pattern_index(lm, mask.shape[-1], mask.device)
-    per_row = (mask & valid).sum(dim=(1, 2)).double()
+    per_row = (pattern_mask(lm, mask.bool()) & valid).sum(dim=(1, 2)).double()
     rows = (forget & (per_row > 0)).sum().double()
     return torch.stack([per_row[forget].sum(), per_row[~forget].sum(), rows])
 
