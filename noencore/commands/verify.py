@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from noencore.data.shards import TokenShards
 
     shards = TokenShards(args.out_dir, verify=True)  # raises NoencoreError naming the file
-    n_files = len(shards._store.checksums)
+    n_files = len(shards.files)
     print(f"{args.out_dir}: OK ({n_files} files, {len(shards)} segments, "
           f"{shards.hours:.3f} h, format version {shards.header.format_version})")
     return 0

@@ -162,6 +162,11 @@ class TokenShards:
         return self._store.header
 
     @property
+    def files(self) -> list[str]:
+        """Names of the files that checksums.json lists (header, index, failures, shards)."""
+        return sorted(self._store.checksums)
+
+    @property
     def failures(self) -> list[dict[str, Any]]:
         """The failures report of the precompute run (one record per failed manifest item)."""
         return self._store.failures
