@@ -25,7 +25,6 @@ for testing precompute's failure report: see :data:`BROKEN_KINDS` and :func:`bro
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from noencore.fileio import sha256_file
 
 MANIFEST_NAME = "manifest.jsonl"
 _TABLE = 4096  # samples per period in the additive wavetables
@@ -305,14 +306,6 @@ def caption_for(style: ArtistStyle, meta: dict[str, Any]) -> str:
     return f"{mood} {style.genre} track with {body}, {bpm} bpm, {meta['key']}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ogg_crc_table() -> list[int]:
     table = []
     for i in range(256):
@@ -461,7 +454,7 @@ def make_demo_corpus(
             "id": clip_id, "path": rel, "caption": caption_for(style, meta), "split": split,
             "artist": style.name, "license": style.license, "genre": style.genre,
             "tempo": meta["tempo"], "key": meta["key"], "sample_rate": sr, "channels": 2 if stereo else 1,
-            "seconds": length, "format": fmt, "sha256": _sha256(out / rel),
+            "seconds": length, "format": fmt, "sha256": sha256_file(out / rel),
         })
     if broken:
         records.extend(_write_broken(out, sample_rate, np.random.default_rng([seed, 10**6])))
@@ -513,7 +506,7 @@ def _write_broken(out: Path, sr: int, rng: np.random.Generator) -> list[dict[str
             "id": f"broken-{kind}", "path": rel, "caption": f"broken test entry ({kind})", "split": "remain",
             "artist": "Broken Fixture", "license": "CC0-1.0 (synthetic)", "genre": "test", "tempo": 0,
             "key": "", "sample_rate": sr, "channels": 1, "seconds": 0.0, "format": fmt, "broken": kind,
-            "sha256": _sha256(path) if path.exists() else "",
+            "sha256": sha256_file(path) if path.exists() else "",
         })
     return records
 

@@ -19,14 +19,12 @@ the journal records are dropped on resume.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from noencore.errors import NoencoreError
+from noencore.fileio import atomic_write, fsync_dir, sha256_file  # noqa: F401 (re-exported)
 
 FORMAT = "noencore-token-shards"
 FORMAT_VERSION = 1
@@ -37,45 +35,10 @@ CHECKSUMS = "checksums.json"
 JOURNAL = "journal.jsonl"
 CODES_DTYPE = "int16"
 CODE_BYTES = 2
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.codes"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name + fsync + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:

@@ -7,7 +7,6 @@ manifest lists files that exist with the recorded checksums.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,16 +14,9 @@ import tempfile
 from pathlib import Path
 
 from noencore.errors import NoencoreError
+from noencore.fileio import sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -44,7 +36,7 @@ def commit(tmp: Path, step: int, extra: dict | None = None, keep: int = 2) -> Pa
     Older checkpoints beyond the ``keep`` most recent are removed after the rename.
     """
     tmp = Path(tmp)
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"step": int(step), "files": files, **(extra or {})}
     with open(tmp / MANIFEST, "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -77,7 +69,7 @@ def verify(folder: Path) -> dict:
         raise NoencoreError(f"{folder}: unreadable checkpoint manifest ({exc})") from exc
     for name, digest in manifest["files"].items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise NoencoreError(f"{path}: missing or corrupt (checksum mismatch); delete "
                                 f"{folder} to resume from an older checkpoint")
     return manifest

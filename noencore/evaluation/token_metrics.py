@@ -11,7 +11,6 @@ statistics themselves are always computed in fp32.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 
 from noencore.errors import NoencoreError
 from noencore.evaluation.mia import ItemTokens, compressed_size
+from noencore.fileio import sha256_file
 
 #: arrays saved per set in token_stats.npz
 _FIELDS = ("nll", "correct", "logp_mean", "logp_var", "item", "codebook")
@@ -153,13 +153,13 @@ def save_stats(path: str | os.PathLike, stats: dict[str, SetStats], meta: dict[s
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    from noencore.data.layout import atomic_write
+    from noencore.fileio import atomic_write
 
     # the checksum lands after the data: a crash in between leaves a file load_stats refuses
     atomic_write(path.parent / (path.name + ".sha256"), (digest + "\n").encode())
@@ -177,7 +177,7 @@ def load_stats(path: str | os.PathLike) -> tuple[dict[str, SetStats], dict[str, 
     if not path.is_file() or not side.is_file():
         raise NoencoreError(f"{path}: no cached token statistics (token_stats.npz and its .sha256); "
                             "give a folder written by `noencore evaluate` or a model")
-    if _sha256(path) != side.read_text().strip():
+    if sha256_file(path) != side.read_text().strip():
         raise NoencoreError(f"{path}: checksum mismatch (corrupt or half-written); rerun the "
                             "evaluation that wrote it")
     with np.load(path) as z:
@@ -193,9 +193,3 @@ def load_stats(path: str | os.PathLike) -> tuple[dict[str, SetStats], dict[str, 
     return stats, meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from noencore.errors import NoencoreError
+from noencore.fileio import atomic_write
 
 CACHE_FORMAT = 1
 TINY_T5_VERSION = 1  # bump when the tiny encoder's recipe changes: the cache folder is keyed by it
@@ -47,20 +48,6 @@ _TINY_T5_CORPUS = [
 def caption_key(caption: str) -> str:
     """The cache key of a caption: hex sha256 of its UTF-8 bytes, first 32 characters."""
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def encoder_fingerprint(name: str) -> str:
@@ -282,7 +269,7 @@ def build_condition_cache(folder: str | os.PathLike, captions: Iterable[str], en
                                 f"(dim {meta.get('dim')}), not {encoder!r}; use another folder "
                                 "or delete this one")
     else:
-        _write_atomic_bytes(index, json.dumps(
+        atomic_write(index, json.dumps(
             {"format": CACHE_FORMAT, "encoder": encoder, "dim": enc.dim,
              "fingerprint": encoder_fingerprint(encoder)}).encode())
     todo = sorted({c for c in captions if not (folder / f"{caption_key(c)}.safetensors").exists()})
@@ -295,5 +282,5 @@ def build_condition_cache(folder: str | os.PathLike, captions: Iterable[str], en
             blob = save({"embeds": embeds, "mask": mask},
                         metadata={"caption": cap, "encoder": encoder,
                                   "sha256": _tensor_digest(embeds, mask)})
-            _write_atomic_bytes(folder / f"{caption_key(cap)}.safetensors", blob)
+            atomic_write(folder / f"{caption_key(cap)}.safetensors", blob)
     return ConditionCache(folder)
