@@ -41,8 +41,16 @@ class DemoConfig:
     seed: int = 0
     memorise_steps: int = 300
     memorise_lr: float = 3e-3
+    memorise_weight_decay: float = 0.0
     unlearn_steps: int = 60
     unlearn_lr: float = 1e-3
+    unlearn_forget_ratio: float = 0.5
+    # "matched": stop once the model's forget NLL reaches its own NLL on the unseen tracks
+    # of the same artist (measured every `check_every` steps on the whole sets);
+    # "fixed": stop once the training batches' forget NLL reaches the memorised model's
+    # unseen-track NLL (one number, fixed before unlearning).
+    stop: str = "matched"
+    check_every: int = 2
     batch_size: int = 16
     frames: int = 250          # 5 s windows (50 frames/s)
     methods: tuple[tuple[str, dict[str, Any]], ...] = DEFAULT_METHODS
@@ -113,6 +121,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     if fresh or not (memorised / "model" / "state_dict.bin").exists():
         unlearn("tiny", shards, forget="forget", remain="remain", method="finetune",
                 steps=cfg.memorise_steps, lr=cfg.memorise_lr, batch_size=cfg.batch_size,
+                weight_decay=cfg.memorise_weight_decay,
                 forget_ratio=0.5, frames=cfg.frames, seed=cfg.seed, out=memorised,
                 checkpoint_every=100, resume=(memorised / "checkpoints").exists() and not fresh,
                 grad_clip=1.0)
@@ -139,11 +148,15 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
         t0 = _stage(f"5/6 unlearn [{i + 1}/{len(cfg.methods)}]: {name} {options or ''}")
         run_dir = out / "models" / name
         if fresh or not (run_dir / "model" / "state_dict.bin").exists():
-            unlearn(str(memorised / "model"), shards, forget="forget", remain="remain",
-                    method=name, method_options=options, steps=cfg.unlearn_steps,
-                    lr=cfg.unlearn_lr, batch_size=cfg.batch_size, forget_ratio=0.5,
-                    frames=cfg.frames, seed=cfg.seed, out=run_dir, grad_clip=1.0,
-                    target_forget_nll=target_nll)
+            kw = dict(method=name, method_options=options, steps=cfg.unlearn_steps,
+                      lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
+                      forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
+                      seed=cfg.seed, out=run_dir, grad_clip=1.0)
+            if cfg.stop == "fixed":
+                unlearn(reference, shards, forget="forget", remain="remain",
+                        target_forget_nll=target_nll, **kw)
+            else:
+                _unlearn_until_matched(reference, shards, sets, cfg, run_dir, kw)
         results[name] = run_dir / "model"
         _done(t0, f"{name}: {run_dir}")
 
@@ -170,35 +183,92 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     return report_md
 
 
-def _summary_row(rep: dict) -> dict[str, float]:
-    tok, mia = rep["token"], rep["mia"]
+def _auc(mia: dict, when: str, which: str) -> float | None:
+    """The LOSS-attack AUC of one set, or None where it was not computed (too few items:
+    the block then holds only a note; or an undefined AUC)."""
+    block = (mia.get(when) or {}).get(which) or {}
+    value = block.get("loss")
+    return None if value is None else float(value)
+
+
+class _Matched(Exception):
+    """Raised from the step callback once the forget set is no likelier than the holdout."""
+
+
+def _unlearn_until_matched(reference: str, shards: Any, sets: dict, cfg: DemoConfig,
+                           run_dir: Path, kw: dict) -> None:
+    """Unlearn from ``reference`` until the model's token NLL on the whole forget set
+    reaches its NLL on the opt-out artist's unseen tracks (both measured every
+    ``cfg.check_every`` steps with the current weights), or ``cfg.unlearn_steps``.
+
+    Unlearning one artist's tracks raises the NLL of that artist's other tracks too, so a
+    target fixed before unlearning stops too early; matching the two under the current
+    model is what "as unlikely as music it never saw" means.
+    """
+    from noencore.engine.loop import unlearn
+    from noencore.evaluation.evaluate import evaluate
+    from noencore.models import load_musicgen, save_musicgen
+
+    model = load_musicgen(reference)
+    probe = {"forget": sets["forget"], "holdout": sets["holdout"]}
+
+    def check(step: int, rec: dict) -> None:
+        if step % cfg.check_every:
+            return
+        rep = evaluate(model, probe, metrics=["token"], batch_size=cfg.batch_size,
+                       frames=cfg.frames, precision="fp32", progress=False)
+        model.lm.train()
+        nll = {k: rep["token"]["after"][k]["nll"] for k in probe}
+        if nll["forget"] >= nll["holdout"]:
+            print(f"   step {step}: forget NLL {nll['forget']:.3f} >= unseen same-artist "
+                  f"NLL {nll['holdout']:.3f}: stop", flush=True)
+            raise _Matched
+
+    try:
+        unlearn(model, shards, forget="forget", remain="remain", on_step=check, save=False,
+                **kw)
+    except _Matched:
+        pass
+    save_musicgen(model, run_dir / "model")
+
+
+def _summary_row(rep: dict) -> dict[str, float | None]:
+    tok, mia = rep["token"], rep.get("mia") or {}
     return {
         "forget_nll_before": tok["before"]["forget"]["nll"],
         "forget_nll_after": tok["after"]["forget"]["nll"],
         "remain_nll_before": tok["before"]["remain"]["nll"],
         "remain_nll_after": tok["after"]["remain"]["nll"],
-        "forget_mia_auc_before": mia["before"]["forget"]["loss"],
-        "forget_mia_auc_after": mia["after"]["forget"]["loss"],
-        "remain_mia_auc_after": mia["after"]["remain"]["loss"],
+        "holdout_nll_before": tok["before"]["holdout"]["nll"],
+        "holdout_nll_after": tok["after"]["holdout"]["nll"],
+        "forget_mia_auc_before": _auc(mia, "before", "forget"),
+        "forget_mia_auc_after": _auc(mia, "after", "forget"),
+        "remain_mia_auc_after": _auc(mia, "after", "remain"),
     }
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def summary_table(reports: dict[str, dict]) -> str:
-    """One Markdown row per method: forget/remain NLL and forget MIA AUC, before -> after."""
-    lines = ["| method | forget NLL ↑ | remain NLL (Δ%) ≈ | forget MIA AUC (LOSS) →0.5 | "
-             "remain MIA AUC | verdict |",
-             "|---|---|---|---|---|---|"]
+    """One Markdown row per method: forget/remain/holdout NLL and forget MIA AUC, before -> after."""
+    lines = ["| method | forget NLL ↑ | unseen same-artist NLL | remain NLL (Δ%) ≈ | "
+             "forget MIA AUC (LOSS) →0.5 | remain MIA AUC | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         s = _summary_row(rep)
         d_remain = 100.0 * (s["remain_nll_after"] / s["remain_nll_before"] - 1.0)
-        forgot = abs(s["forget_mia_auc_after"] - 0.5) <= 0.1 and \
+        auc = s["forget_mia_auc_after"]
+        forgot = auc is not None and abs(auc - 0.5) <= 0.1 and \
             s["forget_nll_after"] > s["forget_nll_before"]
         kept = abs(d_remain) <= 10.0
         verdict = {(True, True): "forgot, remain kept", (True, False): "forgot, remain damaged",
                    (False, True): "not forgotten", (False, False): "not forgotten, damaged"}
         lines.append(
             f"| {name} | {s['forget_nll_before']:.3f} → {s['forget_nll_after']:.3f} | "
+            f"{s['holdout_nll_before']:.3f} → {s['holdout_nll_after']:.3f} | "
             f"{s['remain_nll_before']:.3f} → {s['remain_nll_after']:.3f} ({d_remain:+.1f}%) | "
-            f"{s['forget_mia_auc_before']:.3f} → {s['forget_mia_auc_after']:.3f} | "
-            f"{s['remain_mia_auc_after']:.3f} | {verdict[(forgot, kept)]} |")
+            f"{_fmt(s['forget_mia_auc_before'])} → {_fmt(auc)} | "
+            f"{_fmt(s['remain_mia_auc_after'])} | {verdict[(forgot, kept)]} |")
     return "\n".join(lines)
