@@ -3,19 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_data_corpus import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from noencore.data.codec import load_codec
 from noencore.errors import NoencoreError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, OpenMP spin-waits make tiny convs 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")

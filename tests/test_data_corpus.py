@@ -153,3 +153,15 @@ def test_decode_failures_name_the_reason(tmp_path):
         with pytest.raises(AudioError, match=reason) as exc:
             decode_file(tmp_path / name, 32000, 640)
         assert name in str(exc.value) and "BytesIO" not in str(exc.value)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread for the data tests (imported by each data test module): on a
+    shared, loaded CPU, OpenMP spin-waits make tiny convolutions up to 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

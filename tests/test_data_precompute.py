@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_corpus import BROKEN, GOOD, make_corpus
+from test_data_corpus import (
+    BROKEN,
+    GOOD,
+    make_corpus,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+)
 
 from noencore.cli import main as cli_main
 from noencore.data import layout
@@ -23,13 +28,6 @@ from noencore.errors import NoencoreError
 
 OPTS = dict(codec="tiny", segment_seconds=0.5, batch_size=2, progress=False)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, OpenMP spin-waits make tiny convs 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -7,7 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_data_corpus import GOOD, make_corpus
+from test_data_corpus import (
+    GOOD,
+    make_corpus,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+)
 
 from noencore.cli import main as cli_main
 from noencore.data import layout
@@ -19,15 +23,6 @@ from noencore.data.shards import TokenShards
 from noencore.errors import NoencoreError
 
 SEG = 0.5  # seconds: several segments per file, and a short tail for most
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, OpenMP spin-waits make tiny convs 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")
