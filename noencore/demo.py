@@ -25,8 +25,10 @@ HOLDOUT = "holdout_optout"  # split of the demo corpus (noencore.demo_corpus)
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0}),
-    ("npo", {"beta": 0.5}),
+    ("npo", {"beta": 0.01}),
     ("graddiff", {}),
+    ("bounded_ga", {"loss_cap": 8.0, "remain_weight": 1.0}),
+    ("simnpo", {"beta": 0.5}),
 )
 
 
@@ -41,8 +43,12 @@ class DemoConfig:
     seed: int = 0
     memorise_steps: int = 300
     memorise_lr: float = 3e-3
-    memorise_weight_decay: float = 0.0
+    # weight decay (AdamW) holds the memorised model at an equilibrium: remain NLL settles
+    # at a moderate value instead of creeping to ~0, so unlearning with the same decay and a
+    # remain term keeps it there (and "within 10%" is not a ratio of two tiny numbers)
+    memorise_weight_decay: float = 1.0
     unlearn_steps: int = 60
+    unlearn_weight_decay: float = 1.0
     unlearn_lr: float = 1e-3
     unlearn_forget_ratio: float = 0.5
     # "matched": stop once the model's forget NLL reaches its own NLL on the unseen tracks
@@ -72,6 +78,30 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _claim(folder: Path, settings: dict, fresh: bool) -> bool:
+    """Whether ``folder`` may keep what an earlier run put there: only when that run used
+    the same ``settings`` (stored beside it, in ``.<name>.stage.json``: some stages want
+    their folder to hold nothing else). Otherwise (or when
+    ``fresh``) the folder is emptied, so that a changed configuration is never served
+    stale results; the settings are written before the stage runs, so an interrupted
+    stage with the same settings resumes."""
+    import shutil
+
+    stamp = folder.parent / f".{folder.name}.stage.json"
+    key = json.loads(json.dumps(settings, default=str))
+    if not fresh and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == key:
+                return True
+        except json.JSONDecodeError:
+            pass
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(stamp, key)
+    return False
+
+
 def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = None,
              *, fresh: bool = False) -> Path:
     """Run the whole opt-out pipeline on a synthetic corpus; return the path of report.md."""
@@ -80,12 +110,16 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     from noencore.data.precompute import precompute
     from noencore.data.shards import TokenShards
     from noencore.demo_corpus import make_demo_corpus
+    from noencore.engine import checkpoint as ckpt
     from noencore.engine.loop import unlearn
+    from noencore.errors import UsageError
     from noencore.evaluation.evaluate import evaluate
     from noencore.models.musicgen import text_encoder_name
     from noencore.models.text import build_condition_cache
 
     cfg = config or DemoConfig()
+    if cfg.stop not in ("matched", "fixed"):
+        raise UsageError(f"DemoConfig.stop must be 'matched' or 'fixed', got {cfg.stop!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -94,7 +128,10 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # 1. corpus
     t0 = _stage("1/6 corpus: synthesising music with an opt-out artist")
     manifest = out / "corpus" / "manifest.jsonl"
-    if fresh or not manifest.exists():
+    corpus_key = {"n_clips": cfg.n_clips, "seconds": cfg.seconds, "seed": cfg.seed,
+                  "forget_fraction": cfg.forget_fraction, "optout_holdout": cfg.optout_holdout}
+    corpus_kept = _claim(out / "corpus", corpus_key, fresh)
+    if not corpus_kept or not manifest.exists():
         manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips, seconds=cfg.seconds,
                                     seed=cfg.seed, forget_fraction=cfg.forget_fraction,
                                     optout_holdout=cfg.optout_holdout)
@@ -103,6 +140,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # 2. shards (precompute is itself resumable and a no-op when finished)
     t0 = _stage("2/6 precompute: EnCodec tokens into memory-mapped shards")
     shards_dir = out / "shards"
+    _claim(shards_dir, {"corpus": corpus_key, "frames": cfg.frames}, fresh or not corpus_kept)
     precompute(manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
                batch_size=8, workers=1)
     shards = TokenShards(shards_dir)
@@ -118,12 +156,17 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # 4. the starting point: a model that memorised forget + remain
     t0 = _stage("4/6 fine-tune a tiny MusicGen on forget + remain (memorisation)")
     memorised = out / "models" / "memorised"
-    if fresh or not (memorised / "model" / "state_dict.bin").exists():
+    memorise_key = {"corpus": corpus_key, "steps": cfg.memorise_steps, "lr": cfg.memorise_lr,
+                    "weight_decay": cfg.memorise_weight_decay, "batch_size": cfg.batch_size,
+                    "frames": cfg.frames}
+    memorised_kept = _claim(memorised, memorise_key, fresh)
+    if not memorised_kept or not (memorised / "model" / "state_dict.bin").exists():
         unlearn("tiny", shards, forget="forget", remain="remain", method="finetune",
                 steps=cfg.memorise_steps, lr=cfg.memorise_lr, batch_size=cfg.batch_size,
                 weight_decay=cfg.memorise_weight_decay,
                 forget_ratio=0.5, frames=cfg.frames, seed=cfg.seed, out=memorised,
-                checkpoint_every=100, resume=(memorised / "checkpoints").exists() and not fresh,
+                checkpoint_every=100, resume=ckpt.latest_checkpoint(memorised / "checkpoints")
+                is not None,
                 grad_clip=1.0)
     _done(t0, f"memorised model: {memorised / 'model'}")
     reference = str(memorised / "model")
@@ -132,26 +175,36 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     sets = {"forget": shards.select(split="forget"), "remain": shards.select(split="remain"),
             "holdout": shards.select(split=HOLDOUT)}
     # Stop criterion: unlearn until the forget set is as unlikely as music of the same
-    # artist that was never trained on (the memorised model's holdout NLL), not further:
-    # pushing past it makes forget items stand out again (AUC -> 0 instead of 0.5).
+    # artist that was never trained on, not further: pushing past it makes forget items
+    # stand out again (AUC -> 0 instead of 0.5). "matched" (default) compares the two under
+    # the model being unlearned (unlearning an artist raises the NLL of its unseen tracks
+    # too); "fixed" uses the memorised model's NLL of the unseen tracks.
     # (evaluated once; its cached statistics are the "before" of every method's report)
     ref_stats = out / "reports" / "memorised"
     base = evaluate(reference, sets, batch_size=cfg.batch_size, frames=cfg.frames,
                     out=ref_stats, progress=False)
     target_nll = float(base["token"]["after"]["holdout"]["nll"])
     print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
-          f"NLL {target_nll:.3f}: unlearning stops when forget NLL reaches it")
+          f"NLL {target_nll:.3f}; unlearning stops when forget NLL reaches "
+          + ("it" if cfg.stop == "fixed" else "the unseen tracks' NLL under the unlearned model"))
 
     # 5. unlearn with each method from the same starting model
     results: dict[str, Path] = {}
     for i, (name, options) in enumerate(cfg.methods):
         t0 = _stage(f"5/6 unlearn [{i + 1}/{len(cfg.methods)}]: {name} {options or ''}")
         run_dir = out / "models" / name
-        if fresh or not (run_dir / "model" / "state_dict.bin").exists():
+        run_key = {"memorised": memorise_key, "method": name, "options": options,
+                   "steps": cfg.unlearn_steps, "lr": cfg.unlearn_lr,
+                   "weight_decay": cfg.unlearn_weight_decay,
+                   "forget_ratio": cfg.unlearn_forget_ratio, "stop": cfg.stop,
+                   "check_every": cfg.check_every}
+        kept = _claim(run_dir, run_key, fresh or not memorised_kept)
+        if not kept or not (run_dir / "model" / "state_dict.bin").exists():
             kw = dict(method=name, method_options=options, steps=cfg.unlearn_steps,
                       lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                       forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
-                      seed=cfg.seed, out=run_dir, grad_clip=1.0)
+                      weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
+                      grad_clip=1.0)
             if cfg.stop == "fixed":
                 unlearn(reference, shards, forget="forget", remain="remain",
                         target_forget_nll=target_nll, **kw)
