@@ -26,7 +26,7 @@ class NPO(Method):
     def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, remain_weight: float = 1.0):
         super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
         if beta <= 0:
-            raise ValueError(f"NPO beta must be positive, got {beta}")
+            raise ValueError(f"{type(self).__name__} beta must be positive, got {beta}")
         self.beta = float(beta)
 
     def margin(self, rows: Rows) -> torch.Tensor:
@@ -35,11 +35,16 @@ class NPO(Method):
             raise ValueError("NPO needs the reference NLL of the forget rows (ref_nll)")
         return self.beta * (rows.ref_nll - rows.seq_nll())
 
+    def token_scale(self, rows: Rows) -> torch.Tensor | float:
+        """d margin / d CE_token, up to the factor -beta (per row: float32 [B], or 1)."""
+        return 1.0
+
     def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
         forget = rows.forget
         n_f = max(rows.forget_rows, 1.0)  # global: ranks see part of the batch
         m = self.margin(rows)
-        seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m)          # dL/dS per row
+        # dL/dCE_token per row: the softplus' derivative times d margin / d CE_token
+        seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m) * self.token_scale(rows)
         w = torch.where(rows.is_forget, seq_w[rows.item],
                         torch.full_like(seq_w[rows.item],
                                         self.remain_weight / max(rows.remain_tokens, 1.0)))

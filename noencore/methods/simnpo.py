@@ -10,33 +10,29 @@ dL/dCE_token = -(2 / (n_forget_rows * |x|)) * sigmoid(gamma - beta * s(x)).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from noencore.methods.base import Method, Rows
+from noencore.methods.base import Rows
+from noencore.methods.npo import NPO
 
 
-class SimNPO(Method):
+class SimNPO(NPO):
+    """NPO whose margin is the length-normalised NLL against a fixed ``gamma``."""
+
     name = "simnpo"
+    needs_reference = False
 
     def __init__(self, beta: float = 2.5, gamma: float = 0.0, forget_weight: float = 1.0,
                  remain_weight: float = 1.0):
-        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
-        if beta <= 0:
-            raise ValueError(f"SimNPO beta must be positive, got {beta}")
-        self.beta, self.gamma = float(beta), float(gamma)
+        super().__init__(beta=beta, forget_weight=forget_weight, remain_weight=remain_weight)
+        self.gamma = float(gamma)
 
-    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
-        forget = rows.forget
-        n_f = max(rows.forget_rows, 1.0)  # global: ranks see part of the batch
-        length = rows.seq_tokens().clamp_min(1.0)
-        z = self.gamma - self.beta * rows.seq_nll() / length
-        seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(z) / length
-        w = torch.where(rows.is_forget, seq_w[rows.item],
-                        torch.full_like(seq_w[rows.item],
-                                        self.remain_weight / max(rows.remain_tokens, 1.0)))
-        sim = float((2.0 / self.beta) * (F.softplus(z) * forget).sum() / n_f)
-        remain = float((rows.nll * ~rows.is_forget).sum() / max(rows.remain_tokens, 1.0))
-        return w.float(), self.forget_weight * sim + self.remain_weight * remain
+    def margin(self, rows: Rows) -> torch.Tensor:
+        """float32 [B]: gamma - beta * s(x), s the row's mean token NLL."""
+        return self.gamma - self.beta * rows.seq_nll() / rows.seq_tokens().clamp_min(1.0)
+
+    def token_scale(self, rows: Rows) -> torch.Tensor:
+        """float32 [B]: 1 / |x| (the margin uses the row's mean NLL)."""
+        return 1.0 / rows.seq_tokens().clamp_min(1.0)
 
     def describe(self) -> dict:
-        return {**super().describe(), "beta": self.beta, "gamma": self.gamma}
+        return {**super().describe(), "gamma": self.gamma}
