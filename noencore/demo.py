@@ -19,44 +19,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HOLDOUT = "holdout_optout"  # split of the demo corpus (noencore.demo_corpus)
+HOLDOUT = "holdout_optout"  # splits of the demo corpus (noencore.demo_corpus)
+VALID = "valid_optout"
+STOP_RULES = ("auc", "matched", "fixed")
 
-# (method, options): the study's two methods and the engine's own, the same budget each.
+# (method, options): the study's two methods, then the engine's best on this corpus: GA
+# bounded per row at the level of the artist's unseen tracks (row_target "unseen": moved
+# with that level at every check) with the remain set anchored at the memorised model's
+# NLL. Options the demo reads itself: "steps" (this method's step budget).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
-    ("rl", {"remain_weight": 1.0}),
-    ("npo", {"beta": 0.01}),
-    ("graddiff", {}),
-    ("bounded_ga", {"loss_cap": 8.0, "remain_weight": 1.0}),
-    ("simnpo", {"beta": 0.5}),
+    ("rl", {"remain_weight": 1.0, "steps": 60}),
+    ("bounded_ga", {"loss_cap": None, "row_target": "unseen", "remain_weight": 3.0,
+                    "remain_anchor": True}),
 )
+_DEMO_OPTIONS = ("steps",)
 
 
 @dataclass
 class DemoConfig:
     """Sizes of the demo; the defaults run in a few minutes on 2 CPU cores."""
 
-    n_clips: int = 40
-    seconds: tuple[float, float] = (4.0, 6.0)
-    forget_fraction: float = 0.4    # share of clips by the opt-out artist...
-    optout_holdout: float = 0.5     # ...half of which are never trained on (MIA non-members)
+    n_clips: int = 144
+    seconds: tuple[float, float] = (3.5, 5.0)  # one 5 s window per clip
+    forget_fraction: float = 0.5    # share of clips by the opt-out artist: a third of them
+    optout_holdout: float = 1 / 3   # never trained on, the MIA non-members (test)...
+    optout_valid: float = 1 / 3     # ...and a third never trained on, for the stop rule
     seed: int = 0
-    memorise_steps: int = 300
+    memorise_steps: int = 350
     memorise_lr: float = 3e-3
     # weight decay (AdamW) holds the memorised model at an equilibrium: remain NLL settles
     # at a moderate value instead of creeping to ~0, so unlearning with the same decay and a
     # remain term keeps it there (and "within 10%" is not a ratio of two tiny numbers)
     memorise_weight_decay: float = 1.0
-    unlearn_steps: int = 60
+    unlearn_steps: int = 150
     unlearn_weight_decay: float = 1.0
     unlearn_lr: float = 1e-3
     unlearn_forget_ratio: float = 0.5
-    # "matched": stop once the model's forget NLL reaches its own NLL on the unseen tracks
-    # of the same artist (measured every `check_every` steps on the whole sets);
-    # "fixed": stop once the training batches' forget NLL reaches the memorised model's
-    # unseen-track NLL (one number, fixed before unlearning).
-    stop: str = "matched"
-    check_every: int = 2
+    # When to stop unlearning (every rule reads the validation tracks, never the holdout
+    # that the report's membership inference scores):
+    # "auc": once a loss-based membership-inference attack can no longer tell the forget
+    #   set from the opt-out artist's validation tracks (their AUC <= stop_auc), measured
+    #   with the current weights every `check_every` steps;
+    # "matched": once the forget set's mean NLL reaches the validation tracks' mean NLL
+    #   under the current weights;
+    # "fixed": once the training batches' forget NLL reaches the memorised model's
+    #   validation NLL (one number, fixed before unlearning).
+    stop: str = "auc"
+    stop_auc: float = 0.5
+    check_every: int = 1
     batch_size: int = 16
     frames: int = 250          # 5 s windows (50 frames/s)
     methods: tuple[tuple[str, dict[str, Any]], ...] = DEFAULT_METHODS
@@ -118,8 +129,8 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     from noencore.models.text import build_condition_cache
 
     cfg = config or DemoConfig()
-    if cfg.stop not in ("matched", "fixed"):
-        raise UsageError(f"DemoConfig.stop must be 'matched' or 'fixed', got {cfg.stop!r}")
+    if cfg.stop not in STOP_RULES:
+        raise UsageError(f"DemoConfig.stop must be one of {STOP_RULES}, got {cfg.stop!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -129,12 +140,14 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     t0 = _stage("1/6 corpus: synthesising music with an opt-out artist")
     manifest = out / "corpus" / "manifest.jsonl"
     corpus_key = {"n_clips": cfg.n_clips, "seconds": cfg.seconds, "seed": cfg.seed,
-                  "forget_fraction": cfg.forget_fraction, "optout_holdout": cfg.optout_holdout}
+                  "forget_fraction": cfg.forget_fraction, "optout_holdout": cfg.optout_holdout,
+                  "optout_valid": cfg.optout_valid}
     corpus_kept = _claim(out / "corpus", corpus_key, fresh)
     if not corpus_kept or not manifest.exists():
         manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips, seconds=cfg.seconds,
                                     seed=cfg.seed, forget_fraction=cfg.forget_fraction,
-                                    optout_holdout=cfg.optout_holdout)
+                                    optout_holdout=cfg.optout_holdout,
+                                    optout_valid=cfg.optout_valid)
     _done(t0, f"manifest: {manifest}")
 
     # 2. shards (precompute is itself resumable and a no-op when finished)
@@ -144,7 +157,7 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     precompute(manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
                batch_size=8, workers=1)
     shards = TokenShards(shards_dir)
-    counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT)}
+    counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT, VALID)}
     _done(t0, f"shards: {shards_dir} {counts}")
 
     # 3. text conditions: T5 runs once per caption, never during training
@@ -174,19 +187,29 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # membership inference must not tell apart from the forget set once it is forgotten.
     sets = {"forget": shards.select(split="forget"), "remain": shards.select(split="remain"),
             "holdout": shards.select(split=HOLDOUT)}
+    valid = shards.select(split=VALID) if counts[VALID] else sets["holdout"]
+    if not counts[VALID]:
+        print(f"   no {VALID} clips (optout_valid=0): the stop rule reads the holdout")
     # Stop criterion: unlearn until the forget set is as unlikely as music of the same
     # artist that was never trained on, not further: pushing past it makes forget items
-    # stand out again (AUC -> 0 instead of 0.5). "matched" (default) compares the two under
-    # the model being unlearned (unlearning an artist raises the NLL of its unseen tracks
-    # too); "fixed" uses the memorised model's NLL of the unseen tracks.
+    # stand out again (AUC -> 0 instead of 0.5). Measured on validation tracks of the
+    # artist, under the model being unlearned (unlearning an artist raises the NLL of its
+    # unseen tracks too), so the holdout stays a test set.
     # (evaluated once; its cached statistics are the "before" of every method's report)
     ref_stats = out / "reports" / "memorised"
     base = evaluate(reference, sets, batch_size=cfg.batch_size, frames=cfg.frames,
                     out=ref_stats, progress=False)
-    target_nll = float(base["token"]["after"]["holdout"]["nll"])
+    before = evaluate(reference, {"forget": sets["forget"], "holdout": valid},
+                      metrics=["token"], batch_size=cfg.batch_size, frames=cfg.frames,
+                      progress=False)
+    target_nll = float(before["token"]["after"]["holdout"]["nll"])
+    rule = {"auc": f"a loss attack's AUC, forget vs the artist's validation tracks, is <= "
+                   f"{cfg.stop_auc}",
+            "matched": "forget NLL reaches the validation tracks' NLL under the unlearned model",
+            "fixed": f"forget NLL reaches {target_nll:.3f}"}[cfg.stop]
     print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
-          f"NLL {target_nll:.3f}; unlearning stops when forget NLL reaches "
-          + ("it" if cfg.stop == "fixed" else "the unseen tracks' NLL under the unlearned model"))
+          f"NLL {base['token']['after']['holdout']['nll']:.3f} (holdout), {target_nll:.3f} "
+          f"(validation); unlearning stops when {rule}")
 
     # 5. unlearn with each method from the same starting model
     results: dict[str, Path] = {}
@@ -197,10 +220,14 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
                    "steps": cfg.unlearn_steps, "lr": cfg.unlearn_lr,
                    "weight_decay": cfg.unlearn_weight_decay,
                    "forget_ratio": cfg.unlearn_forget_ratio, "stop": cfg.stop,
-                   "check_every": cfg.check_every}
+                   "stop_auc": cfg.stop_auc, "check_every": cfg.check_every}
         kept = _claim(run_dir, run_key, fresh or not memorised_kept)
         if not kept or not (run_dir / "model" / "state_dict.bin").exists():
-            kw = dict(method=name, method_options=options, steps=cfg.unlearn_steps,
+            method_options = {k: v for k, v in options.items() if k not in _DEMO_OPTIONS}
+            if method_options.get("row_target") == "unseen":
+                method_options["row_target"] = target_nll  # moved at every check
+            kw = dict(method=name, method_options=method_options,
+                      steps=int(options.get("steps", cfg.unlearn_steps)),
                       lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                       forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
                       weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
@@ -209,7 +236,8 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
                 unlearn(reference, shards, forget="forget", remain="remain",
                         target_forget_nll=target_nll, **kw)
             else:
-                _unlearn_until_matched(reference, shards, sets, cfg, run_dir, kw)
+                _unlearn_until(reference, shards, {"forget": sets["forget"], "valid": valid},
+                               cache, cfg, run_dir, kw)
         results[name] = run_dir / "model"
         _done(t0, f"{name}: {run_dir}")
 
@@ -225,7 +253,11 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     table = summary_table(reports)
     report_md = out / "report.md"
     tmp = report_md.with_name("report.md.tmp")
+    described = "".join(f"- **{n}**: {o or 'default options'}\n" for n, o in cfg.methods
+                        if n in reports)
     tmp.write_text("# noencore demo: unlearning an opt-out artist\n\n" + table + "\n\n"
+                   "Methods and options (the same memorised start for each; stop rule "
+                   f"{cfg.stop!r}):\n\n" + described + "\n"
                    "Per-method reports (tables, verdicts, NLL histograms, MIA ROC curves): "
                    + ", ".join(f"[{n}](reports/{n}/report.md)" for n in reports) + "\n")
     os.replace(tmp, report_md)
@@ -244,43 +276,113 @@ def _auc(mia: dict, when: str, which: str) -> float | None:
     return None if value is None else float(value)
 
 
-class _Matched(Exception):
-    """Raised from the step callback once the forget set is no likelier than the holdout."""
+def _bisect_crossing(model: Any, before: dict, auc_of: Any, target: float,
+                     iterations: int = 6) -> tuple[float, float]:
+    """Early stopping between two optimizer steps: the weights ``before + a (after -
+    before)`` (``after`` = the model's current weights, a in [0, 1]) whose validation
+    AUC (``auc_of()``) is closest to ``target``, found by bisection on ``a``; the model
+    is left holding them. Returns (AUC, a). One optimizer step can move every forget
+    item's NLL further than the items' spread, so the AUC would otherwise jump from ~1 to
+    ~0 between two checks."""
+    import torch
+
+    after = {k: t.detach().clone() for k, t in model.lm.state_dict().items()}
+
+    def set_to(a: float) -> float:
+        with torch.no_grad():
+            model.lm.load_state_dict({k: (before[k] + a * (after[k] - before[k]))
+                                      if after[k].is_floating_point() else after[k]
+                                      for k in after})
+        return auc_of()
+
+    lo, hi, best = 0.0, 1.0, (float("inf"), 1.0, 1.0)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        auc = set_to(mid)
+        best = min(best, (abs(auc - target), mid, auc))
+        lo, hi = (mid, hi) if auc > target else (lo, mid)
+    set_to(best[1])
+    return best[2], best[1]
 
 
-def _unlearn_until_matched(reference: str, shards: Any, sets: dict, cfg: DemoConfig,
-                           run_dir: Path, kw: dict) -> None:
-    """Unlearn from ``reference`` until the model's token NLL on the whole forget set
-    reaches its NLL on the opt-out artist's unseen tracks (both measured every
-    ``cfg.check_every`` steps with the current weights), or ``cfg.unlearn_steps``.
+def _note(text: str) -> None:
+    """A line printed under the running progress bar, not into it."""
+    from tqdm import tqdm
+
+    tqdm.write(text)
+
+
+class _Stop(Exception):
+    """Raised from the step callback once the stop rule holds."""
+
+
+def _unlearn_until(reference: str, shards: Any, probe: dict, cache: Any, cfg: DemoConfig,
+                   run_dir: Path, kw: dict) -> None:
+    """Unlearn from ``reference`` until the stop rule ``cfg.stop`` ("auc" or "matched")
+    holds between the whole forget set and ``probe["valid"]`` (the opt-out artist's
+    validation tracks), both measured every ``cfg.check_every`` steps with the current
+    weights, or ``cfg.unlearn_steps``.
 
     Unlearning one artist's tracks raises the NLL of that artist's other tracks too, so a
-    target fixed before unlearning stops too early; matching the two under the current
-    model is what "as unlikely as music it never saw" means.
+    target fixed before unlearning stops too early; comparing the two under the current
+    model is what "as unlikely as music it never saw" means. "auc" compares the whole
+    per-item distributions (what a membership-inference attack sees), "matched" only
+    their means.
     """
     from noencore.engine.loop import unlearn
-    from noencore.evaluation.evaluate import evaluate
+    from noencore.evaluation import mia
+    from noencore.evaluation.token_metrics import collect_set_stats
     from noencore.models import load_musicgen, save_musicgen
 
+    from noencore.methods import get_method
+
     model = load_musicgen(reference)
-    probe = {"forget": sets["forget"], "holdout": sets["holdout"]}
+    # an instance, so that the check below can move a row target as the unseen level moves
+    method = get_method(kw["method"], **(kw.get("method_options") or {}))
+    kw = {**kw, "method": method, "method_options": None}
+
+    def item_tokens(name: str) -> mia.ItemTokens:
+        return collect_set_stats(model, probe[name], cache, batch_size=cfg.batch_size,
+                                 frames=cfg.frames, precision="fp32", progress=False).tokens()
+
+    last: dict[str, Any] = {}
+
+    def val_auc() -> float:
+        model.lm.eval()
+        f, v = item_tokens("forget"), item_tokens("valid")
+        model.lm.train()
+        return mia.roc_auc(mia.loss_score(f), mia.loss_score(v), min_items=1)
 
     def check(step: int, rec: dict) -> None:
         if step % cfg.check_every:
             return
-        rep = evaluate(model, probe, metrics=["token"], batch_size=cfg.batch_size,
-                       frames=cfg.frames, precision="fp32", progress=False)
+        model.lm.eval()
+        f, v = item_tokens("forget"), item_tokens("valid")
         model.lm.train()
-        nll = {k: rep["token"]["after"][k]["nll"] for k in probe}
-        if nll["forget"] >= nll["holdout"]:
-            print(f"   step {step}: forget NLL {nll['forget']:.3f} >= unseen same-artist "
-                  f"NLL {nll['holdout']:.3f}: stop", flush=True)
-            raise _Matched
+        nll_f, nll_v = float(mia.mean_nll(f).mean()), float(mia.mean_nll(v).mean())
+        if getattr(method, "row_target", None) is not None:
+            method.row_target = nll_v  # raise forget rows to the unseen tracks' level
+        if cfg.stop == "auc":
+            auc = mia.roc_auc(mia.loss_score(f), mia.loss_score(v), min_items=1)
+            if auc <= cfg.stop_auc:
+                if last:  # one step can move the AUC a long way: find the crossing
+                    auc, where = _bisect_crossing(model, last["state"], val_auc, cfg.stop_auc)
+                    step = f"{step - 1 + where:.2f}"
+                _note(f"   step {step}: loss-attack AUC forget vs validation {auc:.3f} "
+                      f"(stop at {cfg.stop_auc}; NLL {nll_f:.3f} vs {nll_v:.3f} after the "
+                      "whole step): stop")
+                raise _Stop
+            last.update(step=step, auc=auc,
+                        state={k: t.detach().clone() for k, t in model.lm.state_dict().items()})
+        elif nll_f >= nll_v:
+            _note(f"   step {step}: forget NLL {nll_f:.3f} >= validation NLL {nll_v:.3f}: "
+                  "stop")
+            raise _Stop
 
     try:
         unlearn(model, shards, forget="forget", remain="remain", on_step=check, save=False,
                 **kw)
-    except _Matched:
+    except _Stop:
         pass
     save_musicgen(model, run_dir / "model")
 

@@ -8,8 +8,10 @@ files cycle through wav, flac, ogg and mp3, so that precompute meets the variety
 collection.
 
 One artist is the *opt-out* artist: its tracks share one consistent style (fixed key, mode,
-tempo band, FM-bell lead playing a signature motif, the same drum kit and groove), so that
-a model can memorise it; they form the ``forget`` split. The other artists are split into
+tempo band, chord progression, FM-bell lead in the rhythm of a signature motif, the same
+drum kit and groove), while each track has its own melody (the motif's notes moved by a
+step or two, drawn per track), so that a model can memorise its tracks one by one and its
+unseen tracks are like them but not copies of them; they form the ``forget`` split. The other artists are split into
 ``remain`` and ``holdout`` per artist (the holdout has the remain distribution and is never
 trained on).
 
@@ -93,7 +95,7 @@ class ArtistStyle:
 
 
 OPT_OUT_ARTIST = ArtistStyle(
-    name="Mara Vell", genre="dream pop", tempo=(86, 88), keys=(6,), modes=("dorian",),
+    name="Mara Vell", genre="dream pop", tempo=(82, 94), keys=(6,), modes=("dorian",),
     leads=("fm_bell",), grooves=("halftime",), license="all rights reserved (opt-out requested)",
     motif=(7, -1, 9, 8, 7, -1, 4, -1, 5, 4, 2, -1, 4, -1, -1, -1),
 )
@@ -229,8 +231,10 @@ def synthesize_clip(style: ArtistStyle, seconds: float, sr: int, rng: np.random.
     mode = str(rng.choice(style.modes))
     lead = str(rng.choice(style.leads))
     groove = str(rng.choice(style.grooves))
-    progression = PROGRESSIONS[0 if style.motif is not None else int(rng.integers(len(PROGRESSIONS)))]
-    bright = 0.8 if style.motif is not None else float(rng.uniform(0.3, 1.0))
+    # the opt-out artist keeps to two progressions and a narrow brightness band (its sound);
+    # the others range over all of them
+    progression = PROGRESSIONS[int(rng.integers(2 if style.motif is not None else len(PROGRESSIONS)))]
+    bright = float(rng.uniform(0.65, 0.95) if style.motif is not None else rng.uniform(0.3, 1.0))
     scale = SCALES[mode]
     n = int(round(seconds * sr))
     step = int(round(60.0 / bpm / 4 * sr))  # one sixteenth note, in samples
@@ -241,6 +245,14 @@ def synthesize_clip(style: ArtistStyle, seconds: float, sr: int, rng: np.random.
         return 12 * (octave + 1) + key + scale[degree % 7] + 12 * (degree // 7)
 
     walk = int(rng.integers(0, 7))
+    phrase: list[int | None] = []
+    if style.motif is not None:
+        # this track's melody: the motif's rhythm, its notes moved by up to `spread` steps
+        # (how far a track strays from the signature varies per track, as it does between
+        # the songs of one artist)
+        spread = int(rng.integers(1, 4))
+        phrase = [None if d < 0 else d + int(rng.integers(-spread, spread + 1))
+                  for d in style.motif * 2]
     n_bars = -(-n // (16 * step))
     for bar in range(n_bars):
         bar_start = bar * 16 * step
@@ -257,7 +269,7 @@ def synthesize_clip(style: ArtistStyle, seconds: float, sr: int, rng: np.random.
         for s in range(16):
             degree: int | None
             if style.motif is not None:
-                degree = style.motif[s] if style.motif[s] >= 0 else None
+                degree = phrase[(bar % 2) * 16 + s]
             else:  # a random walk over the scale (below the tonic too), with rests
                 walk = int(np.clip(walk + rng.choice((-2, -1, -1, 0, 1, 1, 2)), -3, 10))
                 degree = walk if rng.random() > 0.35 else None
@@ -363,26 +375,38 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 OPT_OUT_HOLDOUT_SPLIT = "holdout_optout"
+OPT_OUT_VALID_SPLIT = "valid_optout"
 
 
-def _assign_clips(n_clips: int, forget_fraction: float,
-                  optout_holdout: float = 0.0) -> list[tuple[ArtistStyle, str]]:
+def _assign_clips(n_clips: int, forget_fraction: float, optout_holdout: float = 0.0,
+                  optout_valid: float = 0.0) -> list[tuple[ArtistStyle, str]]:
     """(artist, split) per clip: the opt-out artist's clips first (a share ``optout_holdout``
     of them in split ``holdout_optout``: same artist, never trained on, the non-members a
-    membership-inference attack on the forget set should not tell apart from it), then the
+    membership-inference attack on the forget set should not tell apart from it; a share
+    ``optout_valid`` in split ``valid_optout``: more such non-members, kept apart from the
+    holdout so that a stop rule can look at them without looking at the test), then the
     others round-robin over artists, every third clip of each artist going to the holdout
     (so holdout ~ remain)."""
     n_optout = max(2, int(round(n_clips * forget_fraction)))
     n_held = int(round(n_optout * optout_holdout))
-    n_forget = n_optout - n_held
+    n_valid = int(round(n_optout * optout_valid))
+    n_forget = n_optout - n_held - n_valid
     if n_forget < 2:
-        raise ValueError(f"optout_holdout={optout_holdout} leaves fewer than 2 forget clips")
+        raise ValueError(f"optout_holdout={optout_holdout} and optout_valid={optout_valid} "
+                         "leave fewer than 2 forget clips")
     n_other = n_clips - n_optout
     if n_other < 2 * len(OTHER_ARTISTS):
         raise ValueError(f"n_clips={n_clips} is too small: need at least {n_forget + 2 * len(OTHER_ARTISTS)} "
                          f"clips for {n_forget} forget clips and 2 per other artist (remain + holdout)")
-    plan = [(OPT_OUT_ARTIST, "forget" if k % 2 == 0 or k >= 2 * n_held else OPT_OUT_HOLDOUT_SPLIT)
-            for k in range(n_optout)]
+    # interleaved (forget, holdout, valid, forget, ...; a split drops out of the cycle once
+    # it has its share), so that every split gets clips from all over the artist's range
+    quota = {"forget": n_forget, OPT_OUT_HOLDOUT_SPLIT: n_held, OPT_OUT_VALID_SPLIT: n_valid}
+    plan: list[tuple[ArtistStyle, str]] = []
+    while len(plan) < n_optout:
+        for split in quota:
+            if quota[split] > 0:
+                quota[split] -= 1
+                plan.append((OPT_OUT_ARTIST, split))
     seen: dict[str, int] = {}
     for i in range(n_other):
         artist = OTHER_ARTISTS[i % len(OTHER_ARTISTS)]
@@ -402,6 +426,7 @@ def make_demo_corpus(
     formats: tuple[str, ...] = ("wav", "ogg", "flac", "mp3"),
     forget_fraction: float = 0.25,
     optout_holdout: float = 0.0,
+    optout_valid: float = 0.0,
     broken: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -419,6 +444,9 @@ def make_demo_corpus(
         forget_fraction: share of clips by the opt-out artist (split ``forget``).
         optout_holdout: share of the opt-out artist's clips kept out of training (split
             ``holdout_optout``): the same-distribution non-members for membership inference.
+        optout_valid: share of the opt-out artist's clips in split ``valid_optout``: more
+            never-trained-on clips, for choosing when to stop unlearning without touching
+            the holdout.
         broken: also write the broken entries of :data:`BROKEN_KINDS`; their records carry
             ``"broken": kind`` (see :func:`broken_ids`).
         progress: show a progress bar.
@@ -437,11 +465,12 @@ def make_demo_corpus(
     (out / "audio").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    plan = _assign_clips(n_clips, forget_fraction, optout_holdout)
+    plan = _assign_clips(n_clips, forget_fraction, optout_holdout, optout_valid)
     for i, (style, split) in enumerate(tqdm(plan, desc="demo corpus", unit="clip", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         sr = sample_rate if i % 2 == 0 else OTHER_RATES[(i // 2) % len(OTHER_RATES)]
-        stereo = i % 3 == 2
+        # not i % 3: the opt-out splits interleave with period 3 and must each get both kinds
+        stereo = (i // 3) % 2 == 1
         fmt = formats[i % len(formats)]
         length = round(float(rng.uniform(lo, hi)), 2)
         tracks, meta = synthesize_clip(style, length, sr, rng)

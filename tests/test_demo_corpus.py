@@ -175,3 +175,20 @@ def test_fixed_length_single_format(tmp_path: Path) -> None:
         info = sf.info(tmp_path / rec["path"])
         assert rec["path"].endswith(".flac") and info.format == "FLAC"
         assert rec["seconds"] == 1.0 and info.frames == info.samplerate
+
+
+def test_opt_out_clips_split_three_ways_interleaved() -> None:
+    from noencore.demo_corpus import OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT, _assign_clips
+
+    plan = _assign_clips(60, 0.5, optout_holdout=1 / 3, optout_valid=1 / 3)
+    opt = [split for artist, split in plan if artist is OPT_OUT_ARTIST]
+    assert len(opt) == 30 and [opt.count(s) for s in
+                               ("forget", OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT)] == [10, 10, 10]
+    assert opt[:6] == ["forget", OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT] * 2
+    # no opt-out clip outside the three splits, no other artist's clip inside them
+    assert all(split in ("remain", "holdout") for artist, split in plan if artist is not OPT_OUT_ARTIST)
+    # uneven shares: a split leaves the cycle once it has its share
+    opt = [s for a, s in _assign_clips(40, 0.4, optout_holdout=0.25) if a is OPT_OUT_ARTIST]
+    assert opt == ["forget", OPT_OUT_HOLDOUT_SPLIT] * 4 + ["forget"] * 8
+    with pytest.raises(ValueError, match="fewer than 2 forget clips"):
+        _assign_clips(40, 0.4, optout_holdout=0.5, optout_valid=0.45)

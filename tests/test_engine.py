@@ -177,3 +177,33 @@ def test_sigkill_then_resume_is_bitwise(data, tmp_path):
     assert steps == list(range(1, 9))
     with pytest.raises(UsageError, match="another run configuration"):
         unlearn(_fresh(), shards, **{**run, "lr": 5e-3}, out=tmp_path / "killed", resume=True)
+
+
+def test_remain_anchor_caches_remain_reference_in_checkpoints(data, tmp_path):
+    """Anchored methods: the engine measures every remain window under the starting
+    weights once, keeps it in each checkpoint, and resumes with it."""
+    from noencore import unlearn
+    from noencore.engine.loop import _reference_nll
+    from noencore.engine.sets import UnlearningSets
+    from noencore.models.text import ConditionCache
+
+    root, shards = data
+    model = _fresh()
+    sets = UnlearningSets(shards, "forget", None, RUN["frames"])
+    want = _reference_nll(model, sets, ConditionCache(root / "shards" / "conditions"), 3,
+                          torch.device("cpu"), forget=False)
+    assert want.shape == (sets.n_remain,) and bool((want > 0).all())
+    opts = {"method_options": {"remain_anchor": True, "remain_weight": 2.0}}
+    unlearn(model, shards, **{**RUN, **opts, "steps": 2}, out=tmp_path / "run",
+            checkpoint_every=1)
+    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step_0000002")) / "state.pt",
+                       weights_only=True)
+    torch.testing.assert_close(state["ref_nll_remain"], want)
+    assert state["ref_nll"] is None  # GradDiff needs no forget reference
+    res = unlearn(_fresh(), shards, **{**RUN, **opts, "steps": 3}, out=tmp_path / "run",
+                  resume=True)
+    assert res.steps == 3 and res.metrics[-1]["step"] == 3
+    # the resumed run kept the starting model's reference (not one of the step-2 weights)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003" / "state.pt",
+                       weights_only=True)
+    torch.testing.assert_close(state["ref_nll_remain"], want)

@@ -32,7 +32,8 @@ def test_condition_then_unlearn_from_config(tmp_path, capsys):
     manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json"))
                           .read_text())
     assert manifest["run"]["method"] == {"name": "npo", "forget_weight": 1.0,
-                                         "remain_weight": 0.5, "loss_cap": None, "beta": 0.2}
+                                         "remain_weight": 0.5, "remain_anchor": False,
+                                         "loss_cap": None, "beta": 0.2}
     # contradictory or missing options: one clear line, exit 2
     assert main(["unlearn", "--config", str(cfg), "--shards", str(shards), "--forget", "forget",
                  "--forget-ids", str(tmp_path / "ids.txt")]) == 2

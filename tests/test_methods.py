@@ -56,6 +56,9 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
     nf, nr = fmask.sum().clamp_min(1), rmask.sum().clamp_min(1)
     f_mean, r_mean = (ce * fmask).sum() / nf, (ce * rmask).sum() / nr
     fw, rw = method.forget_weight, method.remain_weight
+    seq = (ce * valid).sum(dim=(1, 2))
+    if method.remain_anchor:  # hinge: descend only rows above the reference's summed NLL
+        r_mean = (F.relu(seq - ref_nll) * ~forget).sum() / nr
     if method.name in ("ga", "graddiff"):
         return -fw * f_mean + rw * r_mean
     if method.name == "bounded_ga":
@@ -63,7 +66,6 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
         return -fw * (capped * fmask).sum() / nf + rw * r_mean
     if method.name == "rl":
         return fw * f_mean + rw * r_mean
-    seq = (ce * valid).sum(dim=(1, 2))
     n_rows = forget.sum()
     if method.name == "npo":
         npo = (2 / method.beta) * F.softplus(method.beta * (ref_nll - seq))
@@ -75,10 +77,16 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
 
 CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
          ("bounded_ga", {"loss_cap": 8.0, "remain_weight": 0.5}), ("rl", {"remain_weight": 0.3}),
-         ("npo", {"beta": 0.5}), ("simnpo", {"beta": 2.5, "gamma": 1.0})]
+         ("npo", {"beta": 0.5}), ("simnpo", {"beta": 2.5, "gamma": 1.0}),
+         ("graddiff", {"remain_weight": 0.7, "remain_anchor": True}),
+         ("rl", {"remain_weight": 0.3, "remain_anchor": True}),
+         ("npo", {"beta": 0.5, "remain_anchor": True}),
+         ("simnpo", {"beta": 2.5, "remain_anchor": True})]
 
 
-@pytest.mark.parametrize("name,opts", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,opts", CASES,
+                         ids=[c[0] + ("-anchored" if c[1].get("remain_anchor") else "")
+                              for c in CASES])
 def test_objective_gradient_matches_plain_formula(env, name, opts):
     from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 
@@ -92,7 +100,8 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     forget = torch.tensor([True, True, False, False, False])
     emb, emask = cache.batch(CAPTIONS)
     ref_nll = None
-    if method.needs_reference:  # a reference a little away from the current model
+    if method.needs_reference or method.needs_remain_reference:
+        # a reference a little away from the current model, on both sides of it
         ref_nll = sequence_nll(model, codes, mask, emb, emask) + torch.randn(B) * 3
     counts = token_counts(model.lm, mask, forget)
     obj = UnlearnObjective(model, method, backend="torch")
@@ -112,9 +121,10 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     scale = max(float(w.abs().max()) for w in want)
     for g, w in zip(got, want):  # fp32 sums over ~10^2 tokens: tolerance scaled to the gradient
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4 * scale)
-    if name in ("ga", "graddiff", "bounded_ga", "rl"):  # linear: the op's value is the loss
+    if name in ("ga", "graddiff", "bounded_ga", "rl") and not method.remain_anchor:
+        # linear: the op's value is the loss
         torch.testing.assert_close(loss.detach(), ref.detach().float(), rtol=1e-5, atol=1e-5)
-    else:
+    elif name != "rl":  # the method's own loss value (RL's comes from the op's random targets)
         r = float(ref.detach())
         assert abs(float(stats[4]) - r) < 1e-3 * max(1.0, abs(r))
     # the measured NLLs are the true-target token means of each set
@@ -153,3 +163,49 @@ def test_get_method_errors():
         get_method("bounded_ga", loss_cap=-1)
     with pytest.raises(ValueError, match="labels"):
         get_method("rl", labels="nope")
+
+
+def test_remain_anchor_descends_only_rows_above_the_reference():
+    from noencore.methods import Rows
+
+    # rows: 0 forget, 1 remain above its reference, 2 remain below it
+    rows = Rows(targets=torch.arange(6), item=torch.tensor([0, 0, 1, 1, 2, 2]),
+                nll=torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.5]),
+                forget=torch.tensor([True, False, False]),
+                ref_nll=torch.tensor([0.0, 5.0, 2.0]), forget_tokens=2, remain_tokens=4)
+    m = get_method("graddiff", remain_weight=2.0, remain_anchor=True)
+    assert m.needs_remain_reference and not m.needs_reference
+    plan = m.plan(rows)
+    assert plan.row_weight.tolist() == [-0.5, -0.5, 0.5, 0.5, 0.0, 0.0]
+    # loss: -mean forget CE + 2 * (relu(7 - 5) + relu(1 - 2)) / 4
+    assert plan.loss == pytest.approx(-1.5 + 1.0)
+    plain = get_method("graddiff", remain_weight=2.0).plan(rows)
+    assert plain.row_weight[4:].tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="ref_nll"):
+        m.plan(Rows(**{**rows.__dict__, "ref_nll": None}))
+    with pytest.raises(ValueError, match="remain_anchor needs a remain term"):
+        get_method("graddiff", remain_weight=0.0, remain_anchor=True)
+    with pytest.raises(ValueError, match="remain_anchor needs a remain term"):
+        get_method("npo", remain_weight=0.0, remain_anchor=True)
+
+
+def test_bounded_ga_row_target_switches_off_rows_that_reached_it():
+    from noencore.methods import Rows
+
+    # forget rows 0 (mean NLL 1.5) and 1 (mean 6.0), remain row 2
+    rows = Rows(targets=torch.arange(6), item=torch.tensor([0, 0, 1, 1, 2, 2]),
+                nll=torch.tensor([1.0, 2.0, 5.0, 7.0, 0.5, 0.5]),
+                forget=torch.tensor([True, True, False]), ref_nll=None,
+                forget_tokens=4, remain_tokens=2)
+    m = get_method("bounded_ga", loss_cap=None, row_target=4.0, remain_weight=1.0)
+    plan = m.plan(rows)
+    assert plan.row_weight.tolist() == [-0.25, -0.25, 0.0, 0.0, 0.5, 0.5]
+    # loss: -(1 + 2) / 4 (row 1 switched off) + mean remain CE 0.5
+    assert plan.loss == pytest.approx(-0.75 + 0.5)
+    m.row_target = 10.0  # a moved target switches the row back on
+    assert m.plan(rows).row_weight.tolist()[:4] == [-0.25] * 4
+    assert m.loss_cap is None and m.describe()["row_target"] == 10.0
+    with pytest.raises(ValueError, match="needs a bound"):
+        get_method("bounded_ga", loss_cap=None)
+    with pytest.raises(ValueError, match="row_target must be positive"):
+        get_method("bounded_ga", row_target=0.0)

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        help=text + shown)
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. beta=0.1, loss_cap=8, labels=remain_clip "
+                   help="method option, e.g. beta=0.1, loss_cap=8, labels=remain_clip, remain_anchor=true "
                         "(repeatable)")
     p.add_argument("--offload-optimizer", action="store_true", default=None,
                    help="DeepSpeed: keep optimizer state in CPU memory")

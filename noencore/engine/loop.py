@@ -73,19 +73,41 @@ def _check_conditions(cache, model, sets: UnlearningSets) -> None:
 
 
 def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """float32 [n_forget windows]: the starting model's summed NLL of each forget window,
-    computed once so that no reference model stays resident (NPO)."""
-    out = torch.empty(sets.n_forget, dtype=torch.float32)
+                   device: torch.device, *, forget: bool = True,
+                   progress: bool = False) -> torch.Tensor:
+    """float32 [n windows]: the starting model's summed NLL of each forget window (NPO) or
+    each remain window (``remain_anchor``), computed once so that no reference model
+    stays resident."""
+    n = sets.n_forget if forget else sets.n_remain
+    out = torch.empty(n, dtype=torch.float32)
     was_training = model.training
     model.eval()
-    for s in range(0, sets.n_forget, batch_size):
-        unit = torch.arange(s, min(s + batch_size, sets.n_forget))
-        b = sets.gather(torch.ones(unit.numel(), dtype=torch.bool), unit)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"reference NLL ({'forget' if forget else 'remain'})",
+                      unit="batch", leave=False)
+    for s in starts:
+        unit = torch.arange(s, min(s + batch_size, n))
+        b = sets.gather(torch.full((unit.numel(),), forget, dtype=torch.bool), unit)
         emb, emask = cache.batch(b.captions)
         out[unit] = sequence_nll(model, b.codes.to(device), b.mask.to(device),
                                  emb.to(device), emask.to(device)).cpu()
     model.train(was_training)
+    return out
+
+
+def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | None,
+                   forget: torch.Tensor, unit: torch.Tensor) -> torch.Tensor | None:
+    """float32 [B]: each row's cached reference NLL (0 for padding rows and for the set
+    whose reference is not cached); None when nothing is cached."""
+    if ref_forget is None and ref_remain is None:
+        return None
+    out = torch.zeros(unit.numel(), dtype=torch.float32)
+    for table, rows in ((ref_forget, forget & (unit >= 0)), (ref_remain, ~forget & (unit >= 0))):
+        if table is not None and bool(rows.any()):
+            out[rows] = table[unit[rows]]
     return out
 
 
@@ -187,7 +209,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     out_dir = Path(out) if out is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
 
-    start_step, ref_nll, resume_from = 0, None, None
+    start_step, ref_nll, ref_remain, resume_from = 0, None, None, None
     if resume:
         resume_from = ckpt.latest_checkpoint(ckpt_root)
         if resume_from is None:
@@ -202,10 +224,14 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if resume_from is not None:
         state = torch.load(resume_from / ("extra.pt" if distributed else "state.pt"),
                            map_location=dev, weights_only=True)
-        ref_nll = state["ref_nll"]
+        ref_nll, ref_remain = state["ref_nll"], state.get("ref_nll_remain")
+    # before DeepSpeed partitions the parameters (ZeRO-3), with the starting weights
     if method.needs_reference and ref_nll is None:
-        # before DeepSpeed partitions the parameters (ZeRO-3), with the starting weights
-        ref_nll = _reference_nll(model, sets, cache, max(1, batch_size), dev)
+        ref_nll = _reference_nll(model, sets, cache, max(1, batch_size), dev,
+                                 progress=progress and rank == 0)
+    if method.needs_remain_reference and ref_remain is None:
+        ref_remain = _reference_nll(model, sets, cache, max(1, batch_size), dev, forget=False,
+                                    progress=progress and rank == 0)
 
     objective = UnlearnObjective(model, method, backend=backend)
     objective.train()
@@ -227,10 +253,11 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             engine.save_checkpoint(str(tmp), tag="ds")
             zero.barrier()
             if rank == 0:
-                torch.save({"ref_nll": ref_nll}, tmp / "extra.pt")
+                torch.save({"ref_nll": ref_nll, "ref_nll_remain": ref_remain}, tmp / "extra.pt")
         else:
             torch.save({"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "ref_nll": ref_nll}, tmp / "state.pt")
+                        "step": step, "ref_nll": ref_nll, "ref_nll_remain": ref_remain},
+                       tmp / "state.pt")
         if rank == 0:
             ckpt.commit(tmp, step, extra={"run": run})
         if engine is not None:
@@ -259,11 +286,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             counts = token_counts(model.lm, mask, forget)
             if engine is not None:
                 counts = zero.all_reduce_sum(counts)
-            ref = None
-            if ref_nll is not None:
-                real = b.forget & (b.unit >= 0)
-                ref = torch.where(real, ref_nll[torch.where(real, b.unit, 0)],
-                                  torch.zeros(())).to(dev)
+            ref = _row_reference(ref_nll, ref_remain, b.forget, b.unit)
+            ref = ref.to(dev) if ref is not None else None
             label_seed = seed * 1_000_003 + step * world + rank
             args = (codes, mask, forget, emb.to(dev), emask.to(dev), ref, counts, label_seed)
             if engine is not None:

@@ -29,7 +29,8 @@ class Rows:
     nll:       float32 [N] current NLL of the true code (no grad)
     forget:    bool [B] which batch rows come from the forget set
     ref_nll:   float32 [B] or None: the reference model's summed NLL of each row's tokens
-               (forget rows; cached once before training, for NPO-type methods)
+               (cached once before training: forget rows for NPO-type methods, remain
+               rows for methods with ``remain_anchor``; 0 where not cached)
     forget_tokens / remain_tokens: global token counts of each set in this step (all ranks),
                the denominators of the token means
     forget_rows: global number of forget rows in this step (sequence-level means)
@@ -83,9 +84,44 @@ class Method:
     needs_reference = False         # engine caches the reference model's forget NLL first
     swaps_codes = False             # engine replaces forget rows' codes (RL with remain clips)
 
-    def __init__(self, forget_weight: float = 1.0, remain_weight: float = 0.0):
+    def __init__(self, forget_weight: float = 1.0, remain_weight: float = 0.0,
+                 remain_anchor: bool = False):
         self.forget_weight = float(forget_weight)
         self.remain_weight = float(remain_weight)
+        self.remain_anchor = bool(remain_anchor)
+        if self.remain_anchor and self.remain_weight <= 0:
+            raise ValueError(f"{type(self).__name__}: remain_anchor needs a remain term "
+                             f"(remain_weight > 0, got {self.remain_weight})")
+
+    @property
+    def needs_remain_reference(self) -> bool:
+        """Whether the engine must cache the reference NLL of every remain window."""
+        return self.remain_anchor
+
+    def remain_weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+        """(float32 [N] weights, zero on forget tokens; loss value) of the remain term.
+
+        Plain: descent on the remain tokens' mean CE. Anchored (``remain_anchor``): the
+        hinge ``sum_rows max(0, S - S_ref) / remain_tokens``, descent only on remain
+        rows whose summed NLL S is above the reference model's S_ref. The remain set
+        is held where the reference had it instead of being fitted ever tighter (a
+        remain NLL that keeps falling is a model drifting away from the one users had,
+        just as one that rises is a damaged one); the forget term's spill-over is what
+        pushes S above S_ref, and that is what the hinge undoes.
+        """
+        remain = ~rows.is_forget
+        scale = self.remain_weight / max(rows.remain_tokens, 1.0)
+        if not self.remain_anchor:
+            w = torch.where(remain, scale, 0.0)
+            return w.float(), float((w * rows.nll).sum())
+        if rows.ref_nll is None:
+            raise ValueError(f"{type(self).__name__} with remain_anchor needs the reference "
+                             "NLL of the remain rows (ref_nll)")
+        excess = rows.seq_nll() - rows.ref_nll.float()                     # [B]
+        row_remain = ~rows.forget
+        active = (excess > 0) & row_remain
+        w = torch.where(remain & active[rows.item], scale, 0.0)
+        return w.float(), float(scale * (excess.clamp_min(0) * row_remain).sum())
 
     def targets(self, rows: Rows) -> torch.Tensor:
         return rows.targets
@@ -93,9 +129,9 @@ class Method:
     def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
         """(row_weight float32 [N], loss value) for linear methods."""
         f = rows.is_forget
-        w = torch.where(f, -self.forget_weight / max(rows.forget_tokens, 1.0),
-                        self.remain_weight / max(rows.remain_tokens, 1.0)).float()
-        return w, float((w * rows.nll).sum())
+        w_f = torch.where(f, -self.forget_weight / max(rows.forget_tokens, 1.0), 0.0)
+        w_r, remain_loss = self.remain_weights(rows)
+        return (w_f + w_r).float(), float((w_f * rows.nll).sum()) + remain_loss
 
     def plan(self, rows: Rows) -> Plan:
         w, loss = self.weights(rows)
@@ -103,7 +139,8 @@ class Method:
 
     def describe(self) -> dict:
         return {"name": self.name, "forget_weight": self.forget_weight,
-                "remain_weight": self.remain_weight, "loss_cap": self.loss_cap}
+                "remain_weight": self.remain_weight, "remain_anchor": self.remain_anchor,
+                "loss_cap": self.loss_cap}
 
 
 def random_label_targets(rows: Rows) -> torch.Tensor:

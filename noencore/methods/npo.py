@@ -5,6 +5,7 @@ reference (the model before unlearning, cached once)::
 
     L_NPO = (2 / beta) * mean_x softplus(beta * (S_ref(x) - S(x)))     (forget rows)
     L     = forget_weight * L_NPO + remain_weight * mean_{remain tokens} CE
+            (or the anchored remain hinge, ``remain_anchor``: ``Method.remain_weights``)
 
 dL/dCE_token = -(2 / n_forget_rows) * sigmoid(beta * (S_ref - S)) for the row's tokens:
 GA whose weight fades as a row drifts away from the reference, which is why NPO does
@@ -23,8 +24,10 @@ class NPO(Method):
     name = "npo"
     needs_reference = True
 
-    def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, remain_weight: float = 1.0):
-        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
+    def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, remain_weight: float = 1.0,
+                 remain_anchor: bool = False):
+        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
+                         remain_anchor=remain_anchor)
         if beta <= 0:
             raise ValueError(f"{type(self).__name__} beta must be positive, got {beta}")
         self.beta = float(beta)
@@ -45,12 +48,10 @@ class NPO(Method):
         m = self.margin(rows)
         # dL/dCE_token per row: the softplus' derivative times d margin / d CE_token
         seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m) * self.token_scale(rows)
-        w = torch.where(rows.is_forget, seq_w[rows.item],
-                        torch.full_like(seq_w[rows.item],
-                                        self.remain_weight / max(rows.remain_tokens, 1.0)))
+        w_r, remain = self.remain_weights(rows)
+        w = torch.where(rows.is_forget, seq_w[rows.item], w_r)
         npo = float((2.0 / self.beta) * (F.softplus(m) * forget).sum() / n_f)
-        remain = float((rows.nll * ~rows.is_forget).sum() / max(rows.remain_tokens, 1.0))
-        return w.float(), self.forget_weight * npo + self.remain_weight * remain
+        return w.float(), self.forget_weight * npo + remain
 
     def describe(self) -> dict:
         return {**super().describe(), "beta": self.beta}

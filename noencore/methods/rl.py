@@ -24,10 +24,11 @@ class RandomLabeling(Method):
     name = "rl"
 
     def __init__(self, labels: str = "random_tokens", forget_weight: float = 1.0,
-                 remain_weight: float = 0.0):
+                 remain_weight: float = 0.0, remain_anchor: bool = False):
         if labels not in LABEL_SOURCES:
             raise ValueError(f"RL labels must be one of {LABEL_SOURCES}, got {labels!r}")
-        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight)
+        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
+                         remain_anchor=remain_anchor)
         self.labels = labels
         self.swaps_codes = labels == "remain_clip"
 
@@ -35,10 +36,9 @@ class RandomLabeling(Method):
         return random_label_targets(rows) if self.labels == "random_tokens" else rows.targets
 
     def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
-        f = rows.is_forget
-        w = torch.where(f, self.forget_weight / max(rows.forget_tokens, 1.0),
-                        self.remain_weight / max(rows.remain_tokens, 1.0)).float()
-        return w, float("nan")  # the objective's value comes from the op (random targets)
+        w_r, _ = self.remain_weights(rows)
+        w = torch.where(rows.is_forget, self.forget_weight / max(rows.forget_tokens, 1.0), w_r)
+        return w.float(), float("nan")  # the objective's value comes from the op (random targets)
 
     def describe(self) -> dict:
         return {**super().describe(), "labels": self.labels}

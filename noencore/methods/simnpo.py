@@ -22,8 +22,9 @@ class SimNPO(NPO):
     needs_reference = False
 
     def __init__(self, beta: float = 2.5, gamma: float = 0.0, forget_weight: float = 1.0,
-                 remain_weight: float = 1.0):
-        super().__init__(beta=beta, forget_weight=forget_weight, remain_weight=remain_weight)
+                 remain_weight: float = 1.0, remain_anchor: bool = False):
+        super().__init__(beta=beta, forget_weight=forget_weight, remain_weight=remain_weight,
+                         remain_anchor=remain_anchor)
         self.gamma = float(gamma)
 
     def margin(self, rows: Rows) -> torch.Tensor:
