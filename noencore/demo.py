@@ -256,15 +256,17 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     described = "".join(f"- **{n}**: {o or 'default options'}\n" for n, o in cfg.methods
                         if n in reports)
     tmp.write_text("# noencore demo: unlearning an opt-out artist\n\n" + table + "\n\n"
+                   "![forget AUC and remain NLL per method](summary.png)\n\n"
                    "Methods and options (the same memorised start for each; stop rule "
                    f"{cfg.stop!r}):\n\n" + described + "\n"
                    "Per-method reports (tables, verdicts, NLL histograms, MIA ROC curves): "
                    + ", ".join(f"[{n}](reports/{n}/report.md)" for n in reports) + "\n")
     os.replace(tmp, report_md)
     _write_json(out / "summary.json", {n: _summary_row(r) for n, r in reports.items()})
+    summary_plot({n: _summary_row(r) for n, r in reports.items()}, out / "summary.png")
     print("\n" + table)
     print(f"\nall outputs in {out.resolve()} ({time.perf_counter() - t_all:.0f} s); "
-          f"table: {report_md}")
+          f"table: {report_md}; plot: {out / 'summary.png'}")
     return report_md
 
 
@@ -332,9 +334,8 @@ def _unlearn_until(reference: str, shards: Any, probe: dict, cache: Any, cfg: De
     from noencore.engine.loop import unlearn
     from noencore.evaluation import mia
     from noencore.evaluation.token_metrics import collect_set_stats
-    from noencore.models import load_musicgen, save_musicgen
-
     from noencore.methods import get_method
+    from noencore.models import load_musicgen, save_musicgen
 
     model = load_musicgen(reference)
     # an instance, so that the check below can move a row target as the unseen level moves
@@ -400,6 +401,44 @@ def _summary_row(rep: dict) -> dict[str, float | None]:
         "forget_mia_auc_after": _auc(mia, "after", "forget"),
         "remain_mia_auc_after": _auc(mia, "after", "remain"),
     }
+
+
+def summary_plot(rows: dict[str, dict], path: Path) -> Path:
+    """Two panels, one bar group per method: the forget set's MIA AUC before/after (goal
+    0.5, the band is the verdict's +-0.1) and the remain NLL's change (band +-10 %)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 3.6))
+    before = [rows[n]["forget_mia_auc_before"] or np.nan for n in names]
+    after = [rows[n]["forget_mia_auc_after"] or np.nan for n in names]
+    a1.axhspan(0.4, 0.6, color="tab:green", alpha=0.15, label="forgotten (0.5 ± 0.1)")
+    a1.bar(x - 0.2, before, 0.4, color="tab:gray", label="memorised model")
+    a1.bar(x + 0.2, after, 0.4, color="tab:blue", label="after unlearning")
+    a1.set(xticks=x, xticklabels=names, ylim=(0, 1.4), yticks=np.linspace(0, 1, 6),
+           ylabel="ROC AUC (LOSS attack)", title="Forget set vs unseen tracks of the artist")
+    a1.legend(fontsize=7, loc="upper center", ncol=2)
+    change = [100.0 * (rows[n]["remain_nll_after"] / rows[n]["remain_nll_before"] - 1.0)
+              for n in names]
+    a2.axhspan(-10, 10, color="tab:green", alpha=0.15, label="kept (±10 %)")
+    a2.bar(x, change, 0.5, color=["tab:green" if abs(c) <= 10 else "tab:red" for c in change])
+    a2.set_yscale("symlog", linthresh=10)
+    a2.axhline(0, color="black", lw=0.8)
+    a2.set(xticks=x, xticklabels=names, ylabel="remain NLL change (%)",
+           title="Remain set (other artists)")
+    a2.legend(fontsize=7, loc="upper left")
+    fig.suptitle("noencore demo: unlearning an opt-out artist", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _fmt(x: float | None) -> str:

@@ -21,6 +21,7 @@ def test_run_demo_tiny(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["ga", "bounded_ga"]
     summary = json.loads((out / "summary.json").read_text())
+    assert (out / "summary.png").stat().st_size > 5000 and "(summary.png)" in text
     assert set(summary) == {"ga", "bounded_ga"}
     for name, _ in methods:
         assert (out / "reports" / name / "report.md").is_file()
