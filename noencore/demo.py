@@ -235,9 +235,11 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
             if cfg.stop == "fixed":
                 unlearn(reference, shards, forget="forget", remain="remain",
                         target_forget_nll=target_nll, **kw)
-            else:
-                _unlearn_until(reference, shards, {"forget": sets["forget"], "valid": valid},
-                               cache, cfg, run_dir, kw)
+            else:  # the engine's membership-inference stop rule, on the validation tracks
+                unlearn(reference, shards, forget="forget", remain="remain",
+                        stop_nonmembers=VALID if counts[VALID] else HOLDOUT,
+                        stop_rule="auc" if cfg.stop == "auc" else "nll",
+                        stop_auc=cfg.stop_auc, stop_every=cfg.check_every, **kw)
         results[name] = run_dir / "model"
         _done(t0, f"{name}: {run_dir}")
 
@@ -276,116 +278,6 @@ def _auc(mia: dict, when: str, which: str) -> float | None:
     block = (mia.get(when) or {}).get(which) or {}
     value = block.get("loss")
     return None if value is None else float(value)
-
-
-def _bisect_crossing(model: Any, before: dict, auc_of: Any, target: float,
-                     iterations: int = 6) -> tuple[float, float]:
-    """Early stopping between two optimizer steps: the weights ``before + a (after -
-    before)`` (``after`` = the model's current weights, a in [0, 1]) whose validation
-    AUC (``auc_of()``) is closest to ``target``, found by bisection on ``a``; the model
-    is left holding them. Returns (AUC, a). One optimizer step can move every forget
-    item's NLL further than the items' spread, so the AUC would otherwise jump from ~1 to
-    ~0 between two checks."""
-    import torch
-
-    after = {k: t.detach().clone() for k, t in model.lm.state_dict().items()}
-
-    def set_to(a: float) -> float:
-        with torch.no_grad():
-            model.lm.load_state_dict({k: (before[k] + a * (after[k] - before[k]))
-                                      if after[k].is_floating_point() else after[k]
-                                      for k in after})
-        return auc_of()
-
-    lo, hi, best = 0.0, 1.0, (float("inf"), 1.0, 1.0)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        auc = set_to(mid)
-        best = min(best, (abs(auc - target), mid, auc))
-        lo, hi = (mid, hi) if auc > target else (lo, mid)
-    set_to(best[1])
-    return best[2], best[1]
-
-
-def _note(text: str) -> None:
-    """A line printed under the running progress bar, not into it."""
-    from tqdm import tqdm
-
-    tqdm.write(text)
-
-
-class _Stop(Exception):
-    """Raised from the step callback once the stop rule holds."""
-
-
-def _unlearn_until(reference: str, shards: Any, probe: dict, cache: Any, cfg: DemoConfig,
-                   run_dir: Path, kw: dict) -> None:
-    """Unlearn from ``reference`` until the stop rule ``cfg.stop`` ("auc" or "matched")
-    holds between the whole forget set and ``probe["valid"]`` (the opt-out artist's
-    validation tracks), both measured every ``cfg.check_every`` steps with the current
-    weights, or ``cfg.unlearn_steps``.
-
-    Unlearning one artist's tracks raises the NLL of that artist's other tracks too, so a
-    target fixed before unlearning stops too early; comparing the two under the current
-    model is what "as unlikely as music it never saw" means. "auc" compares the whole
-    per-item distributions (what a membership-inference attack sees), "matched" only
-    their means.
-    """
-    from noencore.engine.loop import unlearn
-    from noencore.evaluation import mia
-    from noencore.evaluation.token_metrics import collect_set_stats
-    from noencore.methods import get_method
-    from noencore.models import load_musicgen, save_musicgen
-
-    model = load_musicgen(reference)
-    # an instance, so that the check below can move a row target as the unseen level moves
-    method = get_method(kw["method"], **(kw.get("method_options") or {}))
-    kw = {**kw, "method": method, "method_options": None}
-
-    def item_tokens(name: str) -> mia.ItemTokens:
-        return collect_set_stats(model, probe[name], cache, batch_size=cfg.batch_size,
-                                 frames=cfg.frames, precision="fp32", progress=False).tokens()
-
-    last: dict[str, Any] = {}
-
-    def val_auc() -> float:
-        model.lm.eval()
-        f, v = item_tokens("forget"), item_tokens("valid")
-        model.lm.train()
-        return mia.roc_auc(mia.loss_score(f), mia.loss_score(v), min_items=1)
-
-    def check(step: int, rec: dict) -> None:
-        if step % cfg.check_every:
-            return
-        model.lm.eval()
-        f, v = item_tokens("forget"), item_tokens("valid")
-        model.lm.train()
-        nll_f, nll_v = float(mia.mean_nll(f).mean()), float(mia.mean_nll(v).mean())
-        if getattr(method, "row_target", None) is not None:
-            method.row_target = nll_v  # raise forget rows to the unseen tracks' level
-        if cfg.stop == "auc":
-            auc = mia.roc_auc(mia.loss_score(f), mia.loss_score(v), min_items=1)
-            if auc <= cfg.stop_auc:
-                if last:  # one step can move the AUC a long way: find the crossing
-                    auc, where = _bisect_crossing(model, last["state"], val_auc, cfg.stop_auc)
-                    step = f"{step - 1 + where:.2f}"
-                _note(f"   step {step}: loss-attack AUC forget vs validation {auc:.3f} "
-                      f"(stop at {cfg.stop_auc}; NLL {nll_f:.3f} vs {nll_v:.3f} after the "
-                      "whole step): stop")
-                raise _Stop
-            last.update(step=step, auc=auc,
-                        state={k: t.detach().clone() for k, t in model.lm.state_dict().items()})
-        elif nll_f >= nll_v:
-            _note(f"   step {step}: forget NLL {nll_f:.3f} >= validation NLL {nll_v:.3f}: "
-                  "stop")
-            raise _Stop
-
-    try:
-        unlearn(model, shards, forget="forget", remain="remain", on_step=check, save=False,
-                **kw)
-    except _Stop:
-        pass
-    save_musicgen(model, run_dir / "model")
 
 
 def _summary_row(rep: dict) -> dict[str, float | None]:

@@ -207,3 +207,56 @@ def test_remain_anchor_caches_remain_reference_in_checkpoints(data, tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003" / "state.pt",
                        weights_only=True)
     torch.testing.assert_close(state["ref_nll_remain"], want)
+
+
+def test_nonmember_stop_rule_in_the_loop(data):
+    from noencore import unlearn
+
+    _, shards = data
+    kw = {**RUN, "method": "ga", "remain": ["r0", "r1", "r2", "r3"],
+          "stop_nonmembers": ["r4", "r5"]}
+    res = unlearn(_fresh(), shards, **kw, stop_auc=1.0)  # every AUC is <= 1: first check
+    assert res.stopped == "nonmember_auc" and res.steps == 1
+    assert res.stop_info["step"] == 1 and res.stop_info["fraction"] == 1.0  # nothing to bisect
+    assert 0.0 <= res.stop_info["auc"] <= 1.0 and res.stop_info["forget_nll"] > 0
+    res = unlearn(_fresh(), shards, **{**kw, "steps": 3}, stop_rule="nll", stop_every=5)
+    assert res.stopped == "max_steps" and res.stop_info is None  # no check before step 5
+    with pytest.raises(UsageError, match="one process"):
+        unlearn(_fresh(), shards, **kw, zero_stage=1)
+    with pytest.raises(UsageError, match="both forget and non-member"):
+        unlearn(_fresh(), shards, **{**kw, "stop_nonmembers": ["f0", "r5"]})
+    with pytest.raises(UsageError, match="in the remain set"):
+        unlearn(_fresh(), shards, **{**kw, "remain": None})
+    with pytest.raises(UsageError, match="stop rule must be"):
+        unlearn(_fresh(), shards, **kw, stop_rule="median")
+
+
+def test_nonmember_stop_bisects_the_last_step_and_moves_row_target(data):
+    from noencore.engine.stopping import NonmemberStop
+    from noencore.methods import get_method
+    from noencore.models.text import ConditionCache
+
+    root, shards = data
+    model = _fresh()
+    stop = NonmemberStop(model, shards, "forget", ["r4", "r5"],
+                         ConditionCache(root / "shards" / "conditions"), bisect=10)
+    p = next(model.lm.parameters())
+    start = p.detach().clone()
+    state = {}
+
+    def scripted():  # the AUC falls linearly along the last step: 0.9 -> 0.2
+        if "end" not in state:
+            return 0.9, 1.0, 2.0
+        a = float((p.detach() - start).sum() / (state["end"] - start).sum())
+        return 0.9 - 0.7 * a, 3.0, 4.0
+
+    stop.measure = scripted
+    method = get_method("bounded_ga", loss_cap=None, row_target=1.0)
+    assert stop.check(1, method) is None and method.row_target == 2.0
+    with torch.no_grad():
+        p.add_(torch.randn_like(p))  # "one optimizer step"
+    state["end"] = p.detach().clone()
+    info = stop.check(2, method)
+    assert info is not None and method.row_target == 4.0
+    assert abs(info["fraction"] - 4 / 7) < 2 ** -9 and abs(info["auc"] - 0.5) < 1e-2
+    torch.testing.assert_close(p.detach(), start + info["fraction"] * (state["end"] - start))

@@ -32,6 +32,13 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "out": (str, None, "run folder: metrics.jsonl, losses.png, checkpoints/, model/"),
     "checkpoint_every": (int, 0, "checkpoint every N steps (0: only at the end)"),
     "target_forget_nll": (float, None, "stop when the forget token NLL reaches this (nats)"),
+    "stop_nonmembers": (str, None, "stop when membership inference cannot tell the forget "
+                                   "set from these never-trained tracks (split or "
+                                   "comma-separated ids; not the tracks you evaluate on)"),
+    "stop_rule": (str, "auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= --stop-auc) "
+                              "or nll (forget NLL reaches theirs)"),
+    "stop_auc": (float, 0.5, "with --stop-nonmembers: the AUC to stop at"),
+    "stop_every": (int, 1, "with --stop-nonmembers: check every N steps"),
     "grad_clip": (float, 1.0, "gradient norm clip (0: none)"),
     "backend": (str, "auto", "fused op backend: auto | triton | cpp | torch"),
     "zero_stage": (int, None, "train with DeepSpeed ZeRO stage 1, 2 or 3 (bf16)"),
@@ -124,6 +131,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise UsageError("--forget (split or ids) or --forget-ids is required")
     opts["forget"] = _id_list(opts["forget"])
     opts["remain"] = _id_list(opts["remain"])
+    opts["stop_nonmembers"] = _id_list(opts.get("stop_nonmembers"))
     if opts.get("grad_clip") == 0:
         opts["grad_clip"] = None
     opts["deepspeed"] = opts.pop("deepspeed_config")
@@ -139,5 +147,6 @@ def run(args: argparse.Namespace) -> int:
     last = res.metrics[-1] if res.metrics else {}
     print(json.dumps({"steps": res.steps, "stopped": res.stopped,
                       "forget_nll": last.get("forget_nll"), "remain_nll": last.get("remain_nll"),
-                      "model_dir": str(res.model_dir) if res.model_dir else None}))
+                      "model_dir": str(res.model_dir) if res.model_dir else None,
+                      "stop": res.stop_info}))
     return 0

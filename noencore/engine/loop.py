@@ -37,8 +37,9 @@ class DivergenceError(NoencoreError):
 
 @dataclass
 class UnlearnResult:
-    """What a run did: ``steps`` done, why it ``stopped`` ("max_steps" or
-    "target_forget_nll"), the step ``metrics``, and where it saved the ``model_dir``."""
+    """What a run did: ``steps`` done, why it ``stopped`` ("max_steps",
+    "target_forget_nll", "nonmember_auc" or "nonmember_nll"), the step ``metrics``, where
+    it saved the ``model_dir``, and the stop rule's last measurement (``stop_info``)."""
 
     model: Any
     steps: int
@@ -46,6 +47,7 @@ class UnlearnResult:
     metrics: list[dict] = field(default_factory=list)
     out: Path | None = None
     model_dir: Path | None = None
+    stop_info: dict | None = None
 
 
 def _check_codec(model, shards) -> None:
@@ -142,7 +144,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             offload_optimizer: bool = False, device: str | None = None,
             precision: str = "fp32",
             progress: bool = True, save: bool = True,
-            on_step: Callable[[int, dict], None] | None = None) -> UnlearnResult:
+            on_step: Callable[[int, dict], None] | None = None,
+            stop_nonmembers: str | Sequence[str] | None = None, stop_rule: str = "auc",
+            stop_auc: float = 0.5, stop_every: int = 1) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
     model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (hub id, folder, "tiny").
@@ -158,6 +162,13 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     precision (one process): "fp32", or "bf16" (fp32 weights and optimizer, forward and
     backward under bf16 autocast, as audiocraft trains; much faster where bf16 matmuls are).
     on_step(step, record) is called after each step (after its checkpoint).
+    stop_nonmembers (a split name or source ids of tracks never trained on, like the
+    forget set): stop once membership inference cannot tell the forget set from them
+    (``stop_rule`` "auc": the LOSS attack's AUC <= ``stop_auc``, the weights between the
+    last two checks bisected for the crossing; "nll": the forget mean NLL reaches
+    theirs), checked every ``stop_every`` steps; a ``row_target`` method option follows
+    their NLL (``noencore.engine.stopping``). One process only. Keep the tracks a later
+    evaluation scores out of this set.
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
     from noencore.models import ConditionCache, load_musicgen, save_musicgen
@@ -170,6 +181,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if checkpoint_every and out is None:
         raise UsageError("checkpoint_every needs a run folder (out=...)")
     distributed = zero_stage is not None or deepspeed is not None
+    if distributed and stop_nonmembers is not None:
+        raise UsageError("the non-member stop rule runs in one process; under DeepSpeed stop "
+                         "on --steps or --target-forget-nll and evaluate afterwards")
     if precision not in ("fp32", "bf16"):
         raise UsageError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -233,6 +247,20 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         ref_remain = _reference_nll(model, sets, cache, max(1, batch_size), dev, forget=False,
                                     progress=progress and rank == 0)
 
+    stopper = None
+    if stop_nonmembers is not None:
+        from noencore.engine.stopping import NonmemberStop
+
+        stopper = NonmemberStop(model, shards, forget, stop_nonmembers, cache, rule=stop_rule,
+                                target_auc=stop_auc, every=stop_every,
+                                batch_size=max(1, batch_size), frames=frames)
+        trained = {shards.ids[i] for i in set(sets.remain_item.tolist())}
+        clash = sorted(trained.intersection(stopper.nonmembers.ids))
+        if clash:
+            raise UsageError(f"{len(clash)} non-member track(s) of the stop rule are in the "
+                             f"remain set (e.g. {clash[0]!r}): give the remain set explicitly "
+                             "or put the non-members in a held-out split")
+
     objective = UnlearnObjective(model, method, backend=backend)
     objective.train()
     params = [p for p in model.lm.parameters() if p.requires_grad]
@@ -271,7 +299,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
 
         bar = tqdm(total=steps, initial=start_step, desc=f"unlearn ({method.name})", unit="step")
     records: list[dict] = []
-    stopped, step = "max_steps", start_step
+    stopped, step, stop_info = "max_steps", start_step, None
     try:
         while step < steps:
             t0 = time.perf_counter()
@@ -339,6 +367,16 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             if (target_forget_nll is not None and rec["forget_nll"] is not None
                     and rec["forget_nll"] >= target_forget_nll):
                 stopped, done = "target_forget_nll", True
+            if stopper is not None and not done:
+                stop_info = stopper.check(step, method)
+                if stop_info is not None:
+                    stopped, done = f"nonmember_{stop_rule}", True
+                    note = (f"step {step}: forget vs non-members: AUC {stop_info['auc']:.3f}, "
+                            f"NLL {stop_info['forget_nll']:.3f} vs "
+                            f"{stop_info['nonmember_nll']:.3f} ({stop_rule} rule; "
+                            f"{stop_info['fraction']:.2f} of the last step kept): stop")
+                    if bar is not None:
+                        bar.write(note)
             if ckpt_root is not None and ((checkpoint_every and step % checkpoint_every == 0)
                                           or done):
                 save_checkpoint(step)
@@ -375,4 +413,4 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if out_dir is not None and rank == 0:
         records = read_metrics(out_dir / "metrics.jsonl")
     return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,
-                         out=out_dir, model_dir=model_dir)
+                         out=out_dir, model_dir=model_dir, stop_info=stop_info)

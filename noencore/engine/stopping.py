@@ -1,0 +1,128 @@
+"""Early stopping on membership inference: unlearn until the forget set looks like music
+the model never saw, and no further.
+
+Pushing a forget set's NLL past that of comparable non-member tracks makes the forget
+items stand out again (a loss attack's AUC goes from ~1 through 0.5 to ~0), and
+unlearning an artist's tracks raises the NLL of that artist's unseen tracks too, so a
+target fixed before unlearning is the wrong one. ``NonmemberStop`` measures both sets
+under the current weights every ``every`` steps:
+
+* rule "auc": stop once the LOSS attack's ROC AUC, forget (members) vs the non-members,
+  is <= ``target_auc``. One optimizer step can move every forget item's NLL further than
+  the items' spread, so the AUC can jump from ~1 to ~0 between two checks: the weights
+  between the last two checks are then bisected (``bisect_crossing``) for the point
+  where it crosses the target.
+* rule "nll": stop once the forget set's mean token NLL reaches the non-members'.
+
+The non-members must not be the tracks a later membership-inference evaluation scores
+(hold a validation share of them out), or the evaluation would read its own stop rule.
+A method with a ``row_target`` (``bounded_ga``) has it moved to the non-members' mean
+NLL at every check. One process only (the measurement runs on the full weights).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from noencore.errors import UsageError
+
+STOP_RULES = ("auc", "nll")
+
+
+def bisect_crossing(model: Any, before: dict, auc_of: Callable[[], float], target: float,
+                    iterations: int = 6) -> tuple[float, float]:
+    """The weights ``before + a (after - before)`` (``after`` = the model's current
+    weights, a in [0, 1]) whose AUC (``auc_of()``) is closest to ``target``, found by
+    bisection on ``a`` (the AUC falls as ``a`` grows); the model is left holding them.
+    Returns (AUC, a)."""
+    after = {k: t.detach().clone() for k, t in model.lm.state_dict().items()}
+
+    def set_to(a: float) -> float:
+        with torch.no_grad():
+            model.lm.load_state_dict({k: (before[k] + a * (after[k] - before[k]))
+                                      if after[k].is_floating_point() else after[k]
+                                      for k in after})
+        return auc_of()
+
+    lo, hi, best = 0.0, 1.0, (float("inf"), 1.0, 1.0)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        auc = set_to(mid)
+        best = min(best, (abs(auc - target), mid, auc))
+        lo, hi = (mid, hi) if auc > target else (lo, mid)
+    set_to(best[1])
+    return best[2], best[1]
+
+
+def _view(shards: Any, spec: str | Sequence[str], name: str) -> Any:
+    view = shards.select(split=spec) if isinstance(spec, str) else shards.select(ids=list(spec))
+    if len(view) == 0:
+        raise UsageError(f"{shards.path}: the {name} set for the stop rule is empty ({spec!r})")
+    return view
+
+
+class NonmemberStop:
+    """See the module docstring. ``check(step, method)`` returns None to go on, or a dict
+    (step, auc, forget_nll, nonmember_nll, fraction of the last step kept) to stop."""
+
+    def __init__(self, model: Any, shards: Any, forget: str | Sequence[str],
+                 nonmembers: str | Sequence[str], conditions: Any, *, rule: str = "auc",
+                 target_auc: float = 0.5, every: int = 1, batch_size: int = 16,
+                 frames: int | None = None, bisect: int = 6):
+        if rule not in STOP_RULES:
+            raise UsageError(f"stop rule must be one of {STOP_RULES}, got {rule!r}")
+        if not 0.0 <= target_auc <= 1.0:
+            raise UsageError(f"stop AUC must be in [0, 1], got {target_auc}")
+        if every < 1:
+            raise UsageError(f"stop check interval must be >= 1 step, got {every}")
+        self.model, self.conditions = model, conditions
+        self.forget = _view(shards, forget, "forget")
+        self.nonmembers = _view(shards, nonmembers, "non-member")
+        overlap = set(self.forget.ids) & set(self.nonmembers.ids)
+        if overlap:
+            raise UsageError(f"{len(overlap)} item(s) are both forget and non-member tracks of "
+                             f"the stop rule (e.g. {sorted(overlap)[0]!r}); make them disjoint")
+        self.rule, self.target, self.every = rule, float(target_auc), int(every)
+        self.batch_size, self.frames, self.bisect = batch_size, frames, bisect
+        self._last: dict[str, torch.Tensor] | None = None
+
+    def measure(self) -> tuple[float, float, float]:
+        """(LOSS-attack AUC forget vs non-members, forget mean NLL, non-member mean NLL)
+        under the current weights (fp32, eval mode)."""
+        from noencore.evaluation import mia
+        from noencore.evaluation.token_metrics import collect_set_stats
+
+        lm = self.model.lm
+        was_training = lm.training
+        lm.eval()
+        try:
+            tok = [collect_set_stats(self.model, view, self.conditions,
+                                     batch_size=self.batch_size, frames=self.frames,
+                                     precision="fp32", progress=False).tokens()
+                   for view in (self.forget, self.nonmembers)]
+        finally:
+            lm.train(was_training)
+        auc = mia.roc_auc(mia.loss_score(tok[0]), mia.loss_score(tok[1]), min_items=1)
+        return auc, float(mia.mean_nll(tok[0]).mean()), float(mia.mean_nll(tok[1]).mean())
+
+    def check(self, step: int, method: Any = None) -> dict | None:
+        if step % self.every:
+            return None
+        auc, nll_f, nll_n = self.measure()
+        if getattr(method, "row_target", None) is not None:
+            method.row_target = nll_n  # raise forget rows to where the non-members are now
+        hit = auc <= self.target if self.rule == "auc" else nll_f >= nll_n
+        if not hit:
+            if self.rule == "auc" and self.bisect:
+                self._last = {k: t.detach().clone()
+                              for k, t in self.model.lm.state_dict().items()}
+            return None
+        info = {"step": step, "auc": auc, "forget_nll": nll_f, "nonmember_nll": nll_n,
+                "fraction": 1.0}
+        if self.rule == "auc" and self.bisect and self._last is not None:
+            auc, a = bisect_crossing(self.model, self._last, lambda: self.measure()[0],
+                                     self.target, self.bisect)
+            info.update(auc=auc, fraction=a)
+        return info
