@@ -232,13 +232,15 @@ def test_nonmember_stop_rule_in_the_loop(data):
 
 
 def test_nonmember_stop_bisects_the_last_step_and_moves_row_target(data):
+    from noencore.engine.sets import UnlearningSets
     from noencore.engine.stopping import NonmemberStop
     from noencore.methods import get_method
     from noencore.models.text import ConditionCache
 
     root, shards = data
     model = _fresh()
-    stop = NonmemberStop(model, shards, "forget", ["r4", "r5"],
+    sets = UnlearningSets(shards, "forget", ["r0", "r1", "r2", "r3"], RUN["frames"])
+    stop = NonmemberStop(model, sets, "forget", ["r4", "r5"],
                          ConditionCache(root / "shards" / "conditions"), bisect=10)
     p = next(model.lm.parameters())
     start = p.detach().clone()

@@ -251,15 +251,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if stop_nonmembers is not None:
         from noencore.engine.stopping import NonmemberStop
 
-        stopper = NonmemberStop(model, shards, forget, stop_nonmembers, cache, rule=stop_rule,
+        stopper = NonmemberStop(model, sets, forget, stop_nonmembers, cache, rule=stop_rule,
                                 target_auc=stop_auc, every=stop_every,
                                 batch_size=max(1, batch_size), frames=frames)
-        trained = {shards.ids[i] for i in set(sets.remain_item.tolist())}
-        clash = sorted(trained.intersection(stopper.nonmembers.ids))
-        if clash:
-            raise UsageError(f"{len(clash)} non-member track(s) of the stop rule are in the "
-                             f"remain set (e.g. {clash[0]!r}): give the remain set explicitly "
-                             "or put the non-members in a held-out split")
 
     objective = UnlearnObjective(model, method, backend=backend)
     objective.train()

@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from noencore.engine.sets import UnlearningSets, _resolve
 from noencore.errors import UsageError
 
 STOP_RULES = ("auc", "nll")
@@ -56,18 +58,20 @@ def bisect_crossing(model: Any, before: dict, auc_of: Callable[[], float], targe
     return best[2], best[1]
 
 
-def _view(shards: Any, spec: str | Sequence[str], name: str) -> Any:
-    view = shards.select(split=spec) if isinstance(spec, str) else shards.select(ids=list(spec))
-    if len(view) == 0:
-        raise UsageError(f"{shards.path}: the {name} set for the stop rule is empty ({spec!r})")
-    return view
+def _view(shards: Any, spec: str | Sequence[str]) -> Any:
+    """The items of ``spec`` (split name or source ids) as a ``TokenShards`` view."""
+    return shards.select(split=spec) if isinstance(spec, str) else shards.select(ids=list(spec))
 
 
 class NonmemberStop:
     """See the module docstring. ``check(step, method)`` returns None to go on, or a dict
-    (step, auc, forget_nll, nonmember_nll, fraction of the last step kept) to stop."""
+    (step, auc, forget_nll, nonmember_nll, fraction of the last step kept) to stop.
 
-    def __init__(self, model: Any, shards: Any, forget: str | Sequence[str],
+    ``sets`` (``UnlearningSets``) are the run's forget and remain windows; ``forget`` the
+    spec that selected the forget set. Non-members that are also trained on (forget or
+    remain) are refused."""
+
+    def __init__(self, model: Any, sets: UnlearningSets, forget: str | Sequence[str],
                  nonmembers: str | Sequence[str], conditions: Any, *, rule: str = "auc",
                  target_auc: float = 0.5, every: int = 1, batch_size: int = 16,
                  frames: int | None = None, bisect: int = 6):
@@ -77,13 +81,21 @@ class NonmemberStop:
             raise UsageError(f"stop AUC must be in [0, 1], got {target_auc}")
         if every < 1:
             raise UsageError(f"stop check interval must be >= 1 step, got {every}")
+        shards = sets.shards
+        # the engine's own selection checks: an empty split names those present, unknown
+        # ids are listed
+        items = _resolve(shards, nonmembers, "non-member")
+        for name, trained, fix in (("forget", sets.forget_item, "make them disjoint"),
+                                   ("remain", sets.remain_item,
+                                    "give the remain set explicitly or put the non-members in "
+                                    "a held-out split")):
+            clash = sorted({shards.ids[i] for i in np.intersect1d(items, trained).tolist()})
+            if clash:
+                raise UsageError(f"{len(clash)} track(s) are both {name} and non-member tracks "
+                                 f"of the stop rule, in the {name} set (e.g. {clash[0]!r}); "
+                                 f"{fix}")
         self.model, self.conditions = model, conditions
-        self.forget = _view(shards, forget, "forget")
-        self.nonmembers = _view(shards, nonmembers, "non-member")
-        overlap = set(self.forget.ids) & set(self.nonmembers.ids)
-        if overlap:
-            raise UsageError(f"{len(overlap)} item(s) are both forget and non-member tracks of "
-                             f"the stop rule (e.g. {sorted(overlap)[0]!r}); make them disjoint")
+        self.forget, self.nonmembers = _view(shards, forget), _view(shards, nonmembers)
         self.rule, self.target, self.every = rule, float(target_auc), int(every)
         self.batch_size, self.frames, self.bisect = batch_size, frames, bisect
         self._last: dict[str, torch.Tensor] | None = None
