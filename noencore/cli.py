@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from noencore.errors import NoencoreError, UsageError
@@ -34,9 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def take_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` (or ``--local-rank N``) that the ``deepspeed``
+    launcher (and torch's older launcher) append to every command; N goes to the
+    ``LOCAL_RANK`` variable, where the engine reads each rank's device from."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"noencore: {name} needs a value")
+                value, i = argv[i + 1], i + 1
+            env = os.environ.get("LOCAL_RANK")
+            if env is not None and env != value:
+                raise SystemExit(f"noencore: {name}={value} disagrees with LOCAL_RANK={env}")
+            os.environ["LOCAL_RANK"] = value
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

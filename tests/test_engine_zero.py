@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO 1/2/3 (bf16) on CPU with gloo: 2 ranks give the parameters of one process
-with the same global batch. Ranks write their results to files; a rank that aborts at
-exit after writing them (a known DeepSpeed-on-CPU issue) does not fail the test."""
+with the same global batch; the model ``unlearn`` returns is whole and fp32 on every rank;
+a run folder the ranks do not share is refused. Ranks write their results to files; a
+rank that aborts at exit after writing them (a known DeepSpeed-on-CPU issue) does not
+fail the test."""
 from __future__ import annotations
 
 import os
@@ -26,17 +28,36 @@ WORLD, PORT, SHARDS, OUT = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[
 def work(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
+    import torch
+    from safetensors.torch import load_file
     from noencore import unlearn
+    from noencore.errors import UsageError
     from noencore.models import load_musicgen
+    kw = dict(forget="forget", method="npo", steps=3, lr=1e-3, batch_size=4, forget_ratio=0.5,
+              frames=12, seed=1, progress=False, zero_stage=None, backend="torch", device="cpu")
     for stage in {stages}:
         model = load_musicgen("tiny", with_codec=False,
                               overrides={{"transformer_lm": {{"num_layers": 1}}}})
+        shapes = {{k: v.shape for k, v in model.lm.state_dict().items()}}
         out = f"{{OUT}}/w{{WORLD}}_z{{stage}}"
-        unlearn(model, SHARDS, forget="forget", method="npo", steps=3, lr=1e-3,
-                batch_size=4, forget_ratio=0.5, frames=12, seed=1, progress=False,
-                out=out, zero_stage=stage, backend="torch", device="cpu")
+        res = unlearn(model, SHARDS, **{{**kw, "zero_stage": stage}}, out=out)
+        # the returned model is whole and fp32 on every rank: the saved master weights
+        saved = load_file(f"{{out}}/model/model.safetensors")
+        got = res.model.lm.state_dict()
+        same = (got.keys() == saved.keys() and all(
+            got[k].shape == shapes[k] and got[k].dtype == torch.float32
+            and torch.equal(got[k], saved[k]) for k in saved))
+        open(f"{{out}}/returned_model_rank{{rank}}", "w").write("ok" if same else "differs")
         if rank == 0:
             open(f"{{out}}/DONE", "w").write("ok")
+    if WORLD > 1:  # a run folder the ranks do not share is refused on every rank
+        try:
+            unlearn(load_musicgen("tiny", with_codec=False), SHARDS, **{{**kw, "zero_stage": 1}},
+                    out=f"{{OUT}}/private_{{rank}}")
+            msg = "trained"
+        except UsageError as exc:
+            msg = str(exc)
+        open(f"{{OUT}}/private_rank{{rank}}.txt", "w").write(msg)
 
 if __name__ == "__main__":
     if WORLD == 1:
@@ -91,6 +112,15 @@ def test_zero_stages_two_ranks_match_one_process(tmp_path):
         if not done:  # only a rank abort *after* the results were written is tolerated
             errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "rank" in ln]
             pytest.fail(f"world {world} failed (rc {proc.returncode}):\n" + "\n".join(errors[-30:]))
+
+    for world in (1, 2):
+        for stage in STAGES:
+            for rank in range(world):
+                flag = tmp_path / "out" / f"w{world}_z{stage}" / f"returned_model_rank{rank}"
+                assert flag.read_text() == "ok", (world, stage, rank)
+    for rank in (0, 1):
+        msg = (tmp_path / "out" / f"private_rank{rank}.txt").read_text()
+        assert "1 of 2 ranks cannot see the run folder" in msg and "shares" in msg, msg
 
     for stage in STAGES:
         one, two = _state(tmp_path / "out", 1, stage), _state(tmp_path / "out", 2, stage)

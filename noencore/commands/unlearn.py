@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve_options(args)
     model, shards = opts.pop("model"), opts.pop("shards")
     res = unlearn(model, shards, progress=not args.no_progress, **opts)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under a launcher rank 0 speaks for the run
     last = res.metrics[-1] if res.metrics else {}
     print(json.dumps({"steps": res.steps, "stopped": res.stopped,
                       "forget_nll": last.get("forget_nll"), "remain_nll": last.get("remain_nll"),

@@ -75,12 +75,18 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies, or None."""
+def latest_verified(root: Path) -> tuple[Path, dict] | None:
+    """(folder, manifest) of the newest checkpoint under ``root`` that verifies (each file
+    hashed once), or None."""
     for folder in reversed(list_checkpoints(root)):
         try:
-            verify(folder)
+            return folder, verify(folder)
         except NoencoreError:
             continue
-        return folder
     return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies, or None."""
+    found = latest_verified(root)
+    return found[0] if found is not None else None

@@ -74,17 +74,28 @@ def _check_conditions(cache, model, sets: UnlearningSets) -> None:
                             f"condition (e.g. {missing[0]!r}); rerun `noencore condition`")
 
 
+def _rank_device(device: str | None, distributed: bool) -> torch.device:
+    """This process's device, known before anything is loaded: under a launcher each rank
+    takes GPU ``LOCAL_RANK`` (never the default GPU 0), in one process the current one."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed
+                           else torch.cuda.current_device())
+    return dev
+
+
 def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
-                   device: torch.device, *, forget: bool = True,
-                   progress: bool = False) -> torch.Tensor:
-    """float32 [n windows]: the starting model's summed NLL of each forget window (NPO) or
-    each remain window (``remain_anchor``), computed once so that no reference model
-    stays resident."""
+                   device: torch.device, *, forget: bool = True, progress: bool = False,
+                   rank: int = 0, world: int = 1) -> torch.Tensor:
+    """float32 [n windows] on ``device``: the starting model's summed NLL of each forget
+    window (NPO) or each remain window (``remain_anchor``), computed once so that no
+    reference model stays resident. Under a launcher each rank scores every
+    ``world``-th batch of windows and the table is summed over ranks."""
     n = sets.n_forget if forget else sets.n_remain
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.zeros(n, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    starts = range(0, n, batch_size)
+    starts = range(rank * batch_size, n, world * batch_size)
     if progress:
         from tqdm import tqdm
 
@@ -94,22 +105,31 @@ def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
         unit = torch.arange(s, min(s + batch_size, n))
         b = sets.gather(torch.full((unit.numel(),), forget, dtype=torch.bool), unit)
         emb, emask = cache.batch(b.captions)
-        out[unit] = sequence_nll(model, b.codes.to(device), b.mask.to(device),
-                                 emb.to(device), emask.to(device)).cpu()
+        out[unit.to(device)] = sequence_nll(model, b.codes.to(device), b.mask.to(device),
+                                            emb.to(device), emask.to(device))
     model.train(was_training)
+    if world > 1:
+        from noencore.engine import zero
+
+        out = zero.all_reduce_sum(out)
     return out
 
 
 def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | None,
                    forget: torch.Tensor, unit: torch.Tensor) -> torch.Tensor | None:
-    """float32 [B]: each row's cached reference NLL (0 for padding rows and for the set
-    whose reference is not cached); None when nothing is cached."""
-    if ref_forget is None and ref_remain is None:
+    """float32 [B] on the tables' device: each row's cached reference NLL (0 for padding
+    rows and for the set whose reference is not cached); None when nothing is cached.
+    Nothing here reads a value back to the host."""
+    tables = [t for t in (ref_forget, ref_remain) if t is not None]
+    if not tables:
         return None
-    out = torch.zeros(unit.numel(), dtype=torch.float32)
+    dev = tables[0].device
+    forget, unit = forget.to(dev), unit.to(dev)
+    out = torch.zeros(unit.numel(), dtype=torch.float32, device=dev)
     for table, rows in ((ref_forget, forget & (unit >= 0)), (ref_remain, ~forget & (unit >= 0))):
-        if table is not None and bool(rows.any()):
-            out[rows] = table[unit[rows]]
+        if table is not None and table.numel():
+            picked = table[unit.clamp(0, table.numel() - 1)]  # rows of the other set: unused
+            out = torch.where(rows, picked.float(), out)
     return out
 
 
@@ -130,6 +150,183 @@ def _conditions(cache, captions: list[str], unit: torch.Tensor
 
 def _run_config(method: Method, **kw) -> dict:
     return {"method": method.describe(), **kw}
+
+
+@dataclass
+class _Run:
+    """What the loop holds once set up (one process or one rank of a launcher)."""
+
+    model: Any
+    method: Method
+    sets: UnlearningSets
+    cache: Any
+    objective: UnlearnObjective
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    engine: Any  # the DeepSpeed engine, or None in one process
+    dev: torch.device
+    rank: int
+    world: int
+    n_f: int
+    n_r: int
+    seed: int
+    precision: str
+    grad_clip: float | None
+    config: dict
+    ckpt_root: Path | None
+    ref_forget: torch.Tensor | None = None
+    ref_remain: torch.Tensor | None = None
+
+
+def _check_shared_folder(out_dir: Path, rank: int, world: int) -> None:
+    """Refuse a run folder that the ranks do not share: DeepSpeed writes every rank's
+    partition of a checkpoint into one folder, which rank 0 then seals with checksums."""
+    from noencore.engine import zero
+
+    token = out_dir / ".ranks-share-this-folder"
+    nonce = zero.broadcast_object(os.urandom(8).hex() if rank == 0 else None)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        token.write_text(nonce)
+    zero.barrier()
+    try:
+        seen = token.read_text() == nonce
+    except OSError:
+        seen = False
+    missing = zero.all_reduce_sum(torch.tensor([0.0 if seen else 1.0]))
+    zero.barrier()
+    if rank == 0:
+        token.unlink(missing_ok=True)
+    if float(missing[0]) > 0:
+        raise UsageError(f"{out_dir}: {int(missing[0])} of {world} ranks cannot see the run "
+                         "folder rank 0 writes; checkpoints need a folder on a filesystem that "
+                         "every rank shares (e.g. NFS or Lustre on a multi-node job)")
+
+
+def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
+    """(step, folder) of the newest complete checkpoint made by the same run configuration.
+    Rank 0 finds and verifies it (every file hashed once) and tells the other ranks."""
+    from noencore.engine import zero
+
+    answer: tuple[int, str | None, str | None] = (0, None, None)  # step, folder, error
+    if rank == 0:
+        found = ckpt.latest_verified(ckpt_root)
+        if found is None:
+            answer = (0, None, f"{ckpt_root}: no complete checkpoint to resume from")
+        elif found[1].get("run") != config:
+            answer = (0, None, f"{found[0]}: checkpoint was made by another run configuration "
+                      f"({found[1].get('run')}); resume with the same options")
+        else:
+            answer = (int(found[1]["step"]), str(found[0]), None)
+    step, folder, error = zero.broadcast_object(answer)
+    if error is not None:
+        raise UsageError(error)
+    return step, Path(folder)
+
+
+def _load_resume_state(run: _Run, folder: Path) -> None:
+    """Weights, optimizer state and reference tables of a checkpoint, onto this rank.
+    Tensors are read onto the CPU and moved: the checkpoint says nothing about devices."""
+    distributed = run.engine is not None
+    state = torch.load(folder / ("extra.pt" if distributed else "state.pt"),
+                       map_location="cpu", weights_only=True)
+    if distributed:
+        run.engine.load_checkpoint(str(folder), tag="ds")
+    else:
+        run.model.lm.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])  # moves the state to the params
+    ref_f, ref_r = state["ref_nll"], state.get("ref_nll_remain")
+    run.ref_forget = ref_f.to(run.dev) if ref_f is not None else None
+    run.ref_remain = ref_r.to(run.dev) if ref_r is not None else None
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """Checkpoint ``step`` atomically: every rank writes its part into one temporary
+    folder, rank 0 seals it (checksums, manifest) and renames it into place."""
+    from noencore.engine import zero
+
+    tmp = ckpt.begin(run.ckpt_root, step) if run.rank == 0 else None
+    refs = {"ref_nll": None if run.ref_forget is None else run.ref_forget.cpu(),
+            "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu()}
+    if run.engine is not None:
+        tmp = Path(zero.broadcast_object(str(tmp) if tmp else None))
+        run.engine.save_checkpoint(str(tmp), tag="ds")
+        zero.barrier()
+        if run.rank == 0:
+            torch.save(refs, tmp / "extra.pt")
+    else:
+        torch.save({"model": run.model.lm.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "step": step, **refs}, tmp / "state.pt")
+    if run.rank == 0:
+        ckpt.commit(tmp, step, extra={"run": run.config})
+    if run.engine is not None:
+        zero.barrier()
+
+
+def _step_inputs(run: _Run, step: int) -> tuple:
+    """This rank's rows of step ``step``, on its device, as the objective takes them."""
+    b = run.sets.step_batch(step, run.seed, run.n_f, run.n_r, rank=run.rank,
+                            world_size=run.world)
+    codes, mask = b.codes, b.mask
+    if run.method.swaps_codes:
+        swap_gen = torch.Generator().manual_seed(run.seed * 31 + step)
+        codes, mask = swap_forget_codes(codes, mask, b.forget & (b.unit >= 0), swap_gen)
+    emb, emask = _conditions(run.cache, b.captions, b.unit)
+    dev = run.dev
+    codes, mask, forget = codes.to(dev), mask.to(dev), b.forget.to(dev)
+    counts = token_counts(run.model.lm, mask, forget)
+    if run.engine is not None:
+        from noencore.engine import zero
+
+        counts = zero.all_reduce_sum(counts)
+    ref = _row_reference(run.ref_forget, run.ref_remain, b.forget, b.unit)
+    label_seed = run.seed * 1_000_003 + step * run.world + run.rank
+    return codes, mask, forget, emb.to(dev), emask.to(dev), ref, counts, label_seed
+
+
+def _train_step(run: _Run, step: int) -> dict:
+    """One optimizer step; returns its metrics record. Raises DivergenceError before the
+    update when the loss is not finite, and after it when the gradient norm is not."""
+    t0 = time.perf_counter()
+    args = _step_inputs(run, step)
+    if run.engine is not None:
+        from noencore.engine import zero
+
+        loss, stats = run.engine(*args)
+        stats = zero.all_reduce_sum(stats)
+        total = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
+        if not math.isfinite(total):
+            raise DivergenceError(f"step {step}: loss is {total}")
+        run.engine.backward(loss * run.world)  # DeepSpeed averages gradients over ranks
+        run.engine.step()
+        gn = run.engine.get_global_grad_norm()
+        gnorm = float(gn) if gn is not None else float("nan")
+        if gn is not None and not math.isfinite(gnorm):
+            raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(run.dev.type, dtype=torch.bfloat16,
+                            enabled=run.precision == "bf16"):
+            loss, stats = run.objective(*args)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"step {step}: loss is {float(loss.detach())}")
+        loss.backward()
+        clip = run.grad_clip if run.grad_clip is not None else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, clip))
+        if not math.isfinite(gnorm):
+            raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
+        run.optimizer.step()
+        total = float(loss.detach())
+    dt = time.perf_counter() - t0
+    s = stats.tolist()
+    tokens = s[1] + s[3]
+    return {"step": step + 1,
+            "forget_nll": s[0] / s[1] if s[1] > 0 else None,
+            "remain_nll": s[2] / s[3] if s[3] > 0 else None,
+            "objective": total,
+            "method_loss": s[4] if math.isfinite(s[4]) else None,
+            "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+            "backend": run.objective.backend_used}
 
 
 def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
@@ -157,8 +354,11 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     frames: window length (50 frames = 1 s at 32 kHz).
     out: run folder (metrics.jsonl, losses.png, checkpoints/, model/); checkpoints every
     ``checkpoint_every`` steps and at the end; ``resume`` continues from the newest
-    valid checkpoint in ``out``.
-    zero_stage / deepspeed (config dict or JSON path): train with DeepSpeed ZeRO in bf16.
+    valid checkpoint in ``out``. Under a launcher the run folder must be on a filesystem
+    every rank shares (checked before training).
+    zero_stage / deepspeed (config dict or JSON path): train with DeepSpeed ZeRO in bf16;
+    each rank runs on GPU ``LOCAL_RANK`` (or the CPU). The returned model is a plain fp32
+    model on every rank (the master weights gathered from the partitions), usable as is.
     precision (one process): "fp32", or "bf16" (fp32 weights and optimizer, forward and
     backward under bf16 autocast, as audiocraft trains; much faster where bf16 matmuls are).
     on_step(step, record) is called after each step (after its checkpoint).
@@ -186,7 +386,12 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                          "on --steps or --target-forget-nll and evaluate afterwards")
     if precision not in ("fp32", "bf16"):
         raise UsageError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    if batch_size < world:
+        raise UsageError(f"batch_size ({batch_size}) is smaller than the number of ranks "
+                         f"({world}): every rank needs at least one row per step; use "
+                         f"--batch-size {world} or more")
+    dev = _rank_device(device, distributed)
     if isinstance(model, (str, os.PathLike)):
         model = load_musicgen(str(model), device=dev)
     if isinstance(shards, (str, os.PathLike)):
@@ -202,50 +407,25 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     cache = ConditionCache(conditions or Path(shards.path) / "conditions")
     _check_conditions(cache, model, sets)
 
-    rank, world = 0, 1
+    rank = 0
     if distributed:
         from noencore.engine import zero
 
         # the config is checked before joining the process group (which may JIT-build)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_rank = -(-batch_size // world)
-        ds_config = zero.build_config(deepspeed, zero_stage=zero_stage, micro_batch=per_rank,
-                                      world_size=world, grad_clip=grad_clip,
-                                      offload_optimizer=offload_optimizer)
+        ds_config = zero.build_config(deepspeed, zero_stage=zero_stage,
+                                      micro_batch=-(-batch_size // world), world_size=world,
+                                      grad_clip=grad_clip, offload_optimizer=offload_optimizer)
         rank, world = zero.init_distributed(dev)
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     model.lm.to(dev)
-    run = _run_config(method, seed=seed, batch_size=batch_size, forget_ratio=forget_ratio,
-                      frames=frames, lr=lr, weight_decay=weight_decay, world=world,
-                      precision=precision if not distributed else "bf16",
-                      zero=None if not distributed else ds_config["zero_optimization"]["stage"])
+    config = _run_config(method, seed=seed, batch_size=batch_size, forget_ratio=forget_ratio,
+                         frames=frames, lr=lr, weight_decay=weight_decay, world=world,
+                         precision=precision if not distributed else "bf16",
+                         zero=None if not distributed else ds_config["zero_optimization"]["stage"])
     out_dir = Path(out) if out is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
-
-    start_step, ref_nll, ref_remain, resume_from = 0, None, None, None
-    if resume:
-        resume_from = ckpt.latest_checkpoint(ckpt_root)
-        if resume_from is None:
-            raise UsageError(f"{ckpt_root}: no complete checkpoint to resume from")
-        manifest = ckpt.verify(resume_from)
-        if manifest.get("run") != run:
-            raise UsageError(f"{resume_from}: checkpoint was made by another run configuration "
-                             f"({manifest.get('run')}); resume with the same options")
-        start_step = int(manifest["step"])
-
-    state = None
-    if resume_from is not None:
-        state = torch.load(resume_from / ("extra.pt" if distributed else "state.pt"),
-                           map_location=dev, weights_only=True)
-        ref_nll, ref_remain = state["ref_nll"], state.get("ref_nll_remain")
-    # before DeepSpeed partitions the parameters (ZeRO-3), with the starting weights
-    if method.needs_reference and ref_nll is None:
-        ref_nll = _reference_nll(model, sets, cache, max(1, batch_size), dev,
-                                 progress=progress and rank == 0)
-    if method.needs_remain_reference and ref_remain is None:
-        ref_remain = _reference_nll(model, sets, cache, max(1, batch_size), dev, forget=False,
-                                    progress=progress and rank == 0)
+    if distributed and out_dir is not None:
+        _check_shared_folder(out_dir, rank, world)
+    start_step, resume_from = _resume_point(ckpt_root, config, rank) if resume else (0, None)
 
     stopper = None
     if stop_nonmembers is not None:
@@ -256,34 +436,25 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                                 batch_size=max(1, batch_size), frames=frames)
 
     objective = UnlearnObjective(model, method, backend=backend)
-    objective.train()
     params = [p for p in model.lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    engine = None
+    run = _Run(model=model, method=method, sets=sets, cache=cache, objective=objective,
+               params=params, optimizer=torch.optim.AdamW(params, lr=lr,
+                                                          weight_decay=weight_decay),
+               engine=None, dev=dev, rank=rank, world=world, n_f=n_f, n_r=n_r, seed=seed,
+               precision=precision, grad_clip=grad_clip, config=config, ckpt_root=ckpt_root)
+    # the starting model's reference NLLs, before DeepSpeed partitions the weights (ZeRO-3)
+    if resume_from is None:
+        ref_kw = dict(progress=progress and rank == 0, rank=rank, world=world)
+        if method.needs_reference:
+            run.ref_forget = _reference_nll(model, sets, cache, batch_size, dev, **ref_kw)
+        if method.needs_remain_reference:
+            run.ref_remain = _reference_nll(model, sets, cache, batch_size, dev, forget=False,
+                                            **ref_kw)
+    objective.train()
     if distributed:
-        engine = zero.initialize(objective, optimizer, ds_config)
-        if resume_from is not None:
-            engine.load_checkpoint(str(resume_from), tag="ds")
-    elif state is not None:
-        model.lm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-
-    def save_checkpoint(step: int) -> None:
-        tmp = ckpt.begin(ckpt_root, step) if rank == 0 else None
-        if engine is not None:
-            tmp = Path(zero.broadcast_object(str(tmp) if tmp else None))
-            engine.save_checkpoint(str(tmp), tag="ds")
-            zero.barrier()
-            if rank == 0:
-                torch.save({"ref_nll": ref_nll, "ref_nll_remain": ref_remain}, tmp / "extra.pt")
-        else:
-            torch.save({"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "ref_nll": ref_nll, "ref_nll_remain": ref_remain},
-                       tmp / "state.pt")
-        if rank == 0:
-            ckpt.commit(tmp, step, extra={"run": run})
-        if engine is not None:
-            zero.barrier()
+        run.engine = zero.initialize(objective, run.optimizer, ds_config)
+    if resume_from is not None:
+        _load_resume_state(run, resume_from)
 
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step) \
         if out_dir is not None and rank == 0 else None
@@ -296,59 +467,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     stopped, step, stop_info = "max_steps", start_step, None
     try:
         while step < steps:
-            t0 = time.perf_counter()
-            b = sets.step_batch(step, seed, n_f, n_r, rank=rank, world_size=world)
-            codes, mask = b.codes, b.mask
-            if method.swaps_codes:
-                swap_gen = torch.Generator().manual_seed(seed * 31 + step)
-                codes, mask = swap_forget_codes(codes, mask, b.forget & (b.unit >= 0),
-                                                swap_gen)
-            emb, emask = _conditions(cache, b.captions, b.unit)
-            codes, mask, forget = codes.to(dev), mask.to(dev), b.forget.to(dev)
-            counts = token_counts(model.lm, mask, forget)
-            if engine is not None:
-                counts = zero.all_reduce_sum(counts)
-            ref = _row_reference(ref_nll, ref_remain, b.forget, b.unit)
-            ref = ref.to(dev) if ref is not None else None
-            label_seed = seed * 1_000_003 + step * world + rank
-            args = (codes, mask, forget, emb.to(dev), emask.to(dev), ref, counts, label_seed)
-            if engine is not None:
-                loss, stats = engine(*args)
-                loss_world = loss * world  # DeepSpeed averages gradients over ranks
-                stats = zero.all_reduce_sum(stats)
-                total = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
-                if not math.isfinite(total):
-                    raise DivergenceError(f"step {step}: loss is {total}")
-                engine.backward(loss_world)
-                engine.step()
-                gn = engine.get_global_grad_norm()
-                gnorm = float(gn) if gn is not None else float("nan")
-                if gn is not None and not math.isfinite(gnorm):
-                    raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16,
-                                    enabled=precision == "bf16"):
-                    loss, stats = objective(*args)
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"step {step}: loss is {float(loss.detach())}")
-                loss.backward()
-                gnorm = float(torch.nn.utils.clip_grad_norm_(
-                    params, grad_clip if grad_clip is not None else float("inf")))
-                if not math.isfinite(gnorm):
-                    raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
-                optimizer.step()
-                total = float(loss.detach())
+            rec = _train_step(run, step)
             step += 1
-            dt = time.perf_counter() - t0
-            tokens = float(stats[1] + stats[3])
-            rec = {"step": step,
-                   "forget_nll": float(stats[0] / stats[1]) if stats[1] > 0 else None,
-                   "remain_nll": float(stats[2] / stats[3]) if stats[3] > 0 else None,
-                   "objective": total,
-                   "method_loss": float(stats[4]) if math.isfinite(float(stats[4])) else None,
-                   "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt,
-                   "step_s": dt}
             records.append(rec)
             if log is not None:
                 log.write(rec)
@@ -373,7 +493,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                         bar.write(note)
             if ckpt_root is not None and ((checkpoint_every and step % checkpoint_every == 0)
                                           or done):
-                save_checkpoint(step)
+                _save_checkpoint(run, step)
             if on_step is not None and rank == 0:
                 on_step(step, rec)
             if done:
@@ -391,19 +511,16 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             if log.path.exists() and log.path.stat().st_size:
                 plot_losses(log.path, out_dir / "losses.png")
 
+    if run.engine is not None:
+        zero.release_fp32_model(run.engine, model.lm, dev)
     model.lm.eval()
     model_dir = None
     if save and out_dir is not None:
-        if engine is not None:
-            final = ckpt.latest_checkpoint(ckpt_root) if rank == 0 else None
-            if rank == 0 and final is not None:
-                from noencore.engine.zero import fp32_state_dict
-
-                model_dir = save_musicgen(model, out_dir / "model",
-                                          state_dict=fp32_state_dict(final))
+        model_dir = out_dir / "model"
+        if rank == 0:
+            save_musicgen(model, model_dir)
+        if distributed:
             zero.barrier()
-        else:
-            model_dir = save_musicgen(model, out_dir / "model")
     if out_dir is not None and rank == 0:
         records = read_metrics(out_dir / "metrics.jsonl")
     return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,

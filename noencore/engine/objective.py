@@ -45,11 +45,12 @@ class UnlearnObjective(nn.Module):
         self.model = model
         self.method = method
         self.backend = backend
+        self.backend_used: str | None = None  # the op's backend in the last forward
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
                 embeds: torch.Tensor, embeds_mask: torch.Tensor, ref_nll: torch.Tensor | None,
                 counts: torch.Tensor, label_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from noencore.ops import linear_ce_ascent, token_stats
+        from noencore.ops import linear_ce_ascent, resolve_backend, token_stats
 
         conds = self.model.condition_tensors(embeds, embeds_mask)
         parts = codebook_rows(self.model.lm, codes, mask, conds)
@@ -65,6 +66,12 @@ class UnlearnObjective(nn.Module):
         targets = plan.targets.split(sizes)
         weights = plan.row_weight.to(codes.device).split(sizes)
         objective = codes.new_zeros((), dtype=torch.float32)
+        if not any(sizes):
+            # Every rank must take part in backward (DeepSpeed reduces gradients in hooks
+            # that fire during it), also one whose rows are all padding: its objective is a
+            # zero connected to every head and to the transformer output.
+            objective = sum(0.0 * p.hidden.sum() + 0.0 * p.weight.sum() for p in parts)
+        self.backend_used = resolve_backend(parts[0].hidden, self.backend)
         for k, p in enumerate(parts):
             if sizes[k] == 0:
                 continue
@@ -73,10 +80,15 @@ class UnlearnObjective(nn.Module):
             objective = objective + linear_ce_ascent(
                 p.hidden, p.weight, targets[k], weights[k], random_labels=seed_k,
                 loss_cap=self.method.loss_cap, reduction="sum", backend=self.backend)
+        # statistics stay on the device of the batch: ranks all-reduce them there
         isf = rows.is_forget
-        stats = torch.tensor([float(rows.nll[isf].sum()), float(isf.sum()),
-                              float(rows.nll[~isf].sum()), float((~isf).sum()),
-                              plan.loss, float(codes.shape[0])], dtype=torch.float64)
+        nll = rows.nll.double()
+        zero = torch.zeros((), dtype=torch.float64, device=nll.device)
+        stats = torch.stack([torch.where(isf, nll, zero).sum(), isf.sum().double(),
+                             torch.where(isf, zero, nll).sum(), (~isf).sum().double(),
+                             torch.as_tensor(plan.loss, dtype=torch.float64, device=nll.device),
+                             torch.tensor(float(codes.shape[0]), dtype=torch.float64,
+                                          device=nll.device)])
         return objective, stats
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,25 @@ from noencore.errors import UsageError
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join (or create) the process group; returns (rank, world_size).
 
-    Without a launcher the variables of a one-process group are set, since DeepSpeed
-    would otherwise try MPI discovery.
+    ``device`` is this rank's own device (``cuda:LOCAL_RANK`` on a GPU node): it becomes
+    the current CUDA device before NCCL starts, so that collectives and any tensor created
+    on "cuda" land on this rank's GPU, not on GPU 0. Without a launcher the variables of a
+    one-process group are set, since DeepSpeed would otherwise try MPI discovery.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     import deepspeed
     import torch.distributed as dist
 
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the warning asks
+    # the user to change code that is not theirs
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -108,21 +117,60 @@ def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     return engine
 
 
-def fp32_state_dict(checkpoint: Path, prefix: str = "model.lm.") -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a DeepSpeed checkpoint (any stage), keys without
-    ``prefix``: what the saved model holds."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def release_fp32_model(engine: Any, lm: torch.nn.Module, device: torch.device) -> None:
+    """Turn ``lm`` back into a plain fp32 module on ``device``, on every rank, and release
+    the engine.
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    Under DeepSpeed the module holds bf16 copies (ZeRO 1/2) or empty partitions (ZeRO-3)
+    of its parameters; the fp32 master weights live in the optimizer. Each parameter is
+    assembled from them (a collective under ZeRO-3: every rank calls this, in the same
+    order), the engine's hooks are removed, and the parameters are replaced by plain
+    ones, so the model ``unlearn`` returns can be evaluated, saved or trained again.
+    """
+    from deepspeed import zero
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full: dict[str, torch.Tensor] = {}
+    for name, p in lm.named_parameters():
+        value = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if value is None:  # a frozen parameter has no master copy: gather the module's
+            with zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                value = p.detach()
+                full[name] = value.to(device, torch.float32, copy=True)
+            continue
+        full[name] = value.detach().to(device, torch.float32, copy=True)
+    engine.destroy()
+    for name, value in full.items():
+        owner, _, attr = name.rpartition(".")
+        mod = lm.get_submodule(owner)
+        mod._parameters[attr] = torch.nn.Parameter(
+            value, requires_grad=mod._parameters[attr].requires_grad)
+    for mod in lm.modules():
+        for key, buf in mod._buffers.items():
+            if buf is not None:
+                mod._buffers[key] = buf.to(device, torch.float32 if buf.is_floating_point()
+                                           else buf.dtype)
+
+
+def comm_device() -> torch.device:
+    """The device the process group's collectives run on: this rank's GPU under NCCL
+    (which reduces only CUDA tensors), the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, on ``t``'s device; the reduction itself runs on
+    ``comm_device()`` (a CPU tensor under NCCL is copied there and back)."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
+        buf = t.to(comm_device(), copy=True)
+        dist.all_reduce(buf)
+        return buf.to(t.device)
     return t
 
 
