@@ -160,7 +160,6 @@ def test_a_rank_of_padding_rows_still_takes_part_in_backward(data):
     """A rank whose rows are all padding (mask all False) returns a zero objective that
     is connected to the model, so its backward runs (DeepSpeed reduces gradients there;
     a rank that skipped it would leave the others waiting)."""
-    from noencore.engine.loop import _conditions
     from noencore.engine.objective import UnlearnObjective, token_counts
     from noencore.methods import get_method
     from noencore.models.text import ConditionCache
@@ -171,8 +170,8 @@ def test_a_rank_of_padding_rows_still_takes_part_in_backward(data):
     codes = torch.zeros(B, K, T, dtype=torch.long)
     mask = torch.zeros(B, K, T, dtype=torch.bool)
     forget = torch.tensor([False, False])
-    emb, emask = _conditions(ConditionCache(root / "shards" / "conditions"), ["", ""],
-                             torch.tensor([-1, -1]))  # what the engine gives padding rows
+    emb, emask = ConditionCache(root / "shards" / "conditions").batch(
+        ["", ""], present=[False, False])  # what the engine gives padding rows
     counts = token_counts(model.lm, mask, forget) + torch.tensor([5.0, 5.0, 1.0],
                                                                  dtype=torch.float64)
     obj = UnlearnObjective(model, get_method("graddiff"), backend="torch")

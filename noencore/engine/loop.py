@@ -133,21 +133,6 @@ def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | N
     return out
 
 
-def _conditions(cache, captions: list[str], unit: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached T5 outputs (embeds float32 [B, L, D], mask bool [B, L]); empty rows
-    (unit -1, padding of a rank's share) get a zero, fully masked condition."""
-    real = [i for i in range(len(captions)) if int(unit[i]) >= 0]
-    if not real:
-        return torch.zeros(len(captions), 1, cache.dim), torch.zeros(len(captions), 1,
-                                                                       dtype=torch.bool)
-    emb, mask = cache.batch([captions[i] for i in real])
-    out_e = torch.zeros(len(captions), *emb.shape[1:])
-    out_m = torch.zeros(len(captions), mask.shape[1], dtype=torch.bool)
-    out_e[real], out_m[real] = emb, mask
-    return out_e, out_m
-
-
 def _run_config(method: Method, **kw) -> dict:
     return {"method": method.describe(), **kw}
 
@@ -271,7 +256,7 @@ def _step_inputs(run: _Run, step: int) -> tuple:
     if run.method.swaps_codes:
         swap_gen = torch.Generator().manual_seed(run.seed * 31 + step)
         codes, mask = swap_forget_codes(codes, mask, b.forget & (b.unit >= 0), swap_gen)
-    emb, emask = _conditions(run.cache, b.captions, b.unit)
+    emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
     dev = run.dev
     codes, mask, forget = codes.to(dev), mask.to(dev), b.forget.to(dev)
     counts = token_counts(run.model.lm, mask, forget)

@@ -81,8 +81,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 @torch.no_grad()
 def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: int = 16,
                       frames: int | None = None, precision: str = "bf16",
-                      progress: bool = True, desc: str = "tokens") -> SetStats:
+                      progress: bool = True, desc: str = "tokens", rank: int = 0,
+                      world: int = 1) -> SetStats:
     """Per-token statistics of ``model`` (a ``MusicGenModel``) on every item of ``shards``.
+
+    With ``world`` > 1, this rank scores only its share of the windows (every
+    ``world``-th); every rank runs the same number of forward passes of the same size
+    (rows beyond a rank's share are empty: no token, no cache entry needed), as
+    collectives inside the model's forward (DeepSpeed ZeRO-3) require. The arrays hold
+    this rank's tokens; ``item`` still indexes all of ``shards``.
 
     Args:
         shards: a ``TokenShards`` (view) with >= 1 item.
@@ -107,11 +114,13 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
     device = model.device
     cast = autocast_dtype(precision, device)
     parts: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
-    n_batches = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // batch_size)
-    bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False), total=n_batches,
-               desc=desc, unit="batch", disable=not progress, leave=False)
+    n_windows = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // world)
+    bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False, rank=rank,
+                            world_size=world),
+               total=-(-n_windows // batch_size), desc=desc, unit="batch",
+               disable=not progress, leave=False)
     for batch in bar:
-        cond = conditions.batch(batch.captions)
+        cond = conditions.batch(batch.captions, present=(batch.index >= 0).tolist())
         with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
             rows = model.codebook_rows(batch, cond)
         index = batch.index.to(device)

@@ -235,15 +235,23 @@ class ConditionCache:
         self._memo[caption] = (embeds, mask)
         return embeds, mask
 
-    def batch(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ``(embeds float32 [B, Lmax, D], mask bool [B, Lmax])`` for ``captions``."""
-        items = [self.get(c) for c in captions]
-        lmax = max(e.shape[0] for e, _ in items)
+    def batch(self, captions: Sequence[str], present: Sequence[bool] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``(embeds float32 [B, Lmax, D], mask bool [B, Lmax])`` for ``captions``.
+
+        ``present`` (bool per row, default all True): rows marked False (the empty rows
+        that even out ranks) get a zero, fully masked condition and need no cache entry.
+        """
+        present = [True] * len(captions) if present is None else [bool(x) for x in present]
+        items = [self.get(c) if keep else None for c, keep in zip(captions, present)]
+        lmax = max([e.shape[0] for e, _ in filter(None, items)], default=1)
         embeds = torch.zeros(len(items), lmax, self.dim)
         mask = torch.zeros(len(items), lmax, dtype=torch.bool)
-        for i, (e, m) in enumerate(items):
-            embeds[i, : e.shape[0]] = e
-            mask[i, : m.shape[0]] = m
+        for i, item in enumerate(items):
+            if item is not None:
+                e, m = item
+                embeds[i, : e.shape[0]] = e
+                mask[i, : m.shape[0]] = m
         return embeds, mask
 
 
