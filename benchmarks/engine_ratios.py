@@ -133,7 +133,8 @@ def engine_step(st: dict, autocast: bool) -> None:
     counts = token_counts(model.lm, mask, forget)
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0)
+        loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,
+                                  torch.arange(codes.shape[0]))
     loss.backward()
     opt.step()
 

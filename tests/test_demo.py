@@ -37,7 +37,7 @@ def test_run_demo_tiny(tmp_path):
 def test_bisect_crossing_finds_the_weights_between_two_steps():
     import torch
 
-    from noencore.engine.stopping import bisect_crossing
+    from noencore.engine.stopping import ModuleWeights, bisect_crossing
 
     class Toy:
         lm = torch.nn.Linear(1, 1, bias=False)
@@ -52,7 +52,7 @@ def test_bisect_crossing_finds_the_weights_between_two_steps():
         calls.append(float(model.lm.weight.detach()))
         return 1.0 - float(model.lm.weight.detach()) ** 2
 
-    auc, a = bisect_crossing(model, before, auc_of, target=0.5, iterations=8)
+    auc, a = bisect_crossing(ModuleWeights(model.lm), before, auc_of, target=0.5, iterations=8)
     assert abs(a - 0.5 ** 0.5) < 2 ** -7 and abs(auc - 0.5) < 0.02
     assert float(model.lm.weight.detach()) == pytest.approx(a)  # the model holds the chosen weights
     assert len(calls) == 8 + 1

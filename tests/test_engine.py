@@ -134,6 +134,9 @@ def test_deepspeed_config_contradictions():
         with pytest.raises(UsageError, match=pattern):
             build_config(user, zero_stage=None, micro_batch=2, world_size=2, grad_clip=None,
                          offload_optimizer=False)
+    cfg = build_config({"gradient_accumulation_steps": 3}, zero_stage=2, micro_batch=2,
+                       world_size=2, grad_clip=None, offload_optimizer=False, accumulation=3)
+    assert cfg["gradient_accumulation_steps"] == 3 and cfg["train_batch_size"] == 12
 
 
 _KILLED_RUN = """
@@ -175,7 +178,7 @@ def test_sigkill_then_resume_is_bitwise(data, tmp_path):
     steps = [json.loads(x)["step"]
              for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
-    with pytest.raises(UsageError, match="another run configuration"):
+    with pytest.raises(UsageError, match=r"made with lr=0.001 \(this run: 0.005\)"):
         unlearn(_fresh(), shards, **{**run, "lr": 5e-3}, out=tmp_path / "killed", resume=True)
 
 
@@ -221,8 +224,6 @@ def test_nonmember_stop_rule_in_the_loop(data):
     assert 0.0 <= res.stop_info["auc"] <= 1.0 and res.stop_info["forget_nll"] > 0
     res = unlearn(_fresh(), shards, **{**kw, "steps": 3}, stop_rule="nll", stop_every=5)
     assert res.stopped == "max_steps" and res.stop_info is None  # no check before step 5
-    with pytest.raises(UsageError, match="one process"):
-        unlearn(_fresh(), shards, **kw, zero_stage=1)
     with pytest.raises(UsageError, match="both forget and non-member"):
         unlearn(_fresh(), shards, **{**kw, "stop_nonmembers": ["f0", "r5"]})
     with pytest.raises(UsageError, match="in the remain set"):

@@ -175,7 +175,8 @@ def test_a_rank_of_padding_rows_still_takes_part_in_backward(data):
     counts = token_counts(model.lm, mask, forget) + torch.tensor([5.0, 5.0, 1.0],
                                                                  dtype=torch.float64)
     obj = UnlearnObjective(model, get_method("graddiff"), backend="torch")
-    loss, stats = obj(codes, mask, forget, emb, emask, None, counts, 7)
+    loss, stats = obj(codes, mask, forget, emb, emask, None, counts, 7,
+                      torch.tensor([-1, -1]))
     assert loss.requires_grad and float(loss.detach()) == 0.0
     loss.backward()
     grads = [p.grad for p in model.lm.parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noencore.methods import get_method, swap_forget_codes
+from noencore.methods import get_method
 from noencore.ops import RANDOM_LABEL, random_label
 
 CAPTIONS = ["forget me", "forget me too", "keep this one", "and this", "also keep"]
@@ -40,11 +40,12 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
     valid = out.mask & mask & own                             # [B, K, T]
     K = codes.shape[1]
     targets = codes.clone()
-    if method.name == "rl":  # forget tokens -> the op's documented random labels
+    if method.name == "rl":  # forget tokens -> the documented hash of (codebook, row, frame)
+        T = codes.shape[-1]
         for k in range(K):
             item, time = valid[:, k].nonzero(as_tuple=True)
             seed_k = (label_seed * 64 + k) & 0x7FFFFFFF
-            lab = random_label(seed_k, torch.arange(item.numel()), model.card)
+            lab = random_label(seed_k, item * T + time, model.card)
             sel = forget[item]
             targets[item[sel], k, time[sel]] = lab[sel]
     ce = F.cross_entropy(out.logits.reshape(-1, model.card).float(),
@@ -108,7 +109,8 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     params = [p for p in model.lm.parameters() if p.requires_grad]
 
     model.lm.zero_grad(set_to_none=True)
-    loss, stats = obj(codes, mask, forget, emb, emask, ref_nll, counts, 12345)
+    loss, stats = obj(codes, mask, forget, emb, emask, ref_nll, counts, 12345,
+                      torch.arange(B))
     loss.backward()
     got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -131,7 +133,7 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     assert stats[1] == counts[0] and stats[3] == counts[1]
 
 
-def test_rl_marks_only_forget_rows_and_swaps_codes():
+def test_rl_marks_only_forget_rows():
     from noencore.methods import Rows
 
     rows = Rows(targets=torch.arange(6), item=torch.tensor([0, 0, 1, 1, 2, 2]),
@@ -142,16 +144,6 @@ def test_rl_marks_only_forget_rows_and_swaps_codes():
     assert (plan.row_weight[[0, 1, 4, 5]] > 0).all() and (plan.row_weight[[2, 3]] == 0).all()
     assert get_method("rl", labels="remain_clip").plan(rows).targets.tolist() == list(range(6))
 
-    codes = torch.arange(4 * 2 * 3).reshape(4, 2, 3)
-    mask = torch.rand(4, 2, 3) > 0.3
-    forget = torch.tensor([True, False, True, False])
-    new, new_mask = swap_forget_codes(codes, mask, forget, torch.Generator().manual_seed(0))
-    for b in (0, 2):
-        src = [r for r in (1, 3) if torch.equal(new[b], codes[r])]
-        assert src and torch.equal(new_mask[b], mask[src[0]])
-    assert torch.equal(new[[1, 3]], codes[[1, 3]])
-    with pytest.raises(ValueError, match="remain rows"):
-        swap_forget_codes(codes, mask, torch.ones(4, dtype=torch.bool), torch.Generator())
 
 
 def test_get_method_errors():

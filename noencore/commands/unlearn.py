@@ -26,7 +26,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "steps": (int, 100, "maximum optimizer steps"),
     "lr": (float, 1e-5, "AdamW learning rate"),
     "weight_decay": (float, 0.0, "AdamW weight decay"),
-    "batch_size": (int, 8, "global rows per step"),
+    "batch_size": (int, 8, "global rows per optimizer step (all ranks, all micro-batches)"),
+    "accumulation": (int, 1, "micro-batches per optimizer step on each rank (gradient "
+                             "accumulation: the same step in less memory)"),
     "forget_ratio": (float, 0.5, "fraction of each batch drawn from the forget set"),
     "frames": (int, 500, "window length in codec frames (50 per second)"),
     "seed": (int, 0, "seed of the batch order and random labels"),
@@ -64,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(repeatable)")
     p.add_argument("--offload-optimizer", action="store_true", default=None,
                    help="DeepSpeed: keep optimizer state in CPU memory")
+    p.add_argument("--checkpointing", action="store_true", default=None,
+                   help="activation checkpointing per transformer layer (less memory, "
+                        "about a third more compute)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the newest complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +88,7 @@ def _read_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid YAML/JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of options")
-    known = set(OPTIONS) | {"method_options", "offload_optimizer", "resume"}
+    known = set(OPTIONS) | {"method_options", "offload_optimizer", "resume", "checkpointing"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -107,10 +112,10 @@ def _id_list(value: str | list | None) -> str | list[str] | None:
 def resolve_options(args: argparse.Namespace) -> dict:
     """Config file, then flags: the keyword arguments of ``noencore.unlearn``."""
     opts: dict[str, Any] = {k: d for k, (_, d, _) in OPTIONS.items()}
-    opts.update(method_options={}, offload_optimizer=False, resume=False)
+    opts.update(method_options={}, offload_optimizer=False, resume=False, checkpointing=False)
     if args.config:
         opts.update(_read_config(args.config))
-    for name in list(OPTIONS) + ["offload_optimizer", "resume"]:
+    for name in list(OPTIONS) + ["offload_optimizer", "resume", "checkpointing"]:
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     for item in args.method_option:

@@ -13,6 +13,7 @@ Stops at ``steps`` or when the forget NLL reaches ``target_forget_nll``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -28,7 +29,7 @@ from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 from noencore.engine.sets import UnlearningSets
 from noencore.errors import NoencoreError, UsageError
-from noencore.methods import Method, get_method, swap_forget_codes
+from noencore.methods import Method, get_method
 
 
 class DivergenceError(NoencoreError):
@@ -154,6 +155,7 @@ class _Run:
     world: int
     n_f: int
     n_r: int
+    accumulation: int
     seed: int
     precision: str
     grad_clip: float | None
@@ -188,6 +190,17 @@ def _check_shared_folder(out_dir: Path, rank: int, world: int) -> None:
                          "every rank shares (e.g. NFS or Lustre on a multi-node job)")
 
 
+def _config_mismatch(folder: Path, saved: dict, config: dict) -> str:
+    """Why a checkpoint cannot be resumed by this run: each differing option, both values."""
+    diff = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})"
+            for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    hint = ("; DeepSpeed partitions are per rank and per ZeRO stage: resume with the same "
+            "number of ranks and --zero-stage, or start a new run folder"
+            if any(d.startswith(("world=", "zero=")) for d in diff)
+            else "; resume with the same options or start a new run folder")
+    return f"{folder}: the checkpoint was made with " + ", ".join(diff) + hint
+
+
 def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
     """(step, folder) of the newest complete checkpoint made by the same run configuration.
     Rank 0 finds and verifies it (every file hashed once) and tells the other ranks."""
@@ -199,8 +212,7 @@ def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
         if found is None:
             answer = (0, None, f"{ckpt_root}: no complete checkpoint to resume from")
         elif found[1].get("run") != config:
-            answer = (0, None, f"{found[0]}: checkpoint was made by another run configuration "
-                      f"({found[1].get('run')}); resume with the same options")
+            answer = (0, None, _config_mismatch(found[0], found[1].get("run") or {}, config))
         else:
             answer = (int(found[1]["step"]), str(found[0]), None)
     step, folder, error = zero.broadcast_object(answer)
@@ -248,60 +260,76 @@ def _save_checkpoint(run: _Run, step: int) -> None:
         zero.barrier()
 
 
-def _step_inputs(run: _Run, step: int) -> tuple:
-    """This rank's rows of step ``step``, on its device, as the objective takes them."""
+def _step_rows(run: _Run, step: int) -> Any:
+    """This rank's rows of step ``step`` (a ``StepBatch``) and the token counts of the whole
+    optimizer step (float64 [3] on the device: forget tokens, remain tokens, forget rows,
+    summed over ranks), the denominators of every micro-batch's means."""
     b = run.sets.step_batch(step, run.seed, run.n_f, run.n_r, rank=run.rank,
-                            world_size=run.world)
-    codes, mask = b.codes, b.mask
-    if run.method.swaps_codes:
-        swap_gen = torch.Generator().manual_seed(run.seed * 31 + step)
-        codes, mask = swap_forget_codes(codes, mask, b.forget & (b.unit >= 0), swap_gen)
-    emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
-    dev = run.dev
-    codes, mask, forget = codes.to(dev), mask.to(dev), b.forget.to(dev)
-    counts = token_counts(run.model.lm, mask, forget)
+                            world_size=run.world, swap_codes=run.method.swaps_codes)
+    counts = token_counts(run.model.lm, b.mask.to(run.dev), b.forget.to(run.dev))
     if run.engine is not None:
         from noencore.engine import zero
 
         counts = zero.all_reduce_sum(counts)
+    return b, counts
+
+
+def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
+    """A micro-batch's rows on this rank's device, as the objective takes them."""
+    emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
+    dev = run.dev
     ref = _row_reference(run.ref_forget, run.ref_remain, b.forget, b.unit)
-    label_seed = run.seed * 1_000_003 + step * run.world + run.rank
-    return codes, mask, forget, emb.to(dev), emask.to(dev), ref, counts, label_seed
+    return (b.codes.to(dev), b.mask.to(dev), b.forget.to(dev), emb.to(dev), emask.to(dev), ref,
+            counts, run.seed * 1_000_003 + step, b.row.to(dev))
+
+
+def _micro_batches(run: _Run, b: Any) -> list:
+    size = b.codes.shape[0] // run.accumulation
+    return [b.select(slice(m * size, (m + 1) * size)) for m in range(run.accumulation)]
 
 
 def _train_step(run: _Run, step: int) -> dict:
-    """One optimizer step; returns its metrics record. Raises DivergenceError before the
-    update when the loss is not finite, and after it when the gradient norm is not."""
+    """One optimizer step over ``accumulation`` micro-batches; returns its metrics record.
+    Raises DivergenceError before the update when a loss is not finite, and after it when
+    the gradient norm is not."""
     t0 = time.perf_counter()
-    args = _step_inputs(run, step)
+    b, counts = _step_rows(run, step)
+    stats, total = torch.zeros(6, dtype=torch.float64, device=run.dev), 0.0
     if run.engine is not None:
         from noencore.engine import zero
 
-        loss, stats = run.engine(*args)
+        for micro in _micro_batches(run, b):
+            loss, part = run.engine(*_micro_inputs(run, micro, counts, step))
+            stats += part
+            loss_all = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
+            if not math.isfinite(loss_all):
+                raise DivergenceError(f"step {step}: loss is {loss_all}")
+            total += loss_all
+            # DeepSpeed averages gradients over ranks and micro-batches; the objective is
+            # already a sum normalised by the whole step's token counts
+            run.engine.backward(loss * (run.world * run.accumulation))
+            run.engine.step()  # updates the weights after the last micro-batch only
         stats = zero.all_reduce_sum(stats)
-        total = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
-        if not math.isfinite(total):
-            raise DivergenceError(f"step {step}: loss is {total}")
-        run.engine.backward(loss * run.world)  # DeepSpeed averages gradients over ranks
-        run.engine.step()
         gn = run.engine.get_global_grad_norm()
         gnorm = float(gn) if gn is not None else float("nan")
         if gn is not None and not math.isfinite(gnorm):
             raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(run.dev.type, dtype=torch.bfloat16,
-                            enabled=run.precision == "bf16"):
-            loss, stats = run.objective(*args)
-        if not torch.isfinite(loss):
-            raise DivergenceError(f"step {step}: loss is {float(loss.detach())}")
-        loss.backward()
+        for micro in _micro_batches(run, b):
+            with torch.autocast(run.dev.type, dtype=torch.bfloat16,
+                                enabled=run.precision == "bf16"):
+                loss, part = run.objective(*_micro_inputs(run, micro, counts, step))
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"step {step}: loss is {float(loss.detach())}")
+            loss.backward()
+            stats += part
+            total += float(loss.detach())
         clip = run.grad_clip if run.grad_clip is not None else float("inf")
         gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, clip))
         if not math.isfinite(gnorm):
             raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
         run.optimizer.step()
-        total = float(loss.detach())
     dt = time.perf_counter() - t0
     s = stats.tolist()
     tokens = s[1] + s[3]
@@ -328,15 +356,20 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             progress: bool = True, save: bool = True,
             on_step: Callable[[int, dict], None] | None = None,
             stop_nonmembers: str | Sequence[str] | None = None, stop_rule: str = "auc",
-            stop_auc: float = 0.5, stop_every: int = 1) -> UnlearnResult:
+            stop_auc: float = 0.5, stop_every: int = 1, accumulation: int = 1,
+            checkpointing: bool = False) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
     model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (hub id, folder, "tiny").
     shards: a ``TokenShards`` or its folder. forget / remain: a split name or a list of
     source ids (remain=None: every other item outside held-out splits).
     method: ga | bounded_ga | graddiff | rl | npo | simnpo (options in ``method_options``).
-    batch_size: global rows per step, ``forget_ratio`` of them from the forget set;
-    frames: window length (50 frames = 1 s at 32 kHz).
+    batch_size: global rows per optimizer step, ``forget_ratio`` of them from the forget
+    set, split over the ranks and into ``accumulation`` micro-batches per rank (gradients
+    add up over them; every mean is over the whole step's tokens, so the result equals
+    one big batch); frames: window length (50 frames = 1 s at 32 kHz).
+    checkpointing: recompute each transformer layer's activations in backward (less
+    memory, about a third more compute; same gradients).
     out: run folder (metrics.jsonl, losses.png, checkpoints/, model/); checkpoints every
     ``checkpoint_every`` steps and at the end; ``resume`` continues from the newest
     valid checkpoint in ``out``. Under a launcher the run folder must be on a filesystem
@@ -352,8 +385,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     (``stop_rule`` "auc": the LOSS attack's AUC <= ``stop_auc``, the weights between the
     last two checks bisected for the crossing; "nll": the forget mean NLL reaches
     theirs), checked every ``stop_every`` steps; a ``row_target`` method option follows
-    their NLL (``noencore.engine.stopping``). One process only. Keep the tracks a later
-    evaluation scores out of this set.
+    their NLL (``noencore.engine.stopping``); under a launcher every rank scores its
+    share and the bisection works on each rank's partition of the weights. Keep the
+    tracks a later evaluation scores out of this set.
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
     from noencore.models import ConditionCache, load_musicgen, save_musicgen
@@ -366,9 +400,6 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if checkpoint_every and out is None:
         raise UsageError("checkpoint_every needs a run folder (out=...)")
     distributed = zero_stage is not None or deepspeed is not None
-    if distributed and stop_nonmembers is not None:
-        raise UsageError("the non-member stop rule runs in one process; under DeepSpeed stop "
-                         "on --steps or --target-forget-nll and evaluate afterwards")
     if precision not in ("fp32", "bf16"):
         raise UsageError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
@@ -376,6 +407,14 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         raise UsageError(f"batch_size ({batch_size}) is smaller than the number of ranks "
                          f"({world}): every rank needs at least one row per step; use "
                          f"--batch-size {world} or more")
+    if accumulation < 1:
+        raise UsageError(f"accumulation must be >= 1 micro-batch per step, got {accumulation}")
+    if accumulation > 1 and batch_size % (world * accumulation):
+        unit = world * accumulation
+        raise UsageError(f"batch_size {batch_size} does not split into {accumulation} "
+                         f"micro-batches on {world} rank(s): it must be a multiple of "
+                         f"{unit}; use --batch-size {unit * max(1, batch_size // unit)} or "
+                         f"{unit * (batch_size // unit + 1)}")
     dev = _rank_device(device, distributed)
     if isinstance(model, (str, os.PathLike)):
         model = load_musicgen(str(model), device=dev)
@@ -392,14 +431,25 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     cache = ConditionCache(conditions or Path(shards.path) / "conditions")
     _check_conditions(cache, model, sets)
 
+    stopper = None
+    if stop_nonmembers is not None:
+        from noencore.engine.stopping import NonmemberStop
+
+        stopper = NonmemberStop(model, sets, forget, stop_nonmembers, cache, rule=stop_rule,
+                                target_auc=stop_auc, every=stop_every,
+                                batch_size=max(1, batch_size // (world * accumulation)),
+                                frames=frames)
+
     rank = 0
     if distributed:
         from noencore.engine import zero
 
         # the config is checked before joining the process group (which may JIT-build)
         ds_config = zero.build_config(deepspeed, zero_stage=zero_stage,
-                                      micro_batch=-(-batch_size // world), world_size=world,
-                                      grad_clip=grad_clip, offload_optimizer=offload_optimizer)
+                                      micro_batch=-(-batch_size // world) // accumulation,
+                                      world_size=world, grad_clip=grad_clip,
+                                      offload_optimizer=offload_optimizer,
+                                      accumulation=accumulation)
         rank, world = zero.init_distributed(dev)
     model.lm.to(dev)
     config = _run_config(method, seed=seed, batch_size=batch_size, forget_ratio=forget_ratio,
@@ -412,20 +462,13 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         _check_shared_folder(out_dir, rank, world)
     start_step, resume_from = _resume_point(ckpt_root, config, rank) if resume else (0, None)
 
-    stopper = None
-    if stop_nonmembers is not None:
-        from noencore.engine.stopping import NonmemberStop
-
-        stopper = NonmemberStop(model, sets, forget, stop_nonmembers, cache, rule=stop_rule,
-                                target_auc=stop_auc, every=stop_every,
-                                batch_size=max(1, batch_size), frames=frames)
-
     objective = UnlearnObjective(model, method, backend=backend)
     params = [p for p in model.lm.parameters() if p.requires_grad]
     run = _Run(model=model, method=method, sets=sets, cache=cache, objective=objective,
                params=params, optimizer=torch.optim.AdamW(params, lr=lr,
                                                           weight_decay=weight_decay),
-               engine=None, dev=dev, rank=rank, world=world, n_f=n_f, n_r=n_r, seed=seed,
+               engine=None, dev=dev, rank=rank, world=world, n_f=n_f, n_r=n_r,
+               accumulation=accumulation, seed=seed,
                precision=precision, grad_clip=grad_clip, config=config, ckpt_root=ckpt_root)
     # the starting model's reference NLLs, before DeepSpeed partitions the weights (ZeRO-3)
     if resume_from is None:
@@ -436,8 +479,14 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             run.ref_remain = _reference_nll(model, sets, cache, batch_size, dev, forget=False,
                                             **ref_kw)
     objective.train()
+    model.activation_checkpointing(checkpointing)
     if distributed:
         run.engine = zero.initialize(objective, run.optimizer, ds_config)
+        if stopper is not None:
+            stage3 = int(ds_config["zero_optimization"]["stage"]) == 3
+            stopper.attach(zero.MasterWeights(run.engine), rank, world,
+                           context=(lambda: zero.gathered_heads(model.lm)) if stage3
+                           else contextlib.nullcontext)
     if resume_from is not None:
         _load_resume_state(run, resume_from)
 
@@ -498,6 +547,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
 
     if run.engine is not None:
         zero.release_fp32_model(run.engine, model.lm, dev)
+    model.activation_checkpointing(False)
     model.lm.eval()
     model_dir = None
     if save and out_dir is not None:

@@ -36,8 +36,14 @@ class UnlearnObjective(nn.Module):
 
     forward(codes long [B,K,T], mask bool [B,K,T], forget bool [B], embeds float
     [B,L,D_t5], embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3]
-    (global forget tokens, remain tokens, forget rows), label_seed int) -> (objective scalar, stats float64 [6]:
-    forget NLL sum, forget tokens, remain NLL sum, remain tokens, method loss, rows).
+    (forget tokens, remain tokens, forget rows of the whole optimizer step, all ranks and
+    micro-batches), label_seed int, rows long [B] (each row's index in the step's global
+    batch)) -> (objective scalar, stats float64 [6]: forget NLL sum, forget tokens, remain
+    NLL sum, remain tokens, method loss, rows).
+
+    A random label (RL) is drawn per token from the documented hash of (label_seed,
+    codebook, global row, frame) (``noencore.ops.random_label``), so it does not depend on
+    how the step is split over ranks or micro-batches.
     """
 
     def __init__(self, model: nn.Module, method: Method, backend: str = "auto"):
@@ -49,8 +55,15 @@ class UnlearnObjective(nn.Module):
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
                 embeds: torch.Tensor, embeds_mask: torch.Tensor, ref_nll: torch.Tensor | None,
-                counts: torch.Tensor, label_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from noencore.ops import linear_ce_ascent, resolve_backend, token_stats
+                counts: torch.Tensor, label_seed: int, rows: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        from noencore.ops import (
+            RANDOM_LABEL,
+            linear_ce_ascent,
+            random_label,
+            resolve_backend,
+            token_stats,
+        )
 
         conds = self.model.condition_tensors(embeds, embeds_mask)
         parts = codebook_rows(self.model.lm, codes, mask, conds)
@@ -58,11 +71,12 @@ class UnlearnObjective(nn.Module):
             nll = [token_stats(p.hidden.detach(), p.weight.detach(), p.targets).nll
                    for p in parts]
         sizes = [p.targets.numel() for p in parts]
-        rows = Rows(targets=torch.cat([p.targets for p in parts]),
-                    item=torch.cat([p.item for p in parts]), nll=torch.cat(nll),
-                    forget=forget, ref_nll=ref_nll, forget_tokens=float(counts[0]),
-                    remain_tokens=float(counts[1]), forget_rows=float(counts[2]))
-        plan = self.method.plan(rows)
+        row_of = rows.to(codes.device)
+        tokens = Rows(targets=torch.cat([p.targets for p in parts]),
+                      item=torch.cat([p.item for p in parts]), nll=torch.cat(nll),
+                      forget=forget, ref_nll=ref_nll, forget_tokens=float(counts[0]),
+                      remain_tokens=float(counts[1]), forget_rows=float(counts[2]))
+        plan = self.method.plan(tokens)
         targets = plan.targets.split(sizes)
         weights = plan.row_weight.to(codes.device).split(sizes)
         objective = codes.new_zeros((), dtype=torch.float32)
@@ -75,14 +89,16 @@ class UnlearnObjective(nn.Module):
         for k, p in enumerate(parts):
             if sizes[k] == 0:
                 continue
-            # label seed per (step, codebook): a token's random code is fixed by its row
             seed_k = (int(label_seed) * 64 + k) & 0x7FFFFFFF
+            drawn = random_label(seed_k, row_of[p.item] * codes.shape[-1] + p.time,
+                                 p.weight.shape[0])
+            target = torch.where(targets[k] == RANDOM_LABEL, drawn, targets[k])
             objective = objective + linear_ce_ascent(
-                p.hidden, p.weight, targets[k], weights[k], random_labels=seed_k,
-                loss_cap=self.method.loss_cap, reduction="sum", backend=self.backend)
+                p.hidden, p.weight, target, weights[k], loss_cap=self.method.loss_cap,
+                reduction="sum", backend=self.backend)
         # statistics stay on the device of the batch: ranks all-reduce them there
-        isf = rows.is_forget
-        nll = rows.nll.double()
+        isf = tokens.is_forget
+        nll = tokens.nll.double()
         zero = torch.zeros((), dtype=torch.float64, device=nll.device)
         stats = torch.stack([torch.where(isf, nll, zero).sum(), isf.sum().double(),
                              torch.where(isf, zero, nll).sum(), (~isf).sum().double(),

@@ -25,7 +25,8 @@ class StepBatch:
     """One step's rows (this rank's share).
 
     codes long [B, K, T], mask bool [B, K, T], forget bool [B], unit long [B] (index into
-    the forget or remain window list, -1 for an empty row), captions list[str].
+    the forget or remain window list, -1 for an empty row), captions list[str], row long
+    [B] (the row's index in the step's global batch, -1 for an empty row).
     """
 
     codes: torch.Tensor
@@ -33,6 +34,12 @@ class StepBatch:
     forget: torch.Tensor
     unit: torch.Tensor
     captions: list[str]
+    row: torch.Tensor
+
+    def select(self, rows: slice) -> StepBatch:
+        """The rows ``rows`` of this batch (a micro-batch)."""
+        return StepBatch(self.codes[rows], self.mask[rows], self.forget[rows],
+                         self.unit[rows], self.captions[rows], self.row[rows])
 
 
 def _resolve(shards, spec, name: str) -> np.ndarray:
@@ -130,33 +137,54 @@ class UnlearningSets:
         forget = torch.cat([torch.ones(n_f, dtype=torch.bool), torch.zeros(n_r, dtype=torch.bool)])
         return forget, torch.cat([f_units, r_units])
 
-    def gather(self, forget: torch.Tensor, unit: torch.Tensor) -> StepBatch:
-        """Read the windows of rows (forget bool [B], unit long [B]; unit -1 = empty row)."""
+    def gather(self, forget: torch.Tensor, unit: torch.Tensor,
+               source: tuple[torch.Tensor, torch.Tensor] | None = None,
+               row: torch.Tensor | None = None) -> StepBatch:
+        """Read the windows of rows (forget bool [B], unit long [B]; unit -1 = empty row).
+
+        ``source`` (forget, unit) names another window whose codes a row reads (its caption
+        stays its own); ``row`` the rows' global indices (default 0..B-1, -1 if empty)."""
         B, K, T = forget.numel(), self.shards.header.n_q, self.frames
+        src_forget, src_unit = source if source is not None else (forget, unit)
         codes = torch.zeros(B, K, T, dtype=torch.long)
         mask = torch.zeros(B, K, T, dtype=torch.bool)
         captions = []
-        for row, (f, u) in enumerate(zip(forget.tolist(), unit.tolist())):
+        for r, (f, u, sf, su) in enumerate(zip(forget.tolist(), unit.tolist(),
+                                               src_forget.tolist(), src_unit.tolist())):
             if u < 0:
                 captions.append("")
                 continue
-            items, starts = ((self.forget_item, self.forget_start) if f
+            captions.append(self.captions[int((self.forget_item if f else self.remain_item)[u])])
+            items, starts = ((self.forget_item, self.forget_start) if sf
                              else (self.remain_item, self.remain_start))
-            i, s = int(items[u]), int(starts[u])
+            i, s = int(items[su]), int(starts[su])
             window = self.shards.codes(i)[:, s:s + T]
-            codes[row, :, :window.shape[1]] = window
-            mask[row, :, :window.shape[1]] = True
-            captions.append(self.captions[i])
-        return StepBatch(codes, mask, forget.clone(), unit.clone(), captions)
+            codes[r, :, :window.shape[1]] = window
+            mask[r, :, :window.shape[1]] = True
+        if row is None:
+            row = torch.where(unit >= 0, torch.arange(B), -1)
+        return StepBatch(codes, mask, forget.clone(), unit.clone(), captions, row.clone())
 
     def step_batch(self, step: int, seed: int, n_f: int, n_r: int, rank: int = 0,
-                   world_size: int = 1) -> StepBatch:
-        """This rank's rows of the global batch of ``step`` (padded with empty rows)."""
+                   world_size: int = 1, swap_codes: bool = False) -> StepBatch:
+        """This rank's rows of the global batch of ``step`` (padded with empty rows).
+
+        ``swap_codes``: every forget row reads the codes of a remain row of the same global
+        batch, drawn from ``(seed, step)`` (RL with remain clips), keeping its caption.
+        """
         forget, unit = self.global_units(step, seed, n_f, n_r)
-        per_rank = -(-forget.numel() // world_size)
-        forget, unit = forget[rank::world_size], unit[rank::world_size]
-        pad = per_rank - forget.numel()
-        if pad:
-            forget = torch.cat([forget, torch.zeros(pad, dtype=torch.bool)])
-            unit = torch.cat([unit, torch.full((pad,), -1, dtype=torch.long)])
-        return self.gather(forget, unit)
+        src_forget, src_unit = forget.clone(), unit.clone()
+        if swap_codes:
+            if n_r == 0:
+                raise NoencoreError("swapping forget codes for remain clips needs remain rows "
+                                    "in every batch: forget_ratio < 1")
+            g = torch.Generator().manual_seed(int(seed) * 31 + int(step))
+            pick = n_f + torch.randint(n_r, (n_f,), generator=g)
+            src_forget[:n_f], src_unit[:n_f] = False, unit[pick]
+        mine = torch.arange(forget.numel())[rank::world_size]
+        pad = -(-forget.numel() // world_size) - mine.numel()
+        row = torch.cat([mine, torch.full((pad,), -1, dtype=torch.long)])
+        take = row.clamp_min(0)
+        empty = row < 0
+        return self.gather(forget[take] & ~empty, torch.where(empty, -1, unit[take]),
+                           source=(src_forget[take], src_unit[take]), row=row)

@@ -17,10 +17,18 @@ under the current weights every ``every`` steps:
 The non-members must not be the tracks a later membership-inference evaluation scores
 (hold a validation share of them out), or the evaluation would read its own stop rule.
 A method with a ``row_target`` (``bounded_ga``) has it moved to the non-members' mean
-NLL at every check. One process only (the measurement runs on the full weights).
+NLL at every check.
+
+Under a launcher (DeepSpeed ZeRO 0-3) every rank scores its share of the forget and
+non-member windows, the per-item NLL sums are added up over ranks, rank 0's decision is
+broadcast, and the bisection works on each rank's partition of the fp32 master weights
+(``noencore.engine.zero.MasterWeights``): the interpolation is element-wise, so no rank
+needs the whole model. The forward passes read the bf16 compute weights there (the
+fp32 master in one process).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,19 +41,33 @@ from noencore.errors import UsageError
 STOP_RULES = ("auc", "nll")
 
 
-def bisect_crossing(model: Any, before: dict, auc_of: Callable[[], float], target: float,
+class ModuleWeights:
+    """A module's weights (one process): snapshots and interpolations of its state dict."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().clone() for k, t in self.module.state_dict().items()}
+
+    def assign(self, before: dict, after: dict, a: float) -> None:
+        with torch.no_grad():
+            self.module.load_state_dict({k: (before[k] + a * (after[k] - before[k]))
+                                         if after[k].is_floating_point() else after[k]
+                                         for k in after})
+
+
+def bisect_crossing(weights: Any, before: Any, auc_of: Callable[[], float], target: float,
                     iterations: int = 6) -> tuple[float, float]:
-    """The weights ``before + a (after - before)`` (``after`` = the model's current
-    weights, a in [0, 1]) whose AUC (``auc_of()``) is closest to ``target``, found by
-    bisection on ``a`` (the AUC falls as ``a`` grows); the model is left holding them.
-    Returns (AUC, a)."""
-    after = {k: t.detach().clone() for k, t in model.lm.state_dict().items()}
+    """The weights ``before + a (after - before)`` (``after`` = the current weights, a in
+    [0, 1]) whose AUC (``auc_of()``) is closest to ``target``, found by bisection on ``a``
+    (the AUC falls as ``a`` grows); ``weights`` (``ModuleWeights`` or
+    ``zero.MasterWeights``: ``snapshot()`` and ``assign(before, after, a)``) is left
+    holding them. Returns (AUC, a)."""
+    after = weights.snapshot()
 
     def set_to(a: float) -> float:
-        with torch.no_grad():
-            model.lm.load_state_dict({k: (before[k] + a * (after[k] - before[k]))
-                                      if after[k].is_floating_point() else after[k]
-                                      for k in after})
+        weights.assign(before, after, a)
         return auc_of()
 
     lo, hi, best = 0.0, 1.0, (float("inf"), 1.0, 1.0)
@@ -69,7 +91,10 @@ class NonmemberStop:
 
     ``sets`` (``UnlearningSets``) are the run's forget and remain windows; ``forget`` the
     spec that selected the forget set. Non-members that are also trained on (forget or
-    remain) are refused."""
+    remain) are refused. The AUC is computed on the NLLs gathered from every rank, so a
+    stop set of any size works on any number of ranks. ``attach`` gives it the weights to
+    bisect and this process's place among the ranks before the first check.
+    """
 
     def __init__(self, model: Any, sets: UnlearningSets, forget: str | Sequence[str],
                  nonmembers: str | Sequence[str], conditions: Any, *, rule: str = "auc",
@@ -98,26 +123,55 @@ class NonmemberStop:
         self.forget, self.nonmembers = _view(shards, forget), _view(shards, nonmembers)
         self.rule, self.target, self.every = rule, float(target_auc), int(every)
         self.batch_size, self.frames, self.bisect = batch_size, frames, bisect
-        self._last: dict[str, torch.Tensor] | None = None
+        self.weights: Any = ModuleWeights(model.lm)
+        self.rank, self.world = 0, 1
+        self.context: Callable[[], Any] = contextlib.nullcontext
+        self._last: Any = None
+
+    def attach(self, weights: Any, rank: int, world: int,
+               context: Callable[[], Any] = contextlib.nullcontext) -> None:
+        """Bisect ``weights`` (``zero.MasterWeights`` under DeepSpeed); score this rank's
+        share of the windows of ``world``; run each measurement inside ``context()``
+        (ZeRO-3: the gathered heads)."""
+        self.weights, self.rank, self.world, self.context = weights, rank, world, context
+
+    def _item_nll(self, view: Any) -> np.ndarray:
+        """float64 [items of ``view``]: mean token NLL of each item, scored by all ranks."""
+        from noencore.evaluation.token_metrics import collect_set_stats
+
+        st = collect_set_stats(self.model, view, self.conditions, batch_size=self.batch_size,
+                               frames=self.frames, precision="fp32", progress=False,
+                               rank=self.rank, world=self.world)
+        n = len(view)
+        table = torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
+                                           np.bincount(st.item, minlength=n)]).astype(np.float64))
+        if self.world > 1:
+            from noencore.engine import zero
+
+            table = zero.all_reduce_sum(table)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (table[0] / table[1]).numpy()
 
     def measure(self) -> tuple[float, float, float]:
         """(LOSS-attack AUC forget vs non-members, forget mean NLL, non-member mean NLL)
-        under the current weights (fp32, eval mode)."""
+        under the current weights (eval mode); the same on every rank."""
         from noencore.evaluation import mia
-        from noencore.evaluation.token_metrics import collect_set_stats
 
         lm = self.model.lm
         was_training = lm.training
         lm.eval()
         try:
-            tok = [collect_set_stats(self.model, view, self.conditions,
-                                     batch_size=self.batch_size, frames=self.frames,
-                                     precision="fp32", progress=False).tokens()
-                   for view in (self.forget, self.nonmembers)]
+            with self.context():
+                nll_f, nll_n = self._item_nll(self.forget), self._item_nll(self.nonmembers)
         finally:
             lm.train(was_training)
-        auc = mia.roc_auc(mia.loss_score(tok[0]), mia.loss_score(tok[1]), min_items=1)
-        return auc, float(mia.mean_nll(tok[0]).mean()), float(mia.mean_nll(tok[1]).mean())
+        auc = mia.roc_auc(-nll_f, -nll_n, min_items=1)  # LOSS attack: higher = member
+        result = auc, float(np.nanmean(nll_f)), float(np.nanmean(nll_n))
+        if self.world > 1:  # one decision for every rank: rank 0's
+            from noencore.engine import zero
+
+            result = zero.broadcast_object(result)
+        return result
 
     def check(self, step: int, method: Any = None) -> dict | None:
         if step % self.every:
@@ -128,13 +182,12 @@ class NonmemberStop:
         hit = auc <= self.target if self.rule == "auc" else nll_f >= nll_n
         if not hit:
             if self.rule == "auc" and self.bisect:
-                self._last = {k: t.detach().clone()
-                              for k, t in self.model.lm.state_dict().items()}
+                self._last = self.weights.snapshot()
             return None
         info = {"step": step, "auc": auc, "forget_nll": nll_f, "nonmember_nll": nll_n,
                 "fraction": 1.0}
         if self.rule == "auc" and self.bisect and self._last is not None:
-            auc, a = bisect_crossing(self.model, self._last, lambda: self.measure()[0],
+            auc, a = bisect_crossing(self.weights, self._last, lambda: self.measure()[0],
                                      self.target, self.bisect)
             info.update(auc=auc, fraction=a)
         return info

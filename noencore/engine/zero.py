@@ -46,7 +46,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 def build_config(user: dict | str | os.PathLike | None, *, zero_stage: int | None,
                  micro_batch: int, world_size: int, grad_clip: float | None,
-                 offload_optimizer: bool) -> dict:
+                 offload_optimizer: bool, accumulation: int = 1) -> dict:
     """The DeepSpeed config: the user's (dict or JSON file), checked against the flags, or
     one generated from them. Contradictions are refused before any training."""
     if user is None:
@@ -72,21 +72,24 @@ def build_config(user: dict | str | os.PathLike | None, *, zero_stage: int | Non
     if "optimizer" in cfg:
         raise UsageError(f"{where} has an 'optimizer' section; remove it: the engine passes "
                          "its own AdamW (set --lr / --weight-decay)")
-    if int(cfg.get("gradient_accumulation_steps", 1)) != 1:
-        raise UsageError(f"{where}: gradient_accumulation_steps must be 1 (use --batch-size)")
+    gas = cfg.get("gradient_accumulation_steps")
+    if gas is not None and int(gas) != accumulation:
+        raise UsageError(f"{where} sets gradient_accumulation_steps={gas} but --accumulation is "
+                         f"{accumulation}; make them agree")
     mb = cfg.get("train_micro_batch_size_per_gpu")
     if mb is not None and int(mb) != micro_batch:
         raise UsageError(f"{where} sets train_micro_batch_size_per_gpu={mb} but batch size / "
                          f"ranks gives {micro_batch}; make them agree")
     tb = cfg.get("train_batch_size")
-    if tb is not None and int(tb) != micro_batch * world_size:
+    if tb is not None and int(tb) != micro_batch * world_size * accumulation:
         raise UsageError(f"{where} sets train_batch_size={tb} but the run uses "
-                         f"{micro_batch * world_size} ({micro_batch} x {world_size} ranks)")
+                         f"{micro_batch * world_size * accumulation} ({micro_batch} x "
+                         f"{world_size} ranks x {accumulation} micro-batches)")
     if cfg.get("fp16", {}).get("enabled"):
         raise UsageError(f"{where} enables fp16; the engine trains in bf16 (or fp32)")
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["train_batch_size"] = micro_batch * world_size
-    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = micro_batch * world_size * accumulation
+    cfg["gradient_accumulation_steps"] = accumulation
     cfg.setdefault("bf16", {"enabled": True})
     if grad_clip is not None:
         cfg.setdefault("gradient_clipping", float(grad_clip))
@@ -150,6 +153,57 @@ def release_fp32_model(engine: Any, lm: torch.nn.Module, device: torch.device) -
             if buf is not None:
                 mod._buffers[key] = buf.to(device, torch.float32 if buf.is_floating_point()
                                            else buf.dtype)
+
+
+class MasterWeights:
+    """This rank's fp32 master weights under DeepSpeed, as flat partitions, for the stop
+    rule's bisection between two checks.
+
+    The interpolation ``before + a (after - before)`` is element-wise, so each rank works
+    on its own partition alone; ``assign`` then refreshes the bf16 compute weights the
+    forward pass reads (ZeRO 0-2: the optimizer's own refresh, an all-gather, so every
+    rank calls it; ZeRO-3: each rank copies into its bf16 partition). DeepSpeed keeps
+    these partitions in optimizer attributes that are not public API; they are looked up
+    once here, and a DeepSpeed without them is refused with a clear message.
+    """
+
+    def __init__(self, engine: Any):
+        opt = engine.optimizer
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                     "fp32_groups_flat_partition"):  # ZeRO-3, ZeRO-1/2, bf16 at ZeRO-0
+            if isinstance(getattr(opt, attr, None), list):
+                self._flat = getattr(opt, attr)
+                break
+        else:
+            import deepspeed
+
+            raise UsageError(f"the stop rule under DeepSpeed {deepspeed.__version__} cannot "
+                             f"reach the fp32 master weights of {type(opt).__name__}; use "
+                             "deepspeed 0.19 or stop on --steps")
+        self._opt, self._stage3 = opt, attr == "fp32_partitioned_groups_flat"
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self._flat]
+
+    def assign(self, before: list[torch.Tensor], after: list[torch.Tensor], a: float) -> None:
+        with torch.no_grad():
+            for t, b, e in zip(self._flat, before, after):
+                t.copy_(b + a * (e - b))
+            if self._stage3:
+                for i in range(len(self._flat)):
+                    self._opt._reassign_or_swap_out_partitioned_parameters(i)
+            else:
+                self._opt.update_lp_params()
+
+
+def gathered_heads(lm: torch.nn.Module):
+    """A context in which the K codebook heads' weights are whole on every rank under
+    ZeRO-3 (each rank otherwise holds an empty partition outside the heads' forward,
+    and the fused op reads the weights directly)."""
+    from deepspeed import zero
+
+    params = [p for lin in lm.linears for p in lin.parameters()]
+    return zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params))
 
 
 def comm_device() -> torch.device:

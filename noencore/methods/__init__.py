@@ -12,7 +12,7 @@ from noencore.methods.finetune import Finetune
 from noencore.methods.ga import GradientAscent
 from noencore.methods.graddiff import GradDiff
 from noencore.methods.npo import NPO
-from noencore.methods.rl import RandomLabeling, swap_forget_codes
+from noencore.methods.rl import RandomLabeling
 from noencore.methods.simnpo import SimNPO
 
 METHODS: dict[str, type[Method]] = {
@@ -36,4 +36,4 @@ def get_method(name: str | Method, **options) -> Method:
 
 
 __all__ = ["METHODS", "Method", "NPO", "Plan", "Rows", "BoundedGradientAscent", "GradDiff",
-           "Finetune", "GradientAscent", "RandomLabeling", "SimNPO", "get_method", "swap_forget_codes"]
+           "Finetune", "GradientAscent", "RandomLabeling", "SimNPO", "get_method"]

@@ -8,8 +8,9 @@ Two sources of wrong codes (``labels``):
   code, drawn inside the fused op from the documented hash of (seed, row), so no label
   tensor is built and every backend draws the same codes.
 - ``"remain_clip"``: each forget row's codes are replaced by those of a random remain
-  row of the same batch, keeping the forget caption: the model learns to answer the
-  forget caption with someone else's music. Needs remain rows in every batch.
+  row of the same (global) batch, keeping the forget caption: the model learns to answer
+  the forget caption with someone else's music. Needs remain rows in every batch. The
+  engine does the swap when it reads the batch (``UnlearningSets.step_batch``).
 """
 from __future__ import annotations
 
@@ -43,19 +44,3 @@ class RandomLabeling(Method):
     def describe(self) -> dict:
         return {**super().describe(), "labels": self.labels}
 
-
-def swap_forget_codes(codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give each forget row (bool [B]) the codes [K, T] and mask of a random remain row.
-
-    Raises ValueError when the batch holds no remain row (set a remain ratio > 0).
-    """
-    remain = (~forget).nonzero().flatten()
-    if remain.numel() == 0:
-        raise ValueError("RL with labels='remain_clip' needs remain rows in every batch; "
-                         "give a remain set and a forget ratio below 1")
-    fidx = forget.nonzero().flatten()
-    pick = remain[torch.randint(remain.numel(), (fidx.numel(),), generator=generator)]
-    codes, mask = codes.clone(), mask.clone()
-    codes[fidx], mask[fidx] = codes[pick], mask[pick]
-    return codes, mask

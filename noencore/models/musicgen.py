@@ -130,6 +130,15 @@ class MusicGenModel(nn.Module):
         mask = batch.mask.to(self.device) if getattr(batch, "mask", None) is not None else None
         return codebook_rows(self.lm, codes, mask, self.condition_tensors(*conditions))
 
+    def activation_checkpointing(self, on: bool) -> None:
+        """Recompute each transformer layer's activations in the backward pass instead of
+        keeping them (audiocraft's per-layer ``checkpointing='torch'``, non-reentrant
+        ``torch.utils.checkpoint``): activation memory of one layer instead of all, for
+        about one more forward pass. A training-time switch; the saved config keeps the
+        model's own setting."""
+        self.lm.transformer.checkpointing = "torch" if on else \
+            self.cfg["transformer_lm"].get("checkpointing", "none")
+
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device

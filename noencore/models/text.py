@@ -210,6 +210,24 @@ class ConditionCache:
         self.fingerprint: str = meta.get("fingerprint", self.encoder)
         self.dim: int = int(meta["dim"])
         self._memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._length: int | None = None
+
+    @property
+    def length(self) -> int:
+        """The longest condition in the cache (T5 tokens), read once from the entries'
+        headers. Every batch is padded to it: audiocraft's cross-attention attends to
+        padded positions as well, so padding to the longest caption *of the batch* would
+        make a row's output depend on which captions share its batch, and splitting a
+        step over ranks or micro-batches would change the result."""
+        if self._length is None:
+            from safetensors import safe_open
+
+            longest = 1
+            for f in self.folder.glob("*.safetensors"):
+                with safe_open(str(f), framework="pt") as fh:
+                    longest = max(longest, fh.get_slice("mask").get_shape()[0])
+            self._length = longest
+        return self._length
 
     def path(self, caption: str) -> Path:
         return self.folder / f"{caption_key(caption)}.safetensors"
@@ -237,14 +255,15 @@ class ConditionCache:
 
     def batch(self, captions: Sequence[str], present: Sequence[bool] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ``(embeds float32 [B, Lmax, D], mask bool [B, Lmax])`` for ``captions``.
+        """``(embeds float32 [B, L, D], mask bool [B, L])`` for ``captions``, padded to
+        ``L = self.length`` (the cache's longest condition, whatever the batch).
 
         ``present`` (bool per row, default all True): rows marked False (the empty rows
         that even out ranks) get a zero, fully masked condition and need no cache entry.
         """
         present = [True] * len(captions) if present is None else [bool(x) for x in present]
         items = [self.get(c) if keep else None for c, keep in zip(captions, present)]
-        lmax = max([e.shape[0] for e, _ in filter(None, items)], default=1)
+        lmax = max([self.length] + [e.shape[0] for e, _ in filter(None, items)])
         embeds = torch.zeros(len(items), lmax, self.dim)
         mask = torch.zeros(len(items), lmax, dtype=torch.bool)
         for i, item in enumerate(items):
