@@ -1,10 +1,22 @@
-"""DeepSpeed ZeRO 1/2/3 (bf16) on CPU with gloo: 2 ranks give the parameters of one process
-with the same global batch; the model ``unlearn`` returns is whole and fp32 on every rank;
-a run folder the ranks do not share is refused. Ranks write their results to files; a
-rank that aborts at exit after writing them (a known DeepSpeed-on-CPU issue) does not
-fail the test."""
+"""DeepSpeed ZeRO 1/2/3 (bf16) on 2 CPU ranks with gloo, against one process.
+
+One driver script runs every scenario in each world (1 and 2 ranks, spawned), and the
+tests read what the ranks wrote:
+
+* NPO for 3 steps at each stage (2 ranks: with 2 micro-batches per step and activation
+  checkpointing): the parameters equal one process's; the model ``unlearn`` returns is
+  whole and fp32 on every rank; under ZeRO-3 the fused op sees whole head weights.
+* the membership-inference stop rule with a moving row target, from a memorised model:
+  the same stop step, AUC and bisected fraction as one process (fp32, no DeepSpeed);
+* the head gradients of the first step under ZeRO-3 equal one process's;
+* a run folder the ranks do not share is refused on every rank.
+
+A rank that aborts at exit after writing its results (a known DeepSpeed-on-CPU issue)
+does not fail the tests.
+"""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,11 +31,42 @@ from test_engine_shards import random_items, write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
+REMAIN, NONMEMBERS = ["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"]
 
 _DRIVER = """
-import os, sys
+import json, os, sys
 import torch.multiprocessing as mp
-WORLD, PORT, SHARDS, OUT = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+WORLD, PORT, SHARDS, MEMORISED, OUT = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
+                                       sys.argv[4], sys.argv[5])
+STAGES, REMAIN, NONMEMBERS = {stages}, {remain}, {nonmembers}
+
+
+def record_heads(box):
+    # every weight the fused op is handed, to check ZeRO-3 gives it whole heads
+    import noencore.ops as ops
+    real = ops.linear_ce_ascent
+    def spy(hidden, weight, *a, **k):
+        box.append(tuple(weight.shape))
+        return real(hidden, weight, *a, **k)
+    ops.linear_ce_ascent = spy
+
+
+def record_head_grads(box, model):
+    # the head gradients of the first optimizer step, before the update
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import safe_get_full_grad
+    real_ds, real_adam = DeepSpeedEngine.step, torch.optim.AdamW.step
+    def ds_step(self, *a, **k):
+        if not box and self.is_gradient_accumulation_boundary():
+            box.extend(safe_get_full_grad(lin.weight).float().cpu() for lin in model.lm.linears)
+        return real_ds(self, *a, **k)
+    def adam_step(self, *a, **k):
+        if not box:
+            box.extend(lin.weight.grad.float().cpu() for lin in model.lm.linears)
+        return real_adam(self, *a, **k)
+    DeepSpeedEngine.step, torch.optim.AdamW.step = ds_step, adam_step
+
 
 def work(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -32,32 +75,65 @@ def work(rank):
     from safetensors.torch import load_file
     from noencore import unlearn
     from noencore.errors import UsageError
+    from noencore.methods import get_method
     from noencore.models import load_musicgen
-    kw = dict(forget="forget", method="npo", steps=3, lr=1e-3, batch_size=4, forget_ratio=0.5,
-              frames=12, seed=1, progress=False, zero_stage=None, backend="torch", device="cpu")
-    for stage in {stages}:
-        model = load_musicgen("tiny", with_codec=False,
-                              overrides={{"transformer_lm": {{"num_layers": 1}}}})
+
+    def tiny():
+        return load_musicgen("tiny", with_codec=False,
+                             overrides={{"transformer_lm": {{"num_layers": 1}}}})
+
+    def result(name, value):
+        if rank == 0:
+            with open(f"{{OUT}}/{{name}}.json", "w") as fh:
+                json.dump(value, fh)
+
+    kw = dict(forget="forget", lr=1e-3, batch_size=4, forget_ratio=0.5, frames=12, seed=1,
+              progress=False, backend="torch", device="cpu")
+    split = dict(accumulation=2, checkpointing=True) if WORLD > 1 else {{}}
+    heads = []
+    record_heads(heads)
+    for stage in STAGES:  # NPO: parameters, the returned model, whole heads under ZeRO-3
+        model = tiny()
         shapes = {{k: v.shape for k, v in model.lm.state_dict().items()}}
-        out = f"{{OUT}}/w{{WORLD}}_z{{stage}}"
-        res = unlearn(model, SHARDS, **{{**kw, "zero_stage": stage}}, out=out)
-        # the returned model is whole and fp32 on every rank: the saved master weights
+        out = f"{{OUT}}/npo_w{{WORLD}}_z{{stage}}"
+        del heads[:]
+        res = unlearn(model, SHARDS, **kw, method="npo", steps=3, zero_stage=stage, out=out,
+                      **split)
         saved = load_file(f"{{out}}/model/model.safetensors")
         got = res.model.lm.state_dict()
-        same = (got.keys() == saved.keys() and all(
+        whole = (got.keys() == saved.keys() and all(
             got[k].shape == shapes[k] and got[k].dtype == torch.float32
             and torch.equal(got[k], saved[k]) for k in saved))
-        open(f"{{out}}/returned_model_rank{{rank}}", "w").write("ok" if same else "differs")
+        open(f"{{out}}/returned_model_rank{{rank}}", "w").write("ok" if whole else "differs")
+        open(f"{{out}}/head_shapes_rank{{rank}}.json", "w").write(json.dumps(sorted(set(heads))))
+    for stage in [None] + list(STAGES):  # the stop rule (None: one process, fp32)
+        if stage is None and WORLD > 1:
+            continue
+        method = get_method("bounded_ga", loss_cap=None, row_target=5.0, remain_anchor=True)
+        res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
+                      "method": method, "lr": 3e-3, "remain": REMAIN, "steps": 8,
+                      "zero_stage": stage, "stop_nonmembers": NONMEMBERS, "save": False}})
+        result(f"stop_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
+               "info": res.stop_info, "row_target": method.row_target,
+               "forget_nll": [m["forget_nll"] for m in res.metrics]}})
+    for stage in ([None, 3] if WORLD == 1 else [3]):  # head gradients of the first step
+        model = tiny()
+        grads = []
+        record_head_grads(grads, model)
+        unlearn(model, SHARDS, **kw, method="graddiff", steps=1, grad_clip=None,
+                zero_stage=stage, save=False)
         if rank == 0:
-            open(f"{{out}}/DONE", "w").write("ok")
+            torch.save(grads, f"{{OUT}}/head_grads_w{{WORLD}}_z{{stage}}.pt")
     if WORLD > 1:  # a run folder the ranks do not share is refused on every rank
         try:
-            unlearn(load_musicgen("tiny", with_codec=False), SHARDS, **{{**kw, "zero_stage": 1}},
+            unlearn(tiny(), SHARDS, **kw, method="ga", steps=1, zero_stage=1,
                     out=f"{{OUT}}/private_{{rank}}")
             msg = "trained"
         except UsageError as exc:
             msg = str(exc)
         open(f"{{OUT}}/private_rank{{rank}}.txt", "w").write(msg)
+    if rank == 0:
+        open(f"{{OUT}}/DONE_w{{WORLD}}", "w").write("ok")
 
 if __name__ == "__main__":
     if WORLD == 1:
@@ -73,57 +149,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, shards: Path, out: Path) -> subprocess.CompletedProcess:
+def _launch(world: int, shards: Path, memorised: Path, out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get(
                "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
-    script = out.parent / "zero_driver.py"  # a file: spawned ranks re-import it
-    script.write_text(_DRIVER.format(stages=list(STAGES)))
-    return subprocess.run([sys.executable, str(script), str(world), str(_free_port()),
-                           str(shards), str(out)], capture_output=True, text=True, env=env,
-                          timeout=540, cwd=ROOT)
+    script = out / "zero_driver.py"  # a file: spawned ranks re-import it
+    script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS))
+    proc = subprocess.run([sys.executable, str(script), str(world), str(_free_port()),
+                           str(shards), str(memorised), str(out)], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
+    if not (out / f"DONE_w{world}").exists():  # only an abort *after* the results is tolerated
+        lines = [ln for ln in proc.stderr.splitlines() if "Loading weights" not in ln]
+        pytest.fail(f"world {world} failed (rc {proc.returncode}):\n" + "\n".join(lines[-40:]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Shards, a model memorised on forget + remain (one process), then both worlds."""
+    os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
+    from noencore import unlearn
+    from noencore.data.shards import TokenShards
+    from noencore.models import build_condition_cache, load_musicgen
+
+    root = tmp_path_factory.mktemp("zero")
+    shards = TokenShards(write_shards(root / "shards", random_items(4, 8, 20)))
+    model = load_musicgen("tiny", with_codec=False,
+                          overrides={"transformer_lm": {"num_layers": 1}})
+    build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
+                          progress=False)
+    start = {k: v.float().clone() for k, v in model.lm.state_dict().items()}
+    mem = unlearn(model, shards, forget="forget", remain=REMAIN, method="finetune", steps=25,
+                  lr=3e-3, batch_size=8, frames=12, seed=0, progress=False, backend="torch",
+                  out=root / "memorised")
+    out = root / "out"
+    out.mkdir()
+    for world in (1, 2):
+        _launch(world, shards.path, mem.model_dir, out)
+    return out, start
 
 
 def _state(out: Path, world: int, stage: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    run = out / f"w{world}_z{stage}"
-    assert (run / "DONE").exists(), f"{run}: the run did not finish"
-    return load_file(run / "model" / "model.safetensors")
+    return load_file(out / f"npo_w{world}_z{stage}" / "model" / "model.safetensors")
 
 
 @pytest.mark.distributed
-def test_zero_stages_two_ranks_match_one_process(tmp_path):
-    os.environ.setdefault("NOENCORE_CACHE", str(tmp_path / "nc_cache"))
-    from noencore.data.shards import TokenShards
-    from noencore.models import build_condition_cache, load_musicgen
-
-    shards = TokenShards(write_shards(tmp_path / "shards", random_items(2, 6, 20)))
-    model = load_musicgen("tiny", with_codec=False,
-                          overrides={"transformer_lm": {"num_layers": 1}})
-    build_condition_cache(tmp_path / "shards" / "conditions", shards.captions,
-                          model.text_encoder, progress=False)
-    start = {k: v.float() for k, v in model.lm.state_dict().items()}
-
-    for world in (1, 2):
-        proc = _launch(world, shards.path, tmp_path / "out")
-        done = all((tmp_path / "out" / f"w{world}_z{s}" / "DONE").exists() for s in STAGES)
-        if not done:  # only a rank abort *after* the results were written is tolerated
-            errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "rank" in ln]
-            pytest.fail(f"world {world} failed (rc {proc.returncode}):\n" + "\n".join(errors[-30:]))
-
-    for world in (1, 2):
-        for stage in STAGES:
-            for rank in range(world):
-                flag = tmp_path / "out" / f"w{world}_z{stage}" / f"returned_model_rank{rank}"
-                assert flag.read_text() == "ok", (world, stage, rank)
-    for rank in (0, 1):
-        msg = (tmp_path / "out" / f"private_rank{rank}.txt").read_text()
-        assert "1 of 2 ranks cannot see the run folder" in msg and "shares" in msg, msg
-
+def test_two_ranks_with_accumulation_and_checkpointing_match_one_process(runs):
+    out, start = runs
     for stage in STAGES:
-        one, two = _state(tmp_path / "out", 1, stage), _state(tmp_path / "out", 2, stage)
+        one, two = _state(out, 1, stage), _state(out, 2, stage)
         assert one.keys() == two.keys() == start.keys()
         moved = torch.cat([(one[k] - start[k]).flatten() for k in start])
         diff = torch.cat([(two[k] - one[k]).flatten() for k in start])
@@ -136,3 +212,60 @@ def test_zero_stages_two_ranks_match_one_process(tmp_path):
               f"elements off by > lr/10: {float((diff.abs() > 1e-4).float().mean()):.2e}")
         # Adam moves every element by about lr per step: few may differ by a tenth of it
         assert (diff.abs() > 1e-4).float().mean() < 0.01, stage
+
+
+@pytest.mark.distributed
+def test_returned_model_is_whole_and_zero3_op_sees_whole_heads(runs):
+    out, start = runs
+    head = list(start["linears.0.weight"].shape)
+    for world in (1, 2):
+        for stage in STAGES:
+            run = out / f"npo_w{world}_z{stage}"
+            for rank in range(world):
+                assert (run / f"returned_model_rank{rank}").read_text() == "ok", (world, stage)
+                seen = json.loads((run / f"head_shapes_rank{rank}.json").read_text())
+                assert seen == [head], (world, stage, rank, seen)  # never an empty partition
+
+
+@pytest.mark.distributed
+def test_stop_rule_under_zero_decides_as_one_process(runs):
+    out, _ = runs
+    plain = json.loads((out / "stop_w1_zNone.json").read_text())
+    assert plain["stopped"] == "nonmember_auc" and 1 < plain["steps"] < 8
+    assert 0 < plain["info"]["fraction"] < 1  # the crossing was bisected
+    assert plain["row_target"] == pytest.approx(plain["info"]["nonmember_nll"])
+    for world in (1, 2):
+        for stage in STAGES:
+            got = json.loads((out / f"stop_w{world}_z{stage}.json").read_text())
+            assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], \
+                (world, stage, got)
+            # bf16 compute weights under DeepSpeed, fp32 in one process
+            assert got["info"]["auc"] == pytest.approx(plain["info"]["auc"], abs=0.07)
+            assert got["info"]["fraction"] == pytest.approx(plain["info"]["fraction"], abs=0.13)
+            assert got["row_target"] == pytest.approx(plain["row_target"], rel=0.02)
+            assert got["forget_nll"] == pytest.approx(plain["forget_nll"], rel=0.02)
+    for stage in STAGES:  # two ranks decide as one rank, to bf16 reduction order
+        one = json.loads((out / f"stop_w1_z{stage}.json").read_text())
+        two = json.loads((out / f"stop_w2_z{stage}.json").read_text())
+        assert two["info"]["fraction"] == pytest.approx(one["info"]["fraction"], abs=0.07)
+
+
+@pytest.mark.distributed
+def test_zero3_head_gradients_equal_one_process(runs):
+    out, _ = runs
+    plain = torch.load(out / "head_grads_w1_zNone.pt")
+    assert len(plain) == 4 and all(g.abs().sum() > 0 for g in plain)
+    for world in (1, 2):
+        got = torch.load(out / f"head_grads_w{world}_z3.pt")
+        for k, (g, p) in enumerate(zip(got, plain)):
+            assert g.shape == p.shape, (world, k)
+            rel = float((g - p).norm() / p.norm())
+            assert rel < 0.02, (world, k, rel)  # bf16 forward and backward under DeepSpeed
+
+
+@pytest.mark.distributed
+def test_run_folder_the_ranks_do_not_share_is_refused(runs):
+    out, _ = runs
+    for rank in (0, 1):
+        msg = (out / f"private_rank{rank}.txt").read_text()
+        assert "1 of 2 ranks cannot see the run folder" in msg and "shares" in msg, msg

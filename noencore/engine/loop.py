@@ -13,7 +13,6 @@ Stops at ``steps`` or when the forget NLL reaches ``target_forget_nll``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -87,27 +86,43 @@ def _rank_device(device: str | None, distributed: bool) -> torch.device:
 
 def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
                    device: torch.device, *, forget: bool = True, progress: bool = False,
-                   rank: int = 0, world: int = 1) -> torch.Tensor:
+                   rank: int = 0, world: int = 1, autocast: bool = False,
+                   runner: Callable[[Callable[[], Any]], Any] | None = None) -> torch.Tensor:
     """float32 [n windows] on ``device``: the starting model's summed NLL of each forget
     window (NPO) or each remain window (``remain_anchor``), computed once so that no
-    reference model stays resident. Under a launcher each rank scores every
-    ``world``-th batch of windows and the table is summed over ranks."""
+    reference model stays resident.
+
+    Measured with the training forward's own numerics (bf16 autocast when ``autocast``;
+    under DeepSpeed the engine's bf16 weights, each pass handed to ``runner``, the
+    objective module's forward): ``remain_anchor``'s hinge compares a row's NLL with
+    this number, and a reference from other arithmetic would put every row a rounding
+    error above or below it. Under a launcher each rank scores every ``world``-th batch of ``batch_size``
+    windows, every rank running the same number of forward passes (collectives inside
+    a ZeRO-3 forward need that), and the table is summed over ranks."""
     n = sets.n_forget if forget else sets.n_remain
     out = torch.zeros(n, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    starts = range(rank * batch_size, n, world * batch_size)
+    chunks = range(0, n, world * batch_size)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc=f"reference NLL ({'forget' if forget else 'remain'})",
+        chunks = tqdm(chunks, desc=f"reference NLL ({'forget' if forget else 'remain'})",
                       unit="batch", leave=False)
-    for s in starts:
-        unit = torch.arange(s, min(s + batch_size, n))
-        b = sets.gather(torch.full((unit.numel(),), forget, dtype=torch.bool), unit)
-        emb, emask = cache.batch(b.captions)
-        out[unit.to(device)] = sequence_nll(model, b.codes.to(device), b.mask.to(device),
-                                            emb.to(device), emask.to(device))
+    for chunk in chunks:
+        first = chunk + rank * batch_size
+        unit = torch.arange(first, first + batch_size)
+        unit = torch.where(unit < n, unit, -1)
+        b = sets.gather(torch.full((batch_size,), forget, dtype=torch.bool), unit)
+        emb, emask = cache.batch(b.captions, present=(unit >= 0).tolist())
+        def score(b=b, emb=emb, emask=emask):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return sequence_nll(model, b.codes.to(device), b.mask.to(device),
+                                    emb.to(device), emask.to(device))
+
+        nll = runner(score) if runner is not None else score()
+        real = unit >= 0
+        out[unit[real].to(device)] = nll[real.to(device)].float()
     model.train(was_training)
     if world > 1:
         from noencore.engine import zero
@@ -470,23 +485,26 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                engine=None, dev=dev, rank=rank, world=world, n_f=n_f, n_r=n_r,
                accumulation=accumulation, seed=seed,
                precision=precision, grad_clip=grad_clip, config=config, ckpt_root=ckpt_root)
-    # the starting model's reference NLLs, before DeepSpeed partitions the weights (ZeRO-3)
-    if resume_from is None:
-        ref_kw = dict(progress=progress and rank == 0, rank=rank, world=world)
-        if method.needs_reference:
-            run.ref_forget = _reference_nll(model, sets, cache, batch_size, dev, **ref_kw)
-        if method.needs_remain_reference:
-            run.ref_remain = _reference_nll(model, sets, cache, batch_size, dev, forget=False,
-                                            **ref_kw)
     objective.train()
     model.activation_checkpointing(checkpointing)
+    runner = None
     if distributed:
         run.engine = zero.initialize(objective, run.optimizer, ds_config)
+
+        def runner(fn):  # every forward pass under DeepSpeed enters through its module
+            return run.engine.module(measure=fn)
+
         if stopper is not None:
-            stage3 = int(ds_config["zero_optimization"]["stage"]) == 3
-            stopper.attach(zero.MasterWeights(run.engine), rank, world,
-                           context=(lambda: zero.gathered_heads(model.lm)) if stage3
-                           else contextlib.nullcontext)
+            stopper.attach(zero.MasterWeights(run.engine), rank, world, runner=runner)
+    if resume_from is None:  # the starting model's reference NLLs, with training's numerics
+        ref_kw = dict(progress=progress and rank == 0, rank=rank, world=world, runner=runner,
+                      autocast=precision == "bf16" and not distributed)
+        micro = max(1, batch_size // (world * accumulation))
+        if method.needs_reference:
+            run.ref_forget = _reference_nll(model, sets, cache, micro, dev, **ref_kw)
+        if method.needs_remain_reference:
+            run.ref_remain = _reference_nll(model, sets, cache, micro, dev, forget=False,
+                                            **ref_kw)
     if resume_from is not None:
         _load_resume_state(run, resume_from)
 

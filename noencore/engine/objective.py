@@ -11,6 +11,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -53,10 +56,18 @@ class UnlearnObjective(nn.Module):
         self.backend = backend
         self.backend_used: str | None = None  # the op's backend in the last forward
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor, forget: torch.Tensor,
-                embeds: torch.Tensor, embeds_mask: torch.Tensor, ref_nll: torch.Tensor | None,
-                counts: torch.Tensor, label_seed: int, rows: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, codes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                forget: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                embeds_mask: torch.Tensor | None = None, ref_nll: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None, label_seed: int = 0,
+                rows: torch.Tensor | None = None, *, measure: Callable[[], Any] | None = None
+                ) -> Any:
+        if measure is not None:
+            # A no-grad measurement (reference NLLs, the stop rule) run as this module's
+            # forward: under DeepSpeed ZeRO-3 the engine's start-of-forward bookkeeping and
+            # the gathering of the heads (external parameters of this module) happen in
+            # this module's hooks, so every forward pass of the model enters here.
+            return measure()
         from noencore.ops import (
             RANDOM_LABEL,
             linear_ce_ascent,
@@ -80,14 +91,15 @@ class UnlearnObjective(nn.Module):
         targets = plan.targets.split(sizes)
         weights = plan.row_weight.to(codes.device).split(sizes)
         objective = codes.new_zeros((), dtype=torch.float32)
-        if not any(sizes):
-            # Every rank must take part in backward (DeepSpeed reduces gradients in hooks
-            # that fire during it), also one whose rows are all padding: its objective is a
-            # zero connected to every head and to the transformer output.
-            objective = sum(0.0 * p.hidden.sum() + 0.0 * p.weight.sum() for p in parts)
         self.backend_used = resolve_backend(parts[0].hidden, self.backend)
         for k, p in enumerate(parts):
             if sizes[k] == 0:
+                # Every parameter must get a gradient on every rank in every micro-batch
+                # (DeepSpeed ZeRO-2/3 reduce gradients in buckets filled by hooks that fire
+                # in backward; a head left out on one rank shifts every bucket), also when
+                # no row of this batch reaches codebook k (short windows, padding rows):
+                # a zero connected to the head and to the transformer output.
+                objective = objective + 0.0 * (p.hidden.sum() + p.weight.sum())
                 continue
             seed_k = (int(label_seed) * 64 + k) & 0x7FFFFFFF
             drawn = random_label(seed_k, row_of[p.item] * codes.shape[-1] + p.time,

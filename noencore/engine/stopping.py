@@ -28,7 +28,6 @@ fp32 master in one process).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +38,10 @@ from noencore.engine.sets import UnlearningSets, _resolve
 from noencore.errors import UsageError
 
 STOP_RULES = ("auc", "nll")
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 class ModuleWeights:
@@ -125,32 +128,28 @@ class NonmemberStop:
         self.batch_size, self.frames, self.bisect = batch_size, frames, bisect
         self.weights: Any = ModuleWeights(model.lm)
         self.rank, self.world = 0, 1
-        self.context: Callable[[], Any] = contextlib.nullcontext
+        self.runner: Callable[[Callable[[], Any]], Any] = _call
         self._last: Any = None
 
     def attach(self, weights: Any, rank: int, world: int,
-               context: Callable[[], Any] = contextlib.nullcontext) -> None:
+               runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         """Bisect ``weights`` (``zero.MasterWeights`` under DeepSpeed); score this rank's
-        share of the windows of ``world``; run each measurement inside ``context()``
-        (ZeRO-3: the gathered heads)."""
-        self.weights, self.rank, self.world, self.context = weights, rank, world, context
+        share of the windows of ``world``; hand each measurement to ``runner`` (under
+        DeepSpeed: the objective module's forward, as every forward pass must go)."""
+        self.weights, self.rank, self.world = weights, rank, world
+        self.runner = runner or _call
 
-    def _item_nll(self, view: Any) -> np.ndarray:
-        """float64 [items of ``view``]: mean token NLL of each item, scored by all ranks."""
+    def _item_table(self, view: Any) -> torch.Tensor:
+        """float64 [2, items of ``view``]: this rank's summed token NLL and token count of
+        each item."""
         from noencore.evaluation.token_metrics import collect_set_stats
 
         st = collect_set_stats(self.model, view, self.conditions, batch_size=self.batch_size,
                                frames=self.frames, precision="fp32", progress=False,
                                rank=self.rank, world=self.world)
         n = len(view)
-        table = torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
-                                           np.bincount(st.item, minlength=n)]).astype(np.float64))
-        if self.world > 1:
-            from noencore.engine import zero
-
-            table = zero.all_reduce_sum(table)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (table[0] / table[1]).numpy()
+        return torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
+                                          np.bincount(st.item, minlength=n)]).astype(np.float64))
 
     def measure(self) -> tuple[float, float, float]:
         """(LOSS-attack AUC forget vs non-members, forget mean NLL, non-member mean NLL)
@@ -161,10 +160,16 @@ class NonmemberStop:
         was_training = lm.training
         lm.eval()
         try:
-            with self.context():
-                nll_f, nll_n = self._item_nll(self.forget), self._item_nll(self.nonmembers)
+            tables = self.runner(lambda: [self._item_table(v)
+                                          for v in (self.forget, self.nonmembers)])
         finally:
             lm.train(was_training)
+        if self.world > 1:
+            from noencore.engine import zero
+
+            tables = [zero.all_reduce_sum(t) for t in tables]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nll_f, nll_n = ((t[0] / t[1]).numpy() for t in tables)
         auc = mia.roc_auc(-nll_f, -nll_n, min_items=1)  # LOSS attack: higher = member
         result = auc, float(np.nanmean(nll_f)), float(np.nanmean(nll_n))
         if self.world > 1:  # one decision for every rank: rank 0's

@@ -162,9 +162,11 @@ class MasterWeights:
     The interpolation ``before + a (after - before)`` is element-wise, so each rank works
     on its own partition alone; ``assign`` then refreshes the bf16 compute weights the
     forward pass reads (ZeRO 0-2: the optimizer's own refresh, an all-gather, so every
-    rank calls it; ZeRO-3: each rank copies into its bf16 partition). DeepSpeed keeps
-    these partitions in optimizer attributes that are not public API; they are looked up
-    once here, and a DeepSpeed without them is refused with a clear message.
+    rank calls it; ZeRO-3: each rank copies into its bf16 partition, then the small
+    "persistent" parameters every rank keeps whole are all-gathered, as the optimizer's
+    own step does). DeepSpeed keeps these partitions in optimizer attributes that are
+    not public API (hence the pin on deepspeed 0.19 in requirements.txt); they are
+    looked up once here, and a DeepSpeed without them is refused with a clear message.
     """
 
     def __init__(self, engine: Any):
@@ -189,21 +191,16 @@ class MasterWeights:
         with torch.no_grad():
             for t, b, e in zip(self._flat, before, after):
                 t.copy_(b + a * (e - b))
-            if self._stage3:
+            if self._stage3:  # what the ZeRO-3 optimizer's own step does after its update
+                opt = self._opt
+                opt._partition_all_parameters()  # drop copies a measurement left gathered
                 for i in range(len(self._flat)):
-                    self._opt._reassign_or_swap_out_partitioned_parameters(i)
+                    opt._reassign_or_swap_out_partitioned_parameters(i)
+                if opt.persistent_parameters:  # small parameters every rank keeps whole
+                    opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+                opt.invalidate_secondary_tensor()
             else:
                 self._opt.update_lp_params()
-
-
-def gathered_heads(lm: torch.nn.Module):
-    """A context in which the K codebook heads' weights are whole on every rank under
-    ZeRO-3 (each rank otherwise holds an empty partition outside the heads' forward,
-    and the fused op reads the weights directly)."""
-    from deepspeed import zero
-
-    params = [p for lin in lm.linears for p in lin.parameters()]
-    return zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params))
 
 
 def comm_device() -> torch.device:
