@@ -1,8 +1,10 @@
 """The fused CE-with-ascent op: every backend against float64 autograd and each other.
 
 All backends run the same tests: "torch" (reference), "cpp" (C++ extension) and
-"triton" (through TRITON_INTERPRET=1 on CPU, so its sizes stay small). Outputs are
-poisoned with NaN before each call so that an element a kernel forgot to write fails.
+"triton" (through TRITON_INTERPRET=1 on CPU, so its sizes stay small). Inputs live on
+the ``device`` fixture's device (CUDA for "triton" and "torch" when there is a GPU).
+Outputs are poisoned with NaN before each call so that an element a kernel forgot to
+write fails.
 """
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ def _tol(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-2
 
 
+def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of CPU-made inputs on ``device`` (fresh tensors: callers may set requires_grad)."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
 def _f64_objective(hidden, weight, labels, row_weight, reduction, cap, logits=None):
     """Float64 autograd ground truth. labels: resolved int64 (-1 = ignored)."""
     if logits is None:
@@ -109,17 +116,19 @@ def _inputs(n, d, v, dtype, seed, *, cap_mode="active"):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned):
+def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned, device):
     _skip_unavailable(backend)
     n, d, v = shape
     seed = zlib.crc32(f"{backend}{dtype}{reduction}{shape}".encode())
     hidden, weight, targets, row_weight, cap = _inputs(n, d, v, dtype, seed)
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    out = ops.linear_ce_ascent(h, w, targets, row_weight, random_labels=5, row_offset=3,
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
                                loss_cap=cap, reduction=reduction, backend=backend)
     upstream = torch.randn(out.shape)  # any upstream gradient, scalar or per row
-    (out * upstream).sum().backward()
+    (out * upstream.to(device)).sum().backward()
+    out = out.cpu()
 
     labels = resolve_targets(targets, label_key(5), 3, v, -100)
     h64 = hidden.double().requires_grad_()
@@ -131,38 +140,39 @@ def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned):
     assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
                 torch.bfloat16) < _tol(dtype)
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
-    assert _rel(h.grad, h64.grad, dtype) < _tol(dtype), "d hidden"
-    assert _rel(w.grad, w64.grad, dtype) < _tol(dtype), "d weight"
+    assert _rel(h.grad.cpu(), h64.grad, dtype) < _tol(dtype), "d hidden"
+    assert _rel(w.grad.cpu(), w64.grad, dtype) < _tol(dtype), "d weight"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_none_reduction_weight_grad_any_upstream(backend):
+def test_none_reduction_weight_grad_any_upstream(backend, device):
     """Liger-Kernel #968: with reduction="none", dW must use each row's upstream gradient."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, _ = _inputs(13, 24, 300, torch.float32, 1,
                                                     cap_mode="off")
-    w = weight.clone().requires_grad_()
-    out = ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    w.requires_grad_()
+    out = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
                                reduction="none", backend=backend)
     upstream = torch.randn(13) * torch.arange(13)  # very unequal per-row factors
-    out.backward(upstream)
+    out.backward(upstream.to(device))
     w64 = weight.double().requires_grad_()
     labels = resolve_targets(targets, label_key(5), 3, 300, -100)
     _f64_objective(hidden.double(), w64, labels, row_weight, "none", None).backward(
         upstream.double())
-    assert _rel(w.grad, w64.grad, torch.float32) < 1e-5
+    assert _rel(w.grad.cpu(), w64.grad, torch.float32) < 1e-5
     # The wrong answer (upstream mean times the summed gradient) is far from it.
     w.grad = None
-    ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
-                         reduction="sum", backend=backend).backward(upstream.mean())
-    assert _rel(w.grad, w64.grad, torch.float32) > 1e-2
+    ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
+                         reduction="sum", backend=backend).backward(upstream.mean().to(device))
+    assert _rel(w.grad.cpu(), w64.grad, torch.float32) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
-def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poisoned):
+def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poisoned, device):
     _skip_unavailable(backend)
     n, v = (17, 2049)
     g = torch.Generator().manual_seed(11)
@@ -172,14 +182,16 @@ def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poison
     targets[1::4] = ops.RANDOM_LABEL
     row_weight = torch.randn(n, generator=g)
     cap = 9.0
-    x = logits.clone().requires_grad_()
+    x, t, rw = _on(device, logits, targets, row_weight)
+    x.requires_grad_()
     leaf = x
     if inplace:
         x = x * 1  # a non-leaf whose value nothing else needs
-    out = ops.ce_ascent(x, targets, row_weight, random_labels=9, row_offset=100, loss_cap=cap,
+    out = ops.ce_ascent(x, t, rw, random_labels=9, row_offset=100, loss_cap=cap,
                         reduction=reduction, backend=backend, inplace=inplace)
     upstream = torch.randn(out.shape)
-    (out * upstream).sum().backward()
+    (out * upstream.to(device)).sum().backward()
+    out = out.cpu()
 
     labels = resolve_targets(targets, label_key(9), 100, v, -100)
     z64 = logits.double().requires_grad_()
@@ -188,9 +200,9 @@ def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poison
     assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
                 torch.bfloat16) < _tol(dtype)
     assert leaf.grad.dtype == dtype
-    assert _rel(leaf.grad, z64.grad, dtype) < _tol(dtype)
+    assert _rel(leaf.grad.cpu(), z64.grad, dtype) < _tol(dtype)
     if not inplace:
-        assert torch.equal(x.detach(), logits), "logits must be left untouched"
+        assert torch.equal(x.detach().cpu(), logits), "logits must be left untouched"
 
 
 def test_ce_inplace_overwrite_is_detected():
@@ -204,7 +216,7 @@ def test_ce_inplace_overwrite_is_detected():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_labels_identical_across_backends(backend):
+def test_random_labels_identical_across_backends(backend, device):
     _skip_unavailable(backend)
     for seed, offset, v in [(0, 0, 2048), (123456789, 17, 2049), (2**40 + 3, 2**32 - 5, 7)]:
         key = label_key(seed)
@@ -212,10 +224,11 @@ def test_random_labels_identical_across_backends(backend):
         if backend == "cpp":
             got = backend_module("cpp").random_labels(key, offset, 1000, v)
         elif backend == "triton":
-            got = backend_module("triton").random_labels(key, offset, 1000, v, device="cpu")
+            got = backend_module("triton").random_labels(key, offset, 1000, v, device=device)
         else:
-            got = resolve_targets(torch.full((1000,), ops.RANDOM_LABEL), key, offset, v, -100)
-        assert torch.equal(got, expected), (seed, offset, v)
+            got = resolve_targets(torch.full((1000,), ops.RANDOM_LABEL, device=device), key,
+                                  offset, v, -100)
+        assert torch.equal(got.cpu(), expected), (seed, offset, v)
     # Known values pin the hash down: changing it would silently change RL experiments.
     assert ops.random_label(0, torch.arange(4), 2048).tolist() == _pinned_labels()
 
@@ -233,15 +246,17 @@ def _pinned_labels() -> list[int]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_labels_global_rows(backend):
+def test_random_labels_global_rows(backend, device):
     """Relabelled rows equal explicit targets; splitting rows with row_offset changes nothing."""
     _skip_unavailable(backend)
     hidden, weight, _, row_weight, _ = _inputs(12, 16, 500, torch.float32, 3, cap_mode="off")
-    targets = torch.full((12,), ops.RANDOM_LABEL)
+    hidden, weight, row_weight, targets, explicit_targets = _on(
+        device, hidden, weight, row_weight, torch.full((12,), ops.RANDOM_LABEL),
+        ops.random_label(77, torch.arange(40, 52), 500))
     kw = dict(random_labels=77, reduction="none", backend=backend)
     whole = ops.linear_ce_ascent(hidden, weight, targets, row_weight, row_offset=40, **kw)
-    explicit = ops.linear_ce_ascent(hidden, weight, ops.random_label(77, torch.arange(40, 52), 500),
-                                    row_weight, backend=backend, reduction="none")
+    explicit = ops.linear_ce_ascent(hidden, weight, explicit_targets, row_weight,
+                                    backend=backend, reduction="none")
     first = ops.linear_ce_ascent(hidden[:5], weight, targets[:5], row_weight[:5], row_offset=40,
                                  **kw)
     second = ops.linear_ce_ascent(hidden[5:], weight, targets[5:], row_weight[5:],
@@ -252,24 +267,26 @@ def test_random_labels_global_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored(backend, reduction):
+def test_all_ignored(backend, reduction, device):
     _skip_unavailable(backend)
-    h = torch.randn(5, 8, requires_grad=True)
-    w = torch.randn(30, 8, requires_grad=True)
-    out = ops.linear_ce_ascent(h, w, torch.full((5,), -100), reduction=reduction, backend=backend)
+    h = torch.randn(5, 8, device=device, requires_grad=True)
+    w = torch.randn(30, 8, device=device, requires_grad=True)
+    out = ops.linear_ce_ascent(h, w, torch.full((5,), -100, device=device), reduction=reduction,
+                               backend=backend)
     out.sum().backward()
     assert torch.count_nonzero(out) == 0
     assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_cap(backend):
+def test_loss_cap(backend, device):
     """Capped ascent rows: loss reported, no gradient; an unreachable cap changes nothing."""
     _skip_unavailable(backend)
     hidden, weight, targets, _, _ = _inputs(9, 16, 300, torch.float32, 4, cap_mode="off")
     targets[targets < 0] = 1
-    h = hidden.clone().requires_grad_()
-    neg = -torch.ones(9)
+    h, weight, targets = _on(device, hidden, weight, targets)
+    h.requires_grad_()
+    neg = -torch.ones(9, device=device)
     out = ops.linear_ce_ascent(h, weight, targets, neg, loss_cap=0.0, reduction="sum",
                                backend=backend)
     out.backward()
@@ -285,10 +302,11 @@ def test_loss_cap(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_kernel_chunks_agree(backend, dtype, poisoned):
+def test_kernel_chunks_agree(backend, dtype, poisoned, device):
     """Row chunking (awkward chunk sizes) gives the same loss and gradients as one chunk."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, cap = _inputs(23, 40, 333, dtype, 6)
+    hidden, weight, targets, row_weight = _on(device, hidden, weight, targets, row_weight)
     kern = backend_module(backend)
     kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap, need_dh=True,
               need_dw=True)
@@ -303,12 +321,13 @@ def test_kernel_chunks_agree(backend, dtype, poisoned):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fixed_weight_and_no_grad(backend):
+def test_fixed_weight_and_no_grad(backend, device):
     """Frozen head: only d hidden; under no_grad: the same loss, no gradient work."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, _ = _inputs(10, 16, 100, torch.float32, 8,
                                                     cap_mode="off")
-    h = hidden.clone().requires_grad_()
+    h, weight, targets, row_weight = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
     out = ops.linear_ce_ascent(h, weight, targets, row_weight, random_labels=1, backend=backend)
     out.backward()
     assert weight.grad is None and torch.count_nonzero(h.grad) > 0
@@ -393,10 +412,12 @@ def test_bad_inputs_have_clear_errors():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_token_stats_matches_float64(backend, dtype, poisoned):
+def test_token_stats_matches_float64(backend, dtype, poisoned, device):
     _skip_unavailable(backend)
     hidden, weight, targets, _, _ = _inputs(30, 20, 257, dtype, 10, cap_mode="off")
-    st = ops.token_stats(hidden, weight, targets, random_labels=3, chunk=7, backend=backend)
+    st = ops.token_stats(*_on(device, hidden, weight, targets), random_labels=3, chunk=7,
+                         backend=backend)
+    st = ops.TokenStats(*(x.cpu() for x in st))
     labels = resolve_targets(targets, label_key(3), 0, 257, -100)
     logp = torch.log_softmax(hidden.double() @ weight.double().T, 1)
     valid = labels >= 0
