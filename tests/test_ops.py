@@ -432,24 +432,127 @@ def test_token_stats_matches_float64(backend, dtype, poisoned, device):
     assert torch.equal(st.correct[valid], (logp.argmax(1) == labels)[valid])
 
 
-@pytest.mark.slow
-def test_cpp_portable_build_without_avx512(tmp_path):
-    """The C++ source also builds and agrees without AVX-512 (the plain-C++ vector path)."""
-    from torch.utils.cpp_extension import load
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_hidden_state_poisons_its_row(backend, poisoned, device):
+    """A NaN in one row of hidden states: NaN loss for that row (not a finite 9.7)."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, row_weight, _ = _inputs(6, 16, 300, torch.bfloat16, 31,
+                                                    cap_mode="off")
+    targets[:] = 7
+    hidden[2, 3] = math.nan
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
+    loss = ops.linear_ce_ascent(h, w, t, rw, reduction="none", backend=backend)
+    loss.sum().backward()
+    loss, dh = loss.detach().cpu(), h.grad.cpu()
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(dh[2]).all() and torch.isfinite(dh[[0, 1, 3, 4, 5]]).all()
 
-    src = os.path.join(os.path.dirname(__file__), "..", "csrc", "ce_ascent.cpp")
-    ext = load(name="noencore_c_portable", sources=[src], build_directory=str(tmp_path),
-               extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17"],
-               extra_ldflags=["-fopenmp"], verbose=False)
-    for dtype in DTYPES:
-        hidden, weight, targets, row_weight, cap = _inputs(50, 64, 2049, dtype, 12)
-        kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap)
-        coef = row_weight / 50
-        loss, dh, dw = backend_module("torch").linear_ce_fwd(hidden, weight, targets, coef,
-                                                             need_dh=True, need_dw=True, **kw)
-        loss2, dh2 = torch.empty(50), torch.empty_like(hidden)
-        dw2 = torch.empty_like(weight)
-        ext.linear_ce_fwd(hidden, weight, targets, coef, -100, kw["key"], 3, cap, loss2, dh2,
-                          dw2, 16)
-        for a, b in ((loss2, loss), (dh2, dh), (dw2, dw)):
-            assert _rel(a, b, dtype) < _tol(dtype)
+
+def _c_ext():
+    if not ops.cpp_available():
+        pytest.skip("C++ extension not built")
+    import noencore._C as ext
+
+    return ext
+
+
+def test_cpp_refuses_out_of_range_targets_before_writing(poisoned):
+    """The C++ entry points are callable directly: they check targets before any write."""
+    ext = _c_ext()
+    z = torch.randn(3, 50)
+    t = torch.tensor([1, 50, 2])
+    coef, loss, grad = torch.ones(3), torch.empty(3), torch.empty(3, 50)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 50 is not a class in \[0, 50\)"):
+        ext.ce_fwd(z, t, coef, -100, -1, 0, math.inf, loss, grad)
+    dh, dw = torch.empty(3, 8), torch.empty(50, 8)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 50"):
+        ext.linear_ce_fwd(torch.randn(3, 8), torch.randn(50, 8), t, coef, -100, -1, 0,
+                          math.inf, loss, dh, dw, 2)
+    with pytest.raises(RuntimeError, match=r"targets\[0\] = -2"):  # RANDOM_LABEL, no key
+        ext.ce_fwd(z, torch.tensor([-2, 1, 2]), coef, -100, -1, 0, math.inf, loss, grad)
+    for out in (loss, grad, dh, dw):
+        assert torch.isnan(out).all(), "nothing written before the check"
+
+
+def _cpu_isa_from_flags() -> str:
+    """What /proc/cpuinfo says the C++ kernels may use (x86-64 Linux)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                     [])
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags):
+        return "portable"
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+
+
+def test_cpp_isa_is_chosen_at_run_time(monkeypatch):
+    """The extension runs on any CPU of its architecture and picks its vector path from
+    what the CPU reports; NOENCORE_CPU_ISA only lowers that choice."""
+    ext = _c_ext()
+    monkeypatch.delenv("NOENCORE_CPU_ISA", raising=False)
+    import platform
+
+    if platform.machine() != "x86_64":
+        assert ext.isa() == "portable"
+    elif os.path.exists("/proc/cpuinfo"):
+        assert ext.isa() == _cpu_isa_from_flags()
+    monkeypatch.setenv("NOENCORE_CPU_ISA", "portable")
+    assert ext.isa() == "portable" and backend_module("cpp").isa() == "portable"
+    monkeypatch.setenv("NOENCORE_CPU_ISA", "avx2")
+    with pytest.raises(RuntimeError, match="portable, avx512, avx512_bf16"):
+        ext.isa()
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_cpp_isa_paths_match_reference(isa, dtype, poisoned, monkeypatch):
+    """Every instruction-set path this CPU can take agrees with the torch reference (the
+    portable one too, forced on a vector CPU): fused linear op, logits op, statistics."""
+    ext = _c_ext()
+    monkeypatch.setenv("NOENCORE_CPU_ISA", isa)
+    if ext.isa() != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    cpp, ref = backend_module("cpp"), backend_module("torch")
+    hidden, weight, targets, row_weight, cap = _inputs(50, 67, 2049, dtype, 12)
+    kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap)
+    coef = row_weight / 50
+    expected = ref.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True, **kw)
+    got = cpp.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True,
+                            chunk=16, **kw)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=2e-5)  # fp32 logits
+    for a, b in zip(got[1:], expected[1:]):
+        assert a.dtype == dtype and _rel(a, b, dtype) < _tol(dtype)
+    logits = (hidden.float() @ weight.float().T).to(dtype)
+    grad, grad_ref = torch.empty_like(logits), torch.empty_like(logits)
+    loss = cpp.ce_fwd(logits, targets, coef, grad=grad, **kw)
+    loss_ref = ref.ce_fwd(logits, targets, coef, grad=grad_ref, **kw)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=2e-5)
+    assert _rel(grad, grad_ref, dtype) < _tol(dtype)
+    st = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3, backend="cpp")
+    st_ref = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3,
+                             backend="torch")
+    torch.testing.assert_close(st.nll, st_ref.nll, rtol=1e-5, atol=2e-5, equal_nan=True)
+
+
+def test_cpp_baseline_code_has_no_avx512():
+    """Only the run-time-chosen kernels (noencore::avx512::*) hold AVX/AVX-512
+    instructions: the rest of the extension runs on any x86-64 (no -march=native)."""
+    import platform
+    import shutil
+    import subprocess
+
+    ext = _c_ext()
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],
+                         check=True, capture_output=True, text=True).stdout
+    vector_code, current = set(), None
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            current = line[line.index("<") + 1:-2]
+        elif current is not None and ("%ymm" in line or "%zmm" in line or "{%k" in line):
+            vector_code.add(current)
+    assert vector_code, "no AVX-512 kernels found at all"
+    # The name before the parameters (templates demangle with their return type first).
+    outside = sorted(f for f in vector_code if "noencore::avx512::" not in f.split("(")[0])
+    assert not outside, outside[:10]
