@@ -433,6 +433,106 @@ def test_token_stats_matches_float64(backend, dtype, poisoned, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_per_token_loss_error_as_small_as_reference(backend, device):
+    """bf16 inputs: logits in fp32 (not rounded to bf16), per-token loss against float64.
+
+    The reference computes its logits in fp32 (max error ~1.5e-6 nats here); logits rounded
+    to bf16 gave up to ~3e-2 nats, which loss caps and row targets would read.
+    """
+    _skip_unavailable(backend)
+    g = torch.Generator().manual_seed(21)
+    n, d, v = 64, 1024, 2048  # the interpreter is slow: few rows, MusicGen-sized head
+    hidden = torch.randn(n, d, generator=g).bfloat16()
+    weight = (torch.randn(v, d, generator=g) / math.sqrt(d) * 3).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=g)
+    loss = ops.linear_ce_ascent(*_on(device, hidden, weight, targets), reduction="none",
+                                backend=backend).cpu().double()
+    z = hidden.double() @ weight.double().T  # the same bf16 inputs, exactly
+    expected = torch.logsumexp(z, 1) - z.gather(1, targets[:, None])[:, 0]
+    assert float((loss - expected).abs().max()) < 1e-5
+
+
+def test_triton_reads_the_logits_only_in_its_two_passes():
+    """The row kernel may write gradients over the logits (in place) with no barrier
+    between its passes: a logit read after pass 1 (the target logit, once) could be
+    another warp's gradient on a GPU. The interpreter cannot show that race, so this
+    checks the kernel's source: the logits are loaded in the two block loops only."""
+    import ast
+    import inspect
+    import textwrap
+
+    pytest.importorskip("triton")
+    from noencore.kernels import ce_ascent as tk
+
+    src = textwrap.dedent(inspect.getsource(tk._ce_rows_kernel.fn))
+    fn = ast.parse(src).body[0]
+    in_loop = set()
+    for loop in ast.walk(fn):
+        if isinstance(loop, ast.For):
+            in_loop.update(id(node) for node in ast.walk(loop))
+    loads = [node for node in ast.walk(fn) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == "tl.load" and "z_row" in ast.unparse(node.args[0])]
+    assert len(loads) == 2 and all(id(node) in in_loop for node in loads), \
+        [ast.unparse(node) for node in loads]
+
+
+def _nonfinite_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [10, 2500] with one non-finite case per row, targets, coef (cap 5)."""
+    g = torch.Generator().manual_seed(30)
+    z = torch.randn(10, 2500, generator=g) * 3
+    t = torch.randint(0, 2048, (10,), generator=g)
+    z[0, 5] = math.nan                     # NaN: NaN loss, NaN gradient row
+    z[1, 7] = math.inf                     # +inf elsewhere: loss inf, NaN at the inf
+    z[2, 9] = math.inf
+    t[2] = 9                               # +inf at the target: loss NaN
+    z[3] = -math.inf                       # every logit -inf: NaN row
+    z[4, 11] = -math.inf
+    t[4] = 11                              # -inf at the target: loss inf, finite gradient
+    z[5, 13] = math.nan
+    t[5] = -100                            # ignored: loss 0 and gradient 0, NaN or not
+    z[6, :2100] = -math.inf
+    t[6] = 2200                            # the first blocks all -inf: a finite row
+    z[7, 3:5] = math.inf                   # two +inf, ascent row over the cap
+    z[8, 20] = math.nan
+    t[8] = ops.RANDOM_LABEL                # a relabelled NaN row
+    coef = torch.tensor([1.0, 0.5, -1.0, 2.0, 1.0, 1.0, 0.3, -2.0, 1.0, 0.7])
+    return z.to(dtype), t, coef
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+def test_nonfinite_logits_follow_torch(backend, dtype, poisoned, device):
+    """NaN and inf logits give what torch gives (NaN/inf losses and gradients, never a
+    finite stand-in that would slip past the engine's NaN guard); ignored rows stay 0."""
+    _skip_unavailable(backend)
+    z, t, coef = _nonfinite_rows(dtype)
+    kw = dict(ignore_index=-100, key=label_key(4), row_offset=0, cap=5.0)
+    zd, td, cd = _on(device, z, t, coef)
+    grad = torch.empty_like(zd)
+    loss = backend_module(backend).ce_fwd(zd, td, cd, grad=grad, **kw).cpu()
+    grad = grad.cpu().float()
+
+    # torch's own semantics, written out in float64 (capped row 7: coef 0, so 0 * NaN).
+    labels = resolve_targets(t, label_key(4), 0, z.shape[1], -100)
+    z64 = z.double()
+    lse = torch.logsumexp(z64, 1)
+    exp_loss = lse - z64.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    exp_loss[5] = 0.0
+    c = coef.double().clone()
+    c[7] = 0.0
+    exp_grad = (torch.exp(z64 - lse[:, None])
+                - torch.nn.functional.one_hot(labels.clamp_min(0), z.shape[1])) * c[:, None]
+    exp_grad[5] = 0.0
+    assert torch.isnan(loss[[0, 2, 3, 8]]).all() and torch.isinf(loss[[1, 4, 7]]).all()
+    assert torch.isnan(grad[[0, 3, 8]]).all() and torch.isnan(grad[[1, 2, 7]]).any(dim=1).all()
+    assert torch.equal(grad[5], torch.zeros_like(grad[5])) and loss[5] == 0
+    torch.testing.assert_close(loss.double(), exp_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.double(), exp_grad, equal_nan=True, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_hidden_state_poisons_its_row(backend, poisoned, device):
     """A NaN in one row of hidden states: NaN loss for that row (not a finite 9.7)."""
     _skip_unavailable(backend)
@@ -447,6 +547,23 @@ def test_nan_hidden_state_poisons_its_row(backend, poisoned, device):
     loss, dh = loss.detach().cpu(), h.grad.cpu()
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
     assert torch.isnan(dh[2]).all() and torch.isfinite(dh[[0, 1, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unvalidated_bad_targets_give_nan_rows(backend, poisoned, device):
+    """Targets the front does not check (on a GPU it would sync): a target that is not a
+    class gives a NaN loss and gradient row, the other rows are untouched."""
+    _skip_unavailable(backend)
+    z = torch.randn(5, 300)
+    t = torch.tensor([3, 300, -1, ops.RANDOM_LABEL, -100])  # 300 = V; -2 without a key
+    zd, td, cd = _on(device, z, t, torch.ones(5))
+    grad = torch.empty_like(zd)
+    loss = backend_module(backend).ce_fwd(zd, td, cd, ignore_index=-100, key=None,
+                                          row_offset=0, cap=math.inf, grad=grad).cpu()
+    grad = grad.cpu()
+    assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all()
+    assert torch.isfinite(loss[0]) and torch.isfinite(grad[0]).all()
+    assert loss[4] == 0 and torch.count_nonzero(grad[4]) == 0
 
 
 def _c_ext():
