@@ -566,6 +566,18 @@ def test_unvalidated_bad_targets_give_nan_rows(backend, poisoned, device):
     assert loss[4] == 0 and torch.count_nonzero(grad[4]) == 0
 
 
+def test_target_validation_reads_no_device_tensor():
+    """The front checks targets on CPU only: reading a check's answer off a GPU would
+    synchronise the device at every call (meta tensors stand in for CUDA here)."""
+    from noencore.ops.linear_ce import _check_common
+
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    _check_common(4, 10, t, None, t.device, -100, None, None, "sum", 0)
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10"):
+        _check_common(4, 10, torch.tensor([0, 10, 1, 2]), None, torch.device("cpu"), -100,
+                      None, None, "sum", 0)
+
+
 def _c_ext():
     if not ops.cpp_available():
         pytest.skip("C++ extension not built")
@@ -673,3 +685,43 @@ def test_cpp_baseline_code_has_no_avx512():
     # The name before the parameters (templates demangle with their return type first).
     outside = sorted(f for f in vector_code if "noencore::avx512::" not in f.split("(")[0])
     assert not outside, outside[:10]
+
+
+def test_last_backend_records_each_call(device):
+    """Metrics and reports record which backend ran: last_backend() after each call."""
+    h, w = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device)
+    t = torch.tensor([1, 2, 3, -100], device=device)
+    ops.linear_ce_ascent(h, w, t, backend="torch")
+    assert ops.last_backend() == "torch"
+    ops.linear_ce_ascent(h, w, t)
+    assert ops.last_backend() == ops.resolve_backend(h)
+    ops.ce_ascent(h @ w.T, t, backend="torch")
+    assert ops.last_backend() == "torch"
+    ops.token_stats(h, w, t, backend="triton")  # no Triton kernel for the statistics
+    assert ops.last_backend() == "torch"
+    if ops.cpp_available():
+        ops.token_stats(h.cpu(), w.cpu(), t.cpu())
+        assert ops.last_backend() == "cpp"
+
+
+def test_auto_fallback_to_torch_warns_once(monkeypatch):
+    """backend="auto" leaving accelerator tensors to the torch path warns, once a process."""
+    from noencore.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned_fallback", False)
+    x = torch.empty(2, 2, device="meta")  # a non-CPU tensor with no fused kernel
+    with pytest.warns(RuntimeWarning, match="slow torch reference path on meta tensors"):
+        assert dispatch.use_backend(x) == "torch"
+    assert ops.last_backend() == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.use_backend(x)  # second time: silent
+        dispatch.use_backend(torch.zeros(2, 2))  # CPU: never
+    if torch.cuda.is_available():
+        monkeypatch.setattr(dispatch, "_warned_fallback", False)
+        monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+        monkeypatch.setattr(dispatch, "_triton_missing", lambda: "triton does not import")
+        with pytest.warns(RuntimeWarning, match="on cuda tensors: triton does not import"):
+            assert dispatch.use_backend(torch.zeros(2, 2, device="cuda")) == "torch"
