@@ -34,11 +34,13 @@ def _cpp_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return [], {}
-    # -march=native: the extension is built on the machine that runs it (pip install
-    # from source); AVX-512/AVX2 vector paths are chosen by the compiler.
-    cxx = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", "-std=c++17"]
+    # No -march: the build runs on any CPU of its architecture (a wheel or a shared
+    # install may move to another machine). The AVX-512 kernels carry their own target
+    # attributes and are chosen at run time (csrc/cpu_kernels.h).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
     ext = CppExtension("noencore._C", sources, extra_compile_args={"cxx": cxx},
-                       extra_link_args=["-fopenmp"])
+                       extra_link_args=["-fopenmp"],
+                       depends=sorted(glob.glob(os.path.join("csrc", "*.h"))))
 
     class OptionalBuildExt(BuildExtension):
         """Build the extension, but let the install succeed without it (loudly)."""

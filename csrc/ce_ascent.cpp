@@ -1,31 +1,80 @@
 // Fused cross-entropy with ascent on CPU: the work between the GEMMs, in one pass per row.
 //
-// linear_ce_fwd: for each chunk of rows, logits = h @ W^T (at::mm, BLAS/oneDNN), then one
-// OpenMP-parallel pass per row that computes max, sum of exp, the loss and, in place over
-// the logits, the gradient coef * (softmax - onehot); then dh = dz @ W and dW += dz^T @ h.
-// Only one [chunk, V] logits buffer ever exists. bf16 inputs use bf16 GEMMs (AVX-512 bf16)
-// with the softmax math in fp32 and round-to-nearest-even back to bf16.
+// linear_ce_fwd: for each chunk of rows, fp32 logits z = h @ W^T (fp32 accumulation and
+// fp32 output, also for bf16 inputs: see LogitsGemm), then one OpenMP-parallel pass per
+// row that computes max, sum of exp, the loss and the gradient coef * (softmax - onehot),
+// written in the inputs' dtype over the logits' own rows; then dh = dz @ W and
+// dW += dz^T @ h, in the inputs' dtype (bf16 GEMMs for bf16 inputs). Only one
+// [chunk, V] fp32 logits buffer ever exists.
+//
+// Instruction sets: this file is baseline code for whatever CPU the compiler targets
+// (setup.py passes no -march). On x86-64 the AVX-512 variants of ce_ascent_avx512.cpp
+// are chosen at run time from what the CPU reports; NOENCORE_CPU_ISA=portable|avx512
+// lowers the choice (tests compare the paths), and isa() says which one runs.
 //
 // Kernel contract (shared with noencore/ops/reference.py and the Triton kernels):
 // loss_n = lse(z_n) - z_n[t_n] (unweighted, 0 for ignored rows); the gradient row is
-// coef_n * (p_n - onehot_n), zero when the row is ignored, or when coef_n < 0 and
-// loss_n > cap. Random labels: targets == -2 and key >= 0 -> fmix32(key ^ row) % V
-// (documented in noencore/ops/random_labels.py).
+// coef_n * (p_n - onehot_n), exactly zero when the row is ignored, and zero when
+// coef_n < 0 and loss_n > cap. Non-finite logits follow torch: a NaN gives a NaN loss
+// and a NaN gradient row; a +inf max gives lse = +inf. Random labels: targets == -2 and
+// key >= 0 -> fmix32(key ^ row) % V (documented in noencore/ops/random_labels.py).
+// Targets outside [0, V) that are neither ignore_index nor a random label are refused
+// before anything is written.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace {
 
+using noencore::Isa;
+
 constexpr int64_t kRandomLabel = -2;
+constexpr const char* kIsaNames[] = {"portable", "avx512", "avx512_bf16"};
+
+// What this CPU can run (x86-64: avx512_bf16 also needs the four AVX-512 base features).
+Isa detected_isa() {
+#if defined(__x86_64__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl")) {
+      return Isa::kPortable;
+    }
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  }();
+  return isa;
+#else
+  return Isa::kPortable;
+#endif
+}
+
+// The detected level, lowered by NOENCORE_CPU_ISA when set (read at every call, so that
+// a test can switch paths within one process).
+Isa active_isa() {
+  Isa cap = Isa::kAvx512Bf16;
+  const char* req = std::getenv("NOENCORE_CPU_ISA");
+  if (req != nullptr && *req != '\0') {
+    bool known = false;
+    for (int i = 0; i <= static_cast<int>(Isa::kAvx512Bf16); ++i) {
+      if (std::strcmp(req, kIsaNames[i]) == 0) {
+        cap = static_cast<Isa>(i);
+        known = true;
+      }
+    }
+    TORCH_CHECK(known, "NOENCORE_CPU_ISA=", req, " is not one of portable, avx512, avx512_bf16");
+  }
+  return std::min(detected_isa(), cap);
+}
 
 inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 16;
@@ -47,11 +96,13 @@ inline int64_t resolve_label(int64_t t, int64_t ignore_index, int64_t key, int64
 }
 
 // exp for x <= 0 (arguments are z - max): range reduction to 2^k * e^r, |r| <= ln2/2, and a
-// degree-6 Taylor polynomial (relative error < 2e-7). Written branch-free so that GCC turns
-// the loops that call it into AVX-512 code; std::exp would stay scalar.
+// degree-6 Taylor polynomial (relative error < 2e-7). Branch-free, and rounding by the
+// 1.5 * 2^23 trick rather than std::nearbyint (a libm call without SSE4.1), so that the
+// portable loops that call it vectorise with the baseline instruction set.
 __attribute__((always_inline)) inline float exp_nonpos(float x) {
   x = std::max(x, -87.0f);  // keeps 2^k a normal float; e^-87 is negligible next to 1
-  const float k = std::nearbyint(x * 1.44269504088896341f);
+  constexpr float kRound = 12582912.0f;
+  const float k = (x * 1.44269504088896341f + kRound) - kRound;
   const float r = (x - k * 0.693145751953125f) - k * 1.428606820309417232e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -73,78 +124,25 @@ inline float bf16_to_f(uint16_t b) {
   return f;
 }
 
-inline uint16_t f_to_bf16(float f) {  // round to nearest even (finite values)
+inline uint16_t f_to_bf16(float f) {  // round to nearest even; a NaN stays a (quiet) NaN
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
 
-// dst[v] = bf16(src[v] * sc), rounded to nearest even. With AVX-512 BF16 one instruction
-// converts 16 floats (it also flushes fp32 denormals, ~1e-38, to zero); otherwise the
-// integer rounding of f_to_bf16.
-inline void scale_to_bf16(const float* src, float sc, uint16_t* dst, int64_t vocab) {
-  int64_t v = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-  const __m512 scale = _mm512_set1_ps(sc);
-  for (; v + 16 <= vocab; v += 16) {
-    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + v), scale));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + v), reinterpret_cast<const __m256i&>(packed));
-  }
-#endif
-  for (; v < vocab; ++v) dst[v] = f_to_bf16(src[v] * sc);
-}
-
-#if defined(__AVX512F__)
-// 2^x for x <= 0 on 16 lanes: x = k + f with k an integer and |f| <= 1/2, 2^f from its
-// degree-6 Taylor polynomial in f ln2 (relative error < 1.2e-7), scaled by 2^k with one
-// vscalefps. x is clamped at -126 (2^-126 is negligible next to the row's sum >= 1).
-inline __m512 exp2_nonpos16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, k);
-  __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, k);
-}
-
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                    : static_cast<__mmask16>((1u << left) - 1u);
-}
-#endif
-
-// Max of z [V] fp32, then sum of exp(z - max), also stored into e when e != nullptr
-// (e may alias z). Returns the sum; *max_out gets the max.
-inline float max_expsum(const float* z, float* e, int64_t vocab, float* max_out) {
-#if defined(__AVX512F__)
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 mv = ninf;
-  for (int64_t v = 0; v < vocab; v += 16) {
-    mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(ninf, tail_mask(vocab - v), z + v));
-  }
-  const float m = _mm512_reduce_max_ps(mv);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 neg_m2 = _mm512_set1_ps(-m * 1.44269504088896341f);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t v = 0; v < vocab; v += 16) {
-    const __mmask16 k = tail_mask(vocab - v);
-    const __m512 ev = exp2_nonpos16(
-        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, z + v), log2e, neg_m2));
-    acc = _mm512_mask_add_ps(acc, k, acc, ev);
-    if (e != nullptr) _mm512_mask_storeu_ps(e + v, k, ev);
-  }
-  *max_out = m;
-  return _mm512_reduce_add_ps(acc);
-#else
+// Portable twin of avx512::max_expsum (same contract, cpu_kernels.h).
+bool max_expsum_portable(const float* z, float* e, int64_t vocab, float* max_out,
+                         float* sum_out) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t v = 0; v < vocab; ++v) m = std::max(m, z[v]);
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t v = 0; v < vocab; ++v) {
+    nan |= z[v] != z[v];  // std::max would drop a NaN
+    m = std::max(m, z[v]);
+  }
+  if (nan != 0 || std::isinf(m)) return false;
   float s = 0.0f;
   if (e == nullptr) {
 #pragma omp simd reduction(+ : s)
@@ -158,55 +156,166 @@ inline float max_expsum(const float* z, float* e, int64_t vocab, float* max_out)
     }
   }
   *max_out = m;
-  return s;
-#endif
+  *sum_out = s;
+  return true;
 }
 
-// Rows [0, n) of a contiguous [n, V] logits block (fp32 or bf16) starting at global row
-// `row0`: losses into loss[0..n), gradients (if grad != nullptr, same dtype, may alias).
-// Per row: one read of the logits, exp(z - max) kept in an L1/L2-resident fp32 row, one
+bool max_expsum(Isa isa, const float* z, float* e, int64_t vocab, float* max_out,
+                float* sum_out) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx512) return noencore::avx512::max_expsum(z, e, vocab, max_out, sum_out);
+#endif
+  return max_expsum_portable(z, e, vocab, max_out, sum_out);
+}
+
+void scale(Isa isa, float* x, float sc, int64_t vocab) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx512) return noencore::avx512::scale(x, sc, vocab);
+#endif
+#pragma omp simd
+  for (int64_t v = 0; v < vocab; ++v) x[v] *= sc;
+}
+
+void scale_to_bf16(Isa isa, const float* src, float sc, uint16_t* dst, int64_t vocab) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx512Bf16) return noencore::avx512::scale_to_bf16(src, sc, dst, vocab);
+#endif
+  for (int64_t v = 0; v < vocab; ++v) dst[v] = f_to_bf16(src[v] * sc);
+}
+
+// torch.logsumexp of a row that max_expsum declined: NaN if the row holds a NaN,
+// otherwise its max (+inf; or -inf when every logit is -inf).
+float lse_nonfinite(const float* z, int64_t vocab) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (std::isnan(z[v])) return z[v];
+    m = std::max(m, z[v]);
+  }
+  return m;
+}
+
+// The rows' inputs and outputs apart from the logits and gradients themselves.
+struct RowArgs {
+  const int64_t* targets;
+  const float* coef;
+  int64_t ignore_index, key, row0;  // row0: global index of row 0 (random labels)
+  float cap;
+  float* loss;
+};
+
+// Rows [0, n) of contiguous [n, V] logits, fp32 or bf16: losses into args.loss and, when
+// grad != nullptr, gradient rows of dtype fp32 or bf16 with row stride g_stride elements.
+// grad may alias the logits: the same rows in the same dtype, or (bf16 gradients over
+// fp32 logits, g_stride = 2V) the first half of each logits row. Per row: one read of
+// the logits, exp(z - max) kept in the gradient row or an L1/L2-resident fp32 row, one
 // write of c * (softmax - onehot).
-void rows_block(const void* logits, void* grad, bool bf16, int64_t n, int64_t vocab,
-                const int64_t* targets, const float* coef, int64_t ignore_index, int64_t key,
-                int64_t row0, float cap, float* loss) {
+void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf16,
+                int64_t g_stride, int64_t n, int64_t vocab, const RowArgs& args) {
   at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(bf16 ? vocab : 0);
+    std::vector<float> scratch(z_bf16 || g_bf16 ? vocab : 0);
     for (int64_t r = b; r < e; ++r) {
-      const int64_t label = resolve_label(targets[r], ignore_index, key, row0 + r, vocab);
-      float m = 0.0f, s = 0.0f, zt = 0.0f;
-      float* ex = nullptr;  // exp(z - max), fp32
-      if (bf16) {
-        const uint16_t* src = static_cast<const uint16_t*>(logits) + r * vocab;
-        if (label >= 0) zt = bf16_to_f(src[label]);
-        ex = scratch.data();
-#pragma omp simd
-        for (int64_t v = 0; v < vocab; ++v) ex[v] = bf16_to_f(src[v]);  // widen, in L1/L2
-        s = max_expsum(ex, ex, vocab, &m);
-      } else {
-        const float* src = static_cast<const float*>(logits) + r * vocab;
-        if (label >= 0) zt = src[label];
-        // With a gradient output, exp lands there directly (it is scaled in place below).
-        ex = grad ? static_cast<float*>(grad) + r * vocab : nullptr;
-        s = max_expsum(src, ex, vocab, &m);
+      const int64_t label =
+          resolve_label(args.targets[r], args.ignore_index, args.key, args.row0 + r, vocab);
+      uint16_t* g16 = nullptr;  // the row's gradient, bf16 or fp32 (or none)
+      float* g32 = nullptr;
+      if (grad != nullptr && g_bf16) g16 = static_cast<uint16_t*>(grad) + r * g_stride;
+      if (grad != nullptr && !g_bf16) g32 = static_cast<float*>(grad) + r * g_stride;
+      if (label < 0) {  // ignored: loss 0 and a gradient of exactly 0, whatever the logits
+        args.loss[r] = 0.0f;
+        if (g16 != nullptr) std::fill(g16, g16 + vocab, uint16_t{0});
+        if (g32 != nullptr) std::fill(g32, g32 + vocab, 0.0f);
+        continue;
       }
-      const float l = label >= 0 ? (m + std::log(s)) - zt : 0.0f;
-      loss[r] = l;
-      if (grad == nullptr) continue;
-      float c = coef[r];
-      if (label < 0 || (c < 0.0f && l > cap)) c = 0.0f;
-      const float sc = c / s;
-      if (bf16) {
-        uint16_t* dst = static_cast<uint16_t*>(grad) + r * vocab;
-        scale_to_bf16(ex, sc, dst, vocab);
-        if (label >= 0) dst[label] = f_to_bf16(ex[label] * sc - c);
-      } else {
+      const float* zf;  // the row in fp32
+      if (z_bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(logits) + r * vocab;
 #pragma omp simd
-        for (int64_t v = 0; v < vocab; ++v) ex[v] *= sc;
-        if (label >= 0) ex[label] -= c;
+        for (int64_t v = 0; v < vocab; ++v) scratch[v] = bf16_to_f(src[v]);  // in L1/L2
+        zf = scratch.data();
+      } else {
+        zf = static_cast<const float*>(logits) + r * vocab;
+      }
+      const float zt = zf[label];
+      // exp(z - max): in the fp32 gradient row itself (scaled in place below).
+      float* ex = g16 != nullptr ? scratch.data() : g32;
+      float m = 0.0f, s = 0.0f;
+      const bool finite = max_expsum(isa, zf, ex, vocab, &m, &s);
+      const float lse = finite ? m + std::log(s) : lse_nonfinite(zf, vocab);
+      const float l = lse - zt;
+      args.loss[r] = l;
+      if (grad == nullptr) continue;
+      float c = args.coef[r];
+      if (c < 0.0f && l > args.cap) c = 0.0f;
+      if (finite) {
+        const float sc = c / s;
+        if (g_bf16) {
+          scale_to_bf16(isa, ex, sc, g16, vocab);
+          g16[label] = f_to_bf16(ex[label] * sc - c);
+        } else {
+          scale(isa, ex, sc, vocab);
+          ex[label] -= c;
+        }
+      } else {
+        // IEEE arithmetic as torch does it: NaN where z - lse is NaN or inf - inf. When the
+        // gradient shares the logits' memory, its element v covers no logit past z[v],
+        // and z[v] has been read by then.
+        for (int64_t v = 0; v < vocab; ++v) {
+          const float g = c * (std::exp(zf[v] - lse) - (v == label ? 1.0f : 0.0f));
+          if (g16 != nullptr) g16[v] = f_to_bf16(g);
+          else g32[v] = g;
+        }
       }
     }
   });
 }
+
+// fp32 logits [c, V] = h [c, D] @ W^T for one head W [V, D], with fp32 accumulation and
+// an fp32 result whatever the inputs' dtype (so that losses, caps and row targets read
+// the same numbers as the reference). fp32: at::mm. bf16: with avx512_bf16, a vdpbf16ps
+// GEMM on W packed once per call (the products of bf16 values are exact in fp32); else
+// an fp32 GEMM on fp32 copies (exact too, several times slower).
+class LogitsGemm {
+ public:
+  LogitsGemm(const at::Tensor& weight, Isa isa) : weight_(weight) {
+    if (weight.scalar_type() != at::kBFloat16) return;
+#if defined(__x86_64__)
+    if (isa >= Isa::kAvx512Bf16) {
+      const int64_t vocab = weight.size(0), d = weight.size(1);
+      packed_ = at::empty({noencore::avx512::packed_elems(vocab, d)}, weight.options());
+      const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
+      auto* p = static_cast<uint16_t*>(packed_.data_ptr());
+      at::parallel_for(0, noencore::avx512::packed_panels(vocab), 1, [&](int64_t b, int64_t e) {
+        noencore::avx512::pack_b_panels(w, vocab, d, b, e, p);
+      });
+      return;
+    }
+#endif
+    w32_t_ = weight.to(at::kFloat).t();
+  }
+
+  void operator()(const at::Tensor& h, at::Tensor& z) const {
+    if (weight_.scalar_type() == at::kFloat) {
+      at::mm_out(z, h, weight_.t());
+    } else if (w32_t_.defined()) {
+      at::mm_out(z, h.to(at::kFloat), w32_t_);
+    } else {
+#if defined(__x86_64__)
+      const int64_t vocab = weight_.size(0), d = weight_.size(1);
+      const auto* a = static_cast<const uint16_t*>(h.data_ptr());
+      const auto* p = static_cast<const uint16_t*>(packed_.data_ptr());
+      float* out = z.data_ptr<float>();
+      at::parallel_for(0, h.size(0), 48, [&](int64_t b, int64_t e) {
+        noencore::avx512::gemm_rows(a, d, p, vocab, d, b, e, out, vocab);
+      });
+#endif
+    }
+  }
+
+ private:
+  at::Tensor weight_;
+  at::Tensor packed_;  // bf16 W in the GEMM's panel layout (avx512_bf16)
+  at::Tensor w32_t_;   // fp32 W^T (bf16 without avx512_bf16)
+};
 
 void check_common(const at::Tensor& targets, const at::Tensor& coef, int64_t n) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n, "targets must be [N]");
@@ -215,6 +324,18 @@ void check_common(const at::Tensor& targets, const at::Tensor& coef, int64_t n) 
   TORCH_CHECK(coef.dim() == 1 && coef.size(0) == n && coef.scalar_type() == at::kFloat &&
                   coef.is_contiguous(),
               "coef must be contiguous float32 [N]");
+}
+
+// Every target is a class in [0, V), ignore_index, or RANDOM_LABEL with a key: the
+// kernels index rows with them, so nothing is written before this holds.
+void check_targets(const at::Tensor& targets, int64_t ignore_index, int64_t key, int64_t vocab) {
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    if (t[i] == ignore_index || (t[i] == kRandomLabel && key >= 0)) continue;
+    TORCH_CHECK(t[i] >= 0 && t[i] < vocab, "targets[", i, "] = ", t[i],
+                " is not a class in [0, ", vocab, "), ignore_index (", ignore_index,
+                ") or RANDOM_LABEL (", kRandomLabel, ", with a key >= 0)");
+  }
 }
 
 void check_loss(const at::Tensor& loss, int64_t n) {
@@ -249,14 +370,16 @@ void ce_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
                 "grad must be contiguous, with the logits' shape and dtype");
     gptr = grad->data_ptr();
   }
-  rows_block(logits.data_ptr(), gptr, bf16, n, vocab, targets.data_ptr<int64_t>(),
-             coef.data_ptr<float>(), ignore_index, key, row_offset, static_cast<float>(cap),
-             loss.data_ptr<float>());
+  check_targets(targets, ignore_index, key, vocab);
+  const RowArgs args{targets.data_ptr<int64_t>(), coef.data_ptr<float>(), ignore_index, key,
+                     row_offset, static_cast<float>(cap), loss.data_ptr<float>()};
+  rows_block(active_isa(), logits.data_ptr(), bf16, gptr, bf16, vocab, n, vocab, args);
 }
 
 // Per-row loss [N] fp32 into `loss` and, when given, dh [N, D] (hidden's dtype) and
-// dW [V, D] (weight's dtype) of sum_n coef_n * loss_n, with logits formed `chunk` rows at a time.
-// Every element of the given outputs is overwritten (dW is not accumulated into).
+// dW [V, D] (weight's dtype) of sum_n coef_n * loss_n, with fp32 logits formed `chunk`
+// rows at a time. Every element of the given outputs is overwritten (dW is not
+// accumulated into).
 void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                    const at::Tensor& coef, int64_t ignore_index, int64_t key, int64_t row_offset,
                    double cap, const at::Tensor& loss, const c10::optional<at::Tensor>& dh_opt,
@@ -281,16 +404,19 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
                     dw_opt->is_contiguous(),
                 "dw must be contiguous, with weight's shape and dtype");
   }
+  check_targets(targets, ignore_index, key, vocab);
   const bool need_grad = need_dh || need_dw;
   if (n == 0) {
     if (need_dw) dw_opt->zero_();
     return;
   }
+  const Isa isa = active_isa();
+  const LogitsGemm logits_of(weight, isa);
   // Equal chunks of at most `chunk` rows (6000 rows -> 2 x 3000, not 4096 + 1904: a
   // small last GEMM runs well below the rate of the others).
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   const int64_t rows = (n + n_chunks - 1) / n_chunks;
-  at::Tensor buf = at::empty({rows, vocab}, hidden.options());
+  at::Tensor buf = at::empty({rows, vocab}, hidden.options().dtype(at::kFloat));
   // dW accumulates in the GEMM's output (fp32 inside the GEMM, rounded to the weight's
   // dtype between chunks). For bf16 with many chunks that rounding would add up, so
   // beyond kMaxBf16Chunks the sum is kept in an fp32 buffer instead.
@@ -299,25 +425,29 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
   if (need_dw && bf16 && n_chunks > kMaxBf16Chunks) {
     dw_acc = at::empty({vocab, d}, hidden.options().dtype(at::kFloat));
   }
-  const at::Tensor wt = weight.t();
   for (int64_t s = 0; s < n; s += rows) {
     const int64_t c = std::min(rows, n - s);
     const at::Tensor h = hidden.narrow(0, s, c);
     at::Tensor z = buf.narrow(0, 0, c);
-    at::mm_out(z, h, wt);
-    rows_block(z.data_ptr(), need_grad ? z.data_ptr() : nullptr, bf16, c, vocab,
-               targets.data_ptr<int64_t>() + s, coef.data_ptr<float>() + s, ignore_index, key,
-               row_offset + s, static_cast<float>(cap), loss.data_ptr<float>() + s);
+    logits_of(h, z);
+    // bf16 gradients go over the first half of each fp32 logits row: [c, V] bf16 with
+    // row stride 2V, which the bf16 GEMMs below read as a strided matrix.
+    const at::Tensor g = bf16 ? z.view(at::kBFloat16).narrow(1, 0, vocab) : z;
+    const RowArgs args{targets.data_ptr<int64_t>() + s, coef.data_ptr<float>() + s,
+                       ignore_index, key, row_offset + s, static_cast<float>(cap),
+                       loss.data_ptr<float>() + s};
+    rows_block(isa, z.data_ptr(), false, need_grad ? g.data_ptr() : nullptr, bf16, g.stride(0),
+               c, vocab, args);
     if (need_dh) {
       at::Tensor out = dh_opt->narrow(0, s, c);
-      at::mm_out(out, z, weight);
+      at::mm_out(out, g, weight);
     }
     if (need_dw) {
       at::Tensor dw = *dw_opt;
       if (s == 0 || dw_acc.defined()) {
-        at::mm_out(dw, z.t(), h);  // overwrites: dw may hold anything on entry
+        at::mm_out(dw, g.t(), h);  // overwrites: dw may hold anything on entry
       } else {
-        dw.addmm_(z.t(), h);
+        dw.addmm_(g.t(), h);
       }
       if (dw_acc.defined()) {  // bf16, many chunks: this chunk's part goes into fp32
         if (s == 0) {
@@ -333,13 +463,16 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
 
 // Per-row statistics (no gradient) with fp32 logits formed `chunk` rows at a time: nll,
 // correct (first argmax == label), and the mean / variance of log p under the row's own
-// distribution. Ignored rows get NaN and false. All outputs are [N] and fully written.
+// distribution. Ignored rows get NaN and false; a row with a NaN or an infinite max gets
+// nll = logsumexp - z[t] as torch computes it, NaN moments and false. All outputs are
+// [N] and fully written.
 void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                  int64_t ignore_index, int64_t key, int64_t row_offset, int64_t chunk,
                  const at::Tensor& nll, const at::Tensor& correct, const at::Tensor& mean,
                  const at::Tensor& var) {
   check_float(hidden, "hidden");
   check_float(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "hidden and weight dtypes differ");
   TORCH_CHECK(weight.size(1) == hidden.size(1), "hidden [N, D] and weight [V, D] disagree on D");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t n = hidden.size(0), vocab = weight.size(0);
@@ -352,8 +485,10 @@ void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   TORCH_CHECK(correct.dim() == 1 && correct.size(0) == n && correct.scalar_type() == at::kBool &&
                   correct.is_contiguous(),
               "correct must be contiguous bool [N]");
+  check_targets(targets, ignore_index, key, vocab);
   if (n == 0) return;
-  const at::Tensor w32 = weight.to(at::kFloat).t();
+  const Isa isa = active_isa();
+  const LogitsGemm logits_of(weight, isa);
   const int64_t rows = std::min(chunk, n);
   at::Tensor buf = at::empty({rows, vocab}, hidden.options().dtype(at::kFloat));
   const int64_t* tp = targets.data_ptr<int64_t>();
@@ -365,7 +500,7 @@ void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   for (int64_t s0 = 0; s0 < n; s0 += rows) {
     const int64_t c = std::min(rows, n - s0);
     at::Tensor z = buf.narrow(0, 0, c);
-    at::mm_out(z, hidden.narrow(0, s0, c).to(at::kFloat), w32);
+    logits_of(hidden.narrow(0, s0, c), z);
     const float* zp = z.data_ptr<float>();
     at::parallel_for(0, c, 4, [&](int64_t b, int64_t e) {
       std::vector<float> ex(vocab);
@@ -378,16 +513,21 @@ void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
           continue;
         }
         const float* zr = zp + r * vocab;
-        float m = 0.0f;
-        const float sum = max_expsum(zr, ex.data(), vocab, &m);
+        float m = 0.0f, sum = 0.0f;
+        if (!max_expsum(isa, zr, ex.data(), vocab, &m, &sum)) {
+          nllp[g] = lse_nonfinite(zr, vocab) - zr[label];
+          mup[g] = varp[g] = nan;
+          okp[g] = false;
+          continue;
+        }
         // With d = z - max: mu = E[d] - log(sum), var = E[d^2] - E[d]^2 (double sums:
         // the difference cancels when the distribution is peaked).
         double a = 0.0, q = 0.0;
 #pragma omp simd reduction(+ : a, q)
         for (int64_t v = 0; v < vocab; ++v) {
-          const double d = static_cast<double>(zr[v]) - m;
-          a += ex[v] * d;
-          q += ex[v] * d * d;
+          const double dv = static_cast<double>(zr[v]) - m;
+          a += ex[v] * dv;
+          q += ex[v] * dv * dv;
         }
         const double ed = a / sum, log_s = std::log(static_cast<double>(sum));
         int64_t arg = 0;
@@ -410,10 +550,14 @@ at::Tensor random_labels(int64_t key, int64_t row_offset, int64_t n, int64_t voc
   return out;
 }
 
+// The instruction-set path the kernels take now: "portable", "avx512" or "avx512_bf16".
+std::string isa() { return kIsaNames[static_cast<int>(active_isa())]; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "noencore C++ CPU kernels: fused cross-entropy with ascent";
   m.def("ce_fwd", &ce_fwd, "per-row CE loss and gradient (optionally in place) on logits [N, V]");
   m.def("linear_ce_fwd", &linear_ce_fwd, "fused linear head + CE: loss, dh, dW into given outputs");
   m.def("random_labels", &random_labels, "random labels of a row range");
   m.def("token_stats", &token_stats, "per-row nll, top-1, log-prob mean and variance");
+  m.def("isa", &isa, "instruction-set path of the kernels: portable, avx512 or avx512_bf16");
 }

@@ -17,7 +17,19 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The op tests run every backend where it runs: the C++ kernels on CPU tensors, Triton and
+# the torch reference on the GPU when there is one (Triton's interpreter on CPU otherwise).
+OP_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device of the op test's inputs: CPU for backend "cpp", else :data:`OP_DEVICE`."""
+    if "backend" in request.fixturenames and request.getfixturevalue("backend") == "cpp":
+        return torch.device("cpu")
+    return OP_DEVICE

@@ -1,8 +1,10 @@
 """The fused CE-with-ascent op: every backend against float64 autograd and each other.
 
 All backends run the same tests: "torch" (reference), "cpp" (C++ extension) and
-"triton" (through TRITON_INTERPRET=1 on CPU, so its sizes stay small). Outputs are
-poisoned with NaN before each call so that an element a kernel forgot to write fails.
+"triton" (through TRITON_INTERPRET=1 on CPU, so its sizes stay small). Inputs live on
+the ``device`` fixture's device (CUDA for "triton" and "torch" when there is a GPU).
+Outputs are poisoned with NaN before each call so that an element a kernel forgot to
+write fails.
 """
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ def _tol(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-2
 
 
+def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of CPU-made inputs on ``device`` (fresh tensors: callers may set requires_grad)."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
 def _f64_objective(hidden, weight, labels, row_weight, reduction, cap, logits=None):
     """Float64 autograd ground truth. labels: resolved int64 (-1 = ignored)."""
     if logits is None:
@@ -109,17 +116,19 @@ def _inputs(n, d, v, dtype, seed, *, cap_mode="active"):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned):
+def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned, device):
     _skip_unavailable(backend)
     n, d, v = shape
     seed = zlib.crc32(f"{backend}{dtype}{reduction}{shape}".encode())
     hidden, weight, targets, row_weight, cap = _inputs(n, d, v, dtype, seed)
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    out = ops.linear_ce_ascent(h, w, targets, row_weight, random_labels=5, row_offset=3,
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
                                loss_cap=cap, reduction=reduction, backend=backend)
     upstream = torch.randn(out.shape)  # any upstream gradient, scalar or per row
-    (out * upstream).sum().backward()
+    (out * upstream.to(device)).sum().backward()
+    out = out.cpu()
 
     labels = resolve_targets(targets, label_key(5), 3, v, -100)
     h64 = hidden.double().requires_grad_()
@@ -131,38 +140,39 @@ def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned):
     assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
                 torch.bfloat16) < _tol(dtype)
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
-    assert _rel(h.grad, h64.grad, dtype) < _tol(dtype), "d hidden"
-    assert _rel(w.grad, w64.grad, dtype) < _tol(dtype), "d weight"
+    assert _rel(h.grad.cpu(), h64.grad, dtype) < _tol(dtype), "d hidden"
+    assert _rel(w.grad.cpu(), w64.grad, dtype) < _tol(dtype), "d weight"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_none_reduction_weight_grad_any_upstream(backend):
+def test_none_reduction_weight_grad_any_upstream(backend, device):
     """Liger-Kernel #968: with reduction="none", dW must use each row's upstream gradient."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, _ = _inputs(13, 24, 300, torch.float32, 1,
                                                     cap_mode="off")
-    w = weight.clone().requires_grad_()
-    out = ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    w.requires_grad_()
+    out = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
                                reduction="none", backend=backend)
     upstream = torch.randn(13) * torch.arange(13)  # very unequal per-row factors
-    out.backward(upstream)
+    out.backward(upstream.to(device))
     w64 = weight.double().requires_grad_()
     labels = resolve_targets(targets, label_key(5), 3, 300, -100)
     _f64_objective(hidden.double(), w64, labels, row_weight, "none", None).backward(
         upstream.double())
-    assert _rel(w.grad, w64.grad, torch.float32) < 1e-5
+    assert _rel(w.grad.cpu(), w64.grad, torch.float32) < 1e-5
     # The wrong answer (upstream mean times the summed gradient) is far from it.
     w.grad = None
-    ops.linear_ce_ascent(hidden, w, targets, row_weight, random_labels=5, row_offset=3,
-                         reduction="sum", backend=backend).backward(upstream.mean())
-    assert _rel(w.grad, w64.grad, torch.float32) > 1e-2
+    ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
+                         reduction="sum", backend=backend).backward(upstream.mean().to(device))
+    assert _rel(w.grad.cpu(), w64.grad, torch.float32) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
-def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poisoned):
+def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poisoned, device):
     _skip_unavailable(backend)
     n, v = (17, 2049)
     g = torch.Generator().manual_seed(11)
@@ -172,14 +182,16 @@ def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poison
     targets[1::4] = ops.RANDOM_LABEL
     row_weight = torch.randn(n, generator=g)
     cap = 9.0
-    x = logits.clone().requires_grad_()
+    x, t, rw = _on(device, logits, targets, row_weight)
+    x.requires_grad_()
     leaf = x
     if inplace:
         x = x * 1  # a non-leaf whose value nothing else needs
-    out = ops.ce_ascent(x, targets, row_weight, random_labels=9, row_offset=100, loss_cap=cap,
+    out = ops.ce_ascent(x, t, rw, random_labels=9, row_offset=100, loss_cap=cap,
                         reduction=reduction, backend=backend, inplace=inplace)
     upstream = torch.randn(out.shape)
-    (out * upstream).sum().backward()
+    (out * upstream.to(device)).sum().backward()
+    out = out.cpu()
 
     labels = resolve_targets(targets, label_key(9), 100, v, -100)
     z64 = logits.double().requires_grad_()
@@ -188,9 +200,9 @@ def test_ce_on_logits_matches_float64(backend, dtype, reduction, inplace, poison
     assert _rel(out.detach(), ref.detach(), torch.float32 if dtype == torch.float32 else
                 torch.bfloat16) < _tol(dtype)
     assert leaf.grad.dtype == dtype
-    assert _rel(leaf.grad, z64.grad, dtype) < _tol(dtype)
+    assert _rel(leaf.grad.cpu(), z64.grad, dtype) < _tol(dtype)
     if not inplace:
-        assert torch.equal(x.detach(), logits), "logits must be left untouched"
+        assert torch.equal(x.detach().cpu(), logits), "logits must be left untouched"
 
 
 def test_ce_inplace_overwrite_is_detected():
@@ -204,7 +216,7 @@ def test_ce_inplace_overwrite_is_detected():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_labels_identical_across_backends(backend):
+def test_random_labels_identical_across_backends(backend, device):
     _skip_unavailable(backend)
     for seed, offset, v in [(0, 0, 2048), (123456789, 17, 2049), (2**40 + 3, 2**32 - 5, 7)]:
         key = label_key(seed)
@@ -212,10 +224,11 @@ def test_random_labels_identical_across_backends(backend):
         if backend == "cpp":
             got = backend_module("cpp").random_labels(key, offset, 1000, v)
         elif backend == "triton":
-            got = backend_module("triton").random_labels(key, offset, 1000, v, device="cpu")
+            got = backend_module("triton").random_labels(key, offset, 1000, v, device=device)
         else:
-            got = resolve_targets(torch.full((1000,), ops.RANDOM_LABEL), key, offset, v, -100)
-        assert torch.equal(got, expected), (seed, offset, v)
+            got = resolve_targets(torch.full((1000,), ops.RANDOM_LABEL, device=device), key,
+                                  offset, v, -100)
+        assert torch.equal(got.cpu(), expected), (seed, offset, v)
     # Known values pin the hash down: changing it would silently change RL experiments.
     assert ops.random_label(0, torch.arange(4), 2048).tolist() == _pinned_labels()
 
@@ -233,15 +246,17 @@ def _pinned_labels() -> list[int]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_labels_global_rows(backend):
+def test_random_labels_global_rows(backend, device):
     """Relabelled rows equal explicit targets; splitting rows with row_offset changes nothing."""
     _skip_unavailable(backend)
     hidden, weight, _, row_weight, _ = _inputs(12, 16, 500, torch.float32, 3, cap_mode="off")
-    targets = torch.full((12,), ops.RANDOM_LABEL)
+    hidden, weight, row_weight, targets, explicit_targets = _on(
+        device, hidden, weight, row_weight, torch.full((12,), ops.RANDOM_LABEL),
+        ops.random_label(77, torch.arange(40, 52), 500))
     kw = dict(random_labels=77, reduction="none", backend=backend)
     whole = ops.linear_ce_ascent(hidden, weight, targets, row_weight, row_offset=40, **kw)
-    explicit = ops.linear_ce_ascent(hidden, weight, ops.random_label(77, torch.arange(40, 52), 500),
-                                    row_weight, backend=backend, reduction="none")
+    explicit = ops.linear_ce_ascent(hidden, weight, explicit_targets, row_weight,
+                                    backend=backend, reduction="none")
     first = ops.linear_ce_ascent(hidden[:5], weight, targets[:5], row_weight[:5], row_offset=40,
                                  **kw)
     second = ops.linear_ce_ascent(hidden[5:], weight, targets[5:], row_weight[5:],
@@ -252,24 +267,26 @@ def test_random_labels_global_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored(backend, reduction):
+def test_all_ignored(backend, reduction, device):
     _skip_unavailable(backend)
-    h = torch.randn(5, 8, requires_grad=True)
-    w = torch.randn(30, 8, requires_grad=True)
-    out = ops.linear_ce_ascent(h, w, torch.full((5,), -100), reduction=reduction, backend=backend)
+    h = torch.randn(5, 8, device=device, requires_grad=True)
+    w = torch.randn(30, 8, device=device, requires_grad=True)
+    out = ops.linear_ce_ascent(h, w, torch.full((5,), -100, device=device), reduction=reduction,
+                               backend=backend)
     out.sum().backward()
     assert torch.count_nonzero(out) == 0
     assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_cap(backend):
+def test_loss_cap(backend, device):
     """Capped ascent rows: loss reported, no gradient; an unreachable cap changes nothing."""
     _skip_unavailable(backend)
     hidden, weight, targets, _, _ = _inputs(9, 16, 300, torch.float32, 4, cap_mode="off")
     targets[targets < 0] = 1
-    h = hidden.clone().requires_grad_()
-    neg = -torch.ones(9)
+    h, weight, targets = _on(device, hidden, weight, targets)
+    h.requires_grad_()
+    neg = -torch.ones(9, device=device)
     out = ops.linear_ce_ascent(h, weight, targets, neg, loss_cap=0.0, reduction="sum",
                                backend=backend)
     out.backward()
@@ -285,10 +302,11 @@ def test_loss_cap(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_kernel_chunks_agree(backend, dtype, poisoned):
+def test_kernel_chunks_agree(backend, dtype, poisoned, device):
     """Row chunking (awkward chunk sizes) gives the same loss and gradients as one chunk."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, cap = _inputs(23, 40, 333, dtype, 6)
+    hidden, weight, targets, row_weight = _on(device, hidden, weight, targets, row_weight)
     kern = backend_module(backend)
     kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap, need_dh=True,
               need_dw=True)
@@ -303,12 +321,13 @@ def test_kernel_chunks_agree(backend, dtype, poisoned):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fixed_weight_and_no_grad(backend):
+def test_fixed_weight_and_no_grad(backend, device):
     """Frozen head: only d hidden; under no_grad: the same loss, no gradient work."""
     _skip_unavailable(backend)
     hidden, weight, targets, row_weight, _ = _inputs(10, 16, 100, torch.float32, 8,
                                                     cap_mode="off")
-    h = hidden.clone().requires_grad_()
+    h, weight, targets, row_weight = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
     out = ops.linear_ce_ascent(h, weight, targets, row_weight, random_labels=1, backend=backend)
     out.backward()
     assert weight.grad is None and torch.count_nonzero(h.grad) > 0
@@ -393,10 +412,12 @@ def test_bad_inputs_have_clear_errors():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_token_stats_matches_float64(backend, dtype, poisoned):
+def test_token_stats_matches_float64(backend, dtype, poisoned, device):
     _skip_unavailable(backend)
     hidden, weight, targets, _, _ = _inputs(30, 20, 257, dtype, 10, cap_mode="off")
-    st = ops.token_stats(hidden, weight, targets, random_labels=3, chunk=7, backend=backend)
+    st = ops.token_stats(*_on(device, hidden, weight, targets), random_labels=3, chunk=7,
+                         backend=backend)
+    st = ops.TokenStats(*(x.cpu() for x in st))
     labels = resolve_targets(targets, label_key(3), 0, 257, -100)
     logp = torch.log_softmax(hidden.double() @ weight.double().T, 1)
     valid = labels >= 0
@@ -411,24 +432,296 @@ def test_token_stats_matches_float64(backend, dtype, poisoned):
     assert torch.equal(st.correct[valid], (logp.argmax(1) == labels)[valid])
 
 
-@pytest.mark.slow
-def test_cpp_portable_build_without_avx512(tmp_path):
-    """The C++ source also builds and agrees without AVX-512 (the plain-C++ vector path)."""
-    from torch.utils.cpp_extension import load
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_per_token_loss_error_as_small_as_reference(backend, device):
+    """bf16 inputs: logits in fp32 (not rounded to bf16), per-token loss against float64.
 
-    src = os.path.join(os.path.dirname(__file__), "..", "csrc", "ce_ascent.cpp")
-    ext = load(name="noencore_c_portable", sources=[src], build_directory=str(tmp_path),
-               extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17"],
-               extra_ldflags=["-fopenmp"], verbose=False)
-    for dtype in DTYPES:
-        hidden, weight, targets, row_weight, cap = _inputs(50, 64, 2049, dtype, 12)
-        kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap)
-        coef = row_weight / 50
-        loss, dh, dw = backend_module("torch").linear_ce_fwd(hidden, weight, targets, coef,
-                                                             need_dh=True, need_dw=True, **kw)
-        loss2, dh2 = torch.empty(50), torch.empty_like(hidden)
-        dw2 = torch.empty_like(weight)
-        ext.linear_ce_fwd(hidden, weight, targets, coef, -100, kw["key"], 3, cap, loss2, dh2,
-                          dw2, 16)
-        for a, b in ((loss2, loss), (dh2, dh), (dw2, dw)):
-            assert _rel(a, b, dtype) < _tol(dtype)
+    The reference computes its logits in fp32 (max error ~1.5e-6 nats here); logits rounded
+    to bf16 gave up to ~3e-2 nats, which loss caps and row targets would read.
+    """
+    _skip_unavailable(backend)
+    g = torch.Generator().manual_seed(21)
+    n, d, v = 64, 1024, 2048  # the interpreter is slow: few rows, MusicGen-sized head
+    hidden = torch.randn(n, d, generator=g).bfloat16()
+    weight = (torch.randn(v, d, generator=g) / math.sqrt(d) * 3).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=g)
+    loss = ops.linear_ce_ascent(*_on(device, hidden, weight, targets), reduction="none",
+                                backend=backend).cpu().double()
+    z = hidden.double() @ weight.double().T  # the same bf16 inputs, exactly
+    expected = torch.logsumexp(z, 1) - z.gather(1, targets[:, None])[:, 0]
+    assert float((loss - expected).abs().max()) < 1e-5
+
+
+def test_triton_reads_the_logits_only_in_its_two_passes():
+    """The row kernel may write gradients over the logits (in place) with no barrier
+    between its passes: a logit read after pass 1 (the target logit, once) could be
+    another warp's gradient on a GPU. The interpreter cannot show that race, so this
+    checks the kernel's source: the logits are loaded in the two block loops only."""
+    import ast
+    import inspect
+    import textwrap
+
+    pytest.importorskip("triton")
+    from noencore.kernels import ce_ascent as tk
+
+    src = textwrap.dedent(inspect.getsource(tk._ce_rows_kernel.fn))
+    fn = ast.parse(src).body[0]
+    in_loop = set()
+    for loop in ast.walk(fn):
+        if isinstance(loop, ast.For):
+            in_loop.update(id(node) for node in ast.walk(loop))
+    loads = [node for node in ast.walk(fn) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == "tl.load" and "z_row" in ast.unparse(node.args[0])]
+    assert len(loads) == 2 and all(id(node) in in_loop for node in loads), \
+        [ast.unparse(node) for node in loads]
+
+
+def _nonfinite_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [10, 2500] with one non-finite case per row, targets, coef (cap 5)."""
+    g = torch.Generator().manual_seed(30)
+    z = torch.randn(10, 2500, generator=g) * 3
+    t = torch.randint(0, 2048, (10,), generator=g)
+    z[0, 5] = math.nan                     # NaN: NaN loss, NaN gradient row
+    z[1, 7] = math.inf                     # +inf elsewhere: loss inf, NaN at the inf
+    z[2, 9] = math.inf
+    t[2] = 9                               # +inf at the target: loss NaN
+    z[3] = -math.inf                       # every logit -inf: NaN row
+    z[4, 11] = -math.inf
+    t[4] = 11                              # -inf at the target: loss inf, finite gradient
+    z[5, 13] = math.nan
+    t[5] = -100                            # ignored: loss 0 and gradient 0, NaN or not
+    z[6, :2100] = -math.inf
+    t[6] = 2200                            # the first blocks all -inf: a finite row
+    z[7, 3:5] = math.inf                   # two +inf, ascent row over the cap
+    z[8, 20] = math.nan
+    t[8] = ops.RANDOM_LABEL                # a relabelled NaN row
+    coef = torch.tensor([1.0, 0.5, -1.0, 2.0, 1.0, 1.0, 0.3, -2.0, 1.0, 0.7])
+    return z.to(dtype), t, coef
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
+def test_nonfinite_logits_follow_torch(backend, dtype, poisoned, device):
+    """NaN and inf logits give what torch gives (NaN/inf losses and gradients, never a
+    finite stand-in that would slip past the engine's NaN guard); ignored rows stay 0."""
+    _skip_unavailable(backend)
+    z, t, coef = _nonfinite_rows(dtype)
+    kw = dict(ignore_index=-100, key=label_key(4), row_offset=0, cap=5.0)
+    zd, td, cd = _on(device, z, t, coef)
+    grad = torch.empty_like(zd)
+    loss = backend_module(backend).ce_fwd(zd, td, cd, grad=grad, **kw).cpu()
+    grad = grad.cpu().float()
+
+    # torch's own semantics, written out in float64 (capped row 7: coef 0, so 0 * NaN).
+    labels = resolve_targets(t, label_key(4), 0, z.shape[1], -100)
+    z64 = z.double()
+    lse = torch.logsumexp(z64, 1)
+    exp_loss = lse - z64.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    exp_loss[5] = 0.0
+    c = coef.double().clone()
+    c[7] = 0.0
+    exp_grad = (torch.exp(z64 - lse[:, None])
+                - torch.nn.functional.one_hot(labels.clamp_min(0), z.shape[1])) * c[:, None]
+    exp_grad[5] = 0.0
+    assert torch.isnan(loss[[0, 2, 3, 8]]).all() and torch.isinf(loss[[1, 4, 7]]).all()
+    assert torch.isnan(grad[[0, 3, 8]]).all() and torch.isnan(grad[[1, 2, 7]]).any(dim=1).all()
+    assert torch.equal(grad[5], torch.zeros_like(grad[5])) and loss[5] == 0
+    torch.testing.assert_close(loss.double(), exp_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.double(), exp_grad, equal_nan=True, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_hidden_state_poisons_its_row(backend, poisoned, device):
+    """A NaN in one row of hidden states: NaN loss for that row (not a finite 9.7)."""
+    _skip_unavailable(backend)
+    hidden, weight, targets, row_weight, _ = _inputs(6, 16, 300, torch.bfloat16, 31,
+                                                    cap_mode="off")
+    targets[:] = 7
+    hidden[2, 3] = math.nan
+    h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
+    h.requires_grad_()
+    loss = ops.linear_ce_ascent(h, w, t, rw, reduction="none", backend=backend)
+    loss.sum().backward()
+    loss, dh = loss.detach().cpu(), h.grad.cpu()
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(dh[2]).all() and torch.isfinite(dh[[0, 1, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unvalidated_bad_targets_give_nan_rows(backend, poisoned, device):
+    """Targets the front does not check (on a GPU it would sync): a target that is not a
+    class gives a NaN loss and gradient row, the other rows are untouched."""
+    _skip_unavailable(backend)
+    z = torch.randn(5, 300)
+    t = torch.tensor([3, 300, -1, ops.RANDOM_LABEL, -100])  # 300 = V; -2 without a key
+    zd, td, cd = _on(device, z, t, torch.ones(5))
+    grad = torch.empty_like(zd)
+    loss = backend_module(backend).ce_fwd(zd, td, cd, ignore_index=-100, key=None,
+                                          row_offset=0, cap=math.inf, grad=grad).cpu()
+    grad = grad.cpu()
+    assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all()
+    assert torch.isfinite(loss[0]) and torch.isfinite(grad[0]).all()
+    assert loss[4] == 0 and torch.count_nonzero(grad[4]) == 0
+
+
+def test_target_validation_reads_no_device_tensor():
+    """The front checks targets on CPU only: reading a check's answer off a GPU would
+    synchronise the device at every call (meta tensors stand in for CUDA here)."""
+    from noencore.ops.linear_ce import _check_common
+
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    _check_common(4, 10, t, None, t.device, -100, None, None, "sum", 0)
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10"):
+        _check_common(4, 10, torch.tensor([0, 10, 1, 2]), None, torch.device("cpu"), -100,
+                      None, None, "sum", 0)
+
+
+def _c_ext():
+    if not ops.cpp_available():
+        pytest.skip("C++ extension not built")
+    import noencore._C as ext
+
+    return ext
+
+
+def test_cpp_refuses_out_of_range_targets_before_writing(poisoned):
+    """The C++ entry points are callable directly: they check targets before any write."""
+    ext = _c_ext()
+    z = torch.randn(3, 50)
+    t = torch.tensor([1, 50, 2])
+    coef, loss, grad = torch.ones(3), torch.empty(3), torch.empty(3, 50)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 50 is not a class in \[0, 50\)"):
+        ext.ce_fwd(z, t, coef, -100, -1, 0, math.inf, loss, grad)
+    dh, dw = torch.empty(3, 8), torch.empty(50, 8)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 50"):
+        ext.linear_ce_fwd(torch.randn(3, 8), torch.randn(50, 8), t, coef, -100, -1, 0,
+                          math.inf, loss, dh, dw, 2)
+    with pytest.raises(RuntimeError, match=r"targets\[0\] = -2"):  # RANDOM_LABEL, no key
+        ext.ce_fwd(z, torch.tensor([-2, 1, 2]), coef, -100, -1, 0, math.inf, loss, grad)
+    for out in (loss, grad, dh, dw):
+        assert torch.isnan(out).all(), "nothing written before the check"
+
+
+def _cpu_isa_from_flags() -> str:
+    """What /proc/cpuinfo says the C++ kernels may use (x86-64 Linux)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                     [])
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags):
+        return "portable"
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+
+
+def test_cpp_isa_is_chosen_at_run_time(monkeypatch):
+    """The extension runs on any CPU of its architecture and picks its vector path from
+    what the CPU reports; NOENCORE_CPU_ISA only lowers that choice."""
+    ext = _c_ext()
+    monkeypatch.delenv("NOENCORE_CPU_ISA", raising=False)
+    import platform
+
+    if platform.machine() != "x86_64":
+        assert ext.isa() == "portable"
+    elif os.path.exists("/proc/cpuinfo"):
+        assert ext.isa() == _cpu_isa_from_flags()
+    monkeypatch.setenv("NOENCORE_CPU_ISA", "portable")
+    assert ext.isa() == "portable" and backend_module("cpp").isa() == "portable"
+    monkeypatch.setenv("NOENCORE_CPU_ISA", "avx2")
+    with pytest.raises(RuntimeError, match="portable, avx512, avx512_bf16"):
+        ext.isa()
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_cpp_isa_paths_match_reference(isa, dtype, poisoned, monkeypatch):
+    """Every instruction-set path this CPU can take agrees with the torch reference (the
+    portable one too, forced on a vector CPU): fused linear op, logits op, statistics."""
+    ext = _c_ext()
+    monkeypatch.setenv("NOENCORE_CPU_ISA", isa)
+    if ext.isa() != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    cpp, ref = backend_module("cpp"), backend_module("torch")
+    hidden, weight, targets, row_weight, cap = _inputs(50, 67, 2049, dtype, 12)
+    kw = dict(ignore_index=-100, key=label_key(5), row_offset=3, cap=cap)
+    coef = row_weight / 50
+    expected = ref.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True, **kw)
+    got = cpp.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True,
+                            chunk=16, **kw)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=2e-5)  # fp32 logits
+    for a, b in zip(got[1:], expected[1:]):
+        assert a.dtype == dtype and _rel(a, b, dtype) < _tol(dtype)
+    logits = (hidden.float() @ weight.float().T).to(dtype)
+    grad, grad_ref = torch.empty_like(logits), torch.empty_like(logits)
+    loss = cpp.ce_fwd(logits, targets, coef, grad=grad, **kw)
+    loss_ref = ref.ce_fwd(logits, targets, coef, grad=grad_ref, **kw)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=2e-5)
+    assert _rel(grad, grad_ref, dtype) < _tol(dtype)
+    st = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3, backend="cpp")
+    st_ref = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3,
+                             backend="torch")
+    torch.testing.assert_close(st.nll, st_ref.nll, rtol=1e-5, atol=2e-5, equal_nan=True)
+
+
+def test_cpp_baseline_code_has_no_avx512():
+    """Only the run-time-chosen kernels (noencore::avx512::*) hold AVX/AVX-512
+    instructions: the rest of the extension runs on any x86-64 (no -march=native)."""
+    import platform
+    import shutil
+    import subprocess
+
+    ext = _c_ext()
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],
+                         check=True, capture_output=True, text=True).stdout
+    vector_code, current = set(), None
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            current = line[line.index("<") + 1:-2]
+        elif current is not None and ("%ymm" in line or "%zmm" in line or "{%k" in line):
+            vector_code.add(current)
+    assert vector_code, "no AVX-512 kernels found at all"
+    # The name before the parameters (templates demangle with their return type first).
+    outside = sorted(f for f in vector_code if "noencore::avx512::" not in f.split("(")[0])
+    assert not outside, outside[:10]
+
+
+def test_last_backend_records_each_call(device):
+    """Metrics and reports record which backend ran: last_backend() after each call."""
+    h, w = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device)
+    t = torch.tensor([1, 2, 3, -100], device=device)
+    ops.linear_ce_ascent(h, w, t, backend="torch")
+    assert ops.last_backend() == "torch"
+    ops.linear_ce_ascent(h, w, t)
+    assert ops.last_backend() == ops.resolve_backend(h)
+    ops.ce_ascent(h @ w.T, t, backend="torch")
+    assert ops.last_backend() == "torch"
+    ops.token_stats(h, w, t, backend="triton")  # no Triton kernel for the statistics
+    assert ops.last_backend() == "torch"
+    if ops.cpp_available():
+        ops.token_stats(h.cpu(), w.cpu(), t.cpu())
+        assert ops.last_backend() == "cpp"
+
+
+def test_auto_fallback_to_torch_warns_once(monkeypatch):
+    """backend="auto" leaving accelerator tensors to the torch path warns, once a process."""
+    from noencore.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned_fallback", False)
+    x = torch.empty(2, 2, device="meta")  # a non-CPU tensor with no fused kernel
+    with pytest.warns(RuntimeWarning, match="slow torch reference path on meta tensors"):
+        assert dispatch.use_backend(x) == "torch"
+    assert ops.last_backend() == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.use_backend(x)  # second time: silent
+        dispatch.use_backend(torch.zeros(2, 2))  # CPU: never
+    if torch.cuda.is_available():
+        monkeypatch.setattr(dispatch, "_warned_fallback", False)
+        monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+        monkeypatch.setattr(dispatch, "_triton_missing", lambda: "triton does not import")
+        with pytest.warns(RuntimeWarning, match="on cuda tensors: triton does not import"):
+            assert dispatch.use_backend(torch.zeros(2, 2, device="cuda")) == "torch"

@@ -14,12 +14,12 @@ import noencore.ops as ops
 audiocraft = pytest.importorskip("audiocraft")
 
 
-def _tiny_lm(card: int = 2048, dim: int = 32):
+def _tiny_lm(device: torch.device, card: int = 2048, dim: int = 32):
     from audiocraft.models.builders import get_lm_model
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({
-        "lm_model": "transformer_lm", "device": "cpu", "dtype": "float32",
+        "lm_model": "transformer_lm", "device": str(device), "dtype": "float32",
         "dataset": {"segment_duration": 1.0},
         "transformer_lm": {"n_q": 4, "card": card, "dim": dim, "num_heads": 2,
                            "num_layers": 2, "hidden_scale": 2, "dropout": 0.0,
@@ -40,7 +40,7 @@ def _tiny_lm(card: int = 2048, dim: int = 32):
 def _solver_cross_entropy(logits, targets, mask):
     """MusicGenSolver._compute_cross_entropy, written out: [B, K, T, card] -> scalar."""
     _, k_total, _ = targets.shape
-    ce = torch.zeros([])
+    ce = torch.zeros([], device=logits.device)
     for k in range(k_total):
         logits_k = logits[:, k, ...].contiguous().view(-1, logits.size(-1))
         targets_k = targets[:, k, ...].contiguous().view(-1)
@@ -50,16 +50,16 @@ def _solver_cross_entropy(logits, targets, mask):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_matches_musicgen_solver_loss_and_grads(backend):
+def test_matches_musicgen_solver_loss_and_grads(backend, device):
     if backend == "cpp" and not ops.cpp_available():
         pytest.skip("C++ extension not built")
     if backend == "triton" and not ops.triton_available():
         pytest.skip("triton unavailable")
     from audiocraft.modules.conditioners import ConditioningAttributes
 
-    lm = _tiny_lm()
+    lm = _tiny_lm(device)
     b, k_total, t = 2, 4, 12
-    codes = torch.randint(0, lm.card, (b, k_total, t))
+    codes = torch.randint(0, lm.card, (b, k_total, t), device=device)
     conditions = [ConditioningAttributes(text={"description": str(i)}) for i in range(b)]
 
     captured = {}

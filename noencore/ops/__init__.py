@@ -8,12 +8,13 @@ One function per input kind, three backends behind them:
 
 Backends: Triton (``noencore.kernels``, CUDA), C++ (``noencore._C``, CPU), and the
 plain-torch chunked reference (:mod:`noencore.ops.reference`) that both are tested
-against. ``backend="auto"`` picks one; :func:`resolve_backend` says which.
+against. ``backend="auto"`` picks one; :func:`resolve_backend` says which it would pick,
+:func:`last_backend` which one the latest call ran.
 Random labels: :data:`RANDOM_LABEL` and the hash in :mod:`noencore.ops.random_labels`.
 """
 from __future__ import annotations
 
-from noencore.ops.dispatch import cpp_available, resolve_backend, triton_available
+from noencore.ops.dispatch import cpp_available, last_backend, resolve_backend, triton_available
 from noencore.ops.linear_ce import ce_ascent, linear_ce_ascent
 from noencore.ops.random_labels import RANDOM_LABEL, random_label
 from noencore.ops.token_stats import TokenStats, token_stats
@@ -23,6 +24,7 @@ __all__ = [
     "TokenStats",
     "ce_ascent",
     "cpp_available",
+    "last_backend",
     "linear_ce_ascent",
     "random_label",
     "resolve_backend",

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from noencore.ops.dispatch import backend_module, resolve_backend
+from noencore.ops.dispatch import backend_module, use_backend
 from noencore.ops.random_labels import RANDOM_LABEL, label_key
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -54,7 +54,11 @@ def _check_common(n: int, vocab: int, targets: torch.Tensor, row_weight: torch.T
         raise ValueError(f"loss_cap must be a finite number or None, got {loss_cap}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    if n == 0:
+    if n == 0 or targets.device.type != "cpu":
+        # Off the CPU, reading the check's answer would synchronise the device at every
+        # call. The kernels there never read or write outside a row for such a target:
+        # Triton and the torch reference give its row a NaN loss and a NaN gradient
+        # (which the engine's NaN guard stops on).
         return
     t = targets.to(torch.int64)
     bad = (t >= vocab) | ((t < 0) & (t != ignore_index) & (t != RANDOM_LABEL))
@@ -159,18 +163,24 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         hidden: [N, D] float32 / bfloat16 / float16, the states before the head.
         weight: [V, D], same dtype and device (one codebook head).
         targets: [N] integer classes in [0, V); ``ignore_index`` rows contribute
-            nothing; ``RANDOM_LABEL`` (-2) rows get ``random_label(seed, row_offset + n, V)``.
+            nothing (zero loss and gradient); ``RANDOM_LABEL`` (-2) rows get
+            ``random_label(seed, row_offset + n, V)``. Other values raise ValueError for
+            CPU tensors; on a GPU they are not checked (that would synchronise the
+            device) and give their row a NaN loss and gradient.
         row_weight: [N] float or None (all 1). Negative = gradient ascent on that row.
         ignore_index: target value of rows to skip.
         random_labels: the seed for RANDOM_LABEL rows (required if any row has it).
         row_offset: global index of row 0 (chunks and ranks then draw the same labels).
         loss_cap: rows with negative weight and loss > cap get no gradient.
         reduction: "mean" (over valid rows), "sum" or "none" (per-row [N] fp32).
-        backend: "auto" | "triton" | "cpp" | "torch" (see :func:`resolve_backend`).
+        backend: "auto" | "triton" | "cpp" | "torch" (see :func:`resolve_backend`;
+            :func:`last_backend` says which one ran).
 
     Returns:
-        0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none"). Logits and softmax are
-        accumulated in fp32; gradients come back in the inputs' dtype.
+        0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none"). Logits are fp32 (fp32
+        accumulation and fp32 result, also from bf16/fp16 inputs) and so is the softmax
+        math; gradients come back in the inputs' dtype (the dh and dW GEMMs run in it).
+        Non-finite logits follow torch: a NaN gives a NaN loss and gradient row.
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first (so fp32
     master weights train through bf16 kernels).
@@ -190,7 +200,7 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     n, vocab = hidden.shape[0], weight.shape[0]
     _check_common(n, vocab, targets, row_weight, hidden.device, ignore_index, random_labels,
                   loss_cap, reduction, row_offset)
-    opts = dict(backend=resolve_backend(hidden, backend), ignore_index=ignore_index,
+    opts = dict(backend=use_backend(hidden, backend), ignore_index=ignore_index,
                 key=None if random_labels is None else label_key(random_labels),
                 row_offset=row_offset, cap=math.inf if loss_cap is None else float(loss_cap),
                 reduction=reduction, grad=torch.is_grad_enabled())
@@ -250,7 +260,7 @@ def ce_ascent(logits: torch.Tensor, targets: torch.Tensor,
     n, vocab = logits.shape
     _check_common(n, vocab, targets, row_weight, logits.device, ignore_index, random_labels,
                   loss_cap, reduction, row_offset)
-    opts = dict(backend=resolve_backend(logits, backend), ignore_index=ignore_index,
+    opts = dict(backend=use_backend(logits, backend), ignore_index=ignore_index,
                 key=None if random_labels is None else label_key(random_labels),
                 row_offset=row_offset, cap=math.inf if loss_cap is None else float(loss_cap),
                 reduction=reduction, inplace=inplace, grad=torch.is_grad_enabled())

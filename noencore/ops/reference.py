@@ -9,7 +9,12 @@ Both functions follow the kernel contract shared by all backends:
   (its loss is still returned).
 * Returned losses are the *unweighted* per-row ``logsumexp(z) - z[t]`` in fp32 (0 for
   ignored rows); gradients are ``coef_n * (softmax(z_n) - onehot(t_n))`` pushed through
-  the head.
+  the head, exactly zero on ignored rows whatever their logits hold.
+* Non-finite logits follow torch: a NaN gives a NaN loss and a NaN gradient row; a +inf
+  gives ``logsumexp = +inf`` (loss inf, NaN where ``z - lse`` is ``inf - inf``).
+* A label that is not a class (a target the op's front did not validate: on CUDA it
+  skips the check, which would synchronise the device) gives a NaN loss and a NaN
+  gradient row, never an out-of-bounds access.
 
 Memory stays O(chunk x V): logits exist one row chunk at a time, in fp32.
 """
@@ -24,21 +29,33 @@ from noencore.ops.random_labels import resolve_targets
 DEFAULT_CHUNK = 1024
 
 
-def _row_grad(z: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
-              cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss [C] and dz [C, V] (fp32) of one chunk of fp32 logits z [C, V]; dz overwrites z."""
-    valid = labels >= 0
+def _row_loss(z: torch.Tensor, labels: torch.Tensor, ignored: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss [C], logsumexp [C] and the rows whose label is no class (bool [C]) of fp32
+    logits z [C, V]; labels int64 [C] (resolved), ignored bool [C] (ignore_index rows)."""
+    vocab = z.shape[1]
+    bad = ((labels < 0) | (labels >= vocab)) & ~ignored
     lse = torch.logsumexp(z, dim=1)
-    tz = z.gather(1, labels.clamp_min(0)[:, None])[:, 0]
-    loss = torch.where(valid, lse - tz, torch.zeros_like(lse))
-    c = torch.where(valid, coef, torch.zeros_like(coef))
+    tz = z.gather(1, labels.clamp(0, vocab - 1)[:, None])[:, 0]
+    loss = torch.where(ignored, torch.zeros_like(lse), lse - tz)
+    return loss.masked_fill_(bad, math.nan), lse, bad
+
+
+def _row_grad(z: torch.Tensor, labels: torch.Tensor, ignored: torch.Tensor,
+              coef: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss [C] and dz [C, V] (fp32) of one chunk of fp32 logits z [C, V]; dz overwrites z."""
+    loss, lse, bad = _row_loss(z, labels, ignored)
+    valid = ~(ignored | bad)
+    c = coef
     if math.isfinite(cap):
         c = torch.where((c < 0) & (loss > cap), torch.zeros_like(c), c)
     dz = z.sub_(lse[:, None]).exp_()
     rows = torch.arange(z.shape[0], device=z.device)
     dz[rows[valid], labels[valid]] -= 1.0
     dz.mul_(c[:, None])
-    return loss, dz
+    # Ignored rows contribute nothing, also when their logits hold a NaN (0 * NaN is NaN).
+    dz.masked_fill_(ignored[:, None], 0.0)
+    return loss, dz.masked_fill_(bad[:, None], math.nan)
 
 
 def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -54,6 +71,7 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     n, _ = hidden.shape
     vocab = weight.shape[0]
     labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
+    ignored = targets == ignore_index
     w32 = weight.float()
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else None
@@ -65,12 +83,9 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         h = hidden[s:e].float()
         z = h @ w32.T
         if not (need_dh or need_dw):
-            lab = labels[s:e]
-            tz = z.gather(1, lab.clamp_min(0)[:, None])[:, 0]
-            lse = torch.logsumexp(z, dim=1)
-            loss[s:e] = torch.where(lab >= 0, lse - tz, torch.zeros_like(lse))
+            loss[s:e] = _row_loss(z, labels[s:e], ignored[s:e])[0]
             continue
-        loss[s:e], dz = _row_grad(z, labels[s:e], coef[s:e], cap)
+        loss[s:e], dz = _row_grad(z, labels[s:e], ignored[s:e], coef[s:e], cap)
         if dh is not None:
             dh[s:e] = dz @ w32
         if dw is not None:
@@ -87,12 +102,13 @@ def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
     """
     n, vocab = logits.shape
     labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
+    ignored = targets == ignore_index
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         # Work on a copy unless the gradient is meant to overwrite the logits.
         z = logits[s:e].to(torch.float32, copy=grad is not logits)
-        loss[s:e], dz = _row_grad(z, labels[s:e], coef[s:e], cap)
+        loss[s:e], dz = _row_grad(z, labels[s:e], ignored[s:e], coef[s:e], cap)
         if grad is not None:
             grad[s:e] = dz
     return loss

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from noencore.ops.dispatch import resolve_backend
+from noencore.ops.dispatch import record_backend, resolve_backend
 from noencore.ops.random_labels import label_key, resolve_targets
 
 
@@ -47,7 +47,11 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and "
                          f"{weight.dtype}")
-    if resolve_backend(hidden, "torch" if backend == "triton" else backend) == "cpp":
+    # There is no Triton kernel for these statistics: "triton" (and "auto" on CUDA) run
+    # the torch path.
+    name = resolve_backend(hidden, "torch" if backend == "triton" else backend)
+    record_backend("cpp" if name == "cpp" else "torch")
+    if name == "cpp":
         from noencore.ops import cpp
 
         return TokenStats(*cpp.token_stats(hidden, weight, targets, ignore_index=ignore_index,
