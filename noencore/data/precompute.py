@@ -82,14 +82,27 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
+def _decode_item(path: str, sample_rate: int, min_samples: int,
+                 seg_samples: int) -> tuple[list[np.ndarray], str] | str:
+    """Pool job: the segments (float32 [seg_samples], the last one shorter) and sha256 of
+    one file, or the failure reason."""
+    segments = []
+    for kind, payload in decode_job(path, sample_rate, min_samples, seg_samples):
+        if kind == "segment":
+            segments.append(payload)
+        else:
+            return (segments, payload) if kind == "done" else payload
+    raise AssertionError("decode_job ended without an outcome")
+
+
 class _Decoder:
     """Decodes items ahead of the encoder: in a spawn pool of ``workers`` processes
     (bounded read-ahead, results in submission order), or inline when workers == 0."""
 
     def __init__(self, items: list[ManifestItem], sample_rate: int, min_samples: int,
-                 workers: int, lock_fd: int):
+                 seg_samples: int, workers: int, lock_fd: int):
         self.items = items
-        self.args = (sample_rate, min_samples)
+        self.args = (sample_rate, min_samples, seg_samples)
         self.pool = None
         if workers > 0 and len(items) > 1:
             import multiprocessing as mp
@@ -107,19 +120,19 @@ class _Decoder:
     def __iter__(self) -> Iterator[tuple[ManifestItem, Any]]:
         if self.pool is None:
             for item in self.items:
-                yield item, decode_job(str(item.path), *self.args)
+                yield item, _decode_item(str(item.path), *self.args)
             return
         queue: deque = deque()
         todo = iter(self.items)
         for item in todo:
-            queue.append((item, self.pool.apply_async(decode_job, (str(item.path), *self.args))))
+            queue.append((item, self.pool.apply_async(_decode_item, (str(item.path), *self.args))))
             if len(queue) >= self.ahead:
                 break
         while queue:
             item, res = queue.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                queue.append((nxt, self.pool.apply_async(decode_job,
+                queue.append((nxt, self.pool.apply_async(_decode_item,
                                                          (str(nxt.path), *self.args))))
             yield item, res.get()
 
@@ -242,18 +255,18 @@ class _Encoder:
         return done
 
 
-def _segments(wav: np.ndarray, seg_samples: int, hop: int,
+def _segments(pieces: list[np.ndarray], seg_samples: int, hop: int,
               bucket: int) -> tuple[list[np.ndarray], list[int]]:
-    """Cut mono audio into segments of ``seg_samples``; return them zero-padded and their
-    true frame counts. A final piece shorter than one frame is dropped (< 20 ms at 50
-    frames/s). A short piece is padded up to a multiple of ``bucket`` frames (capped at a
-    full segment): few distinct shapes let tails share batches and spare the backend a
-    kernel build per length; the codec pads with zeros itself, so codes barely change."""
+    """Pad the decoded pieces of one item (float32 [seg_samples] each, the last one
+    shorter) and count their true frames. A final piece shorter than one frame is dropped
+    (< 20 ms at 50 frames/s). A short piece is padded up to a multiple of ``bucket``
+    frames (capped at a full segment): few distinct shapes let tails share batches and
+    spare the backend a kernel build per length; the codec pads with zeros itself, so
+    codes barely change."""
     full = -(-seg_samples // hop)
     segs, frames = [], []
-    for start in range(0, wav.shape[0], seg_samples):
-        piece = wav[start:start + seg_samples]
-        if piece.shape[0] < hop and start > 0:
+    for k, piece in enumerate(pieces):
+        if piece.shape[0] < hop and k > 0:
             break
         f = -(-piece.shape[0] // hop)
         padded = min(-(-f // bucket) * bucket, full) * hop
@@ -403,7 +416,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
 
     writer: _Writer | None = None
     encoder: _Encoder | None = None
-    decoder = _Decoder(todo, sample_rate, hop, opt.workers, lock_fd)
+    decoder = _Decoder(todo, sample_rate, hop, seg_samples, opt.workers, lock_fd)
     bar = tqdm(total=len(todo), unit="item", desc="precompute", disable=not opt.progress or not todo,
                dynamic_ncols=True)
 
@@ -438,8 +451,8 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
                     layout.atomic_write(out / layout.JOURNAL, layout.jsonl_bytes(records))
                 writer = _Writer(out, n_q, records, opt.shard_frames)
                 encoder = _Encoder(codec, batch_size, opt.dtype)
-            wav, digest = result
-            segs, frames = _segments(wav, seg_samples, hop, int(header["frame_rate"]))
+            pieces, digest = result
+            segs, frames = _segments(pieces, seg_samples, hop, int(header["frame_rate"]))
             encoder.queue.append(_Work(item, digest, segs, frames, [None] * len(segs)))
             # A chunk closes once enough segments wait; its batches depend only on its own
             # items, so a resumed run (which restarts at a chunk boundary) forms the same
