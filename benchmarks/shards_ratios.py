@@ -114,7 +114,7 @@ def bench_reading(tmp: Path, reps: int, batch: int, codec) -> dict:
 
 def bench_precompute(tmp: Path, files: int, seconds: float, segment: float, batch: int,
                      workers: int, reps: int, codec) -> dict:
-    from noencore.data.audio import decode_file
+    from noencore.data.audio import AudioStream
     from noencore.data.precompute import _segments, precompute
 
     folder = tmp / "pipe"
@@ -124,9 +124,9 @@ def bench_precompute(tmp: Path, files: int, seconds: float, segment: float, batc
     segs_by_len: dict[int, list[np.ndarray]] = {}
     for i in range(files):
         ext = FORMATS[i % len(FORMATS)][0]
-        wav = decode_file(folder / f"f{i}.{ext}", 32000, 640).wav
-        audio_s += wav.shape[0] / 32000
-        for s in _segments(wav, int(segment * 32000), 640, 50)[0]:
+        pieces = list(AudioStream(folder / f"f{i}.{ext}", 32000, 640, int(segment * 32000)))
+        audio_s += sum(p.shape[0] for p in pieces) / 32000
+        for s in _segments(pieces, int(segment * 32000), 640, 50)[0]:
             segs_by_len.setdefault(s.shape[0], []).append(s)
 
     def encode_only():

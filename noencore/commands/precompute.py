@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: up to 4, one core left to the encoder; 0 = "
                         "decode in the main process)")
+    p.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a file whose decoding makes no progress for this long (a named pipe, "
+                        "stalled storage) is listed as failed and the run goes on (default "
+                        "120; no limit with --workers 0)")
     p.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, cuda:1)")
     p.add_argument("--encode-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="encoder precision (default fp32: bf16 changes codes of some frames)")
@@ -39,12 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0")
-    if args.segment_seconds <= 0 or args.batch_size <= 0:
-        raise UsageError("--segment-seconds and --batch-size must be positive")
+    if args.segment_seconds <= 0 or args.batch_size <= 0 or args.decode_timeout <= 0:
+        raise UsageError("--segment-seconds, --batch-size and --decode-timeout must be positive")
     report = precompute(args.manifest, args.out_dir, codec=args.codec,
                         segment_seconds=args.segment_seconds, batch_size=args.batch_size,
                         workers=args.workers, strict=args.strict, device=args.device,
-                        encode_dtype=args.encode_dtype, progress=not args.quiet)
+                        encode_dtype=args.encode_dtype, progress=not args.quiet,
+                        decode_timeout=args.decode_timeout)
     if not report.changed:
         print(f"{args.out_dir}: up to date ({report.skipped} items, {report.segments} segments, "
               f"{report.hours:.3f} h); nothing to do")

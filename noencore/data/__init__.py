@@ -3,7 +3,10 @@
 Modules, in the order of the data path::
 
     manifest.py    read a JSONL/CSV manifest (id, path, caption, split, metadata)
-    audio.py       decode, downmix, resample and check one audio file (no torch)
+    audio.py       decode, downmix, resample, cut and check one audio file, block by
+                   block (no torch)
+    workers.py     decoding worker processes: fresh interpreters, results in order,
+                   timeouts
     codec.py       the EnCodec compression model (load_codec, Codec)
     layout.py      the on-disk shard format: header, index, checksums, atomic writes
     precompute.py  corpus -> token shards (workers, batching, resume, failures report)

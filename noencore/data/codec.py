@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from noencore.errors import NoencoreError
+from noencore.thirdparty import quiet_audiocraft
 
 STATE_FILE = "compression_state_dict.bin"
 BUILTIN_SPECS = ("tiny", "musicgen-32khz")
@@ -168,12 +169,14 @@ def _spread_codebooks(model: torch.nn.Module) -> None:
 
 
 def _build(cfg: dict[str, Any], device: str) -> torch.nn.Module:
-    from audiocraft.models import builders
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create(cfg)
     conf.device = str(device)
-    return builders.get_compression_model(conf)
+    with quiet_audiocraft():
+        from audiocraft.models import builders
+
+        return builders.get_compression_model(conf)
 
 
 def _load_pkg(file: Path) -> dict[str, Any]:
@@ -211,8 +214,10 @@ def _from_pkg(pkg: dict[str, Any], spec: str, device: str) -> Codec:
 
 
 def _from_hf(name_or_dir: str, spec: str, device: str) -> Codec:
-    from audiocraft.models.encodec import HFEncodecCompressionModel
     from transformers import EncodecModel
+
+    with quiet_audiocraft():
+        from audiocraft.models.encodec import HFEncodecCompressionModel
 
     hf = EncodecModel.from_pretrained(name_or_dir)
     return Codec(HFEncodecCompressionModel(hf).to(device), spec)

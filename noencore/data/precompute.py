@@ -28,7 +28,6 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from noencore.data import layout
-from noencore.data.audio import decode_job
 from noencore.data.codec import Codec
 from noencore.data.manifest import Failure, ManifestItem, read_manifest
+from noencore.data.workers import DecodePool
 from noencore.errors import NoencoreError
 
 DEFAULT_CODEC = "facebook/encodec_32khz"
@@ -73,60 +72,6 @@ def _fault(point: str) -> None:
     os.environ["NOENCORE_FAULT"] = f"{name}:{left}"
     if left <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:  # spawn: the descriptor was never inherited
-        pass
-
-
-class _Decoder:
-    """Decodes items ahead of the encoder: in a spawn pool of ``workers`` processes
-    (bounded read-ahead, results in submission order), or inline when workers == 0."""
-
-    def __init__(self, items: list[ManifestItem], sample_rate: int, min_samples: int,
-                 workers: int, lock_fd: int):
-        self.items = items
-        self.args = (sample_rate, min_samples)
-        self.pool = None
-        if workers > 0 and len(items) > 1:
-            import multiprocessing as mp
-
-            # fork where the platform has it: spawn re-runs the caller's main script in each
-            # worker, which loops forever when a script lacks an `if __name__` guard. The
-            # pool is forked before the codec runs, and workers never use torch or OpenMP.
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            # Workers drop their copy of the directory lock: a worker outliving a killed
-            # parent must not keep the directory locked against the resuming run.
-            self.pool = mp.get_context(method).Pool(workers, initializer=_close_quietly,
-                                                    initargs=(lock_fd,))
-        self.ahead = 2 * workers + 2
-
-    def __iter__(self) -> Iterator[tuple[ManifestItem, Any]]:
-        if self.pool is None:
-            for item in self.items:
-                yield item, decode_job(str(item.path), *self.args)
-            return
-        queue: deque = deque()
-        todo = iter(self.items)
-        for item in todo:
-            queue.append((item, self.pool.apply_async(decode_job, (str(item.path), *self.args))))
-            if len(queue) >= self.ahead:
-                break
-        while queue:
-            item, res = queue.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append((nxt, self.pool.apply_async(decode_job,
-                                                         (str(nxt.path), *self.args))))
-            yield item, res.get()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 @dataclass
@@ -242,18 +187,18 @@ class _Encoder:
         return done
 
 
-def _segments(wav: np.ndarray, seg_samples: int, hop: int,
+def _segments(pieces: list[np.ndarray], seg_samples: int, hop: int,
               bucket: int) -> tuple[list[np.ndarray], list[int]]:
-    """Cut mono audio into segments of ``seg_samples``; return them zero-padded and their
-    true frame counts. A final piece shorter than one frame is dropped (< 20 ms at 50
-    frames/s). A short piece is padded up to a multiple of ``bucket`` frames (capped at a
-    full segment): few distinct shapes let tails share batches and spare the backend a
-    kernel build per length; the codec pads with zeros itself, so codes barely change."""
+    """Pad the decoded pieces of one item (float32 [seg_samples] each, the last one
+    shorter) and count their true frames. A final piece shorter than one frame is dropped
+    (< 20 ms at 50 frames/s). A short piece is padded up to a multiple of ``bucket``
+    frames (capped at a full segment): few distinct shapes let tails share batches and
+    spare the backend a kernel build per length; the codec pads with zeros itself, so
+    codes barely change."""
     full = -(-seg_samples // hop)
     segs, frames = [], []
-    for start in range(0, wav.shape[0], seg_samples):
-        piece = wav[start:start + seg_samples]
-        if piece.shape[0] < hop and start > 0:
+    for k, piece in enumerate(pieces):
+        if piece.shape[0] < hop and k > 0:
             break
         f = -(-piece.shape[0] // hop)
         padded = min(-(-f // bucket) * bucket, full) * hop
@@ -306,7 +251,8 @@ def _default_workers() -> int:
 def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec = DEFAULT_CODEC,
                segment_seconds: float = 30.0, batch_size: int = 8, workers: int | None = None,
                strict: bool = False, device: str = "cpu", encode_dtype: str = "fp32",
-               shard_frames: int = SHARD_FRAMES, progress: bool = True) -> PrecomputeReport:
+               shard_frames: int = SHARD_FRAMES, progress: bool = True,
+               decode_timeout: float = 120.0) -> PrecomputeReport:
     """Encode the audio of ``manifest`` into token shards in ``out_dir`` (see the module doc).
 
     codec: a spec for ``load_codec`` (hub id, local checkpoint, "musicgen-32khz", "tiny"),
@@ -316,14 +262,18 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec 
     batch_size: segments per encoder call. workers: decoding processes (0 = inline;
     None = up to 4, leaving a core to the encoder). strict: raise on the first failure
     instead of recording it. encode_dtype: "fp32" (default) or "bf16" (encoder under
-    autocast; the RVQ stays fp32). Resumes an interrupted run; encodes only items that
-    are not in the shards yet. Returns a ``PrecomputeReport``.
+    autocast; the RVQ stays fp32). decode_timeout: seconds a worker may decode one file
+    without producing audio before the file is recorded as failed ("decode timed out")
+    and its worker replaced (a named pipe, a stalled mount); with workers=0 decoding
+    has no time limit. Resumes an interrupted run; encodes only items that are not in
+    the shards yet. Returns a ``PrecomputeReport``.
     """
     import torch
 
     t_start = time.perf_counter()
-    if segment_seconds <= 0 or batch_size <= 0:
-        raise NoencoreError("--segment-seconds and --batch-size must be positive")
+    if segment_seconds <= 0 or batch_size <= 0 or decode_timeout <= 0:
+        raise NoencoreError("--segment-seconds, --batch-size and --decode-timeout must be "
+                            "positive")
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     if encode_dtype not in dtypes:
         raise NoencoreError(f"encode dtype {encode_dtype!r}: choose fp32 or bf16")
@@ -345,8 +295,8 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec 
         opt = _Options(codec if loaded is None else loaded.spec, loaded, float(segment_seconds),
                        batch_size,
                        _default_workers() if workers is None else workers, strict, device,
-                       dtypes[encode_dtype], shard_frames, progress)
-        return _run(items, manifest_failures, out, opt, lock, t_start)
+                       dtypes[encode_dtype], shard_frames, progress, float(decode_timeout))
+        return _run(items, manifest_failures, out, opt, t_start)
     finally:
         os.close(lock)
 
@@ -363,10 +313,11 @@ class _Options:
     dtype: Any  # torch.dtype or None (fp32)
     shard_frames: int
     progress: bool
+    decode_timeout: float
 
 
 def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
-         opt: _Options, lock_fd: int, t_start: float) -> PrecomputeReport:
+         opt: _Options, t_start: float) -> PrecomputeReport:
     from tqdm import tqdm
 
     from noencore.data.codec import load_codec
@@ -403,7 +354,10 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
 
     writer: _Writer | None = None
     encoder: _Encoder | None = None
-    decoder = _Decoder(todo, sample_rate, hop, opt.workers, lock_fd)
+    # Workers are separate interpreters (started by exec) and inherit none of this
+    # process's descriptors, so none keeps the directory lock past a killed run.
+    decoder = DecodePool(opt.workers, opt.decode_timeout, ahead=2 * opt.workers + 2)
+    decoded = decoder.map([(str(it.path), sample_rate, hop, seg_samples) for it in todo])
     bar = tqdm(total=len(todo), unit="item", desc="precompute", disable=not opt.progress or not todo,
                dynamic_ncols=True)
 
@@ -418,7 +372,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
             bar.set_postfix(hours=f"{report.encoded_hours:.3f}", failed=len(failures))
 
     try:
-        for item, result in decoder:
+        for item, result in zip(todo, decoded):
             if isinstance(result, str):
                 failures.append(Failure(item.id, item.line, item.source, result))
                 if opt.strict:
@@ -438,8 +392,8 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
                     layout.atomic_write(out / layout.JOURNAL, layout.jsonl_bytes(records))
                 writer = _Writer(out, n_q, records, opt.shard_frames)
                 encoder = _Encoder(codec, batch_size, opt.dtype)
-            wav, digest = result
-            segs, frames = _segments(wav, seg_samples, hop, int(header["frame_rate"]))
+            pieces, digest = result
+            segs, frames = _segments(pieces, seg_samples, hop, int(header["frame_rate"]))
             encoder.queue.append(_Work(item, digest, segs, frames, [None] * len(segs)))
             # A chunk closes once enough segments wait; its batches depend only on its own
             # items, so a resumed run (which restarts at a chunk boundary) forms the same

@@ -26,6 +26,7 @@ from torch import nn
 from noencore.errors import NoencoreError
 from noencore.models.adapter import CodebookRows, codebook_rows
 from noencore.models.text import register_t5, tiny_t5_folder
+from noencore.thirdparty import quiet_audiocraft
 
 HUB_IDS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
            "facebook/musicgen-melody")
@@ -154,8 +155,10 @@ def _load_codec(spec: str):
 
 
 def _build_lm(cfg: dict) -> nn.Module:
-    from audiocraft.models import builders
     from omegaconf import OmegaConf
+
+    with quiet_audiocraft():
+        from audiocraft.models import builders
 
     t5 = cfg.get("conditioners", {}).get("description", {}).get("t5", {}).get("name")
     if t5 and os.path.isdir(t5):

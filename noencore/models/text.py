@@ -31,6 +31,7 @@ import torch
 
 from noencore.errors import NoencoreError
 from noencore.fileio import atomic_write
+from noencore.thirdparty import quiet_audiocraft
 
 CACHE_FORMAT = 1
 TINY_T5_VERSION = 1  # bump when the tiny encoder's recipe changes: the cache folder is keyed by it
@@ -76,7 +77,8 @@ def register_t5(name: str, dim: int) -> None:
     ``builders.get_lm_model`` or ``MusicGen.get_pretrained`` builds a model naming it.
     Idempotent.
     """
-    from audiocraft.modules.conditioners import T5Conditioner
+    with quiet_audiocraft():
+        from audiocraft.modules.conditioners import T5Conditioner
 
     if name not in T5Conditioner.MODELS:
         T5Conditioner.MODELS.append(name)
