@@ -1,38 +1,106 @@
-"""Memory planner: will unlearning MusicGen fit, per GPU, at each DeepSpeed ZeRO stage?
+"""Memory planner: which DeepSpeed ZeRO stage, micro-batch, gradient accumulation and
+activation checkpointing fit unlearning a MusicGen model on G GPUs, and how much memory
+each GPU then needs.
+
+:func:`recommend` answers the question directly (a model, a GPU count, a GPU memory, a
+global batch and a clip length -> the configurations that fit, fastest first);
+:func:`plan_memory` gives the per-stage breakdown of one fixed micro-batch.
 
 The figures are computed from the LM's architecture (audiocraft's ``LMModel`` as MusicGen
 configures it: pre-norm transformer, no biases in attention, feed-forward or the codebook
 heads, memory-efficient attention, a T5 projection, K embeddings and K heads; a local
-checkpoint is described by its own config), not looked up. What is counted, per GPU:
+checkpoint is described by its own config), not looked up. All sizes are bytes per GPU
+unless a name ends in ``_gib`` (GiB = 2**30 bytes). The T5 text encoder is frozen and its
+outputs are cached before training, so it is not resident (only its trainable projection
+to the LM width is); neither is the EnCodec codec (tokens are precomputed). NPO, SimNPO
+and ``remain_anchor`` compare with the starting model through reference NLLs cached once
+before training (one float per window), not through a resident reference model, so they
+need no extra GPU memory.
 
-- **params / grads / optim** (the model states), with the standard ZeRO accounting for
-  bf16 mixed precision: 2 bytes of bf16 weights + 2 of bf16 gradients + 12 of AdamW state
-  (fp32 master weights, m and v) per trainable parameter. Stage 1 partitions the optimizer
-  states over the N GPUs, stage 2 the gradients too, stage 3 the weights too. In fp32 the
-  bytes are 4 + 4 + 8 (no master copy). ``offload_optimizer`` moves the optimizer states
-  (and the update, with an fp32 gradient partition; from stage 2 the gradient partitions
-  too) to CPU memory (stages 1-3, as DeepSpeed allows). ``fp32_grads`` adds the fp32
-  gradient partition DeepSpeed's bf16 optimizers keep on the GPU (4 bytes per owned
-  parameter), as DeepSpeed's own estimators count it.
-- **activations** saved for the backward pass for a micro-batch of B sequences of S steps,
-  with or without activation checkpointing (per transformer layer).
-- **loss**: the fused linear-cross-entropy keeps one block of ``chunk_rows x V`` fp32 logits
-  at a time; the materialised baseline keeps ``B x K x S x V`` fp32 logits plus their
-  gradient.
-- **other**: a fixed reserve (CUDA context, allocator fragmentation, communication
-  buckets) plus, at stage 3, the working set of gathered weights (the layer in use and the
-  one being prefetched), plus, with ``reference_model`` (NPO and its kin compare with the
-  frozen original), a bf16 copy of the weights (partitioned at stage 3).
+Symbols: Psi trainable parameters, G GPUs, w bytes per weight, gradient and activation
+(2 in bf16, 4 in fp32), b the micro-batch per GPU (windows), T codec frames per window, S
+steps the transformer sees (T + 1, plus prepended conditions), t = b S tokens,
+D the width, F = 4 D the feed-forward width, L text tokens per caption, K codebooks, V
+their card (2048), N_k = b T rows per codebook.
 
-The T5 text encoder is frozen and its outputs are precomputed into the condition cache, so
-it is not resident during training and is not counted (only the trainable projection from
-T5's 768 features to the LM width is). The EnCodec codec is not resident either (tokens
-are precomputed).
+Model states (``params``, ``grads``, ``optim``), standard ZeRO accounting for bf16 mixed
+precision: w Psi of bf16 weights (Psi / G at stage 3); gradients as DeepSpeed holds them
+across the micro-batches of one optimizer step: w Psi at stages 0-1 (every micro-batch's
+gradients are added in place into the full ``param.grad``, reduced once at the
+accumulation boundary), w Psi / G at stages 2-3 (each micro-batch's gradients are reduced
+as the backward produces them and added into the owned partition); 12 bytes of AdamW state
+(fp32 master, m, v) per owned parameter (Psi at stage 0, Psi / G at stages 1-3). In fp32
+the bytes are 4 + 4 + 8. ``offload_optimizer`` moves the optimizer states and the update
+(with an fp32 gradient partition; from stage 2 the gradient partitions too) to CPU memory.
+``fp32_grads`` adds the fp32 gradient partition DeepSpeed's bf16 optimizers build for the
+update (4 bytes per owned parameter), as DeepSpeed's own estimators count it.
+
+One micro-batch's forward and backward (``activations``, ``loss``). Accumulation changes
+none of the above: only one micro-batch's activations exist at a time, so it trades time
+(A passes per step) for activation memory (a micro-batch A times smaller). What autograd
+keeps after the LM's forward (:func:`saved_activation_bytes`), in elements times w:
+
+- per layer without checkpointing, per token: 6 D for self-attention (LayerNorm input and
+  output, Q, K, V, the attention output; memory-efficient attention keeps no S x S
+  scores), 4 D for cross-attention (LayerNorm input and output, Q, the attention output),
+  2 D + 2 F for the feed-forward (LayerNorm input and output, the GELU's input and output);
+  plus 2 L D per window for the cross-attention keys and values over the text;
+- per layer with checkpointing (per transformer layer, torch's non-reentrant checkpoint):
+  only the layer's input, D per token;
+- the output norm's input (D per token), the projected condition (L D per window, kept by
+  every layer's cross-attention) and the text projection's input (L x 768 per window).
+
+The step's memory then peaks at one of two moments (:func:`step_memory`):
+
+1. the end of the forward, inside the loss (the last codebook's fused op): the saved
+   activations plus the loss's buffers (:func:`loss_bytes`): the hidden states gathered per
+   codebook (K copies of [N_k, D]), the gradient dh the fused op computes in its forward
+   and keeps for the backward (K x [N_k, D]), the head gradients it keeps likewise
+   (K x [V, D]), and the op's workspace (one [chunk, V] block of logits, plus what the
+   backend adds: :func:`op_workspace_bytes`);
+2. the backward of the last transformer layer: the saved activations plus the backward's
+   working set: with checkpointing the layer recomputed (its saved tensors but its input,
+   which is already kept), the gradients in flight (the residual stream's gradient takes
+   the place of the freed output-norm input; the feed-forward's [t, F] gradient comes on
+   top) and the fresh gradient of the largest weight before it is added to the
+   accumulated one (max(D F, 3 D^2, V D) elements). The backward's start (the kept dh and
+   head gradients plus the transformer output's [t, D] gradient) holds less than (1) and
+   is counted with (2).
+
+Without checkpointing (1) is the larger (for K >= 2); with checkpointing (2) usually is.
+The ``activations`` and ``loss`` columns are the two parts at the peak: at (1) the saved
+activations and the loss's buffers; at (2) the saved activations plus the working set, and
+0 for the loss (its buffers are freed by then). Left out: the no-grad token statistics before
+the op (1024-row blocks, freed before (1) and smaller than it) and per-row indices and
+statistics (tens of bytes per row against 2 w D).
+``benchmarks/plan_calibration.py`` measures both moments in a real step on the CPU (torch's
+memory profiler, fp32, the op's torch backend): for MusicGen-small's width with 4 layers and
+2 windows of 5 s, measured / predicted step peak 0.99 without checkpointing and 1.00 with
+it, and 0.99 for the memory checkpointing saves; 0.99 and 1.00 for 2 layers and one 30 s
+window. Cast to bf16 the forward's end comes out up to 10 % below the prediction there
+(the torch backend's fp32 temporaries are counted generously).
+
+``buckets``: DeepSpeed's gradient-reduction buffers. Stages 1-3 allocate a reduce bucket of
+``reduce_bucket_size`` elements (DeepSpeed's default 5e8) in the gradient dtype for every
+backward. The accumulation boundary, after the last backward (activations and loss
+freed), adds at stage 0 the all-reduce's flattened bucket (up to 5e8 elements) and at
+stage 1 the owned gradient partition (w Psi / G): counted only by how much it exceeds the
+activations and loss it follows.
+
+``other``: a fixed reserve (CUDA context, NCCL workspaces, allocator fragmentation); at
+stage 3 the gathered weights (the layer in use and the one being prefetched, 2 w per
+parameter of the largest layer, plus the K heads, which the fused op reads as external
+parameters of the objective module); with ``stop_rule`` the copy of the fp32 master weights
+the membership-inference stop rule keeps for bisecting between two checks (4 Psi / G at
+stages 1-3, where ZeRO partitions the master, 4 Psi at stage 0). The stop rule's own
+measurement runs between steps (activations freed) and, at stage 3, gathers the K heads
+while it runs: less than a training step's working set.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,7 +110,15 @@ T5_BASE_DIM = 768
 T5_BASE_ENCODER_PARAMS = 109_628_544  # frozen and cached: reported, never resident
 ADAMW_STATE_BYTES = {"bf16": 12, "fp32": 8}  # fp32 master + m + v / m + v
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
-
+# DeepSpeed's default reduce_bucket_size (stages 1-3) and stage-0 all-reduce bucket, in
+# elements; the engine's generated config keeps the default.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+# Rows per block of logits of each backend of the fused op (noencore.ops.reference,
+# kernels/ce_ascent.py) and the C++ backend's block size in bytes (noencore.ops.cpp); copied
+# here so that planning imports no torch (tests check they agree).
+OP_CHUNK_ROWS = {"torch": 1024, "triton": 8192}
+CPP_CHUNK_BYTES = 16 << 20
+DEFAULT_GLOBAL_BATCH = 64  # windows per optimizer step, all GPUs together
 
 @dataclass(frozen=True)
 class MusicGenArch:
@@ -108,11 +184,12 @@ class MusicGenArch:
         return sum(self.param_breakdown().values())
 
     def sequence_length(self, seconds: float, text_tokens: int) -> int:
-        """Steps S the transformer sees for a clip of ``seconds``: the codec frames, plus the
-        delay pattern's max delay and its initial special step, plus (melody) the
-        prepended chroma frames and text tokens."""
+        """Steps S the transformer sees for a clip of ``seconds`` in training: the codec
+        frames plus the delay pattern's initial special step (audiocraft's training, like
+        the engine, keeps only the pattern's valid steps: the max delay's tail is dropped),
+        plus (melody) the prepended chroma frames and text tokens."""
         frames = math.ceil(self.frame_rate * seconds)
-        steps = frames + max(self.delays) + 1
+        steps = frames + 1
         if not self.cross_attention:
             steps += text_tokens
             if self.n_chroma:
@@ -225,81 +302,259 @@ def arch_from_checkpoint(path: str | os.PathLike[str]) -> MusicGenArch:
     return arch
 
 
+
+_MEMORY_UNITS = {"": 1, "g": 1, "m": 1 / 1024, "t": 1024}
+
+
+def parse_memory(text: str | float) -> float:
+    """GiB in ``text``: a number with an optional unit, e.g. ``"80GB"``, ``"80GiB"``,
+    ``"80 G"``, ``"81920MiB"``, ``"0.5TB"``, or a bare number of GiB (``"80"``, ``80``).
+
+    GB and GiB (MB and MiB, TB and TiB) both count in powers of 1024, as GPU memory is
+    labelled: an "80GB" A100 or H100 holds 80 GiB (about 79 of them usable; the reserve
+    covers the rest), which 80e9 bytes (74.5 GiB) would understate. Raises ValueError for
+    anything else or a size that is not positive.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([gmt])(?:i?b)?)?\s*", str(text), re.IGNORECASE)
+    value = float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").lower()] if match else 0.0
+    if not match or value <= 0:
+        raise ValueError(f"GPU memory {text!r}: expected a positive size such as 80GB, 80GiB, 81920MiB "
+                         "or a bare number of GiB (80)")
+    return value
+
+
+def accumulation_choices(batch: int, gpus: int) -> list[int]:
+    """Accumulation steps A that split a global ``batch`` over ``gpus`` into whole
+    micro-batches (B / (G A) an integer), ascending; empty when G does not divide B."""
+    per_gpu, rest = divmod(batch, gpus)
+    return [a for a in range(1, per_gpu + 1) if per_gpu % a == 0] if not rest else []
+
+
+def split_batch(batch: int, gpus: int, accumulation: int = 1) -> int:
+    """The micro-batch per GPU, B / (G A) windows, of a global ``batch`` B split over ``gpus``
+    G and ``accumulation`` A micro-batches; ValueError naming the values when it is not whole."""
+    if batch < 1 or gpus < 1 or accumulation < 1:
+        raise ValueError(f"batch={batch}, gpus={gpus}, accumulation={accumulation}: all must be positive")
+    micro, rest = divmod(batch, gpus * accumulation)
+    if rest or not micro:
+        choices = accumulation_choices(batch, gpus)
+        hint = (f"accumulation steps that divide it: {', '.join(map(str, choices))}" if choices
+                else f"choose a global batch that is a multiple of {gpus}")
+        raise ValueError(f"global batch {batch} does not split into {gpus} GPU(s) x {accumulation} "
+                         f"accumulation step(s): {batch} / ({gpus} x {accumulation}) is not a whole "
+                         f"micro-batch; {hint}")
+    return micro
+
+
+def _layer_saved(arch: MusicGenArch, micro_batch: int, seq: int, cond_tokens: int) -> int:
+    """Elements one transformer layer keeps for its backward pass (see the module
+    docstring): (12 D + 2 F) per token with cross-attention, (8 D + 2 F) without, plus
+    the cross-attention keys and values over the condition tokens."""
+    d, f = arch.dim, arch.ffn_dim
+    per_token = 6 * d + 2 * d + 2 * f + (4 * d if arch.cross_attention else 0)
+    return micro_batch * seq * per_token + (micro_batch * cond_tokens * 2 * d if arch.cross_attention else 0)
+
+
+def saved_activation_bytes(arch: MusicGenArch, micro_batch: int, seq: int, cond_tokens: int, *,
+                           act_bytes: int, checkpointing: bool = False) -> int:
+    """Bytes autograd keeps after the LM's forward, up to the hidden states before the heads.
+
+    Without checkpointing every layer's :func:`_layer_saved` (the first layer's includes the
+    embedding sum); with checkpointing (per layer) only each layer's input, b x S x D. Both:
+    the output norm's input (b x S x D), the projected condition (b x L x D, kept by the
+    cross-attention) and the text projection's input (b x L x text_dim). Parameters and the
+    loss are not included. (Checked against the tensors autograd saves in the tests.)
+    """
+    tokens = micro_batch * seq
+    per_layer = tokens * arch.dim if checkpointing else _layer_saved(arch, micro_batch, seq, cond_tokens)
+    cond = micro_batch * cond_tokens * ((arch.dim if arch.cross_attention else 0) + arch.text_dim)
+    return act_bytes * (arch.num_layers * per_layer + tokens * arch.dim + cond)
+
+
+def backward_working_bytes(arch: MusicGenArch, micro_batch: int, seq: int, cond_tokens: int, *,
+                           act_bytes: int, checkpointing: bool) -> int:
+    """What the backward of the last transformer layer holds beyond the saved activations:
+    with checkpointing the layer recomputed (all it saves but its input, already kept), the
+    feed-forward's [t, F] gradient in flight (the residual stream's [t, D] gradient takes the
+    place of the output norm's input, freed by then), and the fresh gradient of the largest
+    weight before it is added to the accumulated one."""
+    tokens = micro_batch * seq
+    recomputed = _layer_saved(arch, micro_batch, seq, cond_tokens) - tokens * arch.dim if checkpointing else 0
+    largest_weight = max(arch.dim * arch.ffn_dim, 3 * arch.dim * arch.dim, arch.card * arch.dim)
+    return act_bytes * (recomputed + tokens * arch.ffn_dim + largest_weight)
+
+
+def op_workspace_bytes(arch: MusicGenArch, rows: int, *, act_bytes: int,
+                       backend: Literal["triton", "cpp", "torch"] = "triton", chunk_rows: int | None = None) -> int:
+    """Scratch memory of one call of the fused op (one codebook, ``rows`` rows), by backend.
+
+    ``triton`` (CUDA): a [chunk, V] block of logits in the input dtype (its gradient written
+    in place), the chunk's partial head gradient [V, D] in the input dtype, and, for inputs
+    narrower than fp32, that partial in fp32 plus an fp32 accumulator.
+    ``cpp``: one [chunk, V] block in the input dtype (chunks of ``CPP_CHUNK_BYTES``, made
+    equal), plus an fp32 [V, D] accumulator for bf16 inputs split into more than 4 chunks.
+    ``torch`` (the reference): an fp32 [chunk, V] block, log-sum-exp's temporary of the same
+    size and the fp32 [chunk, D] product before it is copied into dh; for inputs narrower
+    than fp32 also fp32 copies of the weight and of the chunk's rows, and an fp32 accumulator.
+    """
+    v, d, w = arch.card, arch.dim, act_bytes
+    narrow = w < 4
+    if backend == "cpp":
+        chunk = chunk_rows or max(64, CPP_CHUNK_BYTES // (v * w))
+        n_chunks = max(1, math.ceil(rows / chunk))
+        return math.ceil(rows / n_chunks) * v * w + (4 * v * d if narrow and n_chunks > 4 else 0)
+    if backend not in OP_CHUNK_ROWS:
+        raise ValueError(f"backend={backend!r}: choose 'triton', 'cpp' or 'torch'")
+    block = min(chunk_rows or OP_CHUNK_ROWS[backend], rows)
+    if backend == "triton":
+        return block * v * w + v * d * w + (2 * 4 * v * d if narrow else 0)
+    return 2 * 4 * block * v + 4 * block * d + (4 * (2 * v * d + block * d) if narrow else 0)
+
+
+def loss_bytes(arch: MusicGenArch, micro_batch: int, frames: int, *, act_bytes: int,
+               loss: Literal["fused", "materialized"] = "fused",
+               backend: Literal["triton", "cpp", "torch"] = "triton", chunk_rows: int | None = None) -> int:
+    """The loss's buffers at the end of the forward, over the K heads (N_k = b x T rows each).
+
+    ``fused``: the hidden states gathered per codebook (K x [N_k, D]), the dh the op computes
+    in its forward and keeps for the backward (K x [N_k, D]), the head gradients it keeps
+    likewise (K x [V, D]), all in the activation dtype, plus one call's
+    :func:`op_workspace_bytes`. ``materialized`` (the unfused baseline): all [b, K, T, V]
+    logits in fp32 plus their gradient of the same size.
+    """
+    rows = micro_batch * frames
+    if loss == "materialized":
+        return 2 * 4 * arch.n_q * rows * arch.card
+    if loss != "fused":
+        raise ValueError(f"loss={loss!r}: choose 'fused' or 'materialized'")
+    gathered = act_bytes * arch.n_q * rows * arch.dim
+    return gathered + _fused_kept(arch, rows, act_bytes) + op_workspace_bytes(
+        arch, rows, act_bytes=act_bytes, backend=backend, chunk_rows=chunk_rows)
+
+
+def _fused_kept(arch: MusicGenArch, rows: int, act_bytes: int) -> int:
+    """The gradients the fused op computes in its forward and keeps for the backward: dh
+    (K x [rows, D]) and the head gradients (K x [V, D])."""
+    return act_bytes * arch.n_q * (rows + arch.card) * arch.dim
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """One micro-batch's forward and backward on one GPU, bytes: what autograd keeps from
+    the LM's forward (``saved``), the loss's buffers at the end of the forward (``loss``)
+    and the last layer's backward working set (``backward``)."""
+
+    saved: int
+    loss: int
+    backward: int  # the larger of the backward's start and its last layer
+
+    @property
+    def forward_peak(self) -> int:
+        return self.saved + self.loss
+
+    @property
+    def backward_peak(self) -> int:
+        return self.saved + self.backward
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward_peak, self.backward_peak)
+
+    def at_peak(self) -> tuple[int, int]:
+        """(activations, loss) at the peak: (saved, loss) when the forward's end is the peak,
+        (saved + backward, 0) when the backward is (the loss's buffers are freed by then)."""
+        if self.forward_peak >= self.backward_peak:
+            return self.saved, self.loss
+        return self.backward_peak, 0
+
+
+def step_memory(model: str | os.PathLike[str] | MusicGenArch, micro_batch: int, seconds: float, *,
+                text_tokens: int = 64, checkpointing: bool = False, act_bytes: int = 2,
+                loss: Literal["fused", "materialized"] = "fused",
+                backend: Literal["triton", "cpp", "torch"] = "triton", chunk_rows: int | None = None) -> StepMemory:
+    """:class:`StepMemory` of ``micro_batch`` windows of ``seconds`` (``text_tokens`` T5 tokens
+    per caption, ``act_bytes`` per activation element: 2 in bf16, 4 in fp32)."""
+    arch = get_arch(model)
+    seq = arch.sequence_length(seconds, text_tokens)
+    frames = math.ceil(arch.frame_rate * seconds)
+    loss_mem = loss_bytes(arch, micro_batch, frames, act_bytes=act_bytes, loss=loss, backend=backend,
+                          chunk_rows=chunk_rows)
+    # The backward's start: the fused op's kept gradients and the transformer output's
+    # [t, D] gradient, less than the forward's end, kept so that a measured backward peak
+    # can be compared. (The materialized loss counts its logits' gradient in ``loss``.)
+    start = 0
+    if loss == "fused":
+        start = _fused_kept(arch, micro_batch * frames, act_bytes) + act_bytes * micro_batch * seq * arch.dim
+    return StepMemory(
+        saved=saved_activation_bytes(arch, micro_batch, seq, text_tokens, act_bytes=act_bytes,
+                                     checkpointing=checkpointing),
+        loss=loss_mem,
+        backward=max(start, backward_working_bytes(arch, micro_batch, seq, text_tokens, act_bytes=act_bytes,
+                                                   checkpointing=checkpointing)),
+    )
+
+
 @dataclass(frozen=True)
 class PlanRow:
-    """One configuration's memory per GPU (all sizes in bytes)."""
+    """One configuration and its memory per GPU (sizes in bytes; see the module docstring).
+
+    The configuration: ZeRO ``stage``, ``offload_optimizer``, ``checkpointing``,
+    ``micro_batch`` windows per GPU per forward/backward, ``accumulation`` micro-batches per
+    optimizer step, ``gpus``, ``frames`` per window, ``precision``. Memory: ``params``,
+    ``grads``, ``optim`` (model states), ``activations`` and ``loss`` (at the step's peak),
+    ``buckets`` (gradient reduction), ``other`` (reserve, stage-3 gathers, the stop rule's
+    copy); ``cpu`` is host memory per rank for offloaded optimizer states.
+    """
 
     stage: int
     offload_optimizer: bool
+    checkpointing: bool
+    micro_batch: int
+    accumulation: int
+    gpus: int
+    frames: int
+    precision: str
     params: int
     grads: int
     optim: int
     activations: int
     loss: int
+    buckets: int
     other: int
-    cpu: int  # host memory per rank for offloaded optimizer states
+    cpu: int
     gpu_mem: int
     notes: tuple[str, ...] = field(default=())
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optim + self.activations + self.loss + self.other
+        return self.params + self.grads + self.optim + self.activations + self.loss + self.buckets + self.other
 
     @property
     def fits(self) -> bool:
         return self.total <= self.gpu_mem
 
+    @property
+    def free(self) -> int:
+        """GPU memory left (negative: missing)."""
+        return self.gpu_mem - self.total
 
-def _layer_saved(arch: MusicGenArch, batch: int, seq: int, cond_tokens: int) -> int:
-    """Elements one transformer layer keeps for its backward pass (memory-efficient
-    attention: no S x S scores). Per token: self-attention 6D (LayerNorm input and output,
-    Q, K, V, attention output), cross-attention 4D (LayerNorm input and output, Q, attention
-    output) plus K and V over the condition tokens, feed-forward 2D + 2F (LayerNorm input
-    and output, the GELU's input and output)."""
-    d, f = arch.dim, arch.ffn_dim
-    per_token = 6 * d + 2 * d + 2 * f + (4 * d if arch.cross_attention else 0)
-    return batch * seq * per_token + (batch * cond_tokens * 2 * d if arch.cross_attention else 0)
+    @property
+    def global_batch(self) -> int:
+        """Windows per optimizer step, all GPUs together (``unlearn``'s batch size)."""
+        return self.micro_batch * self.gpus * self.accumulation
 
+    def flags(self) -> str:
+        """The ``noencore unlearn`` flags of this configuration."""
+        return (f"--zero-stage {self.stage} --batch-size {self.global_batch} --accumulation {self.accumulation} "
+                f"--frames {self.frames} --precision {self.precision}"
+                + (" --checkpointing" if self.checkpointing else "")
+                + (" --offload-optimizer" if self.offload_optimizer else ""))
 
-def saved_activation_bytes(arch: MusicGenArch, batch: int, seq: int, cond_tokens: int, *,
-                           act_bytes: int, checkpointing: bool = False) -> int:
-    """Bytes autograd keeps after the LM's forward, up to the hidden states before the heads.
-
-    Without checkpointing: every layer's :func:`_layer_saved` (the first layer's includes the
-    embedding sum); with checkpointing (per layer): only each layer's input, B x S x D.
-    Both: the output norm's input and output (2 x B x S x D) and the condition tensor
-    (B x C x D, cross-attention models). Parameters and the loss are not included.
-    (Checked against the tensors autograd saves for a small audiocraft LM in the tests.)
-    """
-    cond = batch * cond_tokens * arch.dim if arch.cross_attention else 0
-    per_layer = batch * seq * arch.dim if checkpointing else _layer_saved(arch, batch, seq, cond_tokens)
-    return act_bytes * (arch.num_layers * per_layer + 2 * batch * seq * arch.dim + cond)
-
-
-def activation_bytes(arch: MusicGenArch, batch: int, seq: int, cond_tokens: int, *,
-                     checkpointing: bool, act_bytes: int) -> int:
-    """Peak activation memory of one micro-batch's forward and backward, per GPU:
-    :func:`saved_activation_bytes`, plus one layer's worth of gradients in flight during the
-    backward pass, plus (checkpointing) the one layer being recomputed at a time."""
-    layer = _layer_saved(arch, batch, seq, cond_tokens)
-    saved = saved_activation_bytes(arch, batch, seq, cond_tokens, act_bytes=act_bytes, checkpointing=checkpointing)
-    return saved + act_bytes * layer * (2 if checkpointing else 1)
-
-
-def loss_bytes(arch: MusicGenArch, batch: int, seq: int, *, loss: Literal["fused", "materialized"],
-               chunk_rows: int) -> int:
-    """Extra memory of the loss over the K codebook heads (V = card).
-
-    ``fused``: one [chunk_rows, V] fp32 block of logits (its gradient is written in place)
-    plus fp32 per-row statistics (log-sum-exp, loss). ``materialized``: all [B, K, S, V]
-    logits in fp32 plus their gradient of the same size.
-    """
-    rows = batch * arch.n_q * seq
-    if loss == "fused":
-        return 4 * min(chunk_rows, rows) * arch.card + 2 * 4 * rows
-    if loss == "materialized":
-        return 2 * 4 * rows * arch.card
-    raise ValueError(f"loss={loss!r}: choose 'fused' or 'materialized'")
+    def command(self, model: str) -> str:
+        """The launch command of this configuration for ``model`` (the data, method and run
+        folder flags are the user's: placeholders in capitals)."""
+        return (f"deepspeed --num_gpus {self.gpus} --module noencore unlearn --model {model} --shards SHARDS "
+                f"--forget-ids IDS --method METHOD --out RUN {self.flags()}")
 
 
 def plan_memory(
@@ -307,16 +562,18 @@ def plan_memory(
     *,
     gpus: int = 1,
     gpu_mem_gib: float = 80.0,
-    batch: int = 1,
+    micro_batch: int = 1,
+    accumulation: int = 1,
     seconds: float = 30.0,
     checkpointing: bool = False,
     loss: Literal["fused", "materialized"] = "fused",
-    chunk_rows: int = 8192,
+    backend: Literal["triton", "cpp", "torch"] = "triton",
+    chunk_rows: int | None = None,
     offload_optimizer: bool = False,
     precision: Literal["bf16", "fp32"] = "bf16",
     text_tokens: int = 64,
     reserve_gib: float = 2.0,
-    reference_model: bool = False,
+    stop_rule: bool = False,
     fp32_grads: bool = False,
     stages: tuple[int, ...] = (0, 1, 2, 3),
 ) -> list[PlanRow]:
@@ -325,26 +582,32 @@ def plan_memory(
     Args:
         model: hub id or short name (see :data:`ARCHITECTURES`), a local audiocraft
             checkpoint folder, or a :class:`MusicGenArch`.
-        gpus: data-parallel GPUs N (ZeRO partitions over them).
+        gpus: data-parallel GPUs G (ZeRO partitions over them).
         gpu_mem_gib: memory of one GPU, GiB.
-        batch: micro-batch per GPU (sequences per forward/backward).
-        seconds: clip length; S = 50 * seconds + max delay + 1 (+ prepended conditions).
+        micro_batch: windows per GPU per forward/backward.
+        accumulation: micro-batches per optimizer step (recorded in the rows: memory does
+            not depend on it, the global batch does).
+        seconds: window length; T = ceil(50 x seconds) frames, S = T + 1 steps (+ prepended
+            conditions).
         checkpointing: activation checkpointing per transformer layer.
         loss: ``fused`` (noencore's op) or ``materialized`` (full logits, the baseline).
-        chunk_rows: rows per block of the fused loss.
+        backend: the fused op's backend (``triton`` on GPUs; ``cpp`` and ``torch`` on CPU).
+        chunk_rows: rows per block of logits (default: the backend's).
         offload_optimizer: optimizer states on CPU (ZeRO stages 1-3).
         precision: ``bf16`` mixed precision (fp32 master weights) or plain ``fp32``.
         text_tokens: T5 tokens per caption (cross-attention keys, or prepended for melody).
-        reserve_gib: fixed per-GPU reserve (CUDA context, fragmentation, comm buckets).
-        reference_model: a frozen copy of the weights is resident too (NPO, SimNPO...).
-        fp32_grads: also count the fp32 gradient partition DeepSpeed's bf16 optimizers keep
+        reserve_gib: fixed per-GPU reserve, GiB (CUDA context, NCCL, fragmentation).
+        stop_rule: the membership-inference stop rule's copy of the fp32 master weights.
+        fp32_grads: also count the fp32 gradient partition DeepSpeed's bf16 optimizers build
             for the update (4 bytes per owned parameter; DeepSpeed's own estimators count
             it: 18 bytes per parameter instead of 16 at stages 2-3).
         stages: ZeRO stages to plan.
     """
     arch = get_arch(model)
-    if gpus < 1 or batch < 1 or seconds <= 0 or gpu_mem_gib <= 0 or chunk_rows < 1:
-        raise ValueError(f"gpus={gpus}, batch={batch}, seconds={seconds}, gpu_mem_gib={gpu_mem_gib}, "
+    if min(gpus, micro_batch, accumulation, text_tokens) < 1 or seconds <= 0 or gpu_mem_gib <= 0 \
+            or (chunk_rows is not None and chunk_rows < 1):
+        raise ValueError(f"gpus={gpus}, micro_batch={micro_batch}, accumulation={accumulation}, "
+                         f"seconds={seconds}, gpu_mem_gib={gpu_mem_gib}, text_tokens={text_tokens}, "
                          f"chunk_rows={chunk_rows}: all must be positive")
     if precision not in WEIGHT_BYTES:
         raise ValueError(f"precision={precision!r}: choose 'bf16' or 'fp32'")
@@ -354,11 +617,11 @@ def plan_memory(
     n_params = arch.n_params()
     shard = math.ceil(n_params / gpus)  # DeepSpeed pads partitions to equal size
     w = WEIGHT_BYTES[precision]
-    seq = arch.sequence_length(seconds, text_tokens)
-    acts = activation_bytes(arch, batch, seq, text_tokens, checkpointing=checkpointing, act_bytes=w)
-    loss_mem = loss_bytes(arch, batch, seq, loss=loss, chunk_rows=chunk_rows)
+    step = step_memory(arch, micro_batch, seconds, text_tokens=text_tokens, checkpointing=checkpointing,
+                       act_bytes=w, loss=loss, backend=backend, chunk_rows=chunk_rows)
+    acts, loss_mem = step.at_peak()
     reserve = int(reserve_gib * GIB)
-    biggest_module = max(arch.layer_params(), arch.n_q * arch.card * arch.dim)
+    heads = arch.n_q * arch.card * arch.dim
     rows = []
     for stage in stages:
         notes: list[str] = []
@@ -375,22 +638,76 @@ def plan_memory(
             # and from stage 2 the reduced gradient partitions leave the GPU as well.
             cpu, optim, fp32_grad_part = optim + 4 * part, 0, 0
             grads = grads if stage == 1 else 0
-        gathered = 2 * biggest_module * w if stage == 3 else 0  # in use + prefetched
-        reference = WEIGHT_BYTES["bf16"] * (shard if stage == 3 else n_params) if reference_model else 0
+        bucket = w * REDUCE_BUCKET_ELEMENTS if stage >= 1 else 0
+        boundary = {0: w * min(n_params, REDUCE_BUCKET_ELEMENTS), 1: bucket + w * shard}.get(stage, 0)
+        gathered = w * (2 * arch.layer_params() + heads) if stage == 3 else 0  # in use + prefetched, heads
+        stop_copy = 4 * part if stop_rule else 0
         rows.append(PlanRow(
-            stage=stage, offload_optimizer=offload_optimizer and stage > 0, params=params,
+            stage=stage, offload_optimizer=offload_optimizer and stage > 0, checkpointing=checkpointing,
+            micro_batch=micro_batch, accumulation=accumulation, gpus=gpus,
+            frames=math.ceil(arch.frame_rate * seconds), precision=precision, params=params,
             grads=grads + fp32_grad_part, optim=optim, activations=acts, loss=loss_mem,
-            other=reserve + gathered + reference, cpu=cpu, gpu_mem=int(gpu_mem_gib * GIB), notes=tuple(notes),
+            buckets=max(bucket, boundary - step.peak), other=reserve + gathered + stop_copy, cpu=cpu,
+            gpu_mem=int(gpu_mem_gib * GIB), notes=tuple(notes),
         ))
     return rows
 
 
-def max_batch(model: str | os.PathLike[str] | MusicGenArch, stage: int, *, limit: int = 4096, **kwargs) -> int:
+def recommend(model: str | os.PathLike[str] | MusicGenArch = "facebook/musicgen-large", gpus: int = 1,
+              gpu_mem_gib: float = 80.0, batch: int = DEFAULT_GLOBAL_BATCH, seconds: float = 30.0, *,
+              stages: tuple[int, ...] = (0, 1, 2, 3), offload: bool | None = None, **options) -> list[PlanRow]:
+    """The configurations that fit a global ``batch`` of windows of ``seconds`` on ``gpus``
+    GPUs of ``gpu_mem_gib`` GiB each, fastest first.
+
+    Searched: ZeRO ``stages``, checkpointing off and on, and every accumulation A that splits
+    ``batch`` into whole micro-batches of B / (G A) windows; optimizer offload only when no
+    configuration fits without it (``offload=None``), always (True) or never (False). For
+    each stage and checkpointing setting only the fewest accumulation steps that fit are
+    kept (more steps save memory no longer needed, at the cost of time), and a configuration
+    is left out when a faster one needs no more memory: down the list each one is slower
+    and needs less memory than all above it.
+
+    Rank (expected speed): no offload first (the CPU update and the transfers each step are
+    the slowest part), then no checkpointing (recomputing the forward costs about a third of
+    the step's compute), then the fewest accumulation steps (each is one more pass of
+    smaller kernels, and at stages 2-3 one more gradient reduction, at stage 3 one more
+    gather of the weights), then the lowest stage (the least communication).
+
+    ``options`` as for :func:`plan_memory` (precision, text_tokens, reserve_gib, stop_rule,
+    loss, backend, ...). Raises ValueError when ``gpus`` does not divide ``batch``.
+    """
+    arch = get_arch(model)  # once: a local checkpoint is read here, not per configuration
+    choices = accumulation_choices(batch, gpus) if batch >= 1 and gpus >= 1 else []
+    if not choices:
+        split_batch(batch, gpus)  # raises, naming the values
+    per_gpu = batch // gpus
+    rows: list[PlanRow] = []
+    for offloaded in ((False, True) if offload is None else (offload,)):
+        for checkpointing in (False, True):
+            for stage in stages:
+                if offloaded and stage == 0:
+                    continue  # DeepSpeed offloads from ZeRO-1 on
+                for acc in choices:
+                    row = plan_memory(arch, gpus=gpus, gpu_mem_gib=gpu_mem_gib, micro_batch=per_gpu // acc,
+                                      accumulation=acc, seconds=seconds, checkpointing=checkpointing,
+                                      offload_optimizer=offloaded, stages=(stage,), **options)[0]
+                    if row.fits:
+                        rows.append(row)
+                        break
+        if rows:
+            break
+    rows.sort(key=lambda r: (r.offload_optimizer, r.checkpointing, r.accumulation, r.stage))
+    # A configuration ranked slower that needs no less memory than a faster one is no option.
+    return [r for i, r in enumerate(rows) if all(r.total < faster.total for faster in rows[:i])]
+
+
+def max_micro_batch(model: str | os.PathLike[str] | MusicGenArch, stage: int, *, limit: int = 4096,
+                    **kwargs) -> int:
     """Largest micro-batch per GPU that fits at ``stage`` (0 when even 1 does not), up to
-    ``limit``; ``kwargs`` as for :func:`plan_memory` (memory grows with the batch, so a
-    doubling then a bisection finds it)."""
+    ``limit``; ``kwargs`` as for :func:`plan_memory` (memory grows with the micro-batch,
+    so a doubling then a bisection finds it)."""
     def fits(b: int) -> bool:
-        return plan_memory(model, batch=b, stages=(stage,), **kwargs)[0].fits
+        return plan_memory(model, micro_batch=b, stages=(stage,), **kwargs)[0].fits
 
     if not fits(1):
         return 0
@@ -404,33 +721,56 @@ def max_batch(model: str | os.PathLike[str] | MusicGenArch, stage: int, *, limit
     return lo
 
 
-def recommend(rows: list[PlanRow]) -> PlanRow | None:
+def lowest_fitting(rows: list[PlanRow]) -> PlanRow | None:
     """The lowest stage that fits (least communication), preferring no offload; or None."""
     fitting = [r for r in rows if r.fits]
     return min(fitting, key=lambda r: (r.offload_optimizer, r.stage), default=None)
 
 
-def format_plan_table(rows: list[PlanRow]) -> str:
-    """A fixed-width text table, GiB per GPU, one line per stage, and the recommendation."""
-    def gib(x: int) -> str:
-        return f"{x / GIB:8.2f}"
+_MEMORY_COLUMNS = ("params", "grads", "optim", "activ", "loss", "bucket", "other", "total")
 
-    head = (f"{'ZeRO':>4} {'offload':>7} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} "
-            f"{'loss':>8} {'other':>8} {'total':>8} {'fits':>4}")
-    lines = [head, "-" * len(head)]
+
+def _memory_cells(r: PlanRow) -> str:
+    """The GiB columns of one row, in the order of ``_MEMORY_COLUMNS``."""
+    values = (r.params, r.grads, r.optim, r.activations, r.loss, r.buckets, r.other, r.total)
+    return " ".join(f"{v / GIB:7.2f}" for v in values)
+
+
+def _header(lead: str) -> list[str]:
+    head = lead + " ".join(f"{c:>7}" for c in _MEMORY_COLUMNS)
+    return [head, "-" * len(head)]
+
+
+def format_plan_table(rows: list[PlanRow]) -> str:
+    """A fixed-width text table, GiB per GPU, one line per stage, and the lowest stage that fits."""
+    lines = _header(f"{'ZeRO':>4} {'offload':>7} ")
+    lines[0] += f" {'fits':>4}"
+    lines[1] += "-----"
     for r in rows:
-        lines.append(f"{r.stage:>4} {'cpu' if r.offload_optimizer else '-':>7} {gib(r.params)} {gib(r.grads)} "
-                     f"{gib(r.optim)} {gib(r.activations)} {gib(r.loss)} {gib(r.other)} {gib(r.total)} "
+        lines.append(f"{r.stage:>4} {'cpu' if r.offload_optimizer else '-':>7} {_memory_cells(r)} "
                      f"{'yes' if r.fits else 'no':>4}" + (f"  ({'; '.join(r.notes)})" if r.notes else ""))
-    best = recommend(rows)
+    best = lowest_fitting(rows)
     if best is None:
-        lines.append("recommended: none fits; try --checkpointing, a smaller --batch or --seconds, "
-                     "--offload, or more GPUs")
+        lines.append("recommended: none fits; try --checkpointing, a smaller --micro-batch or --seconds, "
+                     "--offload-optimizer, or more GPUs")
     else:
-        headroom = (best.gpu_mem - best.total) / GIB
         how = (" with optimizer offload" if best.offload_optimizer
                else " (nothing partitioned: one process or plain data parallel)" if best.stage == 0 else "")
         lines.append(f"recommended: ZeRO-{best.stage}{how}, {best.total / GIB:.1f} of "
-                     f"{best.gpu_mem / GIB:.0f} GiB per GPU ({headroom:.1f} GiB free)")
+                     f"{best.gpu_mem / GIB:.0f} GiB per GPU ({best.free / GIB:.1f} GiB free)")
     return "\n".join(lines)
 
+
+def format_recommendations(rows: list[PlanRow]) -> str:
+    """The ranked configurations of :func:`recommend` as a fixed-width table (GiB per GPU),
+    followed by the ``noencore unlearn`` flags of each."""
+    lines = _header(f"{'#':>2} {'ZeRO':>4} {'offload':>7} {'ckpt':>4} {'micro':>5} {'accum':>5} ")
+    lines[0] += f" {'free':>7}"
+    lines[1] += "-" * 8
+    for i, r in enumerate(rows, 1):
+        lines.append(f"{i:>2} {r.stage:>4} {'cpu' if r.offload_optimizer else '-':>7} "
+                     f"{'yes' if r.checkpointing else 'no':>4} {r.micro_batch:>5} {r.accumulation:>5} "
+                     f"{_memory_cells(r)} {r.free / GIB:7.2f}")
+    lines.append("flags:")
+    lines += [f"{i:>2} {r.flags()}" for i, r in enumerate(rows, 1)]
+    return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""``noencore plan``: per-GPU memory of unlearning a MusicGen model at each ZeRO stage."""
+"""``noencore plan``: which ZeRO stage, micro-batch, accumulation and checkpointing fit a
+MusicGen model on G GPUs, and the memory per GPU (or one micro-batch's per-stage table)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 
 from noencore.errors import UsageError
 
@@ -11,29 +13,48 @@ from noencore.errors import UsageError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="estimate per-GPU memory at ZeRO stages 0-3 and recommend one",
-        description="Estimate the per-GPU memory of unlearning a MusicGen model (weights, gradients, "
-                    "AdamW states, activations, loss) at DeepSpeed ZeRO stages 0-3, computed from the "
-                    "model's architecture, and recommend the lowest stage that fits.",
+        help="which ZeRO stage, micro-batch, accumulation and checkpointing fit, and the memory per GPU",
+        description="Answer which DeepSpeed ZeRO stage, micro-batch, gradient accumulation and activation "
+                    "checkpointing fit unlearning a MusicGen model on the given GPUs, fastest first, with "
+                    "the expected memory per GPU (weights, gradients, AdamW states, activations, loss, "
+                    "reduction buckets) computed from the model's architecture, and the `noencore unlearn` "
+                    "flags of each. With --micro-batch (or --accumulation), print instead the per-stage "
+                    "table of that one configuration.",
     )
     p.add_argument("--model", default="facebook/musicgen-large",
                    help="hub id, short name (small, medium, large, melody, melody-large, stereo-*) "
                         "or a local audiocraft checkpoint folder")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default 1)")
-    p.add_argument("--seconds", type=float, default=30.0, help="clip length in seconds (default 30)")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    p.add_argument("--gpu-memory", "--gpu-mem", dest="gpu_memory", default="80",
+                   help="memory of one GPU: 80GB, 80GiB, 81920MiB, or a bare number of GiB (default 80); "
+                        "GB counts in 1024s, as GPU memory is labelled (an 80GB A100/H100 holds 80 GiB)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch: windows per optimizer step, all GPUs together, as `noencore "
+                        "unlearn --batch-size` (default 64)")
+    p.add_argument("--seconds", type=float, default=30.0, help="window length in seconds (default 30)")
+    p.add_argument("--micro-batch", "--batch", dest="micro_batch", type=int, default=None,
+                   help="plan this micro-batch per GPU only: print the per-stage table")
+    p.add_argument("--accumulation", type=int, default=None,
+                   help="plan this many accumulation steps only (micro-batch = batch-size / (gpus x "
+                        "accumulation)): print the per-stage table")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="per-stage table: activation checkpointing per layer (the answer searches both)")
+    p.add_argument("--offload-optimizer", "--offload", dest="offload", action="store_true",
+                   help="per-stage table: optimizer states on CPU, ZeRO 1-3 (the answer uses offload only "
+                        "when nothing fits without it)")
+    p.add_argument("--stop-rule", action="store_true",
+                   help="count the copy of the fp32 master weights the membership-inference stop rule "
+                        "keeps (unlearn --stop-nonmembers)")
     p.add_argument("--loss", choices=("fused", "materialized"), default="fused",
                    help="fused linear cross-entropy (default) or the full-logits baseline")
-    p.add_argument("--chunk-rows", type=int, default=8192, help="rows per block of the fused loss")
-    p.add_argument("--offload", action="store_true", help="optimizer states on CPU (ZeRO 1-3)")
+    p.add_argument("--backend", choices=("triton", "cpp", "torch"), default="triton",
+                   help="the fused op's backend (default triton, the GPU one)")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per block of logits of the fused op (default: the backend's)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--text-tokens", type=int, default=64, help="T5 tokens per caption (default 64)")
     p.add_argument("--reserve", type=float, default=2.0,
-                   help="fixed per-GPU reserve in GiB: CUDA context, fragmentation, buckets (default 2)")
-    p.add_argument("--reference-model", action="store_true",
-                   help="a frozen copy of the weights is resident too (NPO, SimNPO)")
+                   help="fixed per-GPU reserve in GiB: CUDA context, NCCL, fragmentation (default 2)")
     p.add_argument("--fp32-grads", action="store_true",
                    help="count DeepSpeed's fp32 gradient partition too (18 instead of 16 bytes/param)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (bytes) instead of a table")
@@ -41,51 +62,96 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from noencore.plan import (
-        GIB,
-        T5_BASE_DIM,
-        T5_BASE_ENCODER_PARAMS,
-        format_plan_table,
-        get_arch,
-        loss_bytes,
-        max_batch,
-        plan_memory,
-    )
+    from noencore import plan
 
+    fixed = args.micro_batch is not None or args.accumulation is not None
+    if not fixed and (args.checkpointing or args.offload):
+        raise UsageError("--checkpointing and --offload-optimizer set the per-stage table of one "
+                         "configuration (with --micro-batch or --accumulation); the answer tries "
+                         "checkpointing both ways, and offload when nothing fits without it")
     try:
-        arch = get_arch(args.model)
-        rows = plan_memory(
-            arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, batch=args.batch, seconds=args.seconds,
-            checkpointing=args.checkpointing, loss=args.loss, chunk_rows=args.chunk_rows,
-            offload_optimizer=args.offload, precision=args.precision, text_tokens=args.text_tokens,
-            reserve_gib=args.reserve, reference_model=args.reference_model, fp32_grads=args.fp32_grads,
-        )
+        gpu_mem = plan.parse_memory(args.gpu_memory)
+        arch = plan.get_arch(args.model)
+        options = dict(seconds=args.seconds, loss=args.loss, backend=args.backend, chunk_rows=args.chunk_rows,
+                       precision=args.precision, text_tokens=args.text_tokens, reserve_gib=args.reserve,
+                       stop_rule=args.stop_rule, fp32_grads=args.fp32_grads)
+        if fixed:
+            micro, accumulation = _fixed_split(args)
+            rows = plan.plan_memory(arch, gpus=args.gpus, gpu_mem_gib=gpu_mem, micro_batch=micro,
+                                    accumulation=accumulation, checkpointing=args.checkpointing,
+                                    offload_optimizer=args.offload, **options)
+        else:
+            batch = plan.DEFAULT_GLOBAL_BATCH if args.batch_size is None else args.batch_size
+            rows = plan.recommend(arch, args.gpus, gpu_mem, batch, **options)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.json:
-        print(json.dumps([{**dataclasses.asdict(r), "total": r.total, "fits": r.fits} for r in rows], indent=1))
+        print(json.dumps([{**dataclasses.asdict(r), "total": r.total, "fits": r.fits, "free": r.free,
+                           "global_batch": r.global_batch, "flags": r.flags(), "command": r.command(arch.name)}
+                          for r in rows], indent=1))
         return 0
     seq = arch.sequence_length(args.seconds, args.text_tokens)
-    text = (f"T5-base encoder ({T5_BASE_ENCODER_PARAMS / 1e6:.0f}M)" if arch.text_dim == T5_BASE_DIM
+    text = (f"T5-base encoder ({plan.T5_BASE_ENCODER_PARAMS / 1e6:.0f}M)" if arch.text_dim == plan.T5_BASE_DIM
             else f"text encoder (width {arch.text_dim})")
     print(f"{arch.name}: {arch.n_params() / 1e6:.1f}M trainable parameters "
           f"(dim {arch.dim}, {arch.num_layers} layers, {arch.num_heads} heads, K={arch.n_q}, V={arch.card}); "
           f"{text} frozen and cached, not resident")
-    print(f"{args.gpus} GPU(s) x {args.gpu_mem:g} GiB, micro-batch {args.batch} x {seq} steps "
-          f"({args.seconds:g} s), {args.precision}, checkpointing {'on' if args.checkpointing else 'off'}, "
-          f"{args.loss} loss; global batch {args.gpus * args.batch} per step; GiB per GPU:")
+    frames = math.ceil(arch.frame_rate * args.seconds)
+    window = f"{args.seconds:g} s ({frames} frames, {seq} steps)"
+    loss = f"{args.loss} loss" + (f" ({args.backend})" if args.loss == "fused" else "")
+    if fixed:
+        _print_fixed(args, arch, rows, gpu_mem, window, loss, options)
+    else:
+        _print_answer(args, arch, rows, gpu_mem, window, loss)
+    return 0
+
+
+def _fixed_split(args: argparse.Namespace) -> tuple[int, int]:
+    """(micro-batch, accumulation) of the per-stage table, checked against --batch-size."""
+    from noencore.plan import DEFAULT_GLOBAL_BATCH, split_batch
+
+    accumulation = args.accumulation or 1
+    if args.micro_batch is None:
+        batch = DEFAULT_GLOBAL_BATCH if args.batch_size is None else args.batch_size
+        return split_batch(batch, args.gpus, accumulation), accumulation
+    implied = args.micro_batch * args.gpus * accumulation
+    if args.batch_size is not None and args.batch_size != implied:
+        raise ValueError(f"--batch-size {args.batch_size} disagrees with --micro-batch {args.micro_batch} x "
+                         f"--gpus {args.gpus} x --accumulation {accumulation} = {implied}; give two of them")
+    return args.micro_batch, accumulation
+
+
+def _print_fixed(args, arch, rows, gpu_mem: float, window: str, loss: str, options: dict) -> None:
+    from noencore.plan import GIB, format_plan_table, max_micro_batch
+
+    r = rows[0]
+    print(f"{args.gpus} GPU(s) x {gpu_mem:g} GiB, micro-batch {r.micro_batch} x {r.accumulation} accumulation "
+          f"step(s) (global batch {r.global_batch}) of {window}, {args.precision}, checkpointing "
+          f"{'on' if args.checkpointing else 'off'}, {loss}; GiB per GPU:")
     print(format_plan_table(rows))
-    fused = loss_bytes(arch, args.batch, seq, loss="fused", chunk_rows=args.chunk_rows)
-    full = loss_bytes(arch, args.batch, seq, loss="materialized", chunk_rows=args.chunk_rows)
-    print(f"loss memory per GPU: fused {fused / 2**20:.1f} MiB vs materialized logits "
-          f"{full / 2**20:.1f} MiB ({full / fused:.1f}x)")
-    options = dict(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seconds=args.seconds,
-                   checkpointing=args.checkpointing, loss=args.loss, chunk_rows=args.chunk_rows,
-                   offload_optimizer=args.offload, precision=args.precision, text_tokens=args.text_tokens,
-                   reserve_gib=args.reserve, reference_model=args.reference_model, fp32_grads=args.fp32_grads)
-    largest = ", ".join(f"ZeRO-{r.stage} {max_batch(arch, r.stage, **options)}" for r in rows)
+    kw = dict(gpus=args.gpus, gpu_mem_gib=gpu_mem, checkpointing=args.checkpointing,
+              offload_optimizer=args.offload, **options)
+    largest = ", ".join(f"ZeRO-{s.stage} {max_micro_batch(arch, s.stage, **kw)}" for s in rows)
     print(f"largest micro-batch per GPU that fits: {largest}")
-    offloaded = max(r.cpu for r in rows)
+    offloaded = max(s.cpu for s in rows)
     if offloaded:
         print(f"host memory for the offloaded optimizer: up to {offloaded / GIB:.2f} GiB per rank")
-    return 0
+
+
+def _print_answer(args, arch, rows, gpu_mem: float, window: str, loss: str) -> None:
+    from noencore.plan import DEFAULT_GLOBAL_BATCH, GIB, format_recommendations
+
+    batch = DEFAULT_GLOBAL_BATCH if args.batch_size is None else args.batch_size
+    print(f"{args.gpus} GPU(s) x {gpu_mem:g} GiB; global batch {batch} windows of {window}, {args.precision}, "
+          f"{loss}")
+    if not rows:
+        print("nothing fits, even with checkpointing, optimizer offload and a micro-batch of 1: use more or "
+              "larger GPUs, or shorter windows (--seconds)")
+        return
+    print("configurations that fit, fastest first (no optimizer offload, then no checkpointing, then the "
+          "fewest accumulation steps, then the lowest ZeRO stage; each one below needs less memory than "
+          "those above); GiB per GPU:")
+    print(format_recommendations(rows))
+    if rows[0].offload_optimizer:
+        print(f"nothing fits without optimizer offload; host memory for it: {rows[0].cpu / GIB:.2f} GiB per rank")
+    print(f"run (#1): {rows[0].command(arch.name)}")
