@@ -99,7 +99,8 @@ def measure(model, *, batch: int, frames: int, text_tokens: int, checkpointing: 
     counts = token_counts(lm, mask, forget)
 
     def step(mark: bool) -> None:
-        loss, _ = objective(codes, mask, forget, embeds, embeds_mask, None, counts, 1)
+        loss, _ = objective(codes, mask, forget, embeds, embeds_mask, None, counts, 1,
+                            torch.arange(codes.shape[0]))
         if mark:
             with record_function(BACKWARD_MARK):
                 loss.backward()
