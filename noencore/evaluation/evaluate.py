@@ -313,8 +313,9 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             notes.append("no reference model: no 'before' column, no reference-ratio attack, "
                          "no remain-NLL verdict")
         results["notes"] = notes
-        results["verdicts"] = verdicts(results, criteria or Criteria())
-        results["criteria"] = criteria or Criteria()
+        crit = criteria or Criteria()
+        results["verdicts"] = verdicts(results, crit)
+        results["criteria"] = crit
         results["seconds"] = round(time.time() - t0, 2)
         results = _finite(_jsonable(results))
         if out is not None:
@@ -330,9 +331,9 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     return dist.on_rank0(report)
 
 
-def _mia_results(results: dict[str, Any], metrics: list[str], roles: dict[str, dict[str, SetStats]],
-                 retr: dict[str, SetStats] | None, min_auc_items: int
-                 ) -> dict[str, dict[str, tuple]]:
+def _mia_results(results: dict[str, Any], metrics: list[str],
+                 roles: dict[str, dict[str, SetStats]], retr: dict[str, SetStats] | None,
+                 min_auc_items: int) -> dict[str, dict[str, tuple]]:
     """Fill the "mia" and "privleak" blocks of ``results``; return the forget ROC curves
     per role and attack, (fpr, tpr, auc)."""
     curves: dict[str, dict[str, tuple]] = {}
