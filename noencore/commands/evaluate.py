@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Token NLL and accuracy, membership inference (LOSS, Min-K%%, Min-K%%++, "
                     "compression, reference ratio; ROC AUC), MUSE privleak, TOFU forget quality, "
                     "and with --clap: CLAP score, FAD, memorisation. Writes OUT/report.json, "
-                    "OUT/report.md, OUT/nll_hist.png, OUT/roc.png, OUT/token_stats.npz.")
+                    "OUT/report.md, OUT/nll_hist.png, OUT/roc.png, OUT/token_stats.npz. Under "
+                    "torchrun or deepspeed the ranks share the work and rank 0 reports.")
     p.add_argument("shards", help="token-shard folder (from `noencore precompute`)")
     p.add_argument("--model", required=True, help="unlearned model: folder, hub id or 'tiny'")
     p.add_argument("--reference", help="model before unlearning (folder, hub id), or an earlier "
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frames", type=int, help="window length (default: the longest item)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda:LOCAL_RANK under a launcher, else the "
+                        "current GPU, else cpu)")
     p.add_argument("--conditions", help="text-condition cache folder (default SHARDS/conditions)")
     p.add_argument("--clap", help="laion-clap checkpoint (.pt), e.g. "
                                   "music_audioset_epoch_15_esc_90.14.pt")
@@ -50,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from noencore import distributed
     from noencore.data.shards import TokenShards
     from noencore.evaluation import mia
     from noencore.evaluation.evaluate import evaluate
@@ -90,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         clap_tokenizer=args.clap_tokenizer, clap_model=args.clap_model, generation=gen,
         criteria=criteria, min_auc_items=args.min_auc_items or mia.MIN_AUC_ITEMS,
         progress=not args.quiet)
+    speaker = distributed.rank() == 0
+    distributed.leave()
+    if not speaker:
+        return 0  # under a launcher rank 0 speaks for the run
     for note in results["notes"]:
         print(f"note: {note}")
     for v in results["verdicts"]:

@@ -12,7 +12,8 @@ forget, remain and holdout sets of token shards:
 - generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
   CLAP embeddings, CLAP memorisation similarity; exact-token continuation match;
 
-and writes report.json / report.md / plots / token_stats.npz into ``out``.
+and writes report.json / report.md / plots / token_stats.npz into ``out``. Under a
+launcher the ranks share the work and rank 0 writes the report (``evaluate``'s doc).
 """
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ from noencore.errors import NoencoreError, UsageError
 from noencore.evaluation import mia
 from noencore.evaluation.generation import GenerationConfig
 from noencore.evaluation.report import Criteria, verdicts, write_report
-from noencore.evaluation.token_metrics import SetStats, collect_set_stats, load_stats, save_stats
+from noencore.evaluation.token_metrics import (
+    SetStats,
+    collect_set_stats,
+    condition_length,
+    gather_set_stats,
+    load_stats,
+    save_stats,
+)
 
 TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality")
 GENERATION_METRICS = ("clap", "fad", "memorization", "continuation")
@@ -71,12 +79,12 @@ def _open_sets(sets: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_model(spec: Any, device: str | None) -> Any:
+def _load_model(spec: Any, device: torch.device) -> Any:
     if spec is None or not isinstance(spec, str | os.PathLike):
         return spec
     from noencore.models.musicgen import load_musicgen
 
-    return load_musicgen(str(spec), device=device or "cpu")
+    return load_musicgen(str(spec), device=device)
 
 
 def _is_cached_stats(ref: Any) -> bool:
@@ -153,6 +161,14 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
              min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True) -> dict[str, Any]:
     """Evaluate an unlearned MusicGen model; return the report as a dict (also written to ``out``).
 
+    Under a launcher (``torchrun``, ``deepspeed``: ``WORLD_SIZE`` > 1) or inside an
+    initialised process group, every rank calls this with the same arguments: the
+    process group is joined if needed (NCCL on GPUs, gloo on the CPU), each rank scores
+    its share of every set's windows and generates for its share of the items, rank 0
+    gathers them, computes the metrics and alone writes ``out`` (and shows progress);
+    every rank returns the same dict. The numbers equal a one-process run's up to the
+    float rounding of differently composed batches.
+
     Args:
         model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (folder, hub id, "tiny").
         sets: ``{"forget": ..., "remain": ..., "holdout": ...}``, each a ``TokenShards``
@@ -162,20 +178,24 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             metrics when ``clap`` is given (asking for one without ``clap`` is an error).
         reference: the model before unlearning (model or spec), or a folder/``.npz`` of
             its cached token statistics (``token_stats.npz`` from an earlier evaluation).
-        batch_size: windows per forward pass for token metrics.
+        batch_size: windows per forward pass for token metrics (per rank).
         out: folder for report.json, report.md, nll_hist.png, roc.png, token_stats.npz.
         retrained: a model retrained without the forget set (or its cached statistics),
             for privleak relative to it and TOFU forget quality.
         conditions: a ``ConditionCache`` (or folder); default ``<shards>/conditions``.
         frames: window length for token metrics (default: the longest item).
         precision: "bf16" (autocast the LM forward) or "fp32".
+        device: where models given as specs are loaded and run; default ``cuda:LOCAL_RANK``
+            under a launcher, the current GPU in one process, the CPU without CUDA. A
+            model object stays where it is.
         clap: path of a laion-clap checkpoint, or a loaded ``Clap``.
         generation: sampling settings for generation metrics.
         criteria: verdict thresholds.
     """
+    from noencore import distributed as dist
+
     t0 = time.time()
     metrics = list(metrics) if metrics is not None else None
-    asked_gen = [m for m in (metrics or []) if m in GENERATION_METRICS]
     bad = [m for m in (metrics or []) if m not in ALL_METRICS]
     if bad:
         raise UsageError(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}")
@@ -184,37 +204,57 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     if batch_size <= 0:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
     shard_sets = _open_sets(sets)
-    model = _load_model(model, device)
     if model is None:
         raise UsageError("model is required")
+    # a model object stays where it is; specs are loaded onto this rank's device
+    given = not isinstance(model, str | os.PathLike)
+    dev = model.device if given and device is None else dist.rank_device(device)
+    rank, world = dist.join(dev)
+    progress = progress and rank == 0  # one set of progress bars, not one per rank
+    model = _load_model(model, dev)
     for name, s in shard_sets.items():
         _check_compatible(model, s, name)
-    notes: list[str] = []
-    crit = criteria or Criteria()
+    gen_cfg = generation or GenerationConfig()
 
-    def stats_of(m: Any, role: str) -> dict[str, SetStats]:
+    caches = {name: _conditions_for(s, conditions, model) for name, s in shard_sets.items()}
+    # every set is scored with the same text-condition padding, so that no set's items
+    # hear more padding than another's (members vs non-members)
+    cond_length = max(condition_length(caches[name], s.captions)
+                      for name, s in shard_sets.items())
+
+    def stats_of(m: Any, role: str) -> dict[str, SetStats | None]:
+        """Each set's statistics under ``m``: whole on rank 0, None on the other ranks."""
         res = {}
         for name, s in shard_sets.items():
-            cache = _conditions_for(s, conditions, m)
-            res[name] = collect_set_stats(m, s, cache, batch_size=batch_size, frames=frames,
-                                          precision=precision, progress=progress,
-                                          desc=f"{role} {name}")
+            cache = _conditions_for(s, caches[name], m)  # checks m's text encoder
+            res[name] = gather_set_stats(collect_set_stats(
+                m, s, cache, batch_size=batch_size, frames=frames, precision=precision,
+                progress=progress, desc=f"{role} {name}", rank=rank, world=world,
+                cond_length=cond_length))
         return res
 
-    def stats_or_cached(spec: Any, role: str) -> tuple[dict[str, SetStats] | None, Any, str | None]:
+    def cached_stats(spec: Any, role: str) -> tuple[dict[str, SetStats], str]:
+        st, meta = load_stats(spec)
+        missing = [n for n in shard_sets if n not in st]
+        for n in shard_sets:
+            if n in st and st[n].ids != list(shard_sets[n].ids):
+                raise NoencoreError(f"{spec}: cached {role} statistics of the {n} set cover "
+                                    "other items than this set; evaluate the same sets")
+        if missing:
+            raise NoencoreError(f"{spec}: cached {role} statistics lack set(s) {missing}")
+        return {n: st[n] for n in shard_sets}, f"{meta.get('model')} (cached: {spec})"
+
+    def stats_or_cached(spec: Any, role: str) -> tuple[Any, Any, str | None]:
+        """(statistics, loaded model or None, name); the statistics are None on ranks > 0."""
         if spec is None:
             return None, None, None
         if _is_cached_stats(spec):
-            st, meta = load_stats(spec)
-            missing = [n for n in shard_sets if n not in st]
-            for n in shard_sets:
-                if n in st and st[n].ids != list(shard_sets[n].ids):
-                    raise NoencoreError(f"{spec}: cached {role} statistics of the {n} set cover "
-                                        "other items than this set; evaluate the same sets")
-            if missing:
-                raise NoencoreError(f"{spec}: cached {role} statistics lack set(s) {missing}")
-            return {n: st[n] for n in shard_sets}, None, f"{meta.get('model')} (cached: {spec})"
-        m = _load_model(spec, device)
+            # rank 0 alone reads them (the others have no use for them); a bad file stops
+            # every rank
+            loaded = dist.on_rank0(lambda: cached_stats(spec, role), share=False)
+            st, name = loaded if loaded is not None else (None, None)
+            return st, None, name
+        m = _load_model(spec, dev)
         for name, s in shard_sets.items():
             _check_compatible(m, s, name)
         return stats_of(m, role), m, str(getattr(m, "spec", spec))
@@ -222,86 +262,104 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     after = stats_of(model, "after")
     before, ref_model, ref_name = stats_or_cached(reference, "before")
     retr, _, retr_name = stats_or_cached(retrained, "retrained")
-
-    results: dict[str, Any] = {
-        "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
-        "sets": {n: {"shards": str(s.path), "items": len(s), "frames": int(s.frames.sum()),
-                     "codec": s.header.codec} for n, s in shard_sets.items()},
-        "metrics": metrics, "precision": _effective_precision(precision, model),
-        "batch_size": batch_size,
-        "frames": frames, "seed": (generation or GenerationConfig()).seed,
-    }
-    roles = {"after": after} | ({"before": before} if before is not None else {})
-    results["token"] = {r: {n: s.summary() for n, s in st.items()} for r, st in roles.items()}
-    if retr is not None:
-        results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
-
-    curves: dict[str, dict[str, tuple]] = {}
-    if "mia" in metrics or "privleak" in metrics:
-        results["mia"] = {}
-        retr_mia = _mia_block(retr, None, min_auc_items)[0] if retr is not None else None
-        for role, st in roles.items():
-            block, scores = _mia_block(st, before if role == "after" else None, min_auc_items)
-            results["mia"][role] = block
-            if "forget" in block and "note" not in block["forget"]:
-                curves[role] = {a: (*mia.roc_curve(scores["forget"][a], scores["holdout"][a]),
-                                    block["forget"][a]) for a in _MIA_ATTACKS}
-        if "privleak" in metrics:
-            rel = "a retrained model's AUC" if retr_mia else "AUC 0.5 (no retrained model)"
-            results["privleak"] = {"relative_to": rel}
-            for role in roles:
-                fb = results["mia"][role].get("forget", {})
-                ref_auc = (retr_mia or {}).get("forget", {})
-                results["privleak"][role] = {
-                    a: _privleak_or_none(fb[a], ref_auc.get(a) if retr_mia else None)
-                    for a in _MIA_ATTACKS if fb.get(a) is not None}
-        if "mia" not in metrics:
-            results.pop("mia")
-    if "forget_quality" in metrics:
-        if retr is None:
-            results["forget_quality"] = {"note": "needs a model retrained without the forget set "
-                                                 "(retrained=...)"}
-        else:
-            ref_nll = mia.mean_nll(retr["forget"].tokens())
-            results["forget_quality"] = {
-                role: mia.forget_quality(mia.mean_nll(st["forget"].tokens()), ref_nll)
-                for role, st in roles.items()}
-
     gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
+    gen_items = None
     if gen_metrics:
-        from noencore.evaluation.generation_metrics import run_generation_metrics
+        from noencore.evaluation.generation_metrics import collect_generation
 
-        results["generation"], results["continuation"] = run_generation_metrics(
+        gen_items = collect_generation(
             {"after": model} | ({"before": ref_model} if ref_model is not None else {}),
             shard_sets, gen_metrics, clap=clap, clap_tokenizer=clap_tokenizer,
-            clap_model=clap_model, cfg=generation or GenerationConfig(), progress=progress,
-            explicit=bool(asked_gen))
-        if results["generation"].get("random_clap"):
-            notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
-                         "memorisation similarities below mean nothing.")
-        if reference is not None and ref_model is None:
-            notes.append("the reference is cached token statistics: generation metrics have "
-                         "no 'before' column")
-    elif clap is None:
-        results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
-                                            "score, FAD and memorisation were not computed"}
-    if before is None:
-        notes.append("no reference model: no 'before' column, no reference-ratio attack, "
-                     "no remain-NLL verdict")
-    results["notes"] = notes
-    results["verdicts"] = verdicts(results, crit)
-    results["criteria"] = crit
-    results["seconds"] = round(time.time() - t0, 2)
-    results = _finite(_jsonable(results))
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        results["token_stats_sha256"] = save_stats(out / "token_stats.npz", after,
-                                                   {"model": str(model.spec)})
-        item_nll = {r: {n: mia.mean_nll(s.tokens()) for n, s in st.items()}
-                    for r, st in roles.items()}
-        write_report(out, results, item_nll, curves)
-    return results
+            clap_model=clap_model, cfg=gen_cfg, progress=progress)
+
+    def report() -> dict[str, Any]:
+        results: dict[str, Any] = {
+            "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
+            "sets": {n: {"shards": str(s.path), "items": len(s), "frames": int(s.frames.sum()),
+                         "codec": s.header.codec} for n, s in shard_sets.items()},
+            "metrics": metrics, "precision": _effective_precision(precision, model),
+            "batch_size": batch_size, "ranks": world, "frames": frames, "seed": gen_cfg.seed,
+        }
+        notes: list[str] = []
+        roles = {"after": after} | ({"before": before} if before is not None else {})
+        results["token"] = {r: {n: s.summary() for n, s in st.items()} for r, st in roles.items()}
+        if retr is not None:
+            results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
+        curves = _mia_results(results, metrics, roles, retr, min_auc_items)
+        if "forget_quality" in metrics:
+            if retr is None:
+                results["forget_quality"] = {"note": "needs a model retrained without the "
+                                                     "forget set (retrained=...)"}
+            else:
+                ref_nll = mia.mean_nll(retr["forget"].tokens())
+                results["forget_quality"] = {
+                    role: mia.forget_quality(mia.mean_nll(st["forget"].tokens()), ref_nll)
+                    for role, st in roles.items()}
+        if gen_items is not None:
+            from noencore.evaluation.generation_metrics import generation_report
+
+            results["generation"], results["continuation"] = generation_report(gen_items,
+                                                                               gen_metrics)
+            if results["generation"].get("random_clap"):
+                notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
+                             "memorisation similarities below mean nothing.")
+            if reference is not None and ref_model is None:
+                notes.append("the reference is cached token statistics: generation metrics "
+                             "have no 'before' column")
+        elif clap is None:
+            results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
+                                                "score, FAD and memorisation were not computed"}
+        if before is None:
+            notes.append("no reference model: no 'before' column, no reference-ratio attack, "
+                         "no remain-NLL verdict")
+        results["notes"] = notes
+        crit = criteria or Criteria()
+        results["verdicts"] = verdicts(results, crit)
+        results["criteria"] = crit
+        results["seconds"] = round(time.time() - t0, 2)
+        results = _finite(_jsonable(results))
+        if out is not None:
+            folder = Path(out)
+            folder.mkdir(parents=True, exist_ok=True)
+            results["token_stats_sha256"] = save_stats(folder / "token_stats.npz", after,
+                                                       {"model": str(model.spec)})
+            item_nll = {r: {n: mia.mean_nll(s.tokens()) for n, s in st.items()}
+                        for r, st in roles.items()}
+            write_report(folder, results, item_nll, curves)
+        return results
+
+    return dist.on_rank0(report)
+
+
+def _mia_results(results: dict[str, Any], metrics: list[str],
+                 roles: dict[str, dict[str, SetStats]], retr: dict[str, SetStats] | None,
+                 min_auc_items: int) -> dict[str, dict[str, tuple]]:
+    """Fill the "mia" and "privleak" blocks of ``results``; return the forget ROC curves
+    per role and attack, (fpr, tpr, auc)."""
+    curves: dict[str, dict[str, tuple]] = {}
+    if "mia" not in metrics and "privleak" not in metrics:
+        return curves
+    before = roles.get("before")
+    results["mia"] = {}
+    retr_mia = _mia_block(retr, None, min_auc_items)[0] if retr is not None else None
+    for role, st in roles.items():
+        block, scores = _mia_block(st, before if role == "after" else None, min_auc_items)
+        results["mia"][role] = block
+        if "forget" in block and "note" not in block["forget"]:
+            curves[role] = {a: (*mia.roc_curve(scores["forget"][a], scores["holdout"][a]),
+                                block["forget"][a]) for a in _MIA_ATTACKS}
+    if "privleak" in metrics:
+        rel = "a retrained model's AUC" if retr_mia else "AUC 0.5 (no retrained model)"
+        results["privleak"] = {"relative_to": rel}
+        for role in roles:
+            fb = results["mia"][role].get("forget", {})
+            ref_auc = (retr_mia or {}).get("forget", {})
+            results["privleak"][role] = {
+                a: _privleak_or_none(fb[a], ref_auc.get(a) if retr_mia else None)
+                for a in _MIA_ATTACKS if fb.get(a) is not None}
+    if "mia" not in metrics:
+        results.pop("mia")
+    return curves
 
 
 def _privleak_or_none(auc: float, retrained_auc: float | None) -> float | None:

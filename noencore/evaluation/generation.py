@@ -4,9 +4,17 @@ guidance, CLAP text-audio scores, FAD on CLAP embeddings, and memorisation.
 Generation goes through audiocraft's ``LMModel.generate`` (the same sampler, delay
 pattern and CFG as ``MusicGen.generate``), many captions per call; codes are decoded
 with the model's codec (the shards' codec: checked by the caller).
+
+What an item generates does not depend on the batch it shares, nor, under a launcher,
+on the rank that generates it: each item samples from its own random generator, seeded
+from (seed, item index), and every batch's captions are padded to one fixed number of
+T5 tokens (audiocraft's cross-attention has no mask, so a batch's padding would change
+what each of its rows hears).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,44 +48,112 @@ def _attributes(model: Any, captions: list[str]) -> list[Any]:
     return [ConditioningAttributes(text={model.text_attribute: c}) for c in captions]
 
 
+def caption_tokens(model: Any, captions: Sequence[str]) -> int:
+    """The most T5 tokens any of ``captions`` takes with the model's own tokenizer (>= 1)."""
+    tok = model.lm.condition_provider.conditioners[model.text_attribute].t5_tokenizer
+    return max([len(ids) for ids in tok(list(captions))["input_ids"]], default=1)
+
+
+@contextmanager
+def _padded_captions(model: Any, tokens: int) -> Iterator[None]:
+    """Within this block the model's T5 conditioner pads every batch of captions to
+    ``tokens`` tokens instead of to the batch's longest caption."""
+    conditioner = model.lm.condition_provider.conditioners[model.text_attribute]
+    tokenizer = conditioner.t5_tokenizer
+
+    def fixed(entries: list[str], **kwargs: Any) -> Any:
+        return tokenizer(entries, **{**kwargs, "padding": "max_length", "max_length": tokens})
+
+    conditioner.t5_tokenizer = fixed
+    try:
+        yield
+    finally:
+        conditioner.t5_tokenizer = tokenizer
+
+
+def item_seed(seed: int, item: int) -> int:
+    """The seed of item ``item``'s generator: independent streams per (seed, item)."""
+    return int(np.random.SeedSequence([seed, item]).generate_state(1, np.uint64)[0])
+
+
+@contextmanager
+def _per_row_sampling(generators: list[torch.Generator]) -> Iterator[None]:
+    """Within this block, audiocraft's sampler draws row b of every batch from
+    ``generators[b]``. Its top-k, top-p and plain sampling all end in
+    ``audiocraft.utils.utils.multinomial`` over probs [B, K, card], drawn from the global
+    RNG in one call: the rows' draws would then depend on each other's presence."""
+    from audiocraft.utils import utils as ac_utils
+
+    batch_draw = ac_utils.multinomial
+
+    def row_draw(probs: torch.Tensor, num_samples: int, replacement: bool = False, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        if probs.shape[0] != len(generators):
+            raise RuntimeError(f"sampling {probs.shape[0]} rows with {len(generators)} "
+                               "generators: audiocraft's sampler changed shape")
+        return torch.stack([batch_draw(p, num_samples, replacement, generator=g)
+                            for p, g in zip(probs, generators)])
+
+    ac_utils.multinomial = row_draw
+    try:
+        yield
+    finally:
+        ac_utils.multinomial = batch_draw
+
+
 @torch.no_grad()
 def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
-                   progress: bool = True, desc: str = "generate") -> torch.Tensor:
+                   progress: bool = True, desc: str = "generate",
+                   items: Sequence[int] | None = None, text_tokens: int | None = None
+                   ) -> torch.Tensor:
     """Sample codes long [N, K, cfg.frames] for ``captions`` with CFG, ``cfg.batch_size`` at a time.
 
-    Deterministic for ``cfg.seed`` (the global torch RNG is restored afterwards).
+    ``items`` (int [N], default 0..N-1): each caption's item index, which seeds its own
+    generator (:func:`item_seed` of ``cfg.seed``). ``text_tokens``: T5 tokens every
+    caption is padded to (default: the longest of ``captions``; give every part of a
+    split set the same). Then the same item gives the same codes in any batch, on any
+    rank (up to the float rounding of its batch's forward pass).
     """
     from tqdm import tqdm
 
+    items = list(range(len(captions))) if items is None else [int(i) for i in items]
+    if len(items) != len(captions):
+        raise ValueError(f"{len(items)} item indices for {len(captions)} captions")
+    text_tokens = text_tokens or caption_tokens(model, captions)
     out = []
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        starts = range(0, len(captions), cfg.batch_size)
-        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            chunk = captions[s:s + cfg.batch_size]
+    starts = range(0, len(captions), cfg.batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = captions[s:s + cfg.batch_size]
+        gens = [torch.Generator(device=model.device).manual_seed(item_seed(cfg.seed, i))
+                for i in items[s:s + cfg.batch_size]]
+        with _per_row_sampling(gens), _padded_captions(model, text_tokens):
             codes = model.lm.generate(conditions=_attributes(model, chunk), max_gen_len=cfg.frames,
                                       use_sampling=True, temp=cfg.temperature, top_k=cfg.top_k,
                                       cfg_coef=cfg.cfg_coef)
-            out.append(codes.cpu())
+        out.append(codes.cpu())
     return torch.cat(out) if out else torch.zeros(0, model.n_q, cfg.frames, dtype=torch.long)
 
 
 @torch.no_grad()
 def continuation_match(model: Any, prompts: torch.Tensor, truth: torch.Tensor, captions: list[str],
-                       cfg: GenerationConfig) -> np.ndarray:
+                       cfg: GenerationConfig, text_tokens: int | None = None) -> np.ndarray:
     """Exact-token match rate float64 [N] of greedy continuations against the true ones.
 
     prompts: long [N, K, P] (first frames of items); truth: long [N, K, C] (the frames
     that follow). The model continues each prompt greedily (with CFG on its caption) for
-    C frames; a memorised item is continued exactly (rate near 1).
+    C frames; a memorised item is continued exactly (rate near 1). ``text_tokens`` as
+    in :func:`generate_codes`.
     """
     n, k, p = prompts.shape
     c = truth.shape[-1]
+    text_tokens = text_tokens or caption_tokens(model, captions)
     rates = []
     for s in range(0, n, cfg.batch_size):
-        codes = model.lm.generate(prompt=prompts[s:s + cfg.batch_size].to(model.device),
-                                  conditions=_attributes(model, captions[s:s + cfg.batch_size]),
-                                  max_gen_len=p + c, use_sampling=False, cfg_coef=cfg.cfg_coef)
+        with _padded_captions(model, text_tokens):
+            codes = model.lm.generate(
+                prompt=prompts[s:s + cfg.batch_size].to(model.device),
+                conditions=_attributes(model, captions[s:s + cfg.batch_size]),
+                max_gen_len=p + c, use_sampling=False, cfg_coef=cfg.cfg_coef)
         gen = codes[..., p:p + c].cpu()
         rates.append((gen == truth[s:s + cfg.batch_size]).float().mean(dim=(1, 2)).double().numpy())
     return np.concatenate(rates) if rates else np.zeros(0)

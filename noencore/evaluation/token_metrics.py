@@ -1,13 +1,22 @@
 """Teacher-forced per-token statistics of a model on a set of shards, batched.
 
 Each item is cut into windows of ``frames`` frames (``noencore.data.iter_batches``,
-natural order); a batch of windows goes through the model adapter
+natural order; under a launcher each rank takes its share); a batch of windows goes
+through the model adapter
 (``MusicGenModel.codebook_rows``: hidden states before the K codebook heads, only the
 positions valid under the delay pattern and the mask) and then through
 ``noencore.ops.token_stats`` (no-grad: NLL, top-1, Min-K%++ moments), so the
 ``[N, card]`` logits are never held beyond one chunk. The LM forward runs under bf16
 autocast when asked (the fast path on GPUs and on CPUs with AVX-512 bf16); the
 statistics themselves are always computed in fp32.
+
+An item's statistics do not depend on the batch it shares: audiocraft's
+cross-attention has no mask, so the zero padding of a batch's text conditions changes
+what each row hears; every batch is therefore padded to one fixed condition length.
+Tokens are kept in one canonical order, by (item, codebook, position in the item),
+whatever the batch size or the number of ranks, so that every sum over them is taken
+in the same order: the ranks' shares (:func:`gather_set_stats`) assemble into the
+arrays one process gives.
 """
 from __future__ import annotations
 
@@ -24,8 +33,10 @@ from noencore.errors import NoencoreError
 from noencore.evaluation.mia import ItemTokens, compressed_size
 from noencore.fileio import sha256_file
 
-#: arrays saved per set in token_stats.npz
-_FIELDS = ("nll", "correct", "logp_mean", "logp_var", "item", "codebook")
+#: per-token arrays saved per set in token_stats.npz, and their dtypes
+_DTYPES = {"nll": np.float32, "correct": np.bool_, "logp_mean": np.float32,
+           "logp_var": np.float32, "item": np.int64, "codebook": np.int16, "position": np.int32}
+_FIELDS = tuple(_DTYPES)
 
 
 @dataclass
@@ -33,8 +44,11 @@ class SetStats:
     """Per-token statistics of one set, flattened over items and codebooks.
 
     nll, logp_mean, logp_var: float32 [N]; correct: bool [N]; item: int64 [N] (index of
-    the item within the set); codebook: int16 [N]; n_items, n_q: ints; sizes: int64
-    [n_items] zlib-compressed bytes of each item's int16 codes; ids: [n_items] source ids.
+    the item within the set); codebook: int16 [N]; position: int32 [N] (frame of the
+    token within its item; None in files written before it was stored); n_items, n_q:
+    ints; sizes: int64 [n_items] zlib-compressed bytes of each item's int16 codes; ids:
+    [n_items] source ids. ``collect_set_stats`` and :meth:`merge` sort the tokens by
+    (item, codebook, position).
     """
 
     nll: np.ndarray
@@ -47,6 +61,21 @@ class SetStats:
     n_q: int
     sizes: np.ndarray
     ids: list[str] = field(default_factory=list)
+    position: np.ndarray | None = None
+
+    @classmethod
+    def merge(cls, parts: list[SetStats]) -> SetStats:
+        """The statistics of one set scored in disjoint parts (one per rank), as one set
+        in canonical token order: equal to scoring it whole."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.n_items, p.n_q, p.ids) != (first.n_items, first.n_q, first.ids):
+                raise ValueError(f"parts cover different sets ({p.n_items} items {p.ids[:2]}... "
+                                 f"vs {first.n_items} items {first.ids[:2]}...)")
+        arrays = _canonical({f: np.concatenate([getattr(p, f) for p in parts])
+                             for f in _FIELDS})
+        return cls(**arrays, n_items=first.n_items, n_q=first.n_q, sizes=first.sizes,
+                   ids=list(first.ids))
 
     def tokens(self) -> ItemTokens:
         return ItemTokens(nll=self.nll, item=self.item, n_items=self.n_items,
@@ -61,6 +90,12 @@ class SetStats:
                           "nll": _mean(self.nll[sel]), "accuracy": _mean(self.correct[sel])})
         return {"items": self.n_items, "tokens": int(self.nll.size), "nll": _mean(self.nll),
                 "accuracy": _mean(self.correct), "per_codebook": per_k}
+
+
+def _canonical(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-token arrays sorted by (item, codebook, position)."""
+    order = np.lexsort((arrays["position"], arrays["codebook"], arrays["item"]))
+    return {f: v[order] for f, v in arrays.items()}
 
 
 def _mean(x: np.ndarray) -> float | None:
@@ -78,18 +113,38 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def condition_length(conditions: Any, captions: Any) -> int:
+    """The longest cached text condition (T5 tokens) among ``captions`` (>= 1)."""
+    return max([conditions.get(c)[0].shape[0] for c in set(captions)], default=1)
+
+
+def _pad_conditions(cond: tuple[torch.Tensor, torch.Tensor], length: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds [B, L, D], mask bool [B, L])`` zero-padded to ``length`` >= L positions."""
+    embeds, mask = cond
+    if embeds.shape[1] > length:
+        raise ValueError(f"a text condition has {embeds.shape[1]} positions, more than the "
+                         f"fixed condition length {length}")
+    out_e = embeds.new_zeros(embeds.shape[0], length, embeds.shape[2])
+    out_m = mask.new_zeros(mask.shape[0], length)
+    out_e[:, :embeds.shape[1]] = embeds
+    out_m[:, :mask.shape[1]] = mask
+    return out_e, out_m
+
+
 @torch.no_grad()
 def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: int = 16,
                       frames: int | None = None, precision: str = "bf16",
                       progress: bool = True, desc: str = "tokens", rank: int = 0,
-                      world: int = 1) -> SetStats:
+                      world: int = 1, cond_length: int | None = None) -> SetStats:
     """Per-token statistics of ``model`` (a ``MusicGenModel``) on every item of ``shards``.
 
     With ``world`` > 1, this rank scores only its share of the windows (every
     ``world``-th); every rank runs the same number of forward passes of the same size
     (rows beyond a rank's share are empty: no token, no cache entry needed), as
     collectives inside the model's forward (DeepSpeed ZeRO-3) require. The arrays hold
-    this rank's tokens; ``item`` still indexes all of ``shards``.
+    this rank's tokens; ``item`` still indexes all of ``shards``; :func:`gather_set_stats`
+    (or :meth:`SetStats.merge`) assembles the ranks' shares.
 
     Args:
         shards: a ``TokenShards`` (view) with >= 1 item.
@@ -97,6 +152,9 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
         batch_size: windows per forward pass (1 = the per-item loop).
         frames: window length; default the longest item (one window per item).
         precision: "bf16" (autocast the LM forward) or "fp32".
+        cond_length: text-condition positions of every batch (default: the longest
+            condition among this set's captions); give sets that are compared with each
+            other (members, non-members) the same.
     """
     from tqdm import tqdm
 
@@ -113,6 +171,7 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
     frames = int(frames or all_frames.max())
     device = model.device
     cast = autocast_dtype(precision, device)
+    cond_length = cond_length or condition_length(conditions, shards.captions)
     parts: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
     n_windows = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // world)
     bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False, rank=rank,
@@ -120,10 +179,12 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
                total=-(-n_windows // batch_size), desc=desc, unit="batch",
                disable=not progress, leave=False)
     for batch in bar:
-        cond = conditions.batch(batch.captions, present=(batch.index >= 0).tolist())
+        cond = _pad_conditions(conditions.batch(batch.captions,
+                                                present=(batch.index >= 0).tolist()), cond_length)
         with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
             rows = model.codebook_rows(batch, cond)
         index = batch.index.to(device)
+        start = batch.start.to(device)
         for k, r in enumerate(rows):
             st = token_stats(r.hidden, r.weight, r.targets)
             parts["nll"].append(st.nll.cpu().numpy())
@@ -132,13 +193,26 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
             parts["logp_var"].append(st.logp_var.cpu().numpy())
             parts["item"].append(index[r.item].cpu().numpy().astype(np.int64))
             parts["codebook"].append(np.full(r.targets.numel(), k, np.int16))
-    arrays = {f: np.concatenate(v) if v else np.zeros(0) for f, v in parts.items()}
+            parts["position"].append((start[r.item] + r.time).cpu().numpy().astype(np.int32))
+    arrays = _canonical({f: np.concatenate(v).astype(_DTYPES[f]) if v else np.zeros(0, _DTYPES[f])
+                         for f, v in parts.items()})
     sizes = np.array([compressed_size(shards.codes(i).numpy()) for i in range(n)], np.int64)
-    return SetStats(nll=arrays["nll"].astype(np.float32), correct=arrays["correct"].astype(bool),
-                    logp_mean=arrays["logp_mean"].astype(np.float32),
-                    logp_var=arrays["logp_var"].astype(np.float32),
-                    item=arrays["item"].astype(np.int64), codebook=arrays["codebook"].astype(np.int16),
-                    n_items=n, n_q=model.n_q, sizes=sizes, ids=list(shards.ids))
+    return SetStats(**arrays, n_items=n, n_q=model.n_q, sizes=sizes, ids=list(shards.ids))
+
+
+def gather_set_stats(stats: SetStats, dst: int = 0) -> SetStats | None:
+    """Under a process group: every rank's share of one set (from ``collect_set_stats``
+    with ``rank``/``world``) assembled on rank ``dst`` (None on the others); in one
+    process: ``stats`` itself."""
+    from noencore.distributed import gather_arrays, is_distributed
+
+    if not is_distributed():
+        return stats
+    shares = gather_arrays({f: getattr(stats, f) for f in _FIELDS}, dst)
+    if shares is None:
+        return None
+    return SetStats.merge([SetStats(**a, n_items=stats.n_items, n_q=stats.n_q, sizes=stats.sizes,
+                                    ids=stats.ids) for a in shares])
 
 
 def save_stats(path: str | os.PathLike, stats: dict[str, SetStats], meta: dict[str, Any]) -> str:
@@ -152,8 +226,8 @@ def save_stats(path: str | os.PathLike, stats: dict[str, SetStats], meta: dict[s
     path = Path(path)
     arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
     for name, s in stats.items():
-        for f in _FIELDS:
-            arrays[f"{name}/{f}"] = getattr(s, f)
+        arrays.update({f"{name}/{f}": getattr(s, f) for f in _FIELDS
+                       if getattr(s, f) is not None})
         arrays[f"{name}/sizes"] = s.sizes
         arrays[f"{name}/shape"] = np.array([s.n_items, s.n_q], np.int64)
         arrays[f"{name}/ids"] = np.frombuffer(json.dumps(s.ids).encode(), np.uint8)
@@ -196,9 +270,11 @@ def load_stats(path: str | os.PathLike) -> tuple[dict[str, SetStats], dict[str, 
     stats = {}
     for name in names:
         n_items, n_q = (int(v) for v in data[f"{name}/shape"])
-        stats[name] = SetStats(**{f: data[f"{name}/{f}"] for f in _FIELDS}, n_items=n_items,
-                               n_q=n_q, sizes=data[f"{name}/sizes"],
-                               ids=json.loads(data[f"{name}/ids"].tobytes().decode()))
+        stats[name] = SetStats(**{f: data[f"{name}/{f}"] for f in _FIELDS if f != "position"},
+                               n_items=n_items, n_q=n_q, sizes=data[f"{name}/sizes"],
+                               ids=json.loads(data[f"{name}/ids"].tobytes().decode()),
+                               # files written before positions were stored lack them
+                               position=data.get(f"{name}/position"))
     return stats, meta
 
 
