@@ -1,4 +1,5 @@
-"""Process-group helpers for stages that split their items over ranks (evaluation).
+"""Process-group helpers for the stages that split their work over ranks (training and
+evaluation).
 
 Under a launcher (``torchrun``, ``deepspeed``) the environment names this process's
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Each rank works on its own device
@@ -9,7 +10,8 @@ Every tensor handed to a collective here is on :func:`comm_device`: NCCL moves o
 CUDA tensors of the rank's current GPU (gloo forgives CPU tensors, so a CPU test would
 not notice). All of them are made by :func:`_to_comm`, so that a test can check them.
 Without a process group (one process) every helper is the identity. Nothing here
-imports DeepSpeed: a plain ``torch.distributed`` group is enough for data-parallel work.
+imports DeepSpeed: a plain ``torch.distributed`` group is enough for data-parallel work
+(the engine's DeepSpeed group is such a group too).
 """
 from __future__ import annotations
 
@@ -91,6 +93,26 @@ def comm_device() -> torch.device:
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, on ``t``'s device; the reduction itself runs on
+    :func:`comm_device` (a CPU tensor under NCCL is copied there and back)."""
+    if world_size() == 1:
+        return t
+    import torch.distributed as dist
+
+    buf = t.to(comm_device(), copy=True)
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
+def barrier() -> None:
+    """Wait until every rank got here (nothing in one process)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _to_comm(x: np.ndarray) -> torch.Tensor:

@@ -59,7 +59,9 @@ def _fake_group(monkeypatch, backend: str, cuda_device: int = 1) -> None:
     report the device of their tensor (and do nothing else)."""
     import torch.distributed as dist
 
+    monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(dist, "get_backend", lambda *a, **k: backend)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: cuda_device)
@@ -73,22 +75,22 @@ def _fake_group(monkeypatch, backend: str, cuda_device: int = 1) -> None:
 def test_collectives_run_on_the_backend_device(monkeypatch):
     """NCCL reduces only CUDA tensors: a CPU tensor handed to ``all_reduce_sum`` under
     NCCL must reach the collective on this rank's GPU; under gloo on the CPU."""
-    from noencore.engine import zero
+    from noencore import distributed
 
     _fake_group(monkeypatch, "nccl", cuda_device=1)
-    assert zero.comm_device() == torch.device("cuda", 1)
+    assert distributed.comm_device() == torch.device("cuda", 1)
     # this machine has no GPU: stand in for cuda:1 with the meta device, which any CPU
     # tensor can be copied to
-    monkeypatch.setattr(zero, "comm_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(distributed, "comm_device", lambda: torch.device("meta"))
     with pytest.raises(_Seen) as seen:
-        zero.all_reduce_sum(torch.ones(6, dtype=torch.float64))
+        distributed.all_reduce_sum(torch.ones(6, dtype=torch.float64))
     assert seen.value.device.type == "meta"
 
     monkeypatch.undo()
     _fake_group(monkeypatch, "gloo")
-    assert zero.comm_device() == torch.device("cpu")
+    assert distributed.comm_device() == torch.device("cpu")
     with pytest.raises(_Seen) as seen:
-        zero.all_reduce_sum(torch.ones(6))
+        distributed.all_reduce_sum(torch.ones(6))
     assert seen.value.device.type == "cpu"
 
 
@@ -114,6 +116,7 @@ def test_each_rank_loads_onto_its_own_gpu_before_anything_else(data, monkeypatch
     with pytest.raises(_Seen):
         unlearn("tiny", shards, **RUN, zero_stage=2)
     assert seen["device"] == torch.device("cuda", 1)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(_Seen):  # one process, no launcher: the current GPU
         unlearn("tiny", shards, **RUN)
     assert seen["device"] == torch.device("cuda", 0)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from noencore import distributed as dist
+from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
@@ -74,16 +76,6 @@ def _check_conditions(cache, model, sets: UnlearningSets) -> None:
                             f"condition (e.g. {missing[0]!r}); rerun `noencore condition`")
 
 
-def _rank_device(device: str | None, distributed: bool) -> torch.device:
-    """This process's device, known before anything is loaded: under a launcher each rank
-    takes GPU ``LOCAL_RANK`` (never the default GPU 0), in one process the current one."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed
-                           else torch.cuda.current_device())
-    return dev
-
-
 def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
                    device: torch.device, *, forget: bool = True, progress: bool = False,
                    rank: int = 0, world: int = 1, autocast: bool = False,
@@ -124,11 +116,7 @@ def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
         real = unit >= 0
         out[unit[real].to(device)] = nll[real.to(device)].float()
     model.train(was_training)
-    if world > 1:
-        from noencore.engine import zero
-
-        out = zero.all_reduce_sum(out)
-    return out
+    return dist.all_reduce_sum(out)
 
 
 def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | None,
@@ -183,20 +171,19 @@ class _Run:
 def _check_shared_folder(out_dir: Path, rank: int, world: int) -> None:
     """Refuse a run folder that the ranks do not share: DeepSpeed writes every rank's
     partition of a checkpoint into one folder, which rank 0 then seals with checksums."""
-    from noencore.engine import zero
 
     token = out_dir / ".ranks-share-this-folder"
-    nonce = zero.broadcast_object(os.urandom(8).hex() if rank == 0 else None)
+    nonce = dist.broadcast_object(os.urandom(8).hex() if rank == 0 else None)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         token.write_text(nonce)
-    zero.barrier()
+    dist.barrier()
     try:
         seen = token.read_text() == nonce
     except OSError:
         seen = False
-    missing = zero.all_reduce_sum(torch.tensor([0.0 if seen else 1.0]))
-    zero.barrier()
+    missing = dist.all_reduce_sum(torch.tensor([0.0 if seen else 1.0]))
+    dist.barrier()
     if rank == 0:
         token.unlink(missing_ok=True)
     if float(missing[0]) > 0:
@@ -219,7 +206,6 @@ def _config_mismatch(folder: Path, saved: dict, config: dict) -> str:
 def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
     """(step, folder) of the newest complete checkpoint made by the same run configuration.
     Rank 0 finds and verifies it (every file hashed once) and tells the other ranks."""
-    from noencore.engine import zero
 
     answer: tuple[int, str | None, str | None] = (0, None, None)  # step, folder, error
     if rank == 0:
@@ -230,7 +216,7 @@ def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
             answer = (0, None, _config_mismatch(found[0], found[1].get("run") or {}, config))
         else:
             answer = (int(found[1]["step"]), str(found[0]), None)
-    step, folder, error = zero.broadcast_object(answer)
+    step, folder, error = dist.broadcast_object(answer)
     if error is not None:
         raise UsageError(error)
     return step, Path(folder)
@@ -255,15 +241,14 @@ def _load_resume_state(run: _Run, folder: Path) -> None:
 def _save_checkpoint(run: _Run, step: int) -> None:
     """Checkpoint ``step`` atomically: every rank writes its part into one temporary
     folder, rank 0 seals it (checksums, manifest) and renames it into place."""
-    from noencore.engine import zero
 
     tmp = ckpt.begin(run.ckpt_root, step) if run.rank == 0 else None
     refs = {"ref_nll": None if run.ref_forget is None else run.ref_forget.cpu(),
             "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu()}
     if run.engine is not None:
-        tmp = Path(zero.broadcast_object(str(tmp) if tmp else None))
+        tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
         run.engine.save_checkpoint(str(tmp), tag="ds")
-        zero.barrier()
+        dist.barrier()
         if run.rank == 0:
             torch.save(refs, tmp / "extra.pt")
     else:
@@ -272,7 +257,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
     if run.rank == 0:
         ckpt.commit(tmp, step, extra={"run": run.config})
     if run.engine is not None:
-        zero.barrier()
+        dist.barrier()
 
 
 def _step_rows(run: _Run, step: int) -> Any:
@@ -282,11 +267,7 @@ def _step_rows(run: _Run, step: int) -> Any:
     b = run.sets.step_batch(step, run.seed, run.n_f, run.n_r, rank=run.rank,
                             world_size=run.world, swap_codes=run.method.swaps_codes)
     counts = token_counts(run.model.lm, b.mask.to(run.dev), b.forget.to(run.dev))
-    if run.engine is not None:
-        from noencore.engine import zero
-
-        counts = zero.all_reduce_sum(counts)
-    return b, counts
+    return b, dist.all_reduce_sum(counts)
 
 
 def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
@@ -311,12 +292,10 @@ def _train_step(run: _Run, step: int) -> dict:
     b, counts = _step_rows(run, step)
     stats, total = torch.zeros(6, dtype=torch.float64, device=run.dev), 0.0
     if run.engine is not None:
-        from noencore.engine import zero
-
         for micro in _micro_batches(run, b):
             loss, part = run.engine(*_micro_inputs(run, micro, counts, step))
             stats += part
-            loss_all = float(zero.all_reduce_sum(loss.detach().double().reshape(1)))
+            loss_all = float(dist.all_reduce_sum(loss.detach().double().reshape(1)))
             if not math.isfinite(loss_all):
                 raise DivergenceError(f"step {step}: loss is {loss_all}")
             total += loss_all
@@ -324,7 +303,7 @@ def _train_step(run: _Run, step: int) -> dict:
             # already a sum normalised by the whole step's token counts
             run.engine.backward(loss * (run.world * run.accumulation))
             run.engine.step()  # updates the weights after the last micro-batch only
-        stats = zero.all_reduce_sum(stats)
+        stats = dist.all_reduce_sum(stats)
         gn = run.engine.get_global_grad_norm()
         gnorm = float(gn) if gn is not None else float("nan")
         if gn is not None and not math.isfinite(gnorm):
@@ -430,7 +409,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                          f"micro-batches on {world} rank(s): it must be a multiple of "
                          f"{unit}; use --batch-size {unit * max(1, batch_size // unit)} or "
                          f"{unit * (batch_size // unit + 1)}")
-    dev = _rank_device(device, distributed)
+    dev = rank_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_musicgen(str(model), device=dev)
     if isinstance(shards, (str, os.PathLike)):
@@ -573,7 +552,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         if rank == 0:
             save_musicgen(model, model_dir)
         if distributed:
-            zero.barrier()
+            dist.barrier()
     if out_dir is not None and rank == 0:
         records = read_metrics(out_dir / "metrics.jsonl")
     return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from noencore import distributed as dist
 from noencore.engine.sets import UnlearningSets, _resolve
 from noencore.errors import UsageError
 
@@ -164,19 +165,12 @@ class NonmemberStop:
                                           for v in (self.forget, self.nonmembers)])
         finally:
             lm.train(was_training)
-        if self.world > 1:
-            from noencore.engine import zero
-
-            tables = [zero.all_reduce_sum(t) for t in tables]
+        tables = [dist.all_reduce_sum(t) for t in tables]
         with np.errstate(invalid="ignore", divide="ignore"):
             nll_f, nll_n = ((t[0] / t[1]).numpy() for t in tables)
         auc = mia.roc_auc(-nll_f, -nll_n, min_items=1)  # LOSS attack: higher = member
         result = auc, float(np.nanmean(nll_f)), float(np.nanmean(nll_n))
-        if self.world > 1:  # one decision for every rank: rank 0's
-            from noencore.engine import zero
-
-            result = zero.broadcast_object(result)
-        return result
+        return dist.broadcast_object(result)  # one decision for every rank: rank 0's
 
     def check(self, step: int, method: Any = None) -> dict | None:
         if step % self.every:

@@ -34,7 +34,6 @@ from noencore.evaluation.report import Criteria, verdicts, write_report
 from noencore.evaluation.token_metrics import (
     SetStats,
     collect_set_stats,
-    condition_length,
     gather_set_stats,
     load_stats,
     save_stats,
@@ -219,8 +218,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     caches = {name: _conditions_for(s, conditions, model) for name, s in shard_sets.items()}
     # every set is scored with the same text-condition padding, so that no set's items
     # hear more padding than another's (members vs non-members)
-    cond_length = max(condition_length(caches[name], s.captions)
-                      for name, s in shard_sets.items())
+    cond_length = max(cache.length for cache in caches.values())
 
     def stats_of(m: Any, role: str) -> dict[str, SetStats | None]:
         """Each set's statistics under ``m``: whole on rank 0, None on the other ranks."""

@@ -12,7 +12,8 @@ statistics themselves are always computed in fp32.
 
 An item's statistics do not depend on the batch it shares: audiocraft's
 cross-attention has no mask, so the zero padding of a batch's text conditions changes
-what each row hears; every batch is therefore padded to one fixed condition length.
+what each row hears; every batch is therefore padded to one fixed condition length (the
+condition cache's longest, ``ConditionCache.length``).
 Tokens are kept in one canonical order, by (item, codebook, position in the item),
 whatever the batch size or the number of ranks, so that every sum over them is taken
 in the same order: the ranks' shares (:func:`gather_set_stats`) assemble into the
@@ -113,11 +114,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def condition_length(conditions: Any, captions: Any) -> int:
-    """The longest cached text condition (T5 tokens) among ``captions`` (>= 1)."""
-    return max([conditions.get(c)[0].shape[0] for c in set(captions)], default=1)
-
-
 def _pad_conditions(cond: tuple[torch.Tensor, torch.Tensor], length: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeds [B, L, D], mask bool [B, L])`` zero-padded to ``length`` >= L positions."""
@@ -152,9 +148,10 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
         batch_size: windows per forward pass (1 = the per-item loop).
         frames: window length; default the longest item (one window per item).
         precision: "bf16" (autocast the LM forward) or "fp32".
-        cond_length: text-condition positions of every batch (default: the longest
-            condition among this set's captions); give sets that are compared with each
-            other (members, non-members) the same.
+        cond_length: text-condition positions of every batch (default
+            ``conditions.length``, the longest condition of the cache: every set scored
+            from one cache is padded alike); sets from different caches that are compared
+            with each other (members, non-members) need the same.
     """
     from tqdm import tqdm
 
@@ -171,7 +168,7 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
     frames = int(frames or all_frames.max())
     device = model.device
     cast = autocast_dtype(precision, device)
-    cond_length = cond_length or condition_length(conditions, shards.captions)
+    cond_length = cond_length or conditions.length
     parts: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
     n_windows = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // world)
     bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False, rank=rank,
