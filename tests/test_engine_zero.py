@@ -32,13 +32,16 @@ from test_engine_shards import random_items, write_shards  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
 REMAIN, NONMEMBERS = ["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"]
+# memory-efficient attention, as in every released MusicGen: its self-attention needs query,
+# key and value to be one tensor, which ZeRO-3's per-module hooks used to break
+OVERRIDES = {"transformer_lm": {"num_layers": 1, "memory_efficient": True}}
 
 _DRIVER = """
 import json, os, sys
 import torch.multiprocessing as mp
 WORLD, PORT, SHARDS, MEMORISED, OUT = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
                                        sys.argv[4], sys.argv[5])
-STAGES, REMAIN, NONMEMBERS = {stages}, {remain}, {nonmembers}
+STAGES, REMAIN, NONMEMBERS, OVERRIDES = {stages}, {remain}, {nonmembers}, {overrides}
 
 
 def record_heads(box):
@@ -79,8 +82,7 @@ def work(rank):
     from noencore.models import load_musicgen
 
     def tiny():
-        return load_musicgen("tiny", with_codec=False,
-                             overrides={{"transformer_lm": {{"num_layers": 1}}}})
+        return load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
 
     def result(name, value):
         if rank == 0:
@@ -155,7 +157,8 @@ def _launch(world: int, shards: Path, memorised: Path, out: Path) -> None:
            "TORCH_EXTENSIONS_DIR": os.environ.get(
                "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     script = out / "zero_driver.py"  # a file: spawned ranks re-import it
-    script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS))
+    script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS,
+                                     overrides=OVERRIDES))
     proc = subprocess.run([sys.executable, str(script), str(world), str(_free_port()),
                            str(shards), str(memorised), str(out)], capture_output=True,
                           text=True, env=env, timeout=900, cwd=ROOT)
@@ -174,8 +177,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("zero")
     shards = TokenShards(write_shards(root / "shards", random_items(4, 8, 20)))
-    model = load_musicgen("tiny", with_codec=False,
-                          overrides={"transformer_lm": {"num_layers": 1}})
+    model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
     build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
                           progress=False)
     start = {k: v.float().clone() for k, v in model.lm.state_dict().items()}
