@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the runs")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the demo's methods (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of every stage, whatever the machine (default: 2, "
+                        "as the README's table; another count gives other figures)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from noencore.errors import UsageError
 
     cfg = DemoConfig(seed=args.seed)
+    if args.threads is not None:
+        cfg.threads = args.threads
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         known = {name for name, _ in cfg.methods}
