@@ -67,7 +67,8 @@ def test_demo_reproduces_under_other_threads_and_hash_seed(tiny_demo: Path,
     out = tmp_path / "again"
     other = "1" if torch.get_num_threads() != 1 else "3"  # not the count tiny_demo had
     env = {**os.environ, "OMP_NUM_THREADS": other, "MKL_NUM_THREADS": other,
-           "PYTHONHASHSEED": "12345"}  # this process's seed is random unless set
+           "PYTHONHASHSEED": "12345",  # this process's seed is random unless set
+           "OMP_WAIT_POLICY": "PASSIVE"}  # as `noencore demo` runs: faster on a busy machine
     code = ("from noencore.demo import DemoConfig, run_demo; "
             f"run_demo({str(out)!r}, DemoConfig(**{TINY!r}))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
