@@ -661,7 +661,7 @@ def main(argv: list[str]) -> int:
     plan = predicted(text_tokens)
     _say(f"    predicted per rank: {plan['total'] / GIB:.2f} GiB (ZeRO-3, 2 ranks, micro-batch 1 x 2, "
          f"checkpointing, stop rule, {text_tokens} text tokens; no CUDA reserve)")
-    need = RANKS * (plan["update"] + 1.5 * GIB)  # + interpreter, libraries, codec, T5 per rank
+    need = RANKS * (plan["explained"]["update"] + 1.5 * GIB)  # + interpreter, libraries, codec, T5 per rank
     free = _mem_available()
     if free < need:
         _say(f"    WARNING: {free / GIB:.1f} GiB of memory available, the ranks need about "

@@ -183,3 +183,14 @@ def test_musicgen_small_random_has_the_real_shapes(tmp_path, monkeypatch):
     assert t5.config.d_model == T5_BASE_DIM and model.text_encoder == text_encoder_name(spec)
     assert model.codec.spec == "musicgen-32khz"  # the full-size codec architecture
     assert sum(p.numel() for p in model.codec.model.parameters()) > 50_000_000
+
+
+def test_random_t5_sizes(tmp_path):
+    from noencore.models.text import RANDOM_T5, random_t5_folder, tiny_t5_folder
+
+    # T5-base's width: the conditions the LM cross-attends to are 768-d, 12 heads of 64
+    base = RANDOM_T5["base-width"]
+    assert (base["d_model"], base["num_heads"] * base["d_kv"], base["d_ff"]) == (768, 768, 3072)
+    assert tiny_t5_folder(tmp_path) == random_t5_folder("tiny", tmp_path)
+    with pytest.raises(ValueError, match="no random T5 'base'.*base-width"):
+        random_t5_folder("base", tmp_path)
