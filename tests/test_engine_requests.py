@@ -42,10 +42,10 @@ def corpus_items(seed: int = 5) -> list:
     return items
 
 
-def tiny():
+def tiny(with_codec: bool = False):
     from noencore.models import load_musicgen
 
-    return load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
+    return load_musicgen("tiny", with_codec=with_codec, overrides=OVERRIDES)
 
 
 def opt_out(model, shards, artist: str, out: Path, remain="remain"):
@@ -134,10 +134,10 @@ def test_second_opt_out_from_the_saved_model_keeps_both_forgotten(memorised, tmp
                for r in history)
 
 
-def _with_history(forget_ids: list[str]):
+def _with_history(forget_ids: list[str], with_codec: bool = False):
     from noencore.engine.requests import make_request
 
-    model = tiny()
+    model = tiny(with_codec)
     model.requests = [make_request(forget="artist_a", forget_ids=forget_ids, remain="remain",
                                    method={"name": "ga"}, shards="s", steps=3,
                                    stopped="max_steps")]
@@ -198,3 +198,42 @@ def test_history_survives_save_and_load_and_bad_files_are_named(tmp_path):
     path.write_text(json.dumps({"requests": "x"}))
     with pytest.raises(NoencoreError, match="not a noencore request history"):
         read_requests(folder)
+
+
+@pytest.mark.distributed
+def test_two_ranks_refuse_a_conflict_and_record_a_request(memorised, tmp_path):
+    """``torchrun --nproc_per_node 2 -m noencore unlearn --zero-stage 1`` from a saved model
+    with one request: a forget set that overlaps it is refused on both ranks before any
+    training (no run folder written); a disjoint one trains and the saved folder holds
+    both requests."""
+    import subprocess
+
+    from test_engine_shards import free_port
+
+    from noencore.engine.requests import read_requests
+    from noencore.models import save_musicgen
+
+    shards, _ = memorised
+    start = save_musicgen(_with_history([f"a{i}" for i in range(N)], True), tmp_path / "start")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+    def launch(forget: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(free_port()), "-m", "noencore", "unlearn", "--model",
+             str(start), "--shards", str(shards.path), "--forget", forget, "--remain",
+             "remain", "--method", "ga", "--steps", "1", "--batch-size", "4", "--frames",
+             str(FRAMES), "--zero-stage", "1", "--device", "cpu", "--out", str(out),
+             "--no-progress"], capture_output=True, text=True, env=env, timeout=540,
+            cwd=tmp_path)
+
+    refused = launch("b0,a2", tmp_path / "refused")
+    assert refused.returncode != 0
+    said = [ln for ln in refused.stderr.splitlines() if "already forgotten by request 1" in ln]
+    assert len(said) == 2 and all("a2" in ln for ln in said), refused.stderr[-3000:]
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+    done = launch("artist_b", tmp_path / "run")
+    history = read_requests(tmp_path / "run" / "model")
+    assert [r["forget"] for r in history] == ["artist_a", "artist_b"], done.stderr[-3000:]
+    assert history[1]["forget_ids"] == [f"b{i}" for i in range(N)] and history[1]["steps"] == 1
