@@ -125,6 +125,7 @@ def test_cli_flags_and_bad_input(unlearned, tmp_path, capsys):
     shards, folder = unlearned
     assert relearn.parse_steps("10, 5,5") == [5, 10]
     assert relearn.parse_steps(7) == [7] and relearn.parse_steps(None) == []
+    assert relearn.parse_steps([]) == [] and relearn.parse_steps("") == []
     for bad in ("0", "-3", "five", ","):
         with pytest.raises(UsageError, match="relearn"):
             relearn.parse_steps(bad)

@@ -37,8 +37,10 @@ ZERO_FP32 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
 
 
 def parse_steps(text: str | int | Sequence[int] | None) -> list[int]:
-    """Step counts from ``"5,10"`` (CLI), an int or a list: sorted, distinct, positive."""
-    if text is None or text == "":
+    """Step counts from ``"5,10"`` (CLI), an int or a list: sorted, distinct, positive
+    (None, "" or an empty list: no probe)."""
+    if text is None or text == "" or (isinstance(text, Sequence) and not isinstance(text, str)
+                                      and len(text) == 0):
         return []
     if isinstance(text, str):
         try:
