@@ -176,6 +176,27 @@ def test_an_anchored_remain_set_may_hold_earlier_forget_items():
         check_request(history, ["a0"], ["r0"], anchored=True)
 
 
+def test_earlier_items_left_out_of_the_remain_set_are_warned_about(memorised):
+    import noencore.engine.loop as loop
+    from noencore.engine.requests import unheld_warning
+
+    history = _with_history(["a0", "a1"]).requests
+    assert unheld_warning(history, ["r0", "a0", "a1"]) is None
+    assert "2 item(s) forgotten by earlier requests are not in this request's remain set " \
+           "(a0, a1)" in unheld_warning(history, ["r0"])
+    shards, _ = memorised
+    model = _with_history([f"a{i}" for i in range(N)])
+    # the warning comes before any work: stop the run at the first thing built after it
+    with pytest.warns(UserWarning, match=r"5 item\(s\) forgotten by earlier requests"), \
+            pytest.raises(RuntimeError, match="stopped after the checks"):
+        with pytest.MonkeyPatch.context() as mp:
+            def stop(*a, **k):
+                raise RuntimeError("stopped after the checks")
+            mp.setattr("noencore.models.ConditionCache", stop)
+            loop.unlearn(model, shards, forget="artist_b", remain="remain", method="ga",
+                         steps=1, **COMMON)
+
+
 def test_history_survives_save_and_load_and_bad_files_are_named(tmp_path):
     from noencore.engine.requests import REQUESTS_FILE, read_requests
     from noencore.errors import NoencoreError

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,13 @@ from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
-from noencore.engine.requests import check_request, is_opt_out, make_request, set_ids
+from noencore.engine.requests import (
+    check_request,
+    is_opt_out,
+    make_request,
+    set_ids,
+    unheld_warning,
+)
 from noencore.engine.sets import UnlearningSets
 from noencore.errors import NoencoreError, UsageError
 from noencore.methods import Method, get_method
@@ -508,8 +515,12 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     request_ids = None
     if is_opt_out(method):  # refused before any work when it contradicts an earlier one
         request_ids = set_ids(sets)
-        check_request(getattr(model, "requests", []), *request_ids, model=str(model.spec),
+        history = getattr(model, "requests", [])
+        check_request(history, *request_ids, model=str(model.spec),
                       anchored=bool(getattr(method, "remain_anchor", False)))
+        loose = unheld_warning(history, request_ids[1])
+        if loose and int(os.environ.get("RANK", "0")) == 0:
+            warnings.warn(f"{model.spec}: {loose}", stacklevel=2)
     n_f, n_r = sets.split_counts(batch_size, forget_ratio)
     if method.swaps_codes and n_r == 0:
         raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")

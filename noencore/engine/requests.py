@@ -100,6 +100,24 @@ def check_request(history: Sequence[dict], forget_ids: Sequence[str],
                 "remain_anchor=true) to hold them where that request left them")
 
 
+def unheld(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
+    """Earlier requests' forget ids that the new remain set does not hold: the new ascent
+    may push them past a never-trained model (an anchored remain set holding them keeps
+    them where they were)."""
+    done = {x for req in history for x in req.get("forget_ids") or []}
+    return sorted(done - {str(x) for x in remain_ids})
+
+
+def unheld_warning(history: Sequence[dict], remain_ids: Sequence[str]) -> str | None:
+    """The warning for ``unheld`` items, or None when every earlier item is held."""
+    loose = unheld(history, remain_ids)
+    if not loose:
+        return None
+    return (f"{len(loose)} item(s) forgotten by earlier requests are not in this request's "
+            f"remain set ({_shown(loose)}): the new ascent may push them past a "
+            "never-trained model; hold them in an anchored remain set (remain_anchor=true)")
+
+
 def _path(folder: str | os.PathLike) -> Path:
     return Path(folder) / REQUESTS_FILE
 
