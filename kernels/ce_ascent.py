@@ -93,7 +93,7 @@ def _row_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_V": 2048}, num_warps=4)]
     return [triton.Config({"BLOCK_V": b}, num_warps=w)
-            for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+            for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
 
 
 def _prune_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
