@@ -29,6 +29,7 @@ left; 2 without a CUDA device (nothing is run).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -58,9 +59,12 @@ class Step:
     json: bool = False
 
 
+# Triton compiles each kernel variant and autotuning candidate on first use: spread the
+# op tests over processes (pytest-xdist) where it is installed.
+_PARALLEL = ("-n", "8") if importlib.util.find_spec("xdist") else ()
 STEPS = (
     Step("op_tests", (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short",
-                      "tests/test_ops.py", "tests/test_ops_one_pass.py",
+                      *_PARALLEL, "tests/test_ops.py", "tests/test_ops_one_pass.py",
                       "tests/test_ops_triton.py"), 210),
     Step("ops_bench", (PY, "benchmarks/ops_ratios.py", "--device", "cuda", "--only", "linear",
                        "--sizes", "small,medium,large", "--B", "8", "--reps", "10",
