@@ -27,7 +27,7 @@ its FLOP floor: the matmul FLOPs of one LM forward+backward (torch's FLOP counte
 LM alone, without T5 or the codec; attention products are not counted by it on CPU),
 over the matmul rate of this machine in that precision, measured in this run.
 
-    python benchmarks/engine_ratios.py [--layers 2 --batch 2 --seconds 5 --reps 3]
+    python benchmarks/engine_ratios.py [--layers 2 --batch 2 --seconds 30 --reps 3]
                                        [--device cpu|cuda] [--variants ...] [--json f]
 """
 from __future__ import annotations
@@ -257,11 +257,15 @@ def memory(variants: list[str], a: argparse.Namespace) -> dict[str, dict]:
     fresh process each; GPU, one set-up per kind (the allocator's peak needs no fresh
     process)."""
     if a.device != "cuda":
+        # Freed blocks go back to the system at once, so that the peak of the measured step
+        # is not hidden in pools the warm-up step left behind.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         out = {}
         for v in variants:
             proc = subprocess.run([sys.executable, __file__, "--memory-child", v, "--layers",
                                    str(a.layers), "--batch", str(a.batch), "--seconds",
-                                   str(a.seconds)], capture_output=True, text=True, check=True)
+                                   str(a.seconds)], capture_output=True, text=True, check=True,
+                                  env=env)
             out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         return out
     out = {}
@@ -326,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--codec-reps", type=int, default=1,
+                    help="timed steps of the codec-in-step rows (the slowest by far)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated, from: " + ", ".join(VARIANTS))
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(a.reps + 1):  # interleaved, after a warm-up round
         for v in variants:
+            if v.startswith("codec-") and rep > a.codec_reps:
+                continue
             t = time.perf_counter()
             run_step(v, states[v.split("-")[0]])
             if rep:

@@ -21,7 +21,7 @@ Times: CPU, the minimum over interleaved repetitions (the machine is shared: the
 is the least disturbed run); GPU, the median (synchronised). Usage::
 
     python benchmarks/ops_ratios.py [--device cpu|cuda] [--sizes small,medium,large]
-                                    [--B 4 --reps 5] [--skip-memory] [--json out.json]
+                                    [--B 4 --reps 3] [--skip-memory] [--json out.json]
 """
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def liger_missing(device: str) -> str | None:
     try:
         from importlib.metadata import version
 
-        import liger_kernel  # noqa: F401
+        _liger_loss()
         got = version("liger-kernel")
     except Exception as exc:  # not installed, or it does not import here
         return f"liger-kernel not importable ({exc})"
@@ -370,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated head sizes: " + ", ".join(SIZES))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--B", type=int, default=4, help="30 s windows per batch")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-sizes", default="small",
                     help="sizes whose extra peak memory is measured (CPU: a subprocess each)")
     ap.add_argument("--only", choices=["linear", "ce"], default=None)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--require-liger", action="store_true",
+                    help="fail (exit 1) instead of leaving out the Liger-Kernel row")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -391,7 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
     modes = [m for m in args.modes.split(",") if m]
     mem_sizes = set() if args.skip_memory else set(args.memory_sizes.split(","))
-    results: dict = {"device": args.device, "B": args.B, "T": T, "V": V, "K": K}
+    liger_why = liger_missing(args.device)
+    if args.require_liger and liger_why:
+        print(f"--require-liger: {liger_why}", file=sys.stderr)
+        return 1
+    results: dict = {"device": args.device, "B": args.B, "T": T, "V": V, "K": K,
+                     "liger_missing": liger_why}
     if args.device == "cuda":
         torch.cuda.init()
         results["agreement_rel_err"] = agreement(args.device, SIZES[sizes[0]])
@@ -406,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     probe = torch.zeros(1, device=args.device)
     dev = (torch.cuda.get_device_name(0) if args.device == "cuda"
            else f"CPU, {torch.get_num_threads()} threads")
-    liger_why = liger_missing(args.device)
     print(f"torch {torch.__version__}, {dev}, backend {resolve_backend(probe)} (C++ built: "
           f"{cpp_available()}); MusicGen heads V={V} K={K}, B={args.B} x T={T} rows per "
           f"codebook, forward+backward, {'median' if args.device == 'cuda' else 'min'} of "
