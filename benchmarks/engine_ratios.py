@@ -166,13 +166,18 @@ def solver_step(st: dict, autocast: bool) -> None:
 
 def engine_step(st: dict, autocast: bool) -> None:
     """The engine's step (``noencore.unlearn`` in one process): cached codes and T5
-    outputs, the objective (LM to the hidden states, fused op per head), the update."""
+    outputs, the objective (LM to the hidden states, fused op per head), the update. The
+    token mask and counts are computed on the host, as the engine's loop does before moving
+    a batch to its device."""
     from noencore.engine.objective import token_counts
+    from noencore.models.adapter import token_mask
 
     codes = st["codes"]
-    mask = torch.ones_like(codes, dtype=torch.bool)
-    forget = torch.arange(codes.shape[0], device=codes.device) % 2 == 0
-    counts = token_counts(st["model"].lm, mask, forget)
+    lm = st["model"].lm
+    host_mask = token_mask(lm, torch.ones(codes.shape, dtype=torch.bool))
+    forget = torch.arange(codes.shape[0]) % 2 == 0
+    counts = token_counts(lm, host_mask, forget).to(codes.device)
+    mask, forget = host_mask.to(codes.device), forget.to(codes.device)
     with _autocast(st, autocast):
         loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,
                                   torch.arange(codes.shape[0], device=codes.device))
