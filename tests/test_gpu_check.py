@@ -24,6 +24,13 @@ def gc():
     del sys.modules["gpu_check"]
 
 
+def _load(name: str, rel: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _py(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
@@ -107,6 +114,21 @@ def test_results_file(gc, tmp_path):
     assert numbers["steps"][1]["data"]["linear"][0]["seconds"]["liger"] == 1.25
 
 
+def test_results_file_is_replaced_whole(gc, tmp_path, monkeypatch):
+    """A failure while rendering leaves the previous results file as it was."""
+    path = tmp_path / "gpu_check.md"
+    path.write_text("previous results")
+
+    def broken(results):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(gc, "render", broken)
+    with pytest.raises(RuntimeError, match="render failed"):
+        gc.write_results(path, {})
+    assert path.read_text() == "previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.md"]
+
+
 def test_main_runs_the_steps_and_reports(gc, tmp_path, monkeypatch):
     """With CUDA faked and steps replaced by quick commands: exit 0 when all pass, 1 when
     one fails, and the results file either way."""
@@ -139,3 +161,35 @@ def test_refuses_without_cuda(gc, monkeypatch, capsys, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA device" in proc.stderr and "installing" not in proc.stdout
+
+
+def test_benchmarks_refuse_cuda_without_it(monkeypatch, capsys):
+    """The benchmarks the check runs say so and exit 2 when asked for CUDA without it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for rel in ("benchmarks/ops_ratios.py", "benchmarks/engine_ratios.py"):
+        bench = _load(Path(rel).stem, rel)
+        assert bench.main(["--device", "cuda"]) == 2, rel
+        assert "no CUDA device" in capsys.readouterr().err, rel
+
+
+def test_liger_row_is_required_and_versions_checked(gc, monkeypatch, capsys):
+    """The check's ops benchmark fails, rather than leaving Liger-Kernel's row out, when
+    Liger is missing; versions before 0.8.2 (wrong per-row gradients) count as missing."""
+    import importlib.metadata
+
+    step = next(s for s in gc.STEPS if s.name == "ops_bench")
+    assert "--require-liger" in step.argv
+    bench = _load("ops_ratios", "benchmarks/ops_ratios.py")
+    assert "GPUs only" in bench.liger_missing("cpu")
+    monkeypatch.setattr(bench, "_liger_loss", lambda: None)
+    for got, missing in (("0.8.1", True), ("0.5.10", True), ("0.8.2", False),
+                         ("0.10.0", False)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, got=got: got)
+        why = bench.liger_missing("cuda")
+        assert (why is not None) == missing, (got, why)
+        if missing:
+            assert got in why and "0.8.2" in why
+    assert bench.main(["--require-liger"]) == 1  # CPU: no Liger row possible
+    assert "--require-liger: Liger-Kernel runs on GPUs only" in capsys.readouterr().err
