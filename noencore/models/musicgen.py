@@ -96,15 +96,18 @@ class MusicGenModel(nn.Module):
     Attributes: ``lm`` (audiocraft ``LMModel``, the only trainable part), ``codec``
     (``noencore.data.codec.Codec`` or None), ``cfg`` (the audiocraft config, a dict),
     ``n_q``, ``card``, ``frame_rate``, ``sample_rate``, ``text_encoder`` (the T5 name or
-    folder whose outputs the condition cache must hold), ``spec``.
+    folder whose outputs the condition cache must hold), ``spec``, ``requests`` (the
+    opt-out requests the weights have served, oldest first: ``noencore.engine.requests``).
     """
 
-    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = ""):
+    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = "",
+                 requests: list[dict] | None = None):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
         self.__dict__["codec"] = codec  # not a submodule: never trained nor saved with the LM
         self.spec = spec
+        self.requests = list(requests or [])
         self.n_q = int(lm.num_codebooks)
         self.card = int(lm.card)
         self.frame_rate = int(codec.frame_rate) if codec is not None else 50
@@ -239,7 +242,11 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
     ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
     ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
+    A folder's ``requests.json`` (the opt-outs it has served) becomes ``model.requests``.
     """
+    from noencore.engine.requests import read_requests
+
+    requests: list[dict] = []
     if spec in NAMED_CONFIGS:
         cfg = _named_cfg(spec, overrides)
         with torch.random.fork_rng(devices=[]):
@@ -258,6 +265,8 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
         cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
         cfg["device"], cfg["dtype"] = "cpu", "float32"
+        if Path(spec).exists():  # a local folder or file: its folder's history
+            requests = read_requests(path.parent)
         lm = _build_lm(cfg)
         lm.load_state_dict(pkg["best_state"])
         codec = None
@@ -265,7 +274,7 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
             codec = _load_codec(str(Path(spec)) if Path(spec).exists() else spec)
     lm = lm.to(device=device, dtype=dtype or torch.float32)
     lm.eval()
-    return MusicGenModel(lm, cfg, codec=codec, spec=spec)
+    return MusicGenModel(lm, cfg, codec=codec, spec=spec, requests=requests)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -285,7 +294,8 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
 
     Files: ``state_dict.bin`` ({'xp.cfg': yaml, 'best_state': LM state dict}),
     ``compression_state_dict.bin`` (the codec, audiocraft's format) and
-    ``model.safetensors`` (the same LM weights, loadable without pickle). Weights are saved
+    ``model.safetensors`` (the same LM weights, loadable without pickle) and
+    ``requests.json`` (``model.requests``, the opt-outs served). Weights are saved
     in float32, as audiocraft's own checkpoints. ``state_dict`` overrides the LM's own
     (e.g. gathered from DeepSpeed ZeRO-3 partitions). A local T5 folder named in the
     config must be registered (``noencore.models.text.register_t5``) before audiocraft
@@ -293,6 +303,8 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
+
+    from noencore.engine.requests import write_requests
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -317,4 +329,5 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    write_requests(folder, getattr(model, "requests", []))
     return folder
