@@ -5,8 +5,10 @@
 - a hub id (``facebook/musicgen-small|medium|large``): the same ``state_dict.bin`` and
   ``compression_state_dict.bin`` audiocraft downloads, through the Hugging Face cache;
 - a local folder holding those two files (what ``save_musicgen`` writes);
-- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo) or
-  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks).
+- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo),
+  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks) or
+  ``"musicgen-small-random"`` (MusicGen-small's LM with every real dimension, a T5-base-wide
+  text encoder and the full-size 32 kHz EnCodec, for rehearsals at real shapes).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: the audiocraft format holds
 only a config string and tensors, so no pickled code is ever executed.
@@ -25,7 +27,7 @@ from torch import nn
 
 from noencore.errors import NoencoreError
 from noencore.models.adapter import CodebookRows, codebook_rows
-from noencore.models.text import register_t5, tiny_t5_folder
+from noencore.models.text import random_t5_folder, register_t5
 from noencore.thirdparty import quiet_audiocraft
 
 HUB_IDS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
@@ -64,7 +66,21 @@ _BASE_CFG: dict[str, Any] = {
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_heads": 4, "num_layers": 2},
     "small-width": {"dim": 1024, "num_heads": 16, "num_layers": 2},
+    # MusicGen-small as released (audiocraft's musicgen LM config at model scale "small":
+    # 24 layers of width 1024, 16 heads, memory-efficient attention), random weights. The
+    # name says so: "musicgen-small" alone would read as the pretrained model.
+    "musicgen-small-random": {"dim": 1024, "num_heads": 16, "num_layers": 24,
+                              "memory_efficient": True},
 }
+# The random text encoder (a key of ``noencore.models.text.RANDOM_T5``) and codec
+# (``noencore.data.codec``) of a named config; the others use the tiny ones.
+_NAMED_PARTS: dict[str, tuple[str, str]] = {
+    "musicgen-small-random": ("base-width", "musicgen-32khz"),
+}
+
+
+def _named_parts(name: str) -> tuple[str, str]:
+    return _NAMED_PARTS.get(name, ("tiny", "tiny"))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -172,7 +188,7 @@ def _build_lm(cfg: dict) -> nn.Module:
 
 def _named_cfg(name: str, overrides: dict | None) -> dict:
     cfg = _merge(_BASE_CFG, {"transformer_lm": NAMED_CONFIGS[name]})
-    cfg["conditioners"]["description"]["t5"]["name"] = str(tiny_t5_folder())
+    cfg["conditioners"]["description"]["t5"]["name"] = str(random_t5_folder(_named_parts(name)[0]))
     return _merge(cfg, overrides or {})
 
 
@@ -204,7 +220,7 @@ def text_encoder_name(spec: str) -> str:
     """The T5 name or folder a model's text conditioner uses, without building the model
     (reads the checkpoint's config through a memory map)."""
     if spec in NAMED_CONFIGS:
-        return str(tiny_t5_folder())
+        return str(random_t5_folder(_named_parts(spec)[0]))
     path = _read_checkpoint(spec, "state_dict.bin")
     try:
         pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -236,7 +252,7 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lm = _build_lm(cfg)
-        codec = _load_codec("tiny") if with_codec else None
+        codec = _load_codec(_named_parts(spec)[1]) if with_codec else None
     else:
         if overrides:
             raise NoencoreError("overrides apply to named configs only, not to checkpoints")
