@@ -30,8 +30,9 @@ gradients are added in place into the full ``param.grad``, reduced once at the
 accumulation boundary), w Psi / G at stages 2-3 (each micro-batch's gradients are reduced
 as the backward produces them and added into the owned partition); 12 bytes of AdamW state
 (fp32 master, m, v) per owned parameter (Psi at stage 0, Psi / G at stages 1-3). In fp32
-the bytes are 4 + 4 + 8. At stage 0 in bf16 DeepSpeed's optimizer also accumulates the gradients in an fp32
-buffer (4 Psi) through the step. ``offload_optimizer`` moves the optimizer states and the
+the bytes are 4 + 4 + 8. At stage 0 in bf16 DeepSpeed's optimizer also accumulates the
+gradients in an fp32 buffer (4 Psi) through the step. ``offload_optimizer`` moves the
+optimizer states and the
 update (with an fp32 gradient partition and the update's temporaries; from stage 2 the
 gradient partitions too) to CPU memory. ``fp32_grads`` counts the fp32 gradient partition
 of the update (below) as resident through the step, as DeepSpeed's own estimators do.
@@ -100,7 +101,7 @@ gradient partition (w Psi / G).
 ``update``: the optimizer step after the last micro-batch (activations freed, stage-3
 weights released). DeepSpeed's bf16 optimizers (stages 1-3) build an fp32 copy of the owned
 gradient partition for it (4 bytes per owned parameter; at stage 3 one ``sub_group_size``
-group at a time), and the engine's torch AdamW makes temporaries over the elements it
+group at a time; stage 0 holds its fp32 buffer anyway), and the engine's torch AdamW makes temporaries over the elements it
 updates at once: one fp32 tensor (sqrt(v), 4 bytes) in its multi-tensor update, which torch
 uses on CUDA (two, 8 bytes, in the single-tensor update it uses on CPU tensors). DeepSpeed's
 fused or CPU Adam would make none; the engine does not use them. With ``offload_optimizer``
