@@ -32,10 +32,10 @@ as the backward produces them and added into the owned partition); 12 bytes of A
 (fp32 master, m, v) per owned parameter (Psi at stage 0, Psi / G at stages 1-3). In fp32
 the bytes are 4 + 4 + 8. At stage 0 in bf16 DeepSpeed's optimizer also accumulates the
 gradients in an fp32 buffer (4 Psi) through the step. ``offload_optimizer`` moves the
-optimizer states and the
-update (with an fp32 gradient partition and the update's temporaries; from stage 2 the
-gradient partitions too) to CPU memory. ``fp32_grads`` counts the fp32 gradient partition
-of the update (below) as resident through the step, as DeepSpeed's own estimators do.
+optimizer states and the update (with an fp32 gradient partition and the update's
+temporaries; from stage 2 the gradient partitions too) to CPU memory. ``fp32_grads``
+counts the fp32 gradient partition of the update (below) as resident through the step, as
+DeepSpeed's own estimators do.
 
 One micro-batch's forward and backward (``activations``, ``loss``). Accumulation changes
 none of the above: only one micro-batch's activations exist at a time, so it trades time
