@@ -42,7 +42,8 @@ STOP_RULES = ("auc", "matched", "fixed")
 # each forget row pulled to a target fitted once, under the memorised model, by a
 # quantile map onto the artist's validation tracks, the remain set anchored at the
 # memorised model's NLL. Options the demo reads itself: "steps" (this method's step
-# budget), "stop_rule" (the engine's stop rule for this method, instead of DemoConfig.stop).
+# budget), "stop_rule" and "stop_auc" (the engine's stop rule for this method, instead of
+# DemoConfig's).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),
@@ -52,7 +53,7 @@ DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
                "stop_rule": "original"}),
 )
 DEFAULT_METHOD = "match"  # the engine's default: the one the goals are checked for
-_DEMO_OPTIONS = ("steps", "stop_rule")
+_DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc")
 REPLAY_METRICS = ("continuation", "ngram")
 
 
@@ -336,7 +337,8 @@ def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
                 unlearn(reference, shards, forget="forget", remain="remain",
                         stop_nonmembers=VALID if counts[VALID] else HOLDOUT,
                         stop_rule=stop_rule or ("auc" if cfg.stop == "auc" else "nll"),
-                        stop_auc=cfg.stop_auc, stop_every=cfg.check_every, **kw)
+                        stop_auc=options.get("stop_auc", cfg.stop_auc),
+                        stop_every=cfg.check_every, **kw)
         results[name] = run_dir / "model"
         _done(t0, f"{name}: {run_dir}")
 

@@ -262,3 +262,16 @@ def test_match_pulls_rows_to_the_target_from_both_sides():
         get_method("match", width=0.0)
     with pytest.raises(ValueError, match="target must be positive"):
         get_method("match", target=-1.0)
+
+
+def test_match_refit_steps_fire_once_each():
+    m = get_method("match", refit_at=[5, 2])
+    assert m.refit_at == (2, 5)
+    # checks every 3 steps: the first check at or after each refit step, once
+    assert [s for s in (3, 6, 9, 12) if m.refit_due(s)] == [3, 6]
+    m = get_method("match", refit_at=4)
+    assert not m.refit_due(3) and m.refit_due(10) and not m.refit_due(11)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        get_method("match", refit_at=[0])
+    with pytest.raises(ValueError, match="no fixed target"):
+        get_method("match", target=7.0, refit_at=[3])

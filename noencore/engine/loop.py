@@ -605,6 +605,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                 _fit_targets(run, stopper)
     if resume_from is not None:
         original = _load_resume_state(run, resume_from)
+        if hasattr(method, "refitted"):  # re-fits before the checkpoint are in its targets
+            method.refitted.update(s for s in getattr(method, "refit_at", ()) if s <= start_step)
         if stopper is not None and original is not None:
             stopper.original = original.numpy()
 

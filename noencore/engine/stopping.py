@@ -207,8 +207,12 @@ class NonmemberStop:
         auc, nll_f, nll_n = self.measure()
         if getattr(method, "row_target", None) is not None:
             method.row_target = nll_n  # raise forget rows to where the non-members are now
-        if getattr(method, "follow", False):
-            now = torch.from_numpy(self.items[1][np.isfinite(self.items[1])])
+        refit = getattr(method, "refit_due", None)
+        if getattr(method, "follow", False) or (refit is not None and refit(step)):
+            # the non-members under the current weights (rule "original" keeps the start's)
+            now = self.item_nll([self.nonmembers])[0] if self.rule == "original" \
+                else self.items[1]
+            now = torch.from_numpy(now[np.isfinite(now)])
             method.fit_targets(method.target_map[0], now.to(method.target_map[0].device))
         by_auc = self.rule in ("auc", "original")
         hit = auc <= self.target if by_auc else nll_f >= nll_n

@@ -13,8 +13,16 @@ and descent on a row pushed past it. GA and bounded GA only ever push up, so the
 artist keeps rising (the forget rows and, by spill-over, the artist's unseen tracks);
 here the forget set is pulled back to the target from both sides.
 
-The targets are measured once, before unlearning, under the original model (they do not
-follow the model as it changes, which is what let bounded GA's moving target run away):
+The targets are measured before unlearning, under the original model (they do not
+follow the model at every check, which is what let bounded GA's moving target run away:
+unlearning the forget rows raises the artist's unseen tracks too, and a target that
+follows them is raised by the very ascent that chases it; ``follow`` does that, for
+comparison). With fixed targets the unseen tracks' rise settles (the forget rows stop
+moving once on target); ``refit_at`` (steps) re-fits the targets to the non-members'
+NLLs under the weights of that step, once each: a re-fit after the first pass aims the
+forget rows at the level the artist's unseen tracks settled at once its sound was
+unlearned, which is closer to where a model that never saw the artist has them than
+the original model's level is.
 
 - ``target`` (nats per token): one target for every row;
 - else the engine hands the method the original model's NLLs of the forget rows and of
@@ -38,7 +46,8 @@ class TargetMatching(Method):
 
     def __init__(self, target: float | None = None, width: float = 1.0,
                  forget_weight: float = 1.0, remain_weight: float = 1.0,
-                 remain_anchor: bool = False, follow: bool = False):
+                 remain_anchor: bool = False, follow: bool = False,
+                 refit_at: int | tuple[int, ...] | list[int] = ()):
         super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
                          remain_anchor=remain_anchor)
         if target is not None and target <= 0:
@@ -48,6 +57,13 @@ class TargetMatching(Method):
         self.target = None if target is None else float(target)
         self.width = float(width)
         self.follow = bool(follow)
+        self.refit_at = tuple(sorted({int(s) for s in (
+            (refit_at,) if isinstance(refit_at, int) else refit_at)}))
+        if any(s < 1 for s in self.refit_at):
+            raise ValueError(f"refit_at must be steps >= 1, got {refit_at}")
+        if self.refit_at and self.target is not None:
+            raise ValueError("refit_at re-fits the quantile map: give no fixed target")
+        self.refitted: set[int] = set()  # refit steps done (the loop marks those of a resume)
         # (float32 [n] sorted original-model row means, float32 [n] their targets)
         self.target_map: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -72,6 +88,13 @@ class TargetMatching(Method):
         levels = (torch.arange(xs.numel(), dtype=torch.float64) + 0.5) / xs.numel()
         ys = torch.quantile(nonmember.double().cpu(), levels).float().to(xs.device)
         self.target_map = (xs, ys)
+
+    def refit_due(self, step: int) -> bool:
+        """Whether the targets are to be re-fitted at a check at ``step`` (the first check
+        at or after each ``refit_at`` step, once each); marks it done."""
+        due = [s for s in self.refit_at if s <= step and s not in self.refitted]
+        self.refitted.update(due)
+        return bool(due)
 
     def row_targets(self, rows: Rows) -> torch.Tensor:
         """float32 [B]: each row's target mean token NLL (forget rows; others unused)."""
@@ -103,4 +126,5 @@ class TargetMatching(Method):
         return w.float(), self.forget_weight * forget + remain
 
     def describe(self) -> dict:
-        return {**super().describe(), "target": self.target, "width": self.width}
+        return {**super().describe(), "target": self.target, "width": self.width,
+                "follow": self.follow, "refit_at": list(self.refit_at)}
