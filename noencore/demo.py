@@ -42,8 +42,8 @@ STOP_RULES = ("auc", "matched", "fixed")
 # each forget row pulled to a target fitted, under the memorised model, by a quantile map
 # onto the artist's validation tracks, re-fitted once (step 40) to where those tracks
 # settled as the artist's sound was unlearned, the remain set anchored at the memorised
-# model's NLL; it runs its whole step budget (stop_auc 0: the rule only supplies the
-# validation tracks' NLLs). Options the demo reads itself: "steps" (this method's step
+# model's NLL. Stop rule "original" at AUC 0: once every forget track is less likely than
+# every validation track was under the memorised model (bisected), or after 90 steps. Options the demo reads itself: "steps" (this method's step
 # budget), "stop_rule" and "stop_auc" (the engine's stop rule for this method, instead of
 # DemoConfig's).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
