@@ -267,8 +267,9 @@ def test_match_targets_and_original_stop_rule_on_two_ranks_as_one_process(runs):
     for world in (1, 2):
         got = json.loads((out / f"match_w{world}_z2.json").read_text())
         assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], got
-        # the starting weights are fp32 in both: the targets agree to the reduction order
-        assert got["targets"] == pytest.approx(plain["targets"], rel=1e-4)
+        # the non-members scored with DeepSpeed's bf16 compute weights against fp32 in one
+        # process (measured: within 2.4e-4 relative)
+        assert got["targets"] == pytest.approx(plain["targets"], rel=1e-3)
         assert got["forget_nll"] == pytest.approx(plain["forget_nll"], rel=0.02)
         if plain["info"] is not None:
             assert got["info"]["auc"] == pytest.approx(plain["info"]["auc"], abs=0.07)
