@@ -216,6 +216,9 @@ class NonmemberStop:
             method.fit_targets(method.target_map[0], now.to(method.target_map[0].device))
         by_auc = self.rule in ("auc", "original")
         hit = auc <= self.target if by_auc else nll_f >= nll_n
+        done = getattr(method, "refitted", ())
+        if any(s not in done for s in getattr(method, "refit_at", ())):
+            hit = False  # not before the method's re-fits: they set where it is going
         if not hit:
             if by_auc and self.bisect:
                 self._last = self.weights.snapshot()

@@ -22,7 +22,7 @@ moving once on target); ``refit_at`` (steps) re-fits the targets to the non-memb
 NLLs under the weights of that step, once each: a re-fit after the first pass aims the
 forget rows at the level the artist's unseen tracks settled at once its sound was
 unlearned, which is closer to where a model that never saw the artist has them than
-the original model's level is.
+the original model's level is. The stop rule does not stop the run before its re-fits.
 
 - ``target`` (nats per token): one target for every row;
 - else the engine hands the method the original model's NLLs of the forget rows and of
