@@ -43,7 +43,7 @@ def main() -> None:
         lines.append(
             f"| {seed} | {r['forget_nll_after']:.3f} | {r['holdout_nll_after']:.3f} "
             f"[{r['holdout_nll_retrained']:.3f}] | "
-            f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.1f} | "
+            f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.2f} | "
             f"{_f(r['forget_mia_auc_after'])} [{_f(r['forget_mia_auc_retrained'])}] | "
             f"{_f(r['forget_quality'])} | {_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
             f"{sum(v is True for v in goals.values())}/{len(goals)}"

@@ -612,7 +612,7 @@ def summary_table(rows: dict[str, dict], retrained: dict[str, float | None]) -> 
             f"| {name} | {s['forget_nll_before']:.3f} → {s['forget_nll_after']:.3f} | "
             f"{s['holdout_nll_before']:.3f} → {s['holdout_nll_after']:.3f} "
             f"[{s['holdout_nll_retrained']:.3f}] | "
-            f"{s['remain_nll_before']:.3f} → {s['remain_nll_after']:.3f} ({d_remain:+.1f}%) | "
+            f"{s['remain_nll_before']:.3f} → {s['remain_nll_after']:.3f} ({d_remain:+.2f}%) | "
             f"{_fmt(s['forget_mia_auc_before'])} → {_fmt(s['forget_mia_auc_after'])} "
             f"[{_fmt(s['forget_mia_auc_retrained'])}] | {_fmt(s['privleak'], 1)} | "
             f"{_fmt(s['forget_quality'])} | {_fmt(s['replay_before'])} → "
