@@ -5,8 +5,10 @@
 - a hub id (``facebook/musicgen-small|medium|large``): the same ``state_dict.bin`` and
   ``compression_state_dict.bin`` audiocraft downloads, through the Hugging Face cache;
 - a local folder holding those two files (what ``save_musicgen`` writes);
-- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo) or
-  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks).
+- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo),
+  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks) or
+  ``"musicgen-small-random"`` (MusicGen-small's LM with every real dimension, a T5-base-wide
+  text encoder and the full-size 32 kHz EnCodec, for rehearsals at real shapes).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: the audiocraft format holds
 only a config string and tensors, so no pickled code is ever executed.
@@ -25,7 +27,7 @@ from torch import nn
 
 from noencore.errors import NoencoreError
 from noencore.models.adapter import CodebookRows, codebook_rows
-from noencore.models.text import register_t5, tiny_t5_folder
+from noencore.models.text import random_t5_folder, register_t5
 from noencore.thirdparty import quiet_audiocraft
 
 HUB_IDS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
@@ -64,7 +66,21 @@ _BASE_CFG: dict[str, Any] = {
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_heads": 4, "num_layers": 2},
     "small-width": {"dim": 1024, "num_heads": 16, "num_layers": 2},
+    # MusicGen-small as released (audiocraft's musicgen LM config at model scale "small":
+    # 24 layers of width 1024, 16 heads, memory-efficient attention), random weights. The
+    # name says so: "musicgen-small" alone would read as the pretrained model.
+    "musicgen-small-random": {"dim": 1024, "num_heads": 16, "num_layers": 24,
+                              "memory_efficient": True},
 }
+# The random text encoder (a key of ``noencore.models.text.RANDOM_T5``) and codec
+# (``noencore.data.codec``) of a named config; the others use the tiny ones.
+_NAMED_PARTS: dict[str, tuple[str, str]] = {
+    "musicgen-small-random": ("base-width", "musicgen-32khz"),
+}
+
+
+def _named_parts(name: str) -> tuple[str, str]:
+    return _NAMED_PARTS.get(name, ("tiny", "tiny"))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -80,15 +96,18 @@ class MusicGenModel(nn.Module):
     Attributes: ``lm`` (audiocraft ``LMModel``, the only trainable part), ``codec``
     (``noencore.data.codec.Codec`` or None), ``cfg`` (the audiocraft config, a dict),
     ``n_q``, ``card``, ``frame_rate``, ``sample_rate``, ``text_encoder`` (the T5 name or
-    folder whose outputs the condition cache must hold), ``spec``.
+    folder whose outputs the condition cache must hold), ``spec``, ``requests`` (the
+    opt-out requests the weights have served, oldest first: ``noencore.engine.requests``).
     """
 
-    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = ""):
+    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = "",
+                 requests: list[dict] | None = None):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
         self.__dict__["codec"] = codec  # not a submodule: never trained nor saved with the LM
         self.spec = spec
+        self.requests = list(requests or [])
         self.n_q = int(lm.num_codebooks)
         self.card = int(lm.card)
         self.frame_rate = int(codec.frame_rate) if codec is not None else 50
@@ -169,7 +188,7 @@ def _build_lm(cfg: dict) -> nn.Module:
 
 def _named_cfg(name: str, overrides: dict | None) -> dict:
     cfg = _merge(_BASE_CFG, {"transformer_lm": NAMED_CONFIGS[name]})
-    cfg["conditioners"]["description"]["t5"]["name"] = str(tiny_t5_folder())
+    cfg["conditioners"]["description"]["t5"]["name"] = str(random_t5_folder(_named_parts(name)[0]))
     return _merge(cfg, overrides or {})
 
 
@@ -201,7 +220,7 @@ def text_encoder_name(spec: str) -> str:
     """The T5 name or folder a model's text conditioner uses, without building the model
     (reads the checkpoint's config through a memory map)."""
     if spec in NAMED_CONFIGS:
-        return str(tiny_t5_folder())
+        return str(random_t5_folder(_named_parts(spec)[0]))
     path = _read_checkpoint(spec, "state_dict.bin")
     try:
         pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -223,13 +242,17 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
     ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
     ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
+    A folder's ``requests.json`` (the opt-outs it has served) becomes ``model.requests``.
     """
+    from noencore.engine.requests import read_requests
+
+    requests: list[dict] = []
     if spec in NAMED_CONFIGS:
         cfg = _named_cfg(spec, overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lm = _build_lm(cfg)
-        codec = _load_codec("tiny") if with_codec else None
+        codec = _load_codec(_named_parts(spec)[1]) if with_codec else None
     else:
         if overrides:
             raise NoencoreError("overrides apply to named configs only, not to checkpoints")
@@ -242,6 +265,8 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
         cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
         cfg["device"], cfg["dtype"] = "cpu", "float32"
+        if Path(spec).exists():  # a local folder or file: its folder's history
+            requests = read_requests(path.parent)
         lm = _build_lm(cfg)
         lm.load_state_dict(pkg["best_state"])
         codec = None
@@ -249,7 +274,7 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
             codec = _load_codec(str(Path(spec)) if Path(spec).exists() else spec)
     lm = lm.to(device=device, dtype=dtype or torch.float32)
     lm.eval()
-    return MusicGenModel(lm, cfg, codec=codec, spec=spec)
+    return MusicGenModel(lm, cfg, codec=codec, spec=spec, requests=requests)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -269,7 +294,8 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
 
     Files: ``state_dict.bin`` ({'xp.cfg': yaml, 'best_state': LM state dict}),
     ``compression_state_dict.bin`` (the codec, audiocraft's format) and
-    ``model.safetensors`` (the same LM weights, loadable without pickle). Weights are saved
+    ``model.safetensors`` (the same LM weights, loadable without pickle) and
+    ``requests.json`` (``model.requests``, the opt-outs served). Weights are saved
     in float32, as audiocraft's own checkpoints. ``state_dict`` overrides the LM's own
     (e.g. gathered from DeepSpeed ZeRO-3 partitions). A local T5 folder named in the
     config must be registered (``noencore.models.text.register_t5``) before audiocraft
@@ -277,6 +303,8 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
+
+    from noencore.engine.requests import write_requests
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,4 +329,5 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    write_requests(folder, getattr(model, "requests", []))
     return folder
