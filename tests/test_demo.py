@@ -15,9 +15,13 @@ from noencore.demo import DemoConfig, run_demo, stage_digests
 
 TINY = dict(n_clips=14, seconds=(1.0, 1.2), forget_fraction=0.3, memorise_steps=3,
             unlearn_steps=2, batch_size=4, frames=50, check_every=1,
+            replay_items=3, replay_prompt=10, replay_frames=10, replay_free=12,
             methods=(("ga", {}), ("bounded_ga", {"loss_cap": None, "row_target": "unseen",
                                                  "remain_weight": 3.0, "remain_anchor": True,
-                                                 "steps": 2})))
+                                                 "steps": 2}),
+                     ("match", {"remain_weight": 3.0, "remain_anchor": True,
+                                "stop_rule": "original", "steps": 2})))
+METHODS = ["ga", "bounded_ga", "match"]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,17 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
     text = report.read_text()
     results, _, digest_table = text.partition("## Reproducibility")
     rows = [line for line in results.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ga", "bounded_ga"]
+    # the retrained model's row first (the reference), then one row per method
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["retrained (gold)", *METHODS]
+    assert all("goals met" in rows[0] and "/5" in r for r in rows[2:])
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "summary.png").stat().st_size > 5000 and "(summary.png)" in text
-    assert set(summary) == {"ga", "bounded_ga"}
+    assert set(summary) == set(METHODS)
+    # every method is compared with the retrained model: its NLLs, AUC and replay
+    for row in summary.values():
+        assert row["holdout_nll_retrained"] > 0 and row["forget_nll_retrained"] > 0
+        assert 0.0 <= row["replay_after"] <= 1.0 and 0.0 <= row["replay_retrained"] <= 1.0
+        assert 0.0 <= row["forget_quality"] <= 1.0
     for name, _ in cfg.methods:
         assert (out / "reports" / name / "report.md").is_file()
         assert (out / "models" / name / "model" / "state_dict.bin").is_file()
@@ -53,9 +64,9 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
     # with 2 forget and 2 holdout clips, the AUC is not computed: the table says n/a
     assert "n/a" in text
     # the report ends with each stage's digest
-    digests = stage_digests(out, ["ga", "bounded_ga"])
-    assert list(digests) == ["corpus", "token codes", "memorised model", "ga model",
-                             "bounded_ga model"]
+    digests = stage_digests(out, METHODS)
+    assert list(digests) == ["corpus", "token codes", "memorised model", "retrained model",
+                             *(f"{m} model" for m in METHODS)]
     assert all(f"`{d[:16]}`" in digest_table for d in digests.values())
 
 
@@ -75,8 +86,7 @@ def test_demo_reproduces_under_other_threads_and_hash_seed(tiny_demo: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("summary.json", "report.md"):  # report.md holds the stage digests
         assert (out / name).read_text() == (tiny_demo / name).read_text(), name
-    methods = ["ga", "bounded_ga"]
-    assert stage_digests(out, methods) == stage_digests(tiny_demo, methods)
+    assert stage_digests(out, METHODS) == stage_digests(tiny_demo, METHODS)
 
 
 def test_bisect_crossing_finds_the_weights_between_two_steps():

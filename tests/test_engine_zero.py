@@ -8,6 +8,8 @@ tests read what the ranks wrote:
   whole and fp32 on every rank; under ZeRO-3 the fused op sees whole head weights.
 * the membership-inference stop rule with a moving row target, from a memorised model:
   the same stop step, AUC and bisected fraction as one process (fp32, no DeepSpeed);
+* target matching (targets fitted once on the non-members) with the "original" stop rule
+  under ZeRO-2: the same targets, steps and decision as one process;
 * the head gradients of the first step under ZeRO-3 equal one process's;
 * a run folder the ranks do not share is refused on every rank.
 
@@ -120,6 +122,17 @@ def work(rank):
                       "zero_stage": stage, "stop_nonmembers": NONMEMBERS, "save": False}})
         result(f"stop_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
                "info": res.stop_info, "row_target": method.row_target,
+               "forget_nll": [m["forget_nll"] for m in res.metrics]}})
+    for stage in [None, 2]:  # target matching with the "original" stop rule
+        if stage is None and WORLD > 1:
+            continue
+        method = get_method("match", remain_weight=1.0, remain_anchor=True)
+        res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
+                      "method": method, "lr": 3e-3, "remain": REMAIN, "steps": 8,
+                      "zero_stage": stage, "stop_nonmembers": NONMEMBERS,
+                      "stop_rule": "original", "save": False}})
+        result(f"match_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
+               "info": res.stop_info, "targets": method.target_map[1].tolist(),
                "forget_nll": [m["forget_nll"] for m in res.metrics]}})
     for stage in ([None, 3] if WORLD == 1 else [3]):  # head gradients of the first step
         model = tiny()
@@ -250,6 +263,24 @@ def test_stop_rule_under_zero_decides_as_one_process(runs):
         one = json.loads((out / f"stop_w1_z{stage}.json").read_text())
         two = json.loads((out / f"stop_w2_z{stage}.json").read_text())
         assert two["info"]["fraction"] == pytest.approx(one["info"]["fraction"], abs=0.07)
+
+
+@pytest.mark.distributed
+def test_match_targets_and_original_stop_rule_on_two_ranks_as_one_process(runs):
+    """Targets fitted once from the non-members under the starting weights, and the stop
+    rule against those NLLs: every rank's shares summed give one process's figures."""
+    out, _ = runs
+    plain = json.loads((out / "match_w1_zNone.json").read_text())
+    assert len(plain["targets"]) > 1 and plain["targets"] == sorted(plain["targets"])
+    for world in (1, 2):
+        got = json.loads((out / f"match_w{world}_z2.json").read_text())
+        assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], got
+        # the non-members scored with DeepSpeed's bf16 compute weights against fp32 in one
+        # process (measured: within 2.4e-4 relative)
+        assert got["targets"] == pytest.approx(plain["targets"], rel=1e-3)
+        assert got["forget_nll"] == pytest.approx(plain["forget_nll"], rel=0.02)
+        if plain["info"] is not None:
+            assert got["info"]["auc"] == pytest.approx(plain["info"]["auc"], abs=0.07)
 
 
 @pytest.mark.distributed

@@ -231,3 +231,15 @@ def test_cli_evaluate(env, tmp_path, capsys):
     assert "forget set is empty" in capsys.readouterr().err
     assert main(["evaluate", str(env["path"]), "--model", "tiny", "--out", str(out),
                  "--verdict", "speed=1", "--quiet"]) == 2
+
+
+def test_retrained_with_another_vocabulary_is_refused_by_name(env):
+    import copy
+
+    from noencore.evaluation.evaluate import evaluate
+
+    other = copy.copy(env["ref"])  # the same weights, claiming another vocabulary
+    other.card = 1024
+    with pytest.raises(NoencoreError, match=r"retrained model .*card 1024 \(model 2048\).*"
+                                            r"retrain from the same base model"):
+        evaluate(env["model"], env["sets"], retrained=other, progress=False)

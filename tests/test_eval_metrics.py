@@ -175,3 +175,53 @@ def test_similarity_helpers_known_answers():
     sim, idx = nearest_similarity(a, pool)
     np.testing.assert_allclose(sim, [1.0, 1.0, 1.0], atol=1e-12)
     assert idx.tolist() == [2, 0, 1]
+
+
+def test_forget_quality_exact_small_case_and_privleak_from_constructed_nlls():
+    # five forget items all below five retrained ones: D = 1, and the exact two-sided
+    # p-value is 2 / C(10, 5) (two of the 252 orderings are this extreme)
+    assert mia.forget_quality(np.arange(5.0), np.arange(5.0) + 10) == pytest.approx(2 / 252)
+    # the same NLLs under both models: indistinguishable
+    assert mia.forget_quality(np.arange(7.0), np.arange(7.0)[::-1]) == pytest.approx(1.0)
+    # privleak from NLL sets: a LOSS attack scores members by low NLL
+    holdout = np.array([7.0, 7.5, 8.0, 8.5])
+    memorised = np.array([1.0, 1.5, 2.0, 2.5])          # every forget item below: AUC 1
+    retrained = np.array([6.9, 7.6, 7.9, 8.6])          # interleaved: AUC 0.5
+    over = np.array([15.0, 15.5, 16.0, 16.5])           # pushed past the holdout: AUC 0
+    auc = {k: mia.roc_auc(-v, -holdout, min_items=1)
+           for k, v in (("mem", memorised), ("retr", retrained), ("over", over))}
+    assert auc == {"mem": 1.0, "retr": 0.5, "over": 0.0}
+    assert mia.privleak(auc["mem"], auc["retr"]) == pytest.approx(-100.0)   # leaks fully
+    assert mia.privleak(auc["retr"], auc["retr"]) == pytest.approx(0.0)     # as retrained
+    assert mia.privleak(auc["over"], auc["retr"]) == pytest.approx(100.0)   # over-unlearned
+
+
+def test_verbatim_replay_known_answers():
+    import torch
+
+    from noencore.evaluation.generation import ngram_overlap, token_match
+
+    rng = np.random.default_rng(3)
+    truth = torch.from_numpy(rng.integers(0, 50, size=(3, 4, 13)))
+    # a model that copies the track reproduces every token; one that never does, none
+    assert token_match(truth.clone(), truth).tolist() == [1.0] * 3
+    assert token_match((truth + 1) % 50, truth).tolist() == [0.0] * 3
+    half = truth.clone()
+    half[:, :2] = (half[:, :2] + 1) % 50       # two of four codebooks wrong: 0.5
+    np.testing.assert_allclose(token_match(half, truth), 0.5)
+    with pytest.raises(ValueError, match="one shape"):
+        token_match(truth[..., :5], truth)
+
+    track = np.arange(100, 130)                  # 30 distinct codes: 27 distinct 4-grams
+    assert ngram_overlap([track], [track], n=4).tolist() == [1.0]
+    assert ngram_overlap([np.arange(30)], [track], n=4).tolist() == [0.0]    # disjoint
+    # the first 10 codes copied, then 10 new ones: of the 17 4-grams, the 7 inside the copy
+    copied = np.concatenate([track[:10], np.arange(10)])
+    assert ngram_overlap([copied], [track], n=4)[0] == pytest.approx(7 / 17)
+    # copied from anywhere in the track, in any order of segments: still found
+    shuffled = np.concatenate([track[20:], track[:10]])
+    assert ngram_overlap([shuffled], [track], n=4)[0] == pytest.approx(14 / 17)
+    # too short to hold one n-gram: NaN, not 0
+    assert np.isnan(ngram_overlap([track[:3]], [track], n=4)[0])
+    with pytest.raises(ValueError, match="n >= 1"):
+        ngram_overlap([track], [track], n=0)

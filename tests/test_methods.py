@@ -72,6 +72,10 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
         npo = (2 / method.beta) * F.softplus(method.beta * (ref_nll - seq))
         return fw * (npo * forget).sum() / n_rows + rw * r_mean
     length = valid.sum(dim=(1, 2)).clamp_min(1)
+    if method.name == "match":  # Huber of (row mean NLL - target), width delta, / delta
+        gap = seq / length - method.target
+        huber = F.huber_loss(gap, torch.zeros_like(gap), reduction="none", delta=method.width)
+        return fw * (huber / method.width * forget).sum() / n_rows + rw * r_mean
     sim = (2 / method.beta) * F.softplus(method.gamma - method.beta * seq / length)
     return fw * (sim * forget).sum() / n_rows + rw * r_mean
 
@@ -82,11 +86,17 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
          ("graddiff", {"remain_weight": 0.7, "remain_anchor": True}),
          ("rl", {"remain_weight": 0.3, "remain_anchor": True}),
          ("npo", {"beta": 0.5, "remain_anchor": True}),
-         ("simnpo", {"beta": 2.5, "remain_anchor": True})]
+         ("simnpo", {"beta": 2.5, "remain_anchor": True}),
+         # the random model's rows sit near log(card) nats: a target 7 nats away from it
+         # with a narrow width is the linear (GA-strength) branch, a wide one the quadratic
+         ("match", {"target": 0.5, "width": 0.3, "remain_weight": 0.7}),
+         ("match", {"target": 7.0, "width": 50.0, "remain_weight": 0.7}),
+         ("match", {"target": 7.0, "width": 50.0, "remain_anchor": True})]
 
 
 @pytest.mark.parametrize("name,opts", CASES,
                          ids=[c[0] + ("-anchored" if c[1].get("remain_anchor") else "")
+                              + (f"-w{c[1]['width']:g}" if "width" in c[1] else "")
                               for c in CASES])
 def test_objective_gradient_matches_plain_formula(env, name, opts):
     from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
@@ -202,3 +212,66 @@ def test_bounded_ga_row_target_switches_off_rows_that_reached_it():
         get_method("bounded_ga", loss_cap=None)
     with pytest.raises(ValueError, match="row_target must be positive"):
         get_method("bounded_ga", row_target=0.0)
+
+
+def _rows(means: list[float], ref_means: list[float], tokens: int = 2):
+    """Rows of forget rows with the given current and reference mean token NLLs."""
+    from noencore.methods import Rows
+
+    n = len(means)
+    return Rows(targets=torch.zeros(n * tokens, dtype=torch.long),
+                item=torch.arange(n).repeat_interleave(tokens),
+                nll=torch.tensor(means).repeat_interleave(tokens),
+                forget=torch.ones(n, dtype=torch.bool),
+                ref_nll=torch.tensor(ref_means) * tokens,
+                forget_tokens=n * tokens, remain_tokens=0, forget_rows=n)
+
+
+def test_match_targets_by_quantile_map():
+    m = get_method("match")
+    assert m.needs_reference and m.needs_nonmember_targets
+    # forget rows at 1..4 nats under the original model; non-members spread over 0..100:
+    # the k-th of 4 rows goes to the (k + 1/2) / 4 quantile, 12.5, 37.5, 62.5, 87.5
+    m.fit_targets(torch.tensor([4.0, 1.0, 3.0, 2.0]), torch.linspace(0, 100, 101))
+    rows = _rows([0.0] * 6, [1.0, 2.0, 2.5, 4.0, 0.5, 9.0])
+    want = [12.5, 37.5, 50.0, 87.5, 12.5, 87.5]  # between rows: linear; outside: the ends
+    torch.testing.assert_close(m.row_targets(rows), torch.tensor(want))
+    # the map keeps the order of the rows: one with a higher original NLL gets a higher target
+    m.fit_targets(torch.rand(37) * 3, torch.randn(11) + 7)
+    t = m.row_targets(_rows([0.0] * 37, (torch.rand(37) * 3).tolist()))
+    ref = _rows([0.0] * 37, (torch.rand(37) * 3).tolist())
+    order = ref.ref_nll.argsort()
+    assert (m.row_targets(ref)[order].diff() >= -1e-6).all() and t.min() >= 7 - 4
+    with pytest.raises(ValueError, match="needs forget rows and non-member"):
+        m.fit_targets(torch.zeros(0), torch.ones(3))
+    unfitted = get_method("match")
+    with pytest.raises(ValueError, match="fit_targets"):
+        unfitted.row_targets(rows)
+
+
+def test_match_pulls_rows_to_the_target_from_both_sides():
+    m = get_method("match", target=5.0, width=1.0, remain_weight=0.0)
+    # rows far below (GA strength), just below, at, just above and far above the target
+    rows = _rows([1.0, 4.5, 5.0, 5.5, 9.0], [0.0] * 5)
+    w, loss = m.weights(rows)
+    per_row = w.reshape(5, 2)[:, 0] * 5 * 2  # slope: weight x rows x tokens
+    torch.testing.assert_close(per_row, torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+    # Huber / width: 3.5, 0.125, 0, 0.125, 3.5 -> mean 1.45
+    assert float(loss) == pytest.approx(7.25 / 5)
+    with pytest.raises(ValueError, match="width must be positive"):
+        get_method("match", width=0.0)
+    with pytest.raises(ValueError, match="target must be positive"):
+        get_method("match", target=-1.0)
+
+
+def test_match_refit_steps_fire_once_each():
+    m = get_method("match", refit_at=[5, 2])
+    assert m.refit_at == (2, 5)
+    # checks every 3 steps: the first check at or after each refit step, once
+    assert [s for s in (3, 6, 9, 12) if m.refit_due(s)] == [3, 6]
+    m = get_method("match", refit_at=4)
+    assert not m.refit_due(3) and m.refit_due(10) and not m.refit_due(11)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        get_method("match", refit_at=[0])
+    with pytest.raises(ValueError, match="no fixed target"):
+        get_method("match", target=7.0, refit_at=[3])

@@ -38,8 +38,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "stop_nonmembers": (str, None, "stop when membership inference cannot tell the forget "
                                    "set from these never-trained tracks (split or "
                                    "comma-separated ids; not the tracks you evaluate on)"),
-    "stop_rule": (str, "auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= --stop-auc) "
-                              "or nll (forget NLL reaches theirs)"),
+    "stop_rule": (str, "auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= --stop-auc), "
+                              "nll (forget NLL reaches theirs) or original (the AUC against "
+                              "their NLLs under the starting model)"),
     "stop_auc": (float, 0.5, "with --stop-nonmembers: the AUC to stop at"),
     "stop_every": (int, 1, "with --stop-nonmembers: check every N steps"),
     "grad_clip": (float, 1.0, "gradient norm clip (0: none)"),

@@ -129,6 +129,27 @@ def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
     return dist.all_reduce_sum(out)
 
 
+def _window_tokens(lm: torch.nn.Module, sets: UnlearningSets, chunk: int = 64) -> torch.Tensor:
+    """float32 [n forget windows]: the tokens of each forget window that count (under the
+    delay pattern), computed on the host from the windows' lengths."""
+    out = []
+    for first in range(0, sets.n_forget, chunk):
+        unit = torch.arange(first, min(first + chunk, sets.n_forget))
+        b = sets.gather(torch.ones(unit.numel(), dtype=torch.bool), unit)
+        out.append(token_mask(lm, b.mask).sum(dim=(1, 2)).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _fit_targets(run: _Run, stopper: Any) -> None:
+    """A method's targets, measured once under the starting weights: each forget window's
+    mean NLL (its cached reference over its tokens) mapped onto the stop rule's
+    non-members' per-track mean NLLs (``stopper.original``, the same on every rank)."""
+    tokens = _window_tokens(run.model.lm, run.sets).to(run.dev)
+    nonmember = torch.as_tensor(stopper.original, dtype=torch.float32, device=run.dev)
+    run.method.fit_targets(run.ref_forget / tokens.clamp_min(1.0),
+                           nonmember[torch.isfinite(nonmember)])
+
+
 def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | None,
                    forget: torch.Tensor, unit: torch.Tensor) -> torch.Tensor | None:
     """float32 [B] on the tables' device: each row's cached reference NLL (0 for padding
@@ -232,9 +253,11 @@ def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
     return step, Path(folder)
 
 
-def _load_resume_state(run: _Run, folder: Path) -> None:
-    """Weights, optimizer state and reference tables of a checkpoint, onto this rank.
-    Tensors are read onto the CPU and moved: the checkpoint says nothing about devices."""
+def _load_resume_state(run: _Run, folder: Path) -> Any:
+    """Weights, optimizer state, reference tables and fitted targets of a checkpoint,
+    onto this rank; returns the stop rule's non-member NLLs under the starting weights
+    (float64 [n] or None). Tensors are read onto the CPU and moved: the checkpoint says
+    nothing about devices."""
     distributed = run.engine is not None
     state = torch.load(folder / ("extra.pt" if distributed else "state.pt"),
                        map_location="cpu", weights_only=True)
@@ -246,15 +269,23 @@ def _load_resume_state(run: _Run, folder: Path) -> None:
     ref_f, ref_r = state["ref_nll"], state.get("ref_nll_remain")
     run.ref_forget = ref_f.to(run.dev) if ref_f is not None else None
     run.ref_remain = ref_r.to(run.dev) if ref_r is not None else None
+    if state.get("target_map") is not None:
+        run.method.target_map = tuple(t.to(run.dev) for t in state["target_map"])
+    return state.get("nonmember_nll")
 
 
-def _save_checkpoint(run: _Run, step: int) -> None:
+def _save_checkpoint(run: _Run, step: int, original: Any = None) -> None:
     """Checkpoint ``step`` atomically: every rank writes its part into one temporary
-    folder, rank 0 seals it (checksums, manifest) and renames it into place."""
+    folder, rank 0 seals it (checksums, manifest) and renames it into place.
+    ``original``: the stop rule's non-member NLLs under the starting weights (kept, as
+    the reference tables are, because a resumed run no longer has those weights)."""
 
     tmp = ckpt.begin(run.ckpt_root, step) if run.rank == 0 else None
+    fitted = getattr(run.method, "target_map", None)
     refs = {"ref_nll": None if run.ref_forget is None else run.ref_forget.cpu(),
-            "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu()}
+            "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu(),
+            "target_map": None if fitted is None else tuple(t.cpu() for t in fitted),
+            "nonmember_nll": None if original is None else torch.as_tensor(original)}
     if run.engine is not None:
         tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
         run.engine.save_checkpoint(str(tmp), tag="ds")
@@ -535,6 +566,10 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                                 target_auc=stop_auc, every=stop_every,
                                 batch_size=max(1, batch_size // (world * accumulation)),
                                 frames=frames)
+    if getattr(method, "needs_nonmember_targets", False) and stopper is None:
+        raise UsageError(f"method {method.name!r} measures its targets on non-member tracks "
+                         "under the starting model: give them (--stop-nonmembers SPLIT|IDS, "
+                         "stop_nonmembers=...) or a fixed target (--method-option target=NATS)")
 
     rank = 0
     if distributed:
@@ -586,8 +621,16 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         if method.needs_remain_reference:
             run.ref_remain = _reference_nll(model, sets, cache, micro, dev, forget=False,
                                             **ref_kw)
+        if stopper is not None:  # the non-members under the starting weights, once
+            stopper.start(original=getattr(method, "needs_nonmember_targets", False))
+            if getattr(method, "needs_nonmember_targets", False):
+                _fit_targets(run, stopper)
     if resume_from is not None:
-        _load_resume_state(run, resume_from)
+        original = _load_resume_state(run, resume_from)
+        if hasattr(method, "refitted"):  # re-fits before the checkpoint are in its targets
+            method.refitted.update(s for s in getattr(method, "refit_at", ()) if s <= start_step)
+        if stopper is not None and original is not None:
+            stopper.original = original.numpy()
 
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step) \
         if out_dir is not None and rank == 0 else None
@@ -621,7 +664,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                                  f"{stop_info['nonmember_nll']:.3f} ({stop_rule} rule; "
                                  f"{stop_info['fraction']:.2f} of the last step kept): stop")
             if checkpoint:
-                _save_checkpoint(run, step)
+                _save_checkpoint(run, step, stopper.original if stopper is not None else None)
             if done:
                 break
     except DivergenceError as exc:

@@ -106,10 +106,12 @@ class UnlearningSets:
         return int(self.remain_item.size)
 
     def split_counts(self, batch_size: int, forget_ratio: float) -> tuple[int, int]:
-        """(forget rows, remain rows) of a global batch."""
-        if not 0.0 < forget_ratio <= 1.0:
-            raise NoencoreError(f"forget_ratio must be in (0, 1], got {forget_ratio}")
-        n_f = max(1, int(round(batch_size * forget_ratio)))
+        """(forget rows, remain rows) of a global batch. ``forget_ratio`` 0: remain rows
+        only (training without the forget set: a retrained baseline, a relearning probe);
+        above 0, at least one forget row."""
+        if not 0.0 <= forget_ratio <= 1.0:
+            raise NoencoreError(f"forget_ratio must be in [0, 1], got {forget_ratio}")
+        n_f = max(1, int(round(batch_size * forget_ratio))) if forget_ratio > 0 else 0
         n_r = batch_size - n_f
         if n_r > 0 and self.n_remain == 0:
             raise NoencoreError("the remain set is empty but the batch asks for remain rows; "

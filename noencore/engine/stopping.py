@@ -13,11 +13,18 @@ under the current weights every ``every`` steps:
   between the last two checks are then bisected (``bisect_crossing``) for the point
   where it crosses the target.
 * rule "nll": stop once the forget set's mean token NLL reaches the non-members'.
+* rule "original": the LOSS attack of rule "auc", but against the non-members' NLLs as
+  the *starting* model scored them (measured once, before the first step): stop once
+  the forget set is as unlikely under the current weights as comparable music the
+  original model never saw. Unlearning an artist's tracks raises its unseen tracks too,
+  and a rule that chases them under the current weights can run far past the point a
+  model that never saw the artist would be at; this one cannot move. Bisected as "auc".
 
 The non-members must not be the tracks a later membership-inference evaluation scores
 (hold a validation share of them out), or the evaluation would read its own stop rule.
 A method with a ``row_target`` (``bounded_ga``) has it moved to the non-members' mean
-NLL at every check.
+NLL at every check; a method that fits its targets once (``match``) reads the
+non-members' NLLs under the starting weights (``original``).
 
 Under a launcher (DeepSpeed ZeRO 0-3) every rank scores its share of the forget and
 non-member windows, the per-item NLL sums are added up over ranks, rank 0's decision is
@@ -38,7 +45,7 @@ from noencore import distributed as dist
 from noencore.engine.sets import UnlearningSets, _resolve
 from noencore.errors import UsageError
 
-STOP_RULES = ("auc", "nll")
+STOP_RULES = ("auc", "nll", "original")
 
 
 def _call(fn: Callable[[], Any]) -> Any:
@@ -92,6 +99,8 @@ def _view(shards: Any, spec: str | Sequence[str]) -> Any:
 class NonmemberStop:
     """See the module docstring. ``check(step, method)`` returns None to go on, or a dict
     (step, auc, forget_nll, nonmember_nll, fraction of the last step kept) to stop.
+    ``start()`` measures the non-members under the starting weights once (``original``:
+    float64 [n tracks] mean token NLLs, or None), before the first step.
 
     ``sets`` (``UnlearningSets``) are the run's forget and remain windows; ``forget`` the
     spec that selected the forget set. Non-members that are also trained on (forget or
@@ -131,6 +140,7 @@ class NonmemberStop:
         self.rank, self.world = 0, 1
         self.runner: Callable[[Callable[[], Any]], Any] = _call
         self._last: Any = None
+        self.original: np.ndarray | None = None
 
     def attach(self, weights: Any, rank: int, world: int,
                runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
@@ -152,22 +162,41 @@ class NonmemberStop:
         return torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
                                           np.bincount(st.item, minlength=n)]).astype(np.float64))
 
-    def measure(self) -> tuple[float, float, float]:
-        """(LOSS-attack AUC forget vs non-members, forget mean NLL, non-member mean NLL)
-        under the current weights (eval mode); the same on every rank."""
-        from noencore.evaluation import mia
-
+    def item_nll(self, views: list[Any]) -> list[np.ndarray]:
+        """float64 [items] per view: each track's mean token NLL under the current
+        weights (eval mode), from every rank's share; the same on every rank."""
         lm = self.model.lm
         was_training = lm.training
         lm.eval()
         try:
-            tables = self.runner(lambda: [self._item_table(v)
-                                          for v in (self.forget, self.nonmembers)])
+            tables = self.runner(lambda: [self._item_table(v) for v in views])
         finally:
             lm.train(was_training)
         tables = [dist.all_reduce_sum(t) for t in tables]
         with np.errstate(invalid="ignore", divide="ignore"):
-            nll_f, nll_n = ((t[0] / t[1]).numpy() for t in tables)
+            return [(t[0] / t[1]).numpy() for t in tables]
+
+    def start(self, original: bool = False) -> None:
+        """Before the first step: keep the non-members' NLLs under the starting weights
+        when the rule compares with them, or when ``original`` (a method fits its
+        targets to them)."""
+        if self.rule == "original" or original:
+            self.original = self.item_nll([self.nonmembers])[0]
+
+    def measure(self) -> tuple[float, float, float]:
+        """(LOSS-attack AUC forget vs non-members, forget mean NLL, non-member mean NLL)
+        under the current weights (rule "original": the non-members' as the starting
+        weights scored them); the same on every rank."""
+        from noencore.evaluation import mia
+
+        if self.rule == "original":
+            if self.original is None:
+                raise UsageError("stop rule 'original' needs the non-members measured under "
+                                 "the starting weights: call start() before training")
+            nll_f, nll_n = self.item_nll([self.forget])[0], self.original
+        else:
+            nll_f, nll_n = self.item_nll([self.forget, self.nonmembers])
+        self.items = nll_f, nll_n  # the same on every rank (summed over ranks)
         auc = mia.roc_auc(-nll_f, -nll_n, min_items=1)  # LOSS attack: higher = member
         result = auc, float(np.nanmean(nll_f)), float(np.nanmean(nll_n))
         return dist.broadcast_object(result)  # one decision for every rank: rank 0's
@@ -178,14 +207,25 @@ class NonmemberStop:
         auc, nll_f, nll_n = self.measure()
         if getattr(method, "row_target", None) is not None:
             method.row_target = nll_n  # raise forget rows to where the non-members are now
-        hit = auc <= self.target if self.rule == "auc" else nll_f >= nll_n
+        refit = getattr(method, "refit_due", None)
+        if getattr(method, "follow", False) or (refit is not None and refit(step)):
+            # the non-members under the current weights (rule "original" keeps the start's)
+            now = self.item_nll([self.nonmembers])[0] if self.rule == "original" \
+                else self.items[1]
+            now = torch.from_numpy(now[np.isfinite(now)])
+            method.fit_targets(method.target_map[0], now.to(method.target_map[0].device))
+        by_auc = self.rule in ("auc", "original")
+        hit = auc <= self.target if by_auc else nll_f >= nll_n
+        done = getattr(method, "refitted", ())
+        if any(s not in done for s in getattr(method, "refit_at", ())):
+            hit = False  # not before the method's re-fits: they set where it is going
         if not hit:
-            if self.rule == "auc" and self.bisect:
+            if by_auc and self.bisect:
                 self._last = self.weights.snapshot()
             return None
         info = {"step": step, "auc": auc, "forget_nll": nll_f, "nonmember_nll": nll_n,
                 "fraction": 1.0}
-        if self.rule == "auc" and self.bisect and self._last is not None:
+        if by_auc and self.bisect and self._last is not None:
             auc, a = bisect_crossing(self.weights, self._last, lambda: self.measure()[0],
                                      self.target, self.bisect)
             info.update(auc=auc, fraction=a)

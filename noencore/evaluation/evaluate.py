@@ -10,7 +10,9 @@ forget, remain and holdout sets of token shards:
   Min-K%++, compression, reference ratio; ROC AUC each; MUSE privleak; TOFU forget
   quality when a model retrained without the forget set is given;
 - generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
-  CLAP embeddings, CLAP memorisation similarity; exact-token continuation match;
+  CLAP embeddings, CLAP memorisation similarity; and, without CLAP, verbatim replay
+  (exact-token continuation match from a prompt of the true track, n-gram overlap of
+  free generations with the track), for the retrained model too when given;
 - relearning probe (``relearn_steps``): the forget AUC and NLLs again after fine-tuning
   a copy of the model on the remain set (``noencore.evaluation.relearn``);
 
@@ -42,7 +44,7 @@ from noencore.evaluation.token_metrics import (
 )
 
 TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality")
-GENERATION_METRICS = ("clap", "fad", "memorization", "continuation")
+GENERATION_METRICS = ("clap", "fad", "memorization", "continuation", "ngram")
 ALL_METRICS = TOKEN_METRICS + GENERATION_METRICS
 SET_NAMES = ("forget", "remain", "holdout")
 _MIA_ATTACKS = ("loss", "mink", "minkpp", "zlib")
@@ -179,13 +181,16 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             (e.g. ``shards.select(split="forget")``) or a shard folder; forget is required,
             holdout is needed for membership inference.
         metrics: any of ``ALL_METRICS``; default: the token metrics, plus the generation
-            metrics when ``clap`` is given (asking for one without ``clap`` is an error).
+            metrics when ``clap`` is given (asking for a CLAP one without ``clap`` is an
+            error; "continuation" and "ngram", verbatim replay, need no CLAP).
         reference: the model before unlearning (model or spec), or a folder/``.npz`` of
             its cached token statistics (``token_stats.npz`` from an earlier evaluation).
         batch_size: windows per forward pass for token metrics (per rank).
         out: folder for report.json, report.md, nll_hist.png, roc.png, token_stats.npz.
         retrained: a model retrained without the forget set (or its cached statistics),
-            for privleak relative to it and TOFU forget quality.
+            for privleak relative to it, TOFU forget quality, its own membership-inference
+            AUCs and NLLs beside the model's, and (a model) its verbatim replay; it must
+            share the model's codec and vocabulary.
         conditions: a ``ConditionCache`` (or folder); default ``<shards>/conditions``.
         frames: window length for token metrics (default: the longest item).
         precision: "bf16" (autocast the LM forward) or "fp32".
@@ -254,6 +259,14 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
                                     "other items than this set; evaluate the same sets")
         if missing:
             raise NoencoreError(f"{spec}: cached {role} statistics lack set(s) {missing}")
+        # token statistics of another vocabulary are not comparable, token for token
+        theirs = {k: meta[k] for k in _CODEC_KEYS if k in meta}
+        ours = _codec_of(model)
+        clash = [f"{k} {theirs[k]} (model {ours[k]})" for k in theirs if theirs[k] != ours[k]]
+        if clash:
+            raise NoencoreError(f"{spec}: cached {role} statistics were computed by a model "
+                                f"with another codec or vocabulary ({', '.join(clash)}); "
+                                "give a model with this model's codec, or its statistics")
         return {n: st[n] for n in shard_sets}, f"{meta.get('model')} (cached: {spec})"
 
     def stats_or_cached(spec: Any, role: str) -> tuple[Any, Any, str | None]:
@@ -267,20 +280,28 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             st, name = loaded if loaded is not None else (None, None)
             return st, None, name
         m = _load_model(spec, dev)
+        ours, theirs = _codec_of(model), _codec_of(m)
+        if theirs != ours:
+            clash = ", ".join(f"{k} {theirs[k]} (model {ours[k]})" for k in ours
+                              if theirs[k] != ours[k])
+            raise NoencoreError(f"{role} model {getattr(m, 'spec', spec)!r} has another codec "
+                                f"or vocabulary than model {model.spec!r} ({clash}); compare "
+                                "models that share the codec (retrain from the same base model)")
         for name, s in shard_sets.items():
             _check_compatible(m, s, name)
         return stats_of(m, role), m, str(getattr(m, "spec", spec))
 
     after = stats_of(model, "after")
     before, ref_model, ref_name = stats_or_cached(reference, "before")
-    retr, _, retr_name = stats_or_cached(retrained, "retrained")
+    retr, retr_model, retr_name = stats_or_cached(retrained, "retrained")
     gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
     gen_items = None
     if gen_metrics:
         from noencore.evaluation.generation_metrics import collect_generation
 
+        others = {"before": ref_model, "retrained": retr_model}
         gen_items = collect_generation(
-            {"after": model} | ({"before": ref_model} if ref_model is not None else {}),
+            {"after": model} | {r: m for r, m in others.items() if m is not None},
             shard_sets, gen_metrics, clap=clap, clap_tokenizer=clap_tokenizer,
             clap_model=clap_model, cfg=gen_cfg, progress=progress)
 
@@ -319,8 +340,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
         if gen_items is not None:
             from noencore.evaluation.generation_metrics import generation_report
 
-            results["generation"], results["continuation"] = generation_report(gen_items,
-                                                                               gen_metrics)
+            results.update(generation_report(gen_items, gen_metrics))
             if results["generation"].get("random_clap"):
                 notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
                              "memorisation similarities below mean nothing.")
@@ -347,13 +367,22 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             folder = Path(out)
             folder.mkdir(parents=True, exist_ok=True)
             results["token_stats_sha256"] = save_stats(folder / "token_stats.npz", after,
-                                                       {"model": str(model.spec)})
+                                                       {"model": str(model.spec),
+                                                        **_codec_of(model)})
             item_nll = {r: {n: mia.mean_nll(s.tokens()) for n, s in st.items()}
                         for r, st in roles.items()}
             write_report(folder, results, item_nll, curves)
         return results
 
     return dist.on_rank0(report)
+
+
+_CODEC_KEYS = ("n_q", "card", "sample_rate", "frame_rate")
+
+
+def _codec_of(model: Any) -> dict[str, int]:
+    """What makes two models' tokens comparable: codebooks, vocabulary, codec rates."""
+    return {k: int(getattr(model, k)) for k in _CODEC_KEYS}
 
 
 def _mia_results(results: dict[str, Any], metrics: list[str],
@@ -373,6 +402,8 @@ def _mia_results(results: dict[str, Any], metrics: list[str],
         if "forget" in block and "note" not in block["forget"]:
             curves[role] = {a: (*mia.roc_curve(scores["forget"][a], scores["holdout"][a]),
                                 block["forget"][a]) for a in _MIA_ATTACKS}
+    if retr_mia is not None:  # the level a model that never saw the forget set is at
+        results["mia"]["retrained"] = retr_mia
     if "privleak" in metrics:
         rel = "a retrained model's AUC" if retr_mia else "AUC 0.5 (no retrained model)"
         results["privleak"] = {"relative_to": rel}

@@ -29,7 +29,8 @@ class GenerationConfig:
     """How to sample: ``frames`` generated per caption (50 frames = 1 s for the 32 kHz
     codec), CFG coefficient, top-k sampling, seed; ``batch_size`` captions per call;
     at most ``max_items`` items per set; continuation: ``prompt_frames`` given,
-    ``continuation_frames`` compared."""
+    ``continuation_frames`` compared; free-generation replay: ``ngram``-grams of
+    codebook 0."""
 
     frames: int = 250
     cfg_coef: float = 3.0
@@ -40,11 +41,27 @@ class GenerationConfig:
     prompt_frames: int = 50
     continuation_frames: int = 50
     max_items: int = 64
+    ngram: int = 4
 
 
-def _attributes(model: Any, captions: list[str]) -> list[Any]:
+def _attributes(model: Any, captions: list[str], ids: Sequence[str] | None = None
+                ) -> list[Any]:
+    """audiocraft's conditioning of each caption. Generation here answers captions: a
+    model without a text condition, or an item without a caption, would generate
+    unconditioned music that says nothing about that item, so both are refused (``ids``
+    name the items in the error)."""
     from audiocraft.modules.conditioners import ConditioningAttributes
 
+    if getattr(model, "text_attribute", None) is None:
+        raise NoencoreError(f"model {getattr(model, 'spec', model)!r} takes no text condition: "
+                            "generation metrics generate from each item's caption; evaluate a "
+                            "text-conditioned MusicGen or leave out the generation metrics")
+    empty = [i for i, c in enumerate(captions) if not str(c).strip()]
+    if empty:
+        name = ids[empty[0]] if ids is not None else f"#{empty[0]}"
+        raise NoencoreError(f"item {name!r} has no caption ({len(empty)} such item(s)): "
+                            "generation metrics generate from the caption; give it one in the "
+                            "manifest (and rerun `noencore condition`) or leave it out of the set")
     return [ConditioningAttributes(text={model.text_attribute: c}) for c in captions]
 
 
@@ -104,15 +121,16 @@ def _per_row_sampling(generators: list[torch.Generator]) -> Iterator[None]:
 @torch.no_grad()
 def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
                    progress: bool = True, desc: str = "generate",
-                   items: Sequence[int] | None = None, text_tokens: int | None = None
-                   ) -> torch.Tensor:
+                   items: Sequence[int] | None = None, text_tokens: int | None = None,
+                   ids: Sequence[str] | None = None) -> torch.Tensor:
     """Sample codes long [N, K, cfg.frames] for ``captions`` with CFG, ``cfg.batch_size`` at a time.
 
     ``items`` (int [N], default 0..N-1): each caption's item index, which seeds its own
     generator (:func:`item_seed` of ``cfg.seed``). ``text_tokens``: T5 tokens every
     caption is padded to (default: the longest of ``captions``; give every part of a
     split set the same). Then the same item gives the same codes in any batch, on any
-    rank (up to the float rounding of its batch's forward pass).
+    rank (up to the float rounding of its batch's forward pass). ``ids`` name the items
+    in errors.
     """
     from tqdm import tqdm
 
@@ -127,7 +145,8 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
         gens = [torch.Generator(device=model.device).manual_seed(item_seed(cfg.seed, i))
                 for i in items[s:s + cfg.batch_size]]
         with _per_row_sampling(gens), _padded_captions(model, text_tokens):
-            codes = model.lm.generate(conditions=_attributes(model, chunk), max_gen_len=cfg.frames,
+            conditions = _attributes(model, chunk, ids[s:s + cfg.batch_size] if ids else None)
+            codes = model.lm.generate(conditions=conditions, max_gen_len=cfg.frames,
                                       use_sampling=True, temp=cfg.temperature, top_k=cfg.top_k,
                                       cfg_coef=cfg.cfg_coef)
         out.append(codes.cpu())
@@ -136,27 +155,63 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
 
 @torch.no_grad()
 def continuation_match(model: Any, prompts: torch.Tensor, truth: torch.Tensor, captions: list[str],
-                       cfg: GenerationConfig, text_tokens: int | None = None) -> np.ndarray:
-    """Exact-token match rate float64 [N] of greedy continuations against the true ones.
+                       cfg: GenerationConfig, text_tokens: int | None = None,
+                       ids: Sequence[str] | None = None) -> np.ndarray:
+    """Verbatim replay from a prompt: exact-token match rate float64 [N] of greedy
+    continuations against the true ones (:func:`token_match`, every codebook).
 
     prompts: long [N, K, P] (first frames of items); truth: long [N, K, C] (the frames
     that follow). The model continues each prompt greedily (with CFG on its caption) for
-    C frames; a memorised item is continued exactly (rate near 1). ``text_tokens`` as
-    in :func:`generate_codes`.
+    C frames; a memorised item is continued exactly (rate near 1), music the model never
+    heard at about the rate its style alone predicts. ``text_tokens`` as in
+    :func:`generate_codes`; ``ids`` name the items in errors.
     """
     n, k, p = prompts.shape
     c = truth.shape[-1]
     text_tokens = text_tokens or caption_tokens(model, captions)
     rates = []
     for s in range(0, n, cfg.batch_size):
+        chunk = slice(s, s + cfg.batch_size)
         with _padded_captions(model, text_tokens):
             codes = model.lm.generate(
-                prompt=prompts[s:s + cfg.batch_size].to(model.device),
-                conditions=_attributes(model, captions[s:s + cfg.batch_size]),
+                prompt=prompts[chunk].to(model.device),
+                conditions=_attributes(model, captions[chunk], ids[chunk] if ids else None),
                 max_gen_len=p + c, use_sampling=False, cfg_coef=cfg.cfg_coef)
-        gen = codes[..., p:p + c].cpu()
-        rates.append((gen == truth[s:s + cfg.batch_size]).float().mean(dim=(1, 2)).double().numpy())
+        rates.append(token_match(codes[..., p:p + c].cpu(), truth[chunk]))
     return np.concatenate(rates) if rates else np.zeros(0)
+
+
+def token_match(generated: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """float64 [N]: the share of positions, over every codebook and frame, where the
+    generated code equals the true one (generated, truth: long [N, K, C]). A track
+    against itself gives 1; two independent uniform tracks about 1 / card."""
+    if generated.shape != truth.shape:
+        raise ValueError(f"generated codes {tuple(generated.shape)} and true codes "
+                         f"{tuple(truth.shape)} must have one shape")
+    return (generated == truth).double().mean(dim=(1, 2)).numpy()
+
+
+def ngram_overlap(generated: Sequence[np.ndarray], truth: Sequence[np.ndarray],
+                  n: int = 4) -> np.ndarray:
+    """float64 [N]: for each item, the share of the generation's n-grams (one per
+    position) that occur anywhere in the item's true track: how much of what the model
+    generates from the caption is copied from the track. ``generated[i]`` and
+    ``truth[i]``: int code sequences of any lengths (one codebook, e.g. codebook 0); NaN
+    where either is shorter than ``n``. A track against itself gives 1; a track
+    against an unrelated one about (track's n-grams) / card**n, i.e. 0."""
+    if len(generated) != len(truth):
+        raise ValueError(f"{len(generated)} generations for {len(truth)} tracks")
+    if n < 1:
+        raise ValueError(f"n-grams need n >= 1, got {n}")
+    out = np.full(len(generated), np.nan)
+    for i, (g, t) in enumerate(zip(generated, truth)):
+        g, t = np.asarray(g, np.int64), np.asarray(t, np.int64)
+        if g.size < n or t.size < n:
+            continue
+        seen = {w.tobytes() for w in np.lib.stride_tricks.sliding_window_view(t, n)}
+        grams = np.lib.stride_tricks.sliding_window_view(g, n)
+        out[i] = np.mean([w.tobytes() in seen for w in grams])
+    return out
 
 
 def decode(model: Any, codes: torch.Tensor, batch_size: int = 8) -> torch.Tensor:

@@ -5,7 +5,17 @@ each item's caption (batched, CFG), decode, embed with CLAP, and compare with th
 caption (CLAP score), with the set's own audio (FAD on CLAP embeddings) and, for
 memorisation, with the item's own clip and its nearest neighbour in the set. The
 set's "own audio" is its codes decoded by the same codec, so codec artefacts cancel.
-The exact-token continuation match needs no CLAP.
+
+Verbatim replay needs no CLAP, and is measured on the holdout too (music of the same
+kind the model never trained on: the level a model that never saw the forget set
+replays at):
+
+- "continuation": the share of the true track's tokens (every codebook) a greedy
+  continuation of its first ``cfg.prompt_frames`` frames reproduces over the next
+  ``cfg.continuation_frames``;
+- "ngram": the share of the codebook-0 ``cfg.ngram``-grams of a free generation from
+  the item's caption (sampled, the item's own seed, ``cfg.frames`` frames) that occur in
+  the track.
 
 Two steps: :func:`collect_generation` computes per-item results (under a launcher each
 rank takes its share of the items, each item seeded by its index, and rank 0 gathers
@@ -30,6 +40,7 @@ from noencore.evaluation.generation import (
     decode,
     generate_codes,
     nearest_similarity,
+    ngram_overlap,
 )
 from noencore.evaluation.mia import TooFewItems
 
@@ -42,6 +53,7 @@ class GenerationItems:
 
     continuation: {role: {set: float64 [n] exact-token match rates, or None when no item
         of the set is long enough}}; notes: why a set has none.
+    ngram: {role: {set: float64 [n] n-gram overlap of a free generation with the track}}.
     clap: the CLAP block's header (checkpoint, random weights, config); empty when no
         CLAP metric was asked.
     real: {set: float32 [n, E]} CLAP embeddings of the set's own audio; text: {set:
@@ -50,6 +62,7 @@ class GenerationItems:
     """
 
     continuation: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
+    ngram: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     clap: dict[str, Any] = field(default_factory=dict)
     real: dict[str, np.ndarray] = field(default_factory=dict)
@@ -83,10 +96,11 @@ def collect_generation(models: dict[str, Any], sets: dict[str, Any], metrics: li
                          "(--clap PATH), e.g. music_audioset_epoch_15_esc_90.14.pt")
     out = GenerationItems()
     targets = [s for s in ("forget", "remain") if s in sets]
+    replayed = [s for s in ("forget", "remain", "holdout") if s in sets]
     if "continuation" in metrics:
         need = cfg.prompt_frames + cfg.continuation_frames
         out.continuation = {role: {} for role in models}
-        for s in targets:
+        for s in replayed:
             sh = sets[s]
             idx = [i for i in range(len(sh)) if sh.frames[i] >= need][:cfg.max_items]
             if not idx:
@@ -99,11 +113,27 @@ def collect_generation(models: dict[str, Any], sets: dict[str, Any], metrics: li
             for row, j in enumerate(mine):
                 codes[row] = sh.codes(idx[j])[:, :need]
             caps = [sh.captions[idx[j]] for j in mine]
+            ids = [sh.ids[idx[j]] for j in mine]
             for role, model in models.items():
                 rates = continuation_match(model, codes[..., :cfg.prompt_frames],
                                            codes[..., cfg.prompt_frames:], caps, cfg,
-                                           caption_tokens(model, [sh.captions[i] for i in idx]))
+                                           caption_tokens(model, [sh.captions[i] for i in idx]),
+                                           ids=ids)
                 out.continuation[role][s] = gather_items(rates, mine, len(idx))
+    if "ngram" in metrics:
+        out.ngram = {role: {} for role in models}
+        for s in replayed:
+            sh = sets[s]
+            n = min(len(sh), cfg.max_items)
+            mine = rank_share(n)
+            caps, ids = [sh.captions[j] for j in mine], [sh.ids[j] for j in mine]
+            tracks = [sh.codes(int(j))[0].numpy() for j in mine]  # codebook 0
+            for role, model in models.items():
+                codes = generate_codes(model, caps, cfg, progress=progress,
+                                       desc=f"{role} {s} (free)", items=mine, ids=ids,
+                                       text_tokens=caption_tokens(model, sh.captions[:n]))
+                overlap = ngram_overlap(codes[:, 0].numpy(), tracks, cfg.ngram)
+                out.ngram[role][s] = gather_items(overlap, mine, n)
     if wants_clap:
         from noencore.evaluation.clap import load_clap
 
@@ -134,14 +164,15 @@ def collect_generation(models: dict[str, Any], sets: dict[str, Any], metrics: li
     return out if rank() == 0 else None
 
 
-def generation_report(items: GenerationItems, metrics: list[str]
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(generation, continuation)`` report blocks, keyed by role then set."""
+def generation_report(items: GenerationItems, metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """The report blocks "generation" (CLAP score, FAD, memorisation), "continuation"
+    and, when asked, "ngram" (set means), each keyed by role then set."""
     cont: dict[str, Any] = {
         role: {s: None if r is None else float(r.mean()) for s, r in per_set.items()}
         for role, per_set in items.continuation.items()}
     if items.notes:
         cont["notes"] = list(items.notes)
+
     gen: dict[str, Any] = dict(items.clap)
     for role, per_set in items.generated.items():
         block: dict[str, Any] = {"clap_score": {}, "fad": {}, "memorization": {}}
@@ -160,4 +191,9 @@ def generation_report(items: GenerationItems, metrics: list[str]
                 block["memorization"][s] = {"clip": float(cosine_rows(g_emb, real).mean()),
                                             "nearest": float(near.mean())}
         gen[role] = block
-    return gen, cont
+    blocks = {"generation": gen, "continuation": cont}
+    if "ngram" in metrics:
+        blocks["ngram"] = {role: {s: float(np.nanmean(r)) if np.isfinite(r).any() else None
+                                  for s, r in per_set.items()}
+                           for role, per_set in items.ngram.items()}
+    return blocks

@@ -1,7 +1,7 @@
 """Unlearning methods: each turns a batch's rows into targets and signed row weights.
 
-``get_method(name, **options)`` builds one by name: ga, bounded_ga, graddiff, rl, npo,
-simnpo, and finetune
+``get_method(name, **options)`` builds one by name: ga, bounded_ga, match, graddiff, rl,
+npo, simnpo, and finetune
 (descent on both sets: builds a memorised starting point or a retrained baseline).
 """
 from __future__ import annotations
@@ -11,13 +11,14 @@ from noencore.methods.bounded_ga import BoundedGradientAscent
 from noencore.methods.finetune import Finetune
 from noencore.methods.ga import GradientAscent
 from noencore.methods.graddiff import GradDiff
+from noencore.methods.match import TargetMatching
 from noencore.methods.npo import NPO
 from noencore.methods.rl import RandomLabeling
 from noencore.methods.simnpo import SimNPO
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (GradientAscent, BoundedGradientAscent, GradDiff, RandomLabeling,
-                              NPO, SimNPO, Finetune)
+    cls.name: cls for cls in (GradientAscent, BoundedGradientAscent, TargetMatching, GradDiff,
+                              RandomLabeling, NPO, SimNPO, Finetune)
 }
 
 
@@ -36,4 +37,5 @@ def get_method(name: str | Method, **options) -> Method:
 
 
 __all__ = ["METHODS", "Method", "NPO", "Plan", "Rows", "BoundedGradientAscent", "GradDiff",
-           "Finetune", "GradientAscent", "RandomLabeling", "SimNPO", "get_method"]
+           "Finetune", "GradientAscent", "RandomLabeling", "SimNPO", "TargetMatching",
+           "get_method"]

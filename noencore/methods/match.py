@@ -1,0 +1,130 @@
+"""Target matching: move each forget row to the NLL a model that never saw it would give
+it, and hold it there.
+
+With s(x) the mean token NLL of forget row x under the model, tau(x) its target and
+h the Huber function of width delta (nats)::
+
+    L_F = mean_x h(s(x) - tau(x)) / delta,   h(u) = u^2 / 2 if |u| <= delta else delta |u| - delta^2 / 2
+    L   = forget_weight * L_F + remain_weight * (remain term; ``remain_anchor``: the hinge)
+
+dL/dCE_token = clamp((s - tau) / delta, -1, 1) / (n_forget_rows * |x|): gradient ascent
+of GA's strength while a row is more than delta below its target, fading to zero at it,
+and descent on a row pushed past it. GA and bounded GA only ever push up, so the whole
+artist keeps rising (the forget rows and, by spill-over, the artist's unseen tracks);
+here the forget set is pulled back to the target from both sides.
+
+The targets are measured before unlearning, under the original model (they do not
+follow the model at every check, which is what let bounded GA's moving target run away:
+unlearning the forget rows raises the artist's unseen tracks too, and a target that
+follows them is raised by the very ascent that chases it; ``follow`` does that, for
+comparison). With fixed targets the unseen tracks' rise settles (the forget rows stop
+moving once on target); ``refit_at`` (steps) re-fits the targets to the non-members'
+NLLs under the weights of that step, once each: a re-fit after the first pass aims the
+forget rows at the level the artist's unseen tracks settled at once its sound was
+unlearned, which is closer to where a model that never saw the artist has them than
+the original model's level is. The stop rule does not stop the run before its re-fits.
+
+- ``target`` (nats per token): one target for every row;
+- else the engine hands the method the original model's NLLs of the forget rows and of
+  non-member tracks like them (the stop rule's, e.g. the artist's unreleased tracks) and
+  the method maps one onto the other by quantiles (:meth:`fit_targets`): the forget row
+  with the k-th lowest NLL under the original model is sent to the k-th quantile of the
+  non-members' NLLs. The forget set then ends with the non-members' whole distribution
+  (its mean and its spread), which is what a membership-inference attack and TOFU's KS
+  test compare, rather than every row piled on one number.
+"""
+from __future__ import annotations
+
+import torch
+
+from noencore.methods.base import Method, Rows
+
+
+class TargetMatching(Method):
+    name = "match"
+    needs_nll = True
+
+    def __init__(self, target: float | None = None, width: float = 1.0,
+                 forget_weight: float = 1.0, remain_weight: float = 1.0,
+                 remain_anchor: bool = False, follow: bool = False,
+                 refit_at: int | tuple[int, ...] | list[int] = ()):
+        super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
+                         remain_anchor=remain_anchor)
+        if target is not None and target <= 0:
+            raise ValueError(f"target must be positive (nats per token), got {target}")
+        if width <= 0:
+            raise ValueError(f"width must be positive (nats), got {width}")
+        self.target = None if target is None else float(target)
+        self.width = float(width)
+        self.follow = bool(follow)
+        self.refit_at = tuple(sorted({int(s) for s in (
+            (refit_at,) if isinstance(refit_at, int) else refit_at)}))
+        if any(s < 1 for s in self.refit_at):
+            raise ValueError(f"refit_at must be steps >= 1, got {refit_at}")
+        if self.refit_at and self.target is not None:
+            raise ValueError("refit_at re-fits the quantile map: give no fixed target")
+        self.refitted: set[int] = set()  # refit steps done (the loop marks those of a resume)
+        # (float32 [n] sorted original-model row means, float32 [n] their targets)
+        self.target_map: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """The quantile map reads each forget row's NLL under the original model."""
+        return self.target is None
+
+    @property
+    def needs_nonmember_targets(self) -> bool:
+        """Whether the engine must measure non-members once and call :meth:`fit_targets`."""
+        return self.target is None
+
+    def fit_targets(self, forget_ref: torch.Tensor, nonmember: torch.Tensor) -> None:
+        """Quantile map from ``forget_ref`` (float [n]: the mean token NLL of every forget
+        row under the original model) to ``nonmember`` (float [m]: the mean token NLL of
+        each non-member track under the same model): row k of the sorted forget rows gets
+        the (k + 1/2) / n quantile of the non-members."""
+        if forget_ref.numel() == 0 or nonmember.numel() == 0:
+            raise ValueError("fitting targets needs forget rows and non-member tracks")
+        xs = forget_ref.float().sort().values
+        levels = (torch.arange(xs.numel(), dtype=torch.float64) + 0.5) / xs.numel()
+        ys = torch.quantile(nonmember.double().cpu(), levels).float().to(xs.device)
+        self.target_map = (xs, ys)
+
+    def refit_due(self, step: int) -> bool:
+        """Whether the targets are to be re-fitted at a check at ``step`` (the first check
+        at or after each ``refit_at`` step, once each); marks it done."""
+        due = [s for s in self.refit_at if s <= step and s not in self.refitted]
+        self.refitted.update(due)
+        return bool(due)
+
+    def row_targets(self, rows: Rows) -> torch.Tensor:
+        """float32 [B]: each row's target mean token NLL (forget rows; others unused)."""
+        if self.target is not None:
+            return torch.full_like(rows.forget, self.target, dtype=torch.float32)
+        if self.target_map is None or rows.ref_nll is None:
+            raise ValueError("match without a fixed target needs its targets fitted "
+                             "(fit_targets) and the forget rows' reference NLL (ref_nll)")
+        xs, ys = (t.to(rows.ref_nll.device) for t in self.target_map)
+        ref = rows.ref_nll.float() / rows.seq_tokens().clamp_min(1.0)
+        # piecewise-linear interpolation of the map, on the device (no host read)
+        hi = torch.searchsorted(xs, ref).clamp(1, max(xs.numel() - 1, 1))
+        lo = hi - 1
+        span = (xs[hi] - xs[lo]).clamp_min(1e-12)
+        a = ((ref - xs[lo]) / span).clamp(0.0, 1.0)
+        return ys[lo] + a * (ys[hi] - ys[lo])
+
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        n_f = rows.forget_rows.clamp_min(1.0)  # global: ranks see part of the batch
+        tokens = rows.seq_tokens().clamp_min(1.0)
+        gap = rows.seq_nll() / tokens - self.row_targets(rows)                  # [B]
+        slope = (gap / self.width).clamp(-1.0, 1.0)
+        seq_w = self.forget_weight * slope / (n_f * tokens)
+        w_r, remain = self.remain_weights(rows)
+        w = torch.where(rows.is_forget, seq_w[rows.item], w_r)
+        u = gap.abs()
+        huber = torch.where(u <= self.width, 0.5 * u * u, self.width * u - 0.5 * self.width ** 2)
+        forget = (huber / self.width * rows.forget).sum() / n_f
+        return w.float(), self.forget_weight * forget + remain
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target": self.target, "width": self.width,
+                "follow": self.follow, "refit_at": list(self.refit_at)}
