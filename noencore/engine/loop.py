@@ -54,12 +54,15 @@ class UnlearnResult:
 
 def _check_codec(model, shards) -> None:
     h = shards.header
-    have = {"n_q": model.n_q, "card": model.card, "frame_rate": model.frame_rate}
-    got = {"n_q": h.n_q, "card": h.card, "frame_rate": h.frame_rate}
+    have = {"n_q": model.n_q, "card": model.card, "frame_rate": model.frame_rate,
+            "sample_rate": model.sample_rate}
+    got = {"n_q": h.n_q, "card": h.card, "frame_rate": h.frame_rate,
+           "sample_rate": h.sample_rate}
     bad = [f"{k} {got[k]} vs model {have[k]}" for k in have if int(got[k]) != int(have[k])]
     if bad:
-        raise NoencoreError(f"{shards.path}: shards do not match the model ({', '.join(bad)}); "
-                            "precompute the shards with the model's codec")
+        raise NoencoreError(f"{shards.path}: shards (codec {h.codec!r}) do not match model "
+                            f"{model.spec!r} ({', '.join(bad)}); precompute the shards with "
+                            "the model's codec")
 
 
 def _check_conditions(cache, model, sets: UnlearningSets) -> None:
