@@ -26,14 +26,16 @@ STOP_RULES = ("auc", "matched", "fixed")
 # (method, options): the study's two methods, then the engine's best on this corpus: GA
 # bounded per row at the level of the artist's unseen tracks (row_target "unseen": moved
 # with that level at every check) with the remain set anchored at the memorised model's
-# NLL. Options the demo reads itself: "steps" (this method's step budget).
+# NLL. Options the demo reads itself: "steps" (this method's step budget), "method" (the
+# engine's method when the entry's name is a label of its own, e.g. "bounded_ga_lora")
+# and "lora" (unlearn's LoRA option).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),
     ("bounded_ga", {"loss_cap": None, "row_target": "unseen", "remain_weight": 3.0,
                     "remain_anchor": True}),
 )
-_DEMO_OPTIONS = ("steps",)
+_DEMO_OPTIONS = ("steps", "method", "lora")
 
 
 @dataclass
@@ -228,7 +230,8 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
             method_options = {k: v for k, v in options.items() if k not in _DEMO_OPTIONS}
             if method_options.get("row_target") == "unseen":
                 method_options["row_target"] = target_nll  # moved at every check
-            kw = dict(method=name, method_options=method_options,
+            kw = dict(method=options.get("method", name), method_options=method_options,
+                      lora=options.get("lora"),
                       steps=int(options.get("steps", cfg.unlearn_steps)),
                       lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                       forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
