@@ -250,6 +250,21 @@ def test_unlearn_cli_round_trip_into_transformers(hf_env, tmp_path, capsys):
     assert report["token"]["after"]["forget"]["nll"] > 0
 
 
+def test_codec_of_a_transformers_musicgen(hf_env):
+    """`--codec FOLDER` of a transformers MusicGen: its EnCodec, the codes transformers
+    computes, and the facts the shards record."""
+    from noencore.data.codec import load_codec
+
+    folder, model, _, hf = hf_env
+    codec = load_codec(str(folder))
+    assert (codec.n_q, codec.card, codec.frame_rate, codec.sample_rate) == (4, 2048, 50, 32000)
+    assert codec.transformers_model is not None and model.codec.transformers_model is not None
+    wav = 0.1 * torch.randn(2, 1, 32000 // 10)
+    with torch.no_grad():
+        want = hf.audio_encoder.encode(wav, bandwidth=2.2).audio_codes[0]  # [B, K, F]
+    assert torch.equal(codec.encode(wav), want)
+
+
 def _copy_with_config(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
