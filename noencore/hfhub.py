@@ -57,13 +57,18 @@ def snapshot(repo_id: str) -> Path:
             "local folder") from exc
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """``folder/config.json`` as a dict (an error naming the file if it is not JSON)."""
-    path = Path(folder) / "config.json"
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A transformers JSON file (config, generation config) as a dict; an error naming the
+    file if it is not readable JSON."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise NoencoreError(f"{path}: not a readable transformers config ({exc})") from exc
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/config.json`` as a dict."""
+    return read_json(Path(folder) / "config.json")
 
 
 def is_musicgen(folder: str | os.PathLike) -> bool:

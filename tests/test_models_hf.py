@@ -285,6 +285,12 @@ def test_bad_input_is_refused_naming_the_file_or_value(hf_env, tmp_path):
         load_musicgen(str(tmp_path / "empty"))
     with pytest.raises(NoencoreError, match="model_type 't5' is not a transformers MusicGen"):
         load_musicgen(str(tiny_t5_folder()))
+    # transformers' own conversions set the start token in generation_config.json only
+    plain = _copy_with_config(folder, tmp_path / "generation_only",
+                              lambda c: c["decoder"].pop("decoder_start_token_id"))
+    assert json.loads((plain / "generation_config.json").read_text()).get(
+        "decoder_start_token_id") == 2048
+    assert load_musicgen(str(plain), with_codec=False).format == "hf"
     bad = _copy_with_config(folder, tmp_path / "start", lambda c: c["decoder"].update(
         decoder_start_token_id=0))
     with pytest.raises(NoencoreError, match=r"config.json: decoder.decoder_start_token_id is "

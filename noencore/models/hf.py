@@ -51,6 +51,7 @@ from noencore.hfhub import (
     load_part,
     quiet_transformers,
     read_config,
+    read_json,
     snapshot,
 )
 from noencore.thirdparty import quiet_audiocraft
@@ -61,8 +62,9 @@ with quiet_audiocraft():
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "spiece.model", "added_tokens.json")
-# transformers' activation names whose function audiocraft computes identically
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
+# transformers' activation names whose function audiocraft computes identically, under
+# the same name
+ACTIVATIONS = ("gelu", "relu")
 _DEC = "decoder.model.decoder."
 
 
@@ -96,17 +98,24 @@ def check_config(config: dict[str, Any], where: Path) -> None:
         config.get("text_encoder") or {}
     card, n_q = int(dec.get("vocab_size", 2048)), int(dec.get("num_codebooks", 4))
     problems = []
+    # The start and pad tokens may be set in the decoder config, the composite config or
+    # generation_config.json (transformers' own conversions set them only there); every
+    # one that is set must be the special token audiocraft's pattern starts and fills with.
+    gen = where / "generation_config.json"
+    generation = read_json(gen) if gen.is_file() else {}
     for key in ("decoder_start_token_id", "pad_token_id"):
-        if dec.get(key) != card:
-            problems.append(f"decoder.{key} is {dec.get(key)}, not the special token {card} "
-                            f"(= decoder.vocab_size) that MusicGen's delay pattern fills with; "
-                            f"set it to {card}")
+        for name, value in ((f"decoder.{key}", dec.get(key)), (key, config.get(key)),
+                            (f"{gen.name}: {key}", generation.get(key))):
+            if value is not None and value != card:
+                problems.append(f"{name} is {value}, not the special token {card} "
+                                "(= decoder.vocab_size) that MusicGen's delay pattern fills "
+                                f"with; set it to {card}")
     if int(dec.get("audio_channels", 1)) != 1:
         problems.append(f"decoder.audio_channels is {dec.get('audio_channels')}: stereo "
                         "MusicGen is not supported (the engine's shards are mono)")
     if dec.get("activation_function", "gelu") not in ACTIVATIONS:
         problems.append(f"decoder.activation_function {dec.get('activation_function')!r} is "
-                        f"not one of {sorted(ACTIVATIONS)}")
+                        f"not one of {ACTIVATIONS}")
     if dec.get("cross_attention_hidden_size") is not None or \
             text.get("d_model", text.get("hidden_size")) == dec.get("hidden_size"):
         problems.append("the text encoder feeds the decoder without enc_to_dec_proj "
@@ -266,7 +275,7 @@ def _lm_config(config: dict[str, Any], t5_folder: Path, guidance: float) -> dict
             "num_heads": int(dec["num_attention_heads"]),
             "num_layers": int(dec["num_hidden_layers"]),
             "hidden_scale": int(dec["ffn_dim"]) / dim,
-            "activation": ACTIVATIONS[dec.get("activation_function", "gelu")]},
+            "activation": dec.get("activation_function", "gelu")},
         "codebooks_pattern": {"delay": {"delays": list(range(int(dec["num_codebooks"])))}},
         "classifier_free_guidance": {"inference_coef": guidance},
     })
@@ -356,9 +365,9 @@ def hf_config(model: Any) -> Any:
     bad = [f"{k} is {got!r} (transformers: {need!r})" for k, (got, need) in want.items()
            if got != need]
     act = t.get("activation", "gelu")
-    if act not in ACTIVATIONS.values():
+    if act not in ACTIVATIONS:
         bad.append(f"transformer_lm.activation is {act!r} (transformers: one of "
-                   f"{sorted(ACTIVATIONS)})")
+                   f"{ACTIVATIONS})")
     if bad:
         raise NoencoreError(f"model {model.spec!r} has no transformers equivalent: "
                             + "; ".join(bad))
