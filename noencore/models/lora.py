@@ -159,6 +159,7 @@ class LoraAdapters:
             for key, b_part in zip(keys, b.chunk(len(keys))):
                 module = key.removesuffix(".weight")
                 modules.append(module)
+                # a copy per projection: safetensors refuses tensors sharing memory
                 tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()
                 tensors[f"base_model.model.{module}.lora_B.weight"] = b_part.contiguous()
         config = peft.LoraConfig(r=self.spec.rank, lora_alpha=self.spec.describe()["alpha"],
