@@ -123,6 +123,7 @@ def engine_step(st: dict, autocast: bool) -> None:
     """The engine: precomputed codes + T5 outputs, hidden states, fused op, AdamW."""
     from noencore.engine.objective import UnlearnObjective, token_counts
     from noencore.methods import get_method
+    from noencore.models.adapter import token_mask
 
     model, opt = st["model"], st["opt"]
     if "objective" not in st:
@@ -133,7 +134,8 @@ def engine_step(st: dict, autocast: bool) -> None:
     counts = token_counts(model.lm, mask, forget)
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,
+        loss, _ = st["objective"](codes, token_mask(model.lm, mask), forget, st["emb"],
+                                  st["emask"], None, counts, 0,
                                   torch.arange(codes.shape[0]))
     loss.backward()
     opt.step()

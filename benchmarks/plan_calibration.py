@@ -85,13 +85,14 @@ def measure(model, *, batch: int, frames: int, text_tokens: int, checkpointing: 
 
     from noencore.engine.objective import UnlearnObjective, token_counts
     from noencore.methods import get_method
+    from noencore.models.adapter import token_mask
 
     lm = model.lm.to(dtype)
     lm.transformer.checkpointing = "torch" if checkpointing else "none"
     proj = lm.condition_provider.conditioners[model.text_attribute].output_proj
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, model.card, (batch, model.n_q, frames), generator=gen)
-    mask = torch.ones_like(codes, dtype=torch.bool)
+    mask = token_mask(lm, torch.ones_like(codes, dtype=torch.bool))
     forget = torch.arange(batch) % 2 == 0
     embeds = torch.randn(batch, text_tokens, proj.in_features, generator=gen).to(dtype)
     embeds_mask = torch.ones(batch, text_tokens, dtype=torch.bool)

@@ -13,7 +13,8 @@
 // lowers the choice (tests compare the paths), and isa() says which one runs.
 //
 // Kernel contract (shared with noencore/ops/reference.py and the Triton kernels):
-// loss_n = lse(z_n) - z_n[t_n] (unweighted, 0 for ignored rows); the gradient row is
+// loss_n = lse(z_n) - z_n[t_n] (unweighted, 0 for ignored rows), and lse(z_n) itself
+// (NaN for ignored rows, whose logits are not read), from the same pass; the gradient row is
 // coef_n * (p_n - onehot_n), exactly zero when the row is ignored, and zero when
 // coef_n < 0 and loss_n > cap. Non-finite logits follow torch: a NaN gives a NaN loss
 // and a NaN gradient row; a +inf max gives lse = +inf. Random labels: targets == -2 and
@@ -201,9 +202,11 @@ struct RowArgs {
   int64_t ignore_index, key, row0;  // row0: global index of row 0 (random labels)
   float cap;
   float* loss;
+  float* lse;  // logsumexp of each row (NaN for ignored rows)
 };
 
-// Rows [0, n) of contiguous [n, V] logits, fp32 or bf16: losses into args.loss and, when
+// Rows [0, n) of contiguous [n, V] logits, fp32 or bf16: losses and logsumexps into
+// args.loss and args.lse and, when
 // grad != nullptr, gradient rows of dtype fp32 or bf16 with row stride g_stride elements.
 // grad may alias the logits: the same rows in the same dtype, or (bf16 gradients over
 // fp32 logits, g_stride = 2V) the first half of each logits row. Per row: one read of
@@ -222,6 +225,7 @@ void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf1
       if (grad != nullptr && !g_bf16) g32 = static_cast<float*>(grad) + r * g_stride;
       if (label < 0) {  // ignored: loss 0 and a gradient of exactly 0, whatever the logits
         args.loss[r] = 0.0f;
+        args.lse[r] = std::numeric_limits<float>::quiet_NaN();
         if (g16 != nullptr) std::fill(g16, g16 + vocab, uint16_t{0});
         if (g32 != nullptr) std::fill(g32, g32 + vocab, 0.0f);
         continue;
@@ -243,6 +247,7 @@ void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf1
       const float lse = finite ? m + std::log(s) : lse_nonfinite(zf, vocab);
       const float l = lse - zt;
       args.loss[r] = l;
+      args.lse[r] = lse;
       if (grad == nullptr) continue;
       float c = args.coef[r];
       if (c < 0.0f && l > args.cap) c = 0.0f;
@@ -354,15 +359,17 @@ bool check_float(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// Loss of logits [N, V] into `loss` [N] fp32; gradient rows written into `grad` (same
-// shape/dtype, may be the logits themselves) when given. Every output element is written.
+// Loss and logsumexp of logits [N, V] into `loss` and `lse` ([N] fp32); gradient rows
+// written into `grad` (same shape/dtype, may be the logits themselves) when given. Every
+// output element is written.
 void ce_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& coef,
             int64_t ignore_index, int64_t key, int64_t row_offset, double cap,
-            const at::Tensor& loss, const c10::optional<at::Tensor>& grad) {
+            const at::Tensor& loss, const at::Tensor& lse, const c10::optional<at::Tensor>& grad) {
   const bool bf16 = check_float(logits, "logits");
   const int64_t n = logits.size(0), vocab = logits.size(1);
   check_common(targets, coef, n);
   check_loss(loss, n);
+  check_loss(lse, n);
   void* gptr = nullptr;
   if (grad.has_value() && grad->defined()) {
     TORCH_CHECK(grad->sizes() == logits.sizes() && grad->scalar_type() == logits.scalar_type() &&
@@ -372,17 +379,20 @@ void ce_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
   }
   check_targets(targets, ignore_index, key, vocab);
   const RowArgs args{targets.data_ptr<int64_t>(), coef.data_ptr<float>(), ignore_index, key,
-                     row_offset, static_cast<float>(cap), loss.data_ptr<float>()};
+                     row_offset, static_cast<float>(cap), loss.data_ptr<float>(),
+                     lse.data_ptr<float>()};
   rows_block(active_isa(), logits.data_ptr(), bf16, gptr, bf16, vocab, n, vocab, args);
 }
 
-// Per-row loss [N] fp32 into `loss` and, when given, dh [N, D] (hidden's dtype) and
+// Per-row loss and logsumexp ([N] fp32) into `loss` and `lse` and, when given, dh [N, D]
+// (hidden's dtype) and
 // dW [V, D] (weight's dtype) of sum_n coef_n * loss_n, with fp32 logits formed `chunk`
 // rows at a time. Every element of the given outputs is overwritten (dW is not
 // accumulated into).
 void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                    const at::Tensor& coef, int64_t ignore_index, int64_t key, int64_t row_offset,
-                   double cap, const at::Tensor& loss, const c10::optional<at::Tensor>& dh_opt,
+                   double cap, const at::Tensor& loss, const at::Tensor& lse,
+                   const c10::optional<at::Tensor>& dh_opt,
                    const c10::optional<at::Tensor>& dw_opt, int64_t chunk) {
   const bool bf16 = check_float(hidden, "hidden");
   check_float(weight, "weight");
@@ -392,6 +402,7 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
   const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
   check_common(targets, coef, n);
   check_loss(loss, n);
+  check_loss(lse, n);
   const bool need_dh = dh_opt.has_value() && dh_opt->defined();
   const bool need_dw = dw_opt.has_value() && dw_opt->defined();
   if (need_dh) {
@@ -435,7 +446,7 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
     const at::Tensor g = bf16 ? z.view(at::kBFloat16).narrow(1, 0, vocab) : z;
     const RowArgs args{targets.data_ptr<int64_t>() + s, coef.data_ptr<float>() + s,
                        ignore_index, key, row_offset + s, static_cast<float>(cap),
-                       loss.data_ptr<float>() + s};
+                       loss.data_ptr<float>() + s, lse.data_ptr<float>() + s};
     rows_block(isa, z.data_ptr(), false, need_grad ? g.data_ptr() : nullptr, bf16, g.stride(0),
                c, vocab, args);
     if (need_dh) {
@@ -555,8 +566,10 @@ std::string isa() { return kIsaNames[static_cast<int>(active_isa())]; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "noencore C++ CPU kernels: fused cross-entropy with ascent";
-  m.def("ce_fwd", &ce_fwd, "per-row CE loss and gradient (optionally in place) on logits [N, V]");
-  m.def("linear_ce_fwd", &linear_ce_fwd, "fused linear head + CE: loss, dh, dW into given outputs");
+  m.def("ce_fwd", &ce_fwd,
+        "per-row CE loss, logsumexp and gradient (optionally in place) on logits [N, V]");
+  m.def("linear_ce_fwd", &linear_ce_fwd,
+        "fused linear head + CE: loss, logsumexp, dh, dW into given outputs");
   m.def("random_labels", &random_labels, "random labels of a row range");
   m.def("token_stats", &token_stats, "per-row nll, top-1, log-prob mean and variance");
   m.def("isa", &isa, "instruction-set path of the kernels: portable, avx512 or avx512_bf16");

@@ -70,8 +70,8 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _ce_rows_kernel(Z, G, T, COEF, LOSS, stride_z, stride_g, vocab, ignore_index, key, row0,
-                    cap, mask32, HAS_KEY: tl.constexpr, HAS_GRAD: tl.constexpr,
+def _ce_rows_kernel(Z, G, T, COEF, LOSS, LSE, stride_z, stride_g, vocab, ignore_index, key,
+                    row0, cap, mask32, HAS_KEY: tl.constexpr, HAS_GRAD: tl.constexpr,
                     G_BF16: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64 before the multiply: N x V may pass 2^31
     z_row = Z + row * stride_z
@@ -101,6 +101,7 @@ def _ce_rows_kernel(Z, G, T, COEF, LOSS, stride_z, stride_g, vocab, ignore_index
     lse = tl.where(nans > 0, float("nan"), lse)
     loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), lse - zt))
     tl.store(LOSS + row, loss)
+    tl.store(LSE + row, tl.where(ignored, float("nan"), lse))
     if HAS_GRAD:
         c = tl.load(COEF + row).to(tl.float32)
         c = tl.where((c < 0) & (loss > cap), 0.0, c)
@@ -134,21 +135,22 @@ def _block_v(vocab: int) -> int:
 
 def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
            ignore_index: int, key: int | None, row_offset: int, cap: float,
-           grad: torch.Tensor | None) -> torch.Tensor:
+           grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`noencore.ops.reference.ce_fwd` (logits [N, V], row-contiguous)."""
     n, vocab = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n == 0:
-        return loss
+        return loss, lse
     if logits.stride(1) != 1 or (grad is not None and grad.stride(1) != 1):
         raise ValueError("the Triton kernel needs rows with unit column stride")
     g = grad if grad is not None else logits  # unused pointer when HAS_GRAD is False
     _ce_rows_kernel[(n,)](
-        logits, g, targets.contiguous(), coef.to(torch.float32).contiguous(), loss,
+        logits, g, targets.contiguous(), coef.to(torch.float32).contiguous(), loss, lse,
         logits.stride(0), g.stride(0), vocab, ignore_index, 0 if key is None else key,
         row_offset, float(cap), _MASK32, HAS_KEY=key is not None, HAS_GRAD=grad is not None,
         G_BF16=g.dtype == torch.bfloat16, BLOCK_V=_block_v(vocab))
-    return loss
+    return loss, lse
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,13 +166,15 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
 def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   coef: torch.Tensor, *, ignore_index: int, key: int | None, row_offset: int,
                   cap: float, need_dh: bool, need_dw: bool, chunk: int = DEFAULT_CHUNK
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                             torch.Tensor | None]:
     """See :func:`noencore.ops.reference.linear_ce_fwd`. Logits are fp32 (one [rows, V]
     buffer); gradients are written in hidden's dtype, over the logits when that is fp32
     and into one [rows, V] buffer otherwise; dh in hidden's dtype, dW summed in fp32."""
     n = hidden.shape[0]
     need_grad = need_dh or need_dw
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty(n, device=hidden.device, dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty(weight.shape, device=hidden.device, dtype=torch.float32) if need_dw else None
     if n == 0 and dw is not None:
@@ -188,8 +192,8 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         h = hidden[s:e]
         z = _mm_fp32(h, weight.T, out=z_buf[: e - s])
         g = g_buf[: e - s] if need_grad else None
-        loss[s:e] = ce_fwd(z, targets[s:e], coef[s:e], ignore_index=ignore_index, key=key,
-                           row_offset=row_offset + s, cap=cap, grad=g)
+        loss[s:e], lse[s:e] = ce_fwd(z, targets[s:e], coef[s:e], ignore_index=ignore_index,
+                                     key=key, row_offset=row_offset + s, cap=cap, grad=g)
         if dh is not None:
             torch.mm(g, weight, out=dh[s:e])
         if dw is not None:
@@ -197,7 +201,7 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                 _mm_fp32(g.T, h, out=dw)
             else:
                 dw.add_(_mm_fp32(g.T, h))
-    return loss, dh, (dw.to(weight.dtype) if dw is not None else None)
+    return loss, lse, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
 def random_labels(key: int, row_offset: int, n: int, vocab: int,

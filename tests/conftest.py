@@ -33,3 +33,32 @@ def device(request) -> torch.device:
     if "backend" in request.fixturenames and request.getfixturevalue("backend") == "cpp":
         return torch.device("cpu")
     return OP_DEVICE
+
+
+def _poison_empty(monkeypatch, float_fill: float) -> None:
+    """Make torch.empty / empty_like return tensors filled with ``float_fill`` (floats) or
+    -7777 (other non-bool dtypes), so that an element a kernel forgot to write shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float_fill)
+        elif t.dtype != torch.bool:
+            t.fill_(-7777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """New float outputs hold NaN until written (op tests)."""
+    _poison_empty(monkeypatch, float("nan"))
+
+
+@pytest.fixture
+def finite_poison(monkeypatch):
+    """New float outputs hold -7777 until written: shows an unwritten element whose
+    written value would be NaN (the logsumexp of an ignored row)."""
+    _poison_empty(monkeypatch, -7777.0)

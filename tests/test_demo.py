@@ -1,29 +1,49 @@
-"""Smoke test of the demo pipeline on a tiny configuration (seconds, not minutes)."""
+"""Smoke test of the demo pipeline on a tiny configuration (seconds, not minutes), and its
+reproducibility across thread settings and hash seeds."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from noencore.demo import DemoConfig, run_demo
+from noencore.demo import DemoConfig, run_demo, stage_digests
+
+TINY = dict(n_clips=14, seconds=(1.0, 1.2), forget_fraction=0.3, memorise_steps=3,
+            unlearn_steps=2, batch_size=4, frames=50, check_every=1,
+            methods=(("ga", {}), ("bounded_ga", {"loss_cap": None, "row_target": "unseen",
+                                                 "remain_weight": 3.0, "remain_anchor": True,
+                                                 "steps": 2})))
 
 
-def test_run_demo_tiny(tmp_path):
-    methods = (("ga", {}), ("bounded_ga", {"loss_cap": None, "row_target": "unseen",
-                                          "remain_weight": 3.0, "remain_anchor": True,
-                                          "steps": 2}))
-    cfg = DemoConfig(n_clips=14, seconds=(1.0, 1.2), forget_fraction=0.3, memorise_steps=3,
-                     unlearn_steps=2, batch_size=4, frames=50, check_every=1, methods=methods)
-    report = run_demo(tmp_path / "demo", cfg)
-    out = tmp_path / "demo"
-    assert report == out / "report.md" and report.is_file()
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny demo, run in this process with its thread settings (which the demo
+    must leave as it found them)."""
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert run_demo(out, DemoConfig(**TINY)) == out / "report.md"
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+    return out
+
+
+def test_run_demo_tiny(tiny_demo: Path) -> None:
+    cfg, out = DemoConfig(**TINY), tiny_demo
+    report = out / "report.md"
+    assert report.is_file()
     text = report.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    results, _, digest_table = text.partition("## Reproducibility")
+    rows = [line for line in results.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["ga", "bounded_ga"]
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "summary.png").stat().st_size > 5000 and "(summary.png)" in text
     assert set(summary) == {"ga", "bounded_ga"}
-    for name, _ in methods:
+    for name, _ in cfg.methods:
         assert (out / "reports" / name / "report.md").is_file()
         assert (out / "models" / name / "model" / "state_dict.bin").is_file()
         # the run left its step log, and every row of it is a finished step
@@ -32,11 +52,34 @@ def test_run_demo_tiny(tmp_path):
         assert 1 <= len(steps) <= cfg.unlearn_steps
     # with 2 forget and 2 holdout clips, the AUC is not computed: the table says n/a
     assert "n/a" in text
+    # the report ends with each stage's digest
+    digests = stage_digests(out, ["ga", "bounded_ga"])
+    assert list(digests) == ["corpus", "token codes", "memorised model", "ga model",
+                             "bounded_ga model"]
+    assert all(f"`{d[:16]}`" in digest_table for d in digests.values())
+
+
+def test_demo_reproduces_under_other_threads_and_hash_seed(tiny_demo: Path,
+                                                           tmp_path: Path) -> None:
+    """A fresh process with another OpenMP/MKL thread count and another hash seed gives
+    the same corpus, codes, weights and table, bit for bit: the demo fixes its own thread
+    count (float sums follow it) and nothing it does follows set or listing order."""
+    out = tmp_path / "again"
+    other = "1" if torch.get_num_threads() != 1 else "3"  # not the count tiny_demo had
+    env = {**os.environ, "OMP_NUM_THREADS": other, "MKL_NUM_THREADS": other,
+           "PYTHONHASHSEED": "12345",  # this process's seed is random unless set
+           "OMP_WAIT_POLICY": "PASSIVE"}  # as `noencore demo` runs: faster on a busy machine
+    code = ("from noencore.demo import DemoConfig, run_demo; "
+            f"run_demo({str(out)!r}, DemoConfig(**{TINY!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("summary.json", "report.md"):  # report.md holds the stage digests
+        assert (out / name).read_text() == (tiny_demo / name).read_text(), name
+    methods = ["ga", "bounded_ga"]
+    assert stage_digests(out, methods) == stage_digests(tiny_demo, methods)
 
 
 def test_bisect_crossing_finds_the_weights_between_two_steps():
-    import torch
-
     from noencore.engine.stopping import ModuleWeights, bisect_crossing
 
     class Toy:

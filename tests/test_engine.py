@@ -15,7 +15,7 @@ import torch
 from noencore.errors import NoencoreError, UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import conditioned_shards, random_items, write_shards  # noqa: E402
 
 OVERRIDES = {"transformer_lm": {"num_layers": 1}}
 RUN = dict(forget="forget", method="graddiff", steps=6, lr=1e-3, batch_size=4,
@@ -25,15 +25,8 @@ RUN = dict(forget="forget", method="graddiff", steps=6, lr=1e-3, batch_size=4,
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
-    from noencore.data.shards import TokenShards
-    from noencore.models import build_condition_cache, load_musicgen
-
     root = tmp_path_factory.mktemp("engine")
-    shards = TokenShards(write_shards(root / "shards", random_items(2, 6, 20)))
-    model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
-    build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
-                          progress=False)
-    return root, shards
+    return root, conditioned_shards(root / "shards", random_items(2, 6, 20), OVERRIDES)
 
 
 def _fresh():

@@ -13,7 +13,7 @@ import torch
 from noencore.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import conditioned_shards, random_items  # noqa: E402
 
 OVERRIDES = {"transformer_lm": {"num_layers": 2}}
 RUN = dict(forget="forget", remain=["r0", "r1", "r2", "r3", "r4"], steps=2, lr=1e-3,
@@ -27,15 +27,8 @@ METHODS = [("graddiff", {}), ("npo", {"beta": 0.5}), ("rl", {"remain_weight": 0.
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
-    from noencore.data.shards import TokenShards
-    from noencore.models import build_condition_cache, load_musicgen
-
     root = tmp_path_factory.mktemp("accumulation")
-    shards = TokenShards(write_shards(root / "shards", random_items(3, 6, 20)))
-    model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
-    build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
-                          progress=False)
-    return shards
+    return conditioned_shards(root / "shards", random_items(3, 6, 20), OVERRIDES)
 
 
 def _trained(shards, name, opts, **kw) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from noencore.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import conditioned_shards, random_items  # noqa: E402
 
 OVERRIDES = {"transformer_lm": {"num_layers": 1}}
 RUN = dict(forget="forget", method="graddiff", steps=2, lr=1e-3, batch_size=4,
@@ -29,15 +29,8 @@ RUN = dict(forget="forget", method="graddiff", steps=2, lr=1e-3, batch_size=4,
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     os.environ.setdefault("NOENCORE_CACHE", str(tmp_path_factory.mktemp("nc_cache")))
-    from noencore.data.shards import TokenShards
-    from noencore.models import build_condition_cache, load_musicgen
-
     root = tmp_path_factory.mktemp("devices")
-    shards = TokenShards(write_shards(root / "shards", random_items(2, 6, 20)))
-    model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
-    build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
-                          progress=False)
-    return root, shards
+    return root, conditioned_shards(root / "shards", random_items(2, 6, 20), OVERRIDES)
 
 
 def _fresh():
@@ -167,6 +160,7 @@ def test_every_parameter_gets_a_gradient_on_every_rank(data, frames):
     reach the delayed codebooks (frames=2: no token for codebooks 2 and 3)."""
     from noencore.engine.objective import UnlearnObjective, token_counts
     from noencore.methods import get_method
+    from noencore.models.adapter import token_mask
     from noencore.models.text import ConditionCache
 
     root, shards = data
@@ -181,7 +175,7 @@ def test_every_parameter_gets_a_gradient_on_every_rank(data, frames):
     counts = token_counts(model.lm, mask, forget) + torch.tensor([5.0, 5.0, 1.0],
                                                                  dtype=torch.float64)
     obj = UnlearnObjective(model, get_method("graddiff"), backend="torch")
-    loss, stats = obj(codes, mask, forget, emb, emask, None, counts, 7,
+    loss, stats = obj(codes, token_mask(model.lm, mask), forget, emb, emask, None, counts, 7,
                       torch.tensor([0 if frames else -1]))
     assert loss.requires_grad
     loss.backward()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import free_port, random_items, write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -63,13 +57,13 @@ def test_readme_deepspeed_then_torchrun_resume(tmp_path):
              "--frames", "12", "--lr", "1e-3", "--zero-stage", "2", "--checkpoint-every", "1",
              "--out", str(out), "--no-progress", "--device", "cpu"]
     ds = subprocess.run([_launcher("deepspeed"), "--num_gpus", "2", "--master_port",
-                         str(_free_port()), "--module", "noencore", *flags, "--steps", "2"],
+                         str(free_port()), "--module", "noencore", *flags, "--steps", "2"],
                         capture_output=True, text=True, env=_env(), timeout=540, cwd=tmp_path)
     assert (out / "checkpoints" / "step_0000002" / "manifest.json").exists(), ds.stderr[-3000:]
     assert "--local_rank" not in ds.stderr  # the launcher's argument was accepted
 
     tr = subprocess.run([_launcher("torchrun"), "--nproc_per_node", "2", "--master_port",
-                         str(_free_port()), "-m", "noencore", *flags, "--steps", "3",
+                         str(free_port()), "-m", "noencore", *flags, "--steps", "3",
                          "--resume"],
                         capture_output=True, text=True, env=_env(), timeout=540, cwd=tmp_path)
     summaries = [json.loads(line) for line in tr.stdout.splitlines() if line.startswith("{")]

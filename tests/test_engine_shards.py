@@ -116,3 +116,24 @@ def test_one_forget_clip_and_thousands_of_remain_clips(tmp_path):
     assert b.forget.tolist() == [True, True] + [False] * 6
     assert (b.unit[:2] == 0).all() and b.captions[0] == "forget song 0"
     assert len(set(b.unit[2:].tolist())) > 1  # remain rows drawn from the large pool
+
+
+def conditioned_shards(folder: Path, items: list, overrides: dict | None = None):
+    """``write_shards`` plus the text-condition cache of the tiny model's encoder: what
+    ``noencore.unlearn`` needs. Returns the ``TokenShards``."""
+    from noencore.data.shards import TokenShards
+    from noencore.models import build_condition_cache, load_musicgen
+
+    shards = TokenShards(write_shards(folder, items))
+    encoder = load_musicgen("tiny", with_codec=False, overrides=overrides).text_encoder
+    build_condition_cache(Path(folder) / "conditions", shards.captions, encoder, progress=False)
+    return shards
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import free_port, random_items, write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
@@ -143,11 +142,6 @@ if __name__ == "__main__":
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(world: int, shards: Path, memorised: Path, out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -156,7 +150,7 @@ def _launch(world: int, shards: Path, memorised: Path, out: Path) -> None:
                "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     script = out / "zero_driver.py"  # a file: spawned ranks re-import it
     script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS))
-    proc = subprocess.run([sys.executable, str(script), str(world), str(_free_port()),
+    proc = subprocess.run([sys.executable, str(script), str(world), str(free_port()),
                            str(shards), str(memorised), str(out)], capture_output=True,
                           text=True, env=env, timeout=900, cwd=ROOT)
     if not (out / f"DONE_w{world}").exists():  # only an abort *after* the results is tolerated

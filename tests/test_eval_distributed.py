@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_shards import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PER_SET = 6
@@ -219,11 +221,6 @@ def test_collectives_get_tensors_on_the_backend_device(data, tmp_path, monkeypat
     assert (tmp_path / "out" / "report.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -325,7 +322,7 @@ def test_torchrun_api_two_ranks_equal_one_process(data, tmp_path):
     script = tmp_path / "api_driver.py"
     script.write_text(_API_DRIVER)
     launch = subprocess.Popen([*_launcher("torchrun"), "--nproc_per_node", "2", "--master_port",
-                               str(_free_port()), str(script), str(work)],
+                               str(free_port()), str(script), str(work)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(), cwd=tmp_path)
     try:  # the one-process run, meanwhile
@@ -365,7 +362,7 @@ def test_deepspeed_cli_two_ranks_equal_one_process(data, tmp_path, capsys):
              "--reference", str(root / "before"), "--batch-size", "3", "--frames", str(FRAMES),
              "--min-auc-items", "3", "--quiet"]
     launch = subprocess.Popen([*_launcher("deepspeed"), "--num_gpus", "2", "--master_port",
-                               str(_free_port()), "--module", "noencore", *flags,
+                               str(free_port()), "--module", "noencore", *flags,
                                "--out", str(tmp_path / "two")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(), cwd=tmp_path)

@@ -97,6 +97,8 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
         (0.5 - r["mia"]["after"]["forget"]["loss"]) / 0.5 * 100)
     assert "no CLAP checkpoint" in r["generation"]["skipped"]
     assert "needs a model retrained" in r["forget_quality"]["note"]
+    from noencore.ops import cpp, cpp_available
+    assert r["op_backend"] == (f"cpp ({cpp.isa()})" if cpp_available() else "torch")
     out = tmp_path / "after"
     text = (out / "report.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
@@ -104,6 +106,7 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
     md = (out / "report.md").read_text()
     assert "| metric | good | forget before | forget after | remain before | remain after |" in md
     assert "forget ↑, remain ~" in md and "## Verdicts" in md and "remain NLL kept" in md
+    assert f"token statistics by the {r['op_backend']} backend" in md
     for png in ("nll_hist.png", "roc.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [v["criterion"] for v in r["verdicts"]][:2] == ["forget MIA AUC near chance",

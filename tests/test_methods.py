@@ -90,6 +90,7 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
                               for c in CASES])
 def test_objective_gradient_matches_plain_formula(env, name, opts):
     from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+    from noencore.models.adapter import token_mask
 
     model, cache = env
     method = get_method(name, **opts)
@@ -109,8 +110,8 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     params = [p for p in model.lm.parameters() if p.requires_grad]
 
     model.lm.zero_grad(set_to_none=True)
-    loss, stats = obj(codes, mask, forget, emb, emask, ref_nll, counts, 12345,
-                      torch.arange(B))
+    loss, stats = obj(codes, token_mask(model.lm, mask), forget, emb, emask, ref_nll, counts,
+                      12345, torch.arange(B))
     loss.backward()
     got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 

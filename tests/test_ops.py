@@ -33,22 +33,6 @@ def _skip_unavailable(backend: str) -> None:
         pytest.skip("triton unavailable (needs a GPU or TRITON_INTERPRET=1)")
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled (float) or -7777 (int) tensors."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7777)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-
-
 def _rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
     """fp32: max-abs error over max-abs value; bf16: relative L2 error."""
     a, e = actual.double(), expected.double()
@@ -124,11 +108,11 @@ def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned, devi
     h, w, t, rw = _on(device, hidden, weight, targets, row_weight)
     h.requires_grad_()
     w.requires_grad_()
-    out = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3,
-                               loss_cap=cap, reduction=reduction, backend=backend)
+    out, lse = ops.linear_ce_ascent(h, w, t, rw, random_labels=5, row_offset=3, loss_cap=cap,
+                                    reduction=reduction, backend=backend, return_lse=True)
     upstream = torch.randn(out.shape)  # any upstream gradient, scalar or per row
     (out * upstream.to(device)).sum().backward()
-    out = out.cpu()
+    out, lse = out.cpu(), lse.cpu()
 
     labels = resolve_targets(targets, label_key(5), 3, v, -100)
     h64 = hidden.double().requires_grad_()
@@ -142,6 +126,13 @@ def test_linear_matches_float64(backend, dtype, reduction, shape, poisoned, devi
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
     assert _rel(h.grad.cpu(), h64.grad, dtype) < _tol(dtype), "d hidden"
     assert _rel(w.grad.cpu(), w64.grad, dtype) < _tol(dtype), "d weight"
+    # Each row's logsumexp from the same pass (fp32 logits, also for bf16 inputs: the
+    # float64 product of the same bf16 values is the exact reference); NaN when ignored.
+    assert lse.dtype == torch.float32 and not lse.requires_grad
+    ignored = targets == -100
+    assert torch.isnan(lse[ignored]).all()
+    lse64 = torch.logsumexp(hidden.double() @ weight.double().T, 1)
+    torch.testing.assert_close(lse[~ignored].double(), lse64[~ignored], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -315,9 +306,9 @@ def test_kernel_chunks_agree(backend, dtype, poisoned, device):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for chunk in (7, 3):  # 4 chunks (C++ bf16: dW summed in bf16), 8 (summed in fp32)
         many = kern.linear_ce_fwd(hidden, weight, targets, coef, chunk=chunk, **kw)
-        for a, b in zip(one, many):
+        for a, b in zip(one, many):  # loss, lse (NaN on ignored rows), dh, dw
             assert a.dtype == b.dtype
-            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -476,10 +467,11 @@ def test_triton_reads_the_logits_only_in_its_two_passes():
         [ast.unparse(node) for node in loads]
 
 
-def _nonfinite_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [10, 2500] with one non-finite case per row, targets, coef (cap 5)."""
+def _nonfinite_rows(dtype: torch.dtype, vocab: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [10, vocab] with one non-finite case per row, targets, coef (cap 5)."""
     g = torch.Generator().manual_seed(30)
-    z = torch.randn(10, 2500, generator=g) * 3
+    z = torch.randn(10, vocab, generator=g) * 3
     t = torch.randint(0, 2048, (10,), generator=g)
     z[0, 5] = math.nan                     # NaN: NaN loss, NaN gradient row
     z[1, 7] = math.inf                     # +inf elsewhere: loss inf, NaN at the inf
@@ -490,8 +482,8 @@ def _nonfinite_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tor
     t[4] = 11                              # -inf at the target: loss inf, finite gradient
     z[5, 13] = math.nan
     t[5] = -100                            # ignored: loss 0 and gradient 0, NaN or not
-    z[6, :2100] = -math.inf
-    t[6] = 2200                            # the first blocks all -inf: a finite row
+    z[6, :vocab - 400] = -math.inf
+    t[6] = vocab - 300                     # the first blocks all -inf: a finite row
     z[7, 3:5] = math.inf                   # two +inf, ascent row over the cap
     z[8, 20] = math.nan
     t[8] = ops.RANDOM_LABEL                # a relabelled NaN row
@@ -501,16 +493,17 @@ def _nonfinite_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tor
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab", [2048, 2500])  # Triton: the row in one block, or two passes
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf in the interpreter
-def test_nonfinite_logits_follow_torch(backend, dtype, poisoned, device):
+def test_nonfinite_logits_follow_torch(backend, dtype, vocab, poisoned, device):
     """NaN and inf logits give what torch gives (NaN/inf losses and gradients, never a
     finite stand-in that would slip past the engine's NaN guard); ignored rows stay 0."""
     _skip_unavailable(backend)
-    z, t, coef = _nonfinite_rows(dtype)
+    z, t, coef = _nonfinite_rows(dtype, vocab)
     kw = dict(ignore_index=-100, key=label_key(4), row_offset=0, cap=5.0)
     zd, td, cd = _on(device, z, t, coef)
     grad = torch.empty_like(zd)
-    loss = backend_module(backend).ce_fwd(zd, td, cd, grad=grad, **kw).cpu()
+    loss, lse = (x.cpu() for x in backend_module(backend).ce_fwd(zd, td, cd, grad=grad, **kw))
     grad = grad.cpu().float()
 
     # torch's own semantics, written out in float64 (capped row 7: coef 0, so 0 * NaN).
@@ -528,6 +521,9 @@ def test_nonfinite_logits_follow_torch(backend, dtype, poisoned, device):
     assert torch.isnan(grad[[0, 3, 8]]).all() and torch.isnan(grad[[1, 2, 7]]).any(dim=1).all()
     assert torch.equal(grad[5], torch.zeros_like(grad[5])) and loss[5] == 0
     torch.testing.assert_close(loss.double(), exp_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
+    # logsumexp: torch's for every row (also -inf, NaN, +inf), NaN for the ignored one
+    exp_lse = torch.where(torch.arange(10) == 5, math.nan, torch.logsumexp(z64, 1))
+    torch.testing.assert_close(lse.double(), exp_lse, equal_nan=True, rtol=1e-5, atol=1e-5)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.double(), exp_grad, equal_nan=True, rtol=tol, atol=tol)
 
@@ -559,7 +555,7 @@ def test_unvalidated_bad_targets_give_nan_rows(backend, poisoned, device):
     zd, td, cd = _on(device, z, t, torch.ones(5))
     grad = torch.empty_like(zd)
     loss = backend_module(backend).ce_fwd(zd, td, cd, ignore_index=-100, key=None,
-                                          row_offset=0, cap=math.inf, grad=grad).cpu()
+                                          row_offset=0, cap=math.inf, grad=grad)[0].cpu()
     grad = grad.cpu()
     assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all()
     assert torch.isfinite(loss[0]) and torch.isfinite(grad[0]).all()
@@ -591,16 +587,16 @@ def test_cpp_refuses_out_of_range_targets_before_writing(poisoned):
     ext = _c_ext()
     z = torch.randn(3, 50)
     t = torch.tensor([1, 50, 2])
-    coef, loss, grad = torch.ones(3), torch.empty(3), torch.empty(3, 50)
+    coef, loss, lse, grad = torch.ones(3), torch.empty(3), torch.empty(3), torch.empty(3, 50)
     with pytest.raises(RuntimeError, match=r"targets\[1\] = 50 is not a class in \[0, 50\)"):
-        ext.ce_fwd(z, t, coef, -100, -1, 0, math.inf, loss, grad)
+        ext.ce_fwd(z, t, coef, -100, -1, 0, math.inf, loss, lse, grad)
     dh, dw = torch.empty(3, 8), torch.empty(50, 8)
     with pytest.raises(RuntimeError, match=r"targets\[1\] = 50"):
         ext.linear_ce_fwd(torch.randn(3, 8), torch.randn(50, 8), t, coef, -100, -1, 0,
-                          math.inf, loss, dh, dw, 2)
+                          math.inf, loss, lse, dh, dw, 2)
     with pytest.raises(RuntimeError, match=r"targets\[0\] = -2"):  # RANDOM_LABEL, no key
-        ext.ce_fwd(z, torch.tensor([-2, 1, 2]), coef, -100, -1, 0, math.inf, loss, grad)
-    for out in (loss, grad, dh, dw):
+        ext.ce_fwd(z, torch.tensor([-2, 1, 2]), coef, -100, -1, 0, math.inf, loss, lse, grad)
+    for out in (loss, lse, grad, dh, dw):
         assert torch.isnan(out).all(), "nothing written before the check"
 
 
@@ -648,14 +644,16 @@ def test_cpp_isa_paths_match_reference(isa, dtype, poisoned, monkeypatch):
     expected = ref.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True, **kw)
     got = cpp.linear_ce_fwd(hidden, weight, targets, coef, need_dh=True, need_dw=True,
                             chunk=16, **kw)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=2e-5)  # fp32 logits
-    for a, b in zip(got[1:], expected[1:]):
+    for a, b in zip(got[:2], expected[:2]):  # loss, lse: fp32 logits
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, equal_nan=True)
+    for a, b in zip(got[2:], expected[2:]):
         assert a.dtype == dtype and _rel(a, b, dtype) < _tol(dtype)
     logits = (hidden.float() @ weight.float().T).to(dtype)
     grad, grad_ref = torch.empty_like(logits), torch.empty_like(logits)
-    loss = cpp.ce_fwd(logits, targets, coef, grad=grad, **kw)
-    loss_ref = ref.ce_fwd(logits, targets, coef, grad=grad_ref, **kw)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=2e-5)
+    got = cpp.ce_fwd(logits, targets, coef, grad=grad, **kw)
+    expected = ref.ce_fwd(logits, targets, coef, grad=grad_ref, **kw)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, equal_nan=True)
     assert _rel(grad, grad_ref, dtype) < _tol(dtype)
     st = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3, backend="cpp")
     st_ref = ops.token_stats(hidden, weight, targets, random_labels=5, row_offset=3,

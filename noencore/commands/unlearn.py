@@ -43,6 +43,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "stop_auc": (float, 0.5, "with --stop-nonmembers: the AUC to stop at"),
     "stop_every": (int, 1, "with --stop-nonmembers: check every N steps"),
     "grad_clip": (float, 1.0, "gradient norm clip (0: none)"),
+    "log_every": (int, 10, "read the step numbers from the device every N steps (metrics.jsonl "
+                           "still holds every step; NaN/inf is caught at the read)"),
     "backend": (str, "auto", "fused op backend: auto | triton | cpp | torch"),
     "zero_stage": (int, None, "train with DeepSpeed ZeRO stage 1, 2 or 3 (bf16)"),
     "deepspeed_config": (str, None, "DeepSpeed JSON config (checked against the flags)"),

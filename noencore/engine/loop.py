@@ -13,6 +13,7 @@ Stops at ``steps`` or when the forget NLL reaches ``target_forget_nll``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -31,6 +32,7 @@ from noencore.engine.objective import UnlearnObjective, sequence_nll, token_coun
 from noencore.engine.sets import UnlearningSets
 from noencore.errors import NoencoreError, UsageError
 from noencore.methods import Method, get_method
+from noencore.models.adapter import token_mask
 
 
 class DivergenceError(NoencoreError):
@@ -264,22 +266,26 @@ def _save_checkpoint(run: _Run, step: int) -> None:
 
 
 def _step_rows(run: _Run, step: int) -> Any:
-    """This rank's rows of step ``step`` (a ``StepBatch``) and the token counts of the whole
-    optimizer step (float64 [3] on the device: forget tokens, remain tokens, forget rows,
-    summed over ranks), the denominators of every micro-batch's means."""
+    """This rank's rows of step ``step`` (a ``StepBatch`` whose mask marks the tokens that
+    count, computed on the host) and the token counts of the whole optimizer step
+    (float64 [3] on the device: forget tokens, remain tokens, forget rows, summed over
+    ranks), the denominators of every micro-batch's means."""
     b = run.sets.step_batch(step, run.seed, run.n_f, run.n_r, rank=run.rank,
                             world_size=run.world, swap_codes=run.method.swaps_codes)
-    counts = token_counts(run.model.lm, b.mask.to(run.dev), b.forget.to(run.dev))
+    b = dataclasses.replace(b, mask=token_mask(run.model.lm, b.mask))
+    counts = token_counts(run.model.lm, b.mask, b.forget).to(run.dev)
     return b, dist.all_reduce_sum(counts)
 
 
 def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
     """A micro-batch's rows on this rank's device, as the objective takes them."""
     emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
-    dev = run.dev
     ref = _row_reference(run.ref_forget, run.ref_remain, b.forget, b.unit)
-    return (b.codes.to(dev), b.mask.to(dev), b.forget.to(dev), emb.to(dev), emask.to(dev), ref,
-            counts, run.seed * 1_000_003 + step, b.row.to(dev))
+    dev = run.dev
+    return (b.codes.to(dev, non_blocking=True), b.mask.to(dev, non_blocking=True),
+            b.forget.to(dev, non_blocking=True), emb.to(dev, non_blocking=True),
+            emask.to(dev, non_blocking=True), ref, counts, run.seed * 1_000_003 + step,
+            b.row.to(dev, non_blocking=True))
 
 
 def _micro_batches(run: _Run, b: Any) -> list:
@@ -287,56 +293,124 @@ def _micro_batches(run: _Run, b: Any) -> list:
     return [b.select(slice(m * size, (m + 1) * size)) for m in range(run.accumulation)]
 
 
-def _train_step(run: _Run, step: int) -> dict:
-    """One optimizer step over ``accumulation`` micro-batches; returns its metrics record.
-    Raises DivergenceError before the update when a loss is not finite, and after it when
-    the gradient norm is not."""
-    t0 = time.perf_counter()
+@dataclass
+class _StepNumbers:
+    """A step's numbers, still on the device (read in batches: ``_read``)."""
+
+    step: int
+    values: torch.Tensor  # float64 [9]: stats [6], objective, grad norm, all finite (0/1)
+    backend: str | None
+
+
+def _train_step(run: _Run, step: int) -> _StepNumbers:
+    """One optimizer step over ``accumulation`` micro-batches: the host reads and lays out
+    the rows, the device does the rest (``_device_step``) without the host waiting."""
     b, counts = _step_rows(run, step)
-    stats, total = torch.zeros(6, dtype=torch.float64, device=run.dev), 0.0
+    micro = [_micro_inputs(run, m, counts, step) for m in _micro_batches(run, b)]
+    return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used)
+
+
+def _device_step(run: _Run, micro: list[tuple]) -> torch.Tensor:
+    """Forward, backward and update over the micro-batches' inputs. Returns float64 [9]
+    on the device: stats [6] (summed over micro-batches and ranks), objective, gradient
+    norm, and 1 if both were finite. Nothing is read back to the host here."""
+    stats = torch.zeros(6, dtype=torch.float64, device=run.dev)
+    total = torch.zeros((), dtype=torch.float64, device=run.dev)
     if run.engine is not None:
-        for micro in _micro_batches(run, b):
-            loss, part = run.engine(*_micro_inputs(run, micro, counts, step))
-            stats += part
-            loss_all = float(dist.all_reduce_sum(loss.detach().double().reshape(1)))
-            if not math.isfinite(loss_all):
-                raise DivergenceError(f"step {step}: loss is {loss_all}")
-            total += loss_all
+        for inputs in micro:
+            loss, part = run.engine(*inputs)
+            stats, total = stats + part, total + loss.detach().double()
             # DeepSpeed averages gradients over ranks and micro-batches; the objective is
             # already a sum normalised by the whole step's token counts
             run.engine.backward(loss * (run.world * run.accumulation))
             run.engine.step()  # updates the weights after the last micro-batch only
-        stats = dist.all_reduce_sum(stats)
-        gn = run.engine.get_global_grad_norm()
-        gnorm = float(gn) if gn is not None else float("nan")
-        if gn is not None and not math.isfinite(gnorm):
-            raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
+        stats, total = dist.all_reduce_sum(stats), dist.all_reduce_sum(total)
+        gn = run.engine.get_global_grad_norm()  # None where DeepSpeed did not report it
+        gnorm = torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float64,
+                                device=run.dev)
+        finite = torch.isfinite(total) & (torch.isfinite(gnorm) | (gn is None))
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        for micro in _micro_batches(run, b):
+        for inputs in micro:
             with torch.autocast(run.dev.type, dtype=torch.bfloat16,
                                 enabled=run.precision == "bf16"):
-                loss, part = run.objective(*_micro_inputs(run, micro, counts, step))
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"step {step}: loss is {float(loss.detach())}")
+                loss, part = run.objective(*inputs)
             loss.backward()
-            stats += part
-            total += float(loss.detach())
+            stats, total = stats + part, total + loss.detach().double()
         clip = run.grad_clip if run.grad_clip is not None else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, clip))
-        if not math.isfinite(gnorm):
-            raise DivergenceError(f"step {step}: gradient norm is {gnorm}")
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, clip).double()
         run.optimizer.step()
-    dt = time.perf_counter() - t0
-    s = stats.tolist()
-    tokens = s[1] + s[3]
-    return {"step": step + 1,
-            "forget_nll": s[0] / s[1] if s[1] > 0 else None,
-            "remain_nll": s[2] / s[3] if s[3] > 0 else None,
-            "objective": total,
-            "method_loss": s[4] if math.isfinite(s[4]) else None,
-            "grad_norm": gnorm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
-            "backend": run.objective.backend_used}
+        finite = torch.isfinite(total) & torch.isfinite(gnorm)
+    return torch.cat([stats, torch.stack([total, gnorm, finite.double()])])
+
+
+def _read(pending: list[_StepNumbers], seconds: float) -> list[dict]:
+    """Metrics records of ``pending`` steps: one read from the device for all of them.
+    ``seconds``: the wall time they took together (each step is given the average).
+    Raises DivergenceError at the first step whose loss or gradient norm was not finite."""
+    if not pending:
+        return []
+    rows = torch.stack([p.values for p in pending]).cpu().tolist()
+    out = []
+    dt = seconds / len(pending)
+    for p, v in zip(pending, rows):
+        if not v[8]:
+            what = "loss" if not math.isfinite(v[6]) else "gradient norm"
+            raise DivergenceError(f"step {p.step}: {what} is {v[6] if what == 'loss' else v[7]}")
+        tokens = v[1] + v[3]
+        out.append({"step": p.step,
+                    "forget_nll": v[0] / v[1] if v[1] > 0 else None,
+                    "remain_nll": v[2] / v[3] if v[3] > 0 else None,
+                    "objective": v[6],
+                    "method_loss": v[4] if math.isfinite(v[4]) else None,
+                    "grad_norm": v[7], "tokens": tokens, "tokens_per_s": tokens / dt,
+                    "step_s": dt, "backend": p.backend})
+    return out
+
+
+class _Numbers:
+    """Where a run's numbers go: steps wait on the device, are read in batches (``read``)
+    and then written to metrics.jsonl, shown on the progress bar and handed to
+    ``on_step`` (rank 0's)."""
+
+    def __init__(self, log: MetricsLog | None, bar: Any, on_step: Callable | None):
+        self.log, self.bar, self.on_step = log, bar, on_step
+        self.pending: list[_StepNumbers] = []
+        self.records: list[dict] = []
+        self.since = time.perf_counter()
+
+    def add(self, step: _StepNumbers) -> None:
+        self.pending.append(step)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def read(self) -> dict:
+        """The records of the steps since the last read (the last one returned)."""
+        now = time.perf_counter()
+        new = _read(self.pending, now - self.since)
+        self.pending, self.since = [], now
+        for rec in new:
+            self.records.append(rec)
+            if self.log is not None:
+                self.log.write(rec)
+            if self.on_step is not None:
+                self.on_step(rec["step"], rec)
+        if self.bar is not None and new:
+            rec = new[-1]
+            self.bar.set_postfix(forget=f"{rec['forget_nll'] or float('nan'):.3f}",
+                                 remain=f"{rec['remain_nll'] or float('nan'):.3f}",
+                                 tok_s=f"{rec['tokens_per_s']:.0f}")
+        return new[-1] if new else {}
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
@@ -354,7 +428,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             on_step: Callable[[int, dict], None] | None = None,
             stop_nonmembers: str | Sequence[str] | None = None, stop_rule: str = "auc",
             stop_auc: float = 0.5, stop_every: int = 1, accumulation: int = 1,
-            checkpointing: bool = False, lora: Any = None,
+            checkpointing: bool = False, log_every: int = 10, lora: Any = None,
             save_adapter: bool = False) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
@@ -377,7 +451,11 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     model on every rank (the master weights gathered from the partitions), usable as is.
     precision (one process): "fp32", or "bf16" (fp32 weights and optimizer, forward and
     backward under bf16 autocast, as audiocraft trains; much faster where bf16 matmuls are).
-    on_step(step, record) is called after each step (after its checkpoint).
+    log_every: the step's numbers stay on the device and are read every ``log_every``
+    steps (and before every checkpoint, stop check or ``target_forget_nll`` check), so the
+    host never waits for the device in between; metrics.jsonl still gets every step. A
+    NaN/inf loss or gradient norm raises DivergenceError at that read, and no checkpoint
+    is written after it. on_step(step, record) is called for each step when it is read.
     stop_nonmembers (a split name or source ids of tracks never trained on, like the
     forget set): stop once membership inference cannot tell the forget set from them
     (``stop_rule`` "auc": the LOSS attack's AUC <= ``stop_auc``, the weights between the
@@ -409,6 +487,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         raise UsageError(f"batch_size ({batch_size}) is smaller than the number of ranks "
                          f"({world}): every rank needs at least one row per step; use "
                          f"--batch-size {world} or more")
+    if log_every < 1:
+        raise UsageError(f"log_every must be >= 1 step, got {log_every}")
     if accumulation < 1:
         raise UsageError(f"accumulation must be >= 1 micro-batch per step, got {accumulation}")
     if accumulation > 1 and batch_size % (world * accumulation):
@@ -511,53 +591,43 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start_step, desc=f"unlearn ({method.name})", unit="step")
-    records: list[dict] = []
+    numbers = _Numbers(log, bar, on_step if rank == 0 else None)
     stopped, step, stop_info = "max_steps", start_step, None
     try:
         while step < steps:
-            rec = _train_step(run, step)
+            numbers.add(_train_step(run, step))
             step += 1
-            records.append(rec)
-            if log is not None:
-                log.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(forget=f"{rec['forget_nll'] or float('nan'):.3f}",
-                                remain=f"{rec['remain_nll'] or float('nan'):.3f}",
-                                tok_s=f"{rec['tokens_per_s']:.0f}")
             done = step >= steps
-            if (target_forget_nll is not None and rec["forget_nll"] is not None
-                    and rec["forget_nll"] >= target_forget_nll):
-                stopped, done = "target_forget_nll", True
-            if stopper is not None and not done:
+            checkpoint = ckpt_root is not None and (
+                done or bool(checkpoint_every and step % checkpoint_every == 0))
+            stop_check = stopper is not None and step % stopper.every == 0
+            # the numbers are read (and checked for NaN/inf) before anything depends on them
+            if (done or checkpoint or stop_check or target_forget_nll is not None
+                    or step % log_every == 0):
+                rec = numbers.read()
+                if target_forget_nll is not None and (rec["forget_nll"] or 0) >= target_forget_nll:
+                    stopped, done, checkpoint = "target_forget_nll", True, ckpt_root is not None
+            if stop_check and not done:
                 stop_info = stopper.check(step, method)
                 if stop_info is not None:
-                    stopped, done = f"nonmember_{stop_rule}", True
-                    note = (f"step {step}: forget vs non-members: AUC {stop_info['auc']:.3f}, "
-                            f"NLL {stop_info['forget_nll']:.3f} vs "
-                            f"{stop_info['nonmember_nll']:.3f} ({stop_rule} rule; "
-                            f"{stop_info['fraction']:.2f} of the last step kept): stop")
-                    if bar is not None:
-                        bar.write(note)
-            if ckpt_root is not None and ((checkpoint_every and step % checkpoint_every == 0)
-                                          or done):
+                    stopped, done, checkpoint = f"nonmember_{stop_rule}", True, ckpt_root is not None
+                    numbers.note(f"step {step}: forget vs non-members: AUC "
+                                 f"{stop_info['auc']:.3f}, NLL {stop_info['forget_nll']:.3f} vs "
+                                 f"{stop_info['nonmember_nll']:.3f} ({stop_rule} rule; "
+                                 f"{stop_info['fraction']:.2f} of the last step kept): stop")
+            if checkpoint:
                 _save_checkpoint(run, step)
-            if on_step is not None and rank == 0:
-                on_step(step, rec)
             if done:
                 break
     except DivergenceError as exc:
         last = ckpt.latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-        raise DivergenceError(f"{exc}; training stopped, nothing saved for this step; last good "
+        raise DivergenceError(f"{exc}; training stopped, nothing saved after it; last good "
                               f"checkpoint: {last if last else 'none'} (lower --lr, set "
                               "--grad-clip, or use a bounded method)") from None
     finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-            if log.path.exists() and log.path.stat().st_size:
-                plot_losses(log.path, out_dir / "losses.png")
+        numbers.close()
+        if log is not None and log.path.exists() and log.path.stat().st_size:
+            plot_losses(log.path, out_dir / "losses.png")
 
     if run.engine is not None:
         zero.release_fp32_model(run.engine, model.lm, dev, frozen)
@@ -574,6 +644,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             save_musicgen(model, model_dir)
         if distributed:
             dist.barrier()
+    records = numbers.records
     if out_dir is not None and rank == 0:
         records = read_metrics(out_dir / "metrics.jsonl")
     return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,

@@ -1,16 +1,31 @@
-"""One unlearning step's loss: model -> rows -> method -> fused op.
+"""One unlearning step's loss: model -> rows -> method -> fused op, in one pass.
 
 ``UnlearnObjective`` is the module the optimizer (or DeepSpeed) trains. Its forward:
 
-1. runs the LM to the hidden states before the K heads (``codebook_rows``);
-2. measures each token's NLL of its true code, no grad (``token_stats``), for the
-   metrics and for methods whose weights depend on it (NPO, SimNPO);
-3. asks the method for targets and signed row weights;
-4. sums ``linear_ce_ascent(..., reduction="sum")`` over the K codebooks: the gradient is
-   computed inside the op, no ``[N, card]`` logits are kept.
+1. runs the LM to the hidden states before the K heads and lays out every position of
+   the batch as rows, the tokens that count marked (``dense_codebook_rows``: shapes that
+   depend only on the batch's shape, so nothing is read back from the device);
+2. asks the method for targets (RL: random codes drawn per token);
+3. calls the fused op once per codebook; the op hands back each row's log-sum-exp from
+   the same pass, from which the NLL of the true code is one dot product per row
+   (``noencore.ops.target_nll``); no ``[N, card]`` logits are ever kept, and no second
+   forward GEMM measures the NLLs:
+
+   * methods whose weights do not read the NLL (GA, GradDiff, RL, a token cap): the
+     weights go into the op, ``reduction="sum"``: the op computes the gradient in its
+     forward (one forward GEMM, two backward GEMMs per codebook);
+   * methods whose weights do (NPO, SimNPO, the remain anchor, a row target): the op
+     returns per-row losses (``reduction="none"``: one GEMM, no gradient buffers), the
+     method turns their values into weights, and the op's backward recomputes the logits
+     once with those weights as the per-row upstream gradient (three backward GEMMs):
+     exactly the method's gradient. Four GEMMs is the floor for these methods unless the
+     ``[N, card]`` logits were kept between the two passes.
+
+Statistics stay on the device: the loop reads them once per logging interval.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,31 +33,40 @@ import torch
 from torch import nn
 
 from noencore.methods import Method, Rows
-from noencore.models.adapter import codebook_rows, pattern_index, pattern_mask
+from noencore.models.adapter import (
+    CodebookRows,
+    codebook_rows,
+    dense_codebook_rows,
+    token_mask,
+)
+
+IGNORE = -100  # target of a row that does not count
 
 
 def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
     """float64 [3]: (forget tokens, remain tokens, forget rows) valid under the delay
     pattern and the mask.
 
-    mask bool [B, K, T], forget bool [B]. Known before the forward pass, so ranks can
-    all-reduce it to normalise means by the *global* batch.
+    mask bool [B, K, T] (real frames, on the host: ``token_mask`` reads row lengths),
+    forget bool [B]. Known before the forward pass, so ranks can all-reduce it to
+    normalise means by the *global* batch.
     """
-    _, valid = pattern_index(lm, mask.shape[-1], mask.device)
-    per_row = (pattern_mask(lm, mask.bool()) & valid).sum(dim=(1, 2)).double()
+    per_row = token_mask(lm, mask).sum(dim=(1, 2)).double()
     rows = (forget & (per_row > 0)).sum().double()
-    return torch.stack([per_row[forget].sum(), per_row[~forget].sum(), rows])
+    return torch.stack([torch.where(forget, per_row, 0.0).sum(),
+                        torch.where(forget, 0.0, per_row).sum(), rows])
 
 
 class UnlearnObjective(nn.Module):
     """Wraps a ``MusicGenModel`` (its ``lm`` holds every trainable parameter).
 
-    forward(codes long [B,K,T], mask bool [B,K,T], forget bool [B], embeds float
-    [B,L,D_t5], embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3]
-    (forget tokens, remain tokens, forget rows of the whole optimizer step, all ranks and
+    forward(codes long [B,K,T], mask bool [B,K,T] (the tokens that count:
+    ``adapter.token_mask`` of the real frames), forget bool [B], embeds float [B,L,D_t5],
+    embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3] (forget
+    tokens, remain tokens, forget rows of the whole optimizer step, all ranks and
     micro-batches), label_seed int, rows long [B] (each row's index in the step's global
-    batch)) -> (objective scalar, stats float64 [6]: forget NLL sum, forget tokens, remain
-    NLL sum, remain tokens, method loss, rows).
+    batch)) -> (objective scalar, stats float64 [6] on the batch's device: forget NLL sum,
+    forget tokens, remain NLL sum, remain tokens, method loss, rows).
 
     A random label (RL) is drawn per token from the documented hash of (label_seed,
     codebook, global row, frame) (``noencore.ops.random_label``), so it does not depend on
@@ -68,56 +92,100 @@ class UnlearnObjective(nn.Module):
             # the gathering of the heads (external parameters of this module) happen in
             # this module's hooks, so every forward pass of the model enters here.
             return measure()
-        from noencore.ops import (
-            RANDOM_LABEL,
-            linear_ce_ascent,
-            random_label,
-            resolve_backend,
-            token_stats,
-        )
+        from noencore.ops import resolve_backend
 
         conds = self.model.condition_tensors(embeds, embeds_mask)
-        parts = codebook_rows(self.model.lm, codes, mask, conds)
-        with torch.no_grad():
-            nll = [token_stats(p.hidden.detach(), p.weight.detach(), p.targets).nll
-                   for p in parts]
-        sizes = [p.targets.numel() for p in parts]
-        row_of = rows.to(codes.device)
-        tokens = Rows(targets=torch.cat([p.targets for p in parts]),
-                      item=torch.cat([p.item for p in parts]), nll=torch.cat(nll),
-                      forget=forget, ref_nll=ref_nll, forget_tokens=float(counts[0]),
-                      remain_tokens=float(counts[1]), forget_rows=float(counts[2]))
-        plan = self.method.plan(tokens)
-        targets = plan.targets.split(sizes)
-        weights = plan.row_weight.to(codes.device).split(sizes)
-        objective = codes.new_zeros((), dtype=torch.float32)
-        self.backend_used = resolve_backend(parts[0].hidden, self.backend)
-        for k, p in enumerate(parts):
-            if sizes[k] == 0:
-                # Every parameter must get a gradient on every rank in every micro-batch
-                # (DeepSpeed ZeRO-2/3 reduce gradients in buckets filled by hooks that fire
-                # in backward; a head left out on one rank shifts every bucket), also when
-                # no row of this batch reaches codebook k (short windows, padding rows):
-                # a zero connected to the head and to the transformer output.
-                objective = objective + 0.0 * (p.hidden.sum() + p.weight.sum())
-                continue
-            seed_k = (int(label_seed) * 64 + k) & 0x7FFFFFFF
-            drawn = random_label(seed_k, row_of[p.item] * codes.shape[-1] + p.time,
-                                 p.weight.shape[0])
-            target = torch.where(targets[k] == RANDOM_LABEL, drawn, targets[k])
-            objective = objective + linear_ce_ascent(
-                p.hidden, p.weight, target, weights[k], loss_cap=self.method.loss_cap,
-                reduction="sum", backend=self.backend)
-        # statistics stay on the device of the batch: ranks all-reduce them there
-        isf = tokens.is_forget
-        nll = tokens.nll.double()
-        zero = torch.zeros((), dtype=torch.float64, device=nll.device)
-        stats = torch.stack([torch.where(isf, nll, zero).sum(), isf.sum().double(),
-                             torch.where(isf, zero, nll).sum(), (~isf).sum().double(),
-                             torch.as_tensor(plan.loss, dtype=torch.float64, device=nll.device),
-                             torch.tensor(float(codes.shape[0]), dtype=torch.float64,
-                                          device=nll.device)])
+        parts = dense_codebook_rows(self.model.lm, codes, mask, conds)
+        tokens = Rows(targets=torch.cat([p.targets for p, _ in parts]),
+                      item=torch.cat([p.item for p, _ in parts]), nll=None, forget=forget,
+                      ref_nll=ref_nll, forget_tokens=counts[0], remain_tokens=counts[1],
+                      forget_rows=counts[2], valid=torch.cat([v for _, v in parts]))
+        targets = self._op_targets(parts, tokens, label_seed, rows, codes.shape[-1])
+        self.backend_used = resolve_backend(parts[0][0].hidden, self.backend)
+        if self.method.needs_nll:
+            objective, nll, tokens, loss = self._weighted_after(parts, targets, tokens)
+        else:
+            objective, nll, tokens, loss = self._weighted_before(parts, targets, tokens)
+        isf, isr = tokens.is_forget, tokens.is_remain
+        nll = nll.double()
+        stats = torch.stack([torch.where(isf, nll, 0.0).sum(), isf.sum().double(),
+                             torch.where(isr, nll, 0.0).sum(), isr.sum().double(),
+                             loss.double(), codes.new_full((), codes.shape[0],
+                                                           dtype=torch.float64)])
         return objective, stats
+
+    def _op_targets(self, parts: list[tuple[CodebookRows, torch.Tensor]], tokens: Rows,
+                    label_seed: int, rows: torch.Tensor, frames: int) -> list[torch.Tensor]:
+        """Per codebook: the op's targets, long [B x T]: the method's, random codes drawn
+        where it asks for them, ``IGNORE`` where a token does not count."""
+        from noencore.ops import RANDOM_LABEL, random_label
+
+        wanted = self.method.targets(tokens).split([p.targets.numel() for p, _ in parts])
+        row_of = rows.to(tokens.targets.device)
+        out = []
+        for k, ((p, valid), t) in enumerate(zip(parts, wanted)):
+            seed_k = (int(label_seed) * 64 + k) & 0x7FFFFFFF
+            drawn = random_label(seed_k, row_of[p.item] * frames + p.time, p.weight.shape[0])
+            out.append(torch.where(valid, torch.where(t == RANDOM_LABEL, drawn, t), IGNORE))
+        return out
+
+    def _true_nll(self, parts: list[tuple[CodebookRows, torch.Tensor]],
+                  lse: list[torch.Tensor], losses: list[torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """float32 [N]: each row's NLL of its true code (0 where it does not count): the
+        op's per-row ``losses`` when its targets were the true codes, else one dot
+        product per row with the op's log-sum-exp."""
+        from noencore.ops import target_nll
+
+        out = []
+        for k, (p, valid) in enumerate(parts):
+            nll = (losses[k].detach() if losses is not None else
+                   target_nll(p.hidden.detach(), p.weight.detach(), p.targets, lse[k]))
+            out.append(torch.where(valid, nll.float(), 0.0))
+        return torch.cat(out)
+
+    def _weighted_before(self, parts: list[tuple[CodebookRows, torch.Tensor]],
+                         targets: list[torch.Tensor], tokens: Rows
+                         ) -> tuple[torch.Tensor, torch.Tensor, Rows, torch.Tensor]:
+        """One fused pass with the method's weights (they do not read the NLL):
+        (objective, true-code NLL [N], rows with it, the method's loss value)."""
+        from noencore.ops import linear_ce_ascent
+
+        weights, _ = self.method.weights(tokens)
+        objective = parts[0][0].hidden.new_zeros((), dtype=torch.float32)
+        lse = []
+        for (p, _), t, w in zip(parts, targets, weights.split([t.numel() for t in targets])):
+            value, row_lse = linear_ce_ascent(p.hidden, p.weight, t, w, ignore_index=IGNORE,
+                                              loss_cap=self.method.loss_cap, reduction="sum",
+                                              backend=self.backend, return_lse=True)
+            objective = objective + value
+            lse.append(row_lse)
+        tokens = dataclasses.replace(tokens, nll=self._true_nll(parts, lse))
+        return objective, tokens.nll, tokens, self.method.weights(tokens)[1]
+
+    def _weighted_after(self, parts: list[tuple[CodebookRows, torch.Tensor]],
+                        targets: list[torch.Tensor], tokens: Rows
+                        ) -> tuple[torch.Tensor, torch.Tensor, Rows, torch.Tensor]:
+        """Per-row losses first; the method's weights from their values; the op's
+        backward applies them (exact for weights that depend on the losses)."""
+        from noencore.ops import linear_ce_ascent
+
+        losses, lse = [], []
+        for (p, _), t in zip(parts, targets):
+            loss, row_lse = linear_ce_ascent(p.hidden, p.weight, t, ignore_index=IGNORE,
+                                             reduction="none", backend=self.backend,
+                                             return_lse=True)
+            losses.append(loss)
+            lse.append(row_lse)
+        true_targets = type(self.method).targets is Method.targets  # no label replaced
+        nll = self._true_nll(parts, lse, losses if true_targets else None)
+        tokens = dataclasses.replace(tokens, nll=nll)
+        weights, loss = self.method.weights(tokens)
+        ce = torch.cat(losses)
+        if self.method.loss_cap is not None:  # a token cap: ascent stops above it
+            weights = torch.where((weights < 0) & (ce.detach() > self.method.loss_cap),
+                                  0.0, weights)
+        return (weights.detach() * ce).sum(), nll, tokens, loss
 
 
 @torch.no_grad()

@@ -277,6 +277,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
                          "codec": s.header.codec} for n, s in shard_sets.items()},
             "metrics": metrics, "precision": _effective_precision(precision, model),
             "batch_size": batch_size, "ranks": world, "frames": frames, "seed": gen_cfg.seed,
+            "op_backend": _op_backend(),
         }
         notes: list[str] = []
         roles = {"after": after} | ({"before": before} if before is not None else {})
@@ -363,6 +364,14 @@ def _mia_results(results: dict[str, Any], metrics: list[str],
 def _privleak_or_none(auc: float, retrained_auc: float | None) -> float | None:
     # a retrained model whose usual AUC is exactly 1 leaves MUSE's ratio undefined
     return None if retrained_auc == 1.0 else mia.privleak(auc, retrained_auc)
+
+
+def _op_backend() -> str | None:
+    """Which backend computed the token statistics (the C++ one with its vector path)."""
+    from noencore.ops import cpp, last_backend
+
+    name = last_backend()
+    return f"cpp ({cpp.isa()})" if name == "cpp" else name
 
 
 def _effective_precision(precision: str, model: Any) -> str:

@@ -124,7 +124,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"- retrained without the forget set: `{m['retrained']}`")
     sizes = ", ".join(f"{k} {v['items']} items" for k, v in results["sets"].items())
     lines += [f"- sets: {sizes}", f"- precision {results['precision']}, batch size "
-              f"{results['batch_size']}, seed {results['seed']}", ""]
+              f"{results['batch_size']}, seed {results['seed']}, token statistics by the "
+              f"{results.get('op_backend') or 'unknown'} backend", ""]
     for note in results.get("notes", []):
         lines.append(f"> **Note:** {note}")
     lines += ["", "Arrows give the good direction: on the forget set we want the model to "

@@ -7,9 +7,19 @@ Methods whose loss is not linear in the token losses (NPO, SimNPO) return the we
 equal to the derivative of their loss with respect to each token's CE, evaluated at the
 current (no-grad) token NLLs: the gradient is then exactly the method's gradient.
 
-Row layout: all valid tokens of the batch, every codebook concatenated (``item`` says
-which batch row a token belongs to). Losses are token means per set: the forget term
-averages over forget tokens, the remain term over remain tokens.
+Row layout: the tokens of the batch, every codebook concatenated (``item`` says which
+batch row a token belongs to, ``valid`` which tokens count: the engine hands the op
+fixed-size rows and marks padding and positions the delay pattern leaves out as not
+valid). Losses are token means per set: the forget term averages over forget tokens,
+the remain term over remain tokens.
+
+Everything here is tensor arithmetic on the batch's device: no value is read back to
+the host, so a training step never waits for the GPU.
+
+``needs_nll``: whether the weights depend on the current token NLLs (NPO, SimNPO, the
+remain anchor, a row target). Methods that do not (GA, GradDiff, RL, a token cap) get
+their weights before the op runs, in one fused pass; the others get the op's per-row
+losses first, and the op's backward applies their weights exactly.
 """
 from __future__ import annotations
 
@@ -26,39 +36,62 @@ class Rows:
 
     targets:   long [N] true codes
     item:      long [N] batch row of each token
-    nll:       float32 [N] current NLL of the true code (no grad)
+    nll:       float32 [N] current NLL of the true code (no grad); None while the weights of
+               a method that does not need it (``needs_nll`` False) are computed
     forget:    bool [B] which batch rows come from the forget set
     ref_nll:   float32 [B] or None: the reference model's summed NLL of each row's tokens
                (cached once before training: forget rows for NPO-type methods, remain
                rows for methods with ``remain_anchor``; 0 where not cached)
-    forget_tokens / remain_tokens: global token counts of each set in this step (all ranks),
-               the denominators of the token means
+    forget_tokens / remain_tokens: global token counts of each set in this step (all ranks,
+               all micro-batches; 0-dim tensors or numbers), the denominators of token means
     forget_rows: global number of forget rows in this step (sequence-level means)
+    valid:     bool [N] or None (all valid): tokens that count
     """
 
     targets: torch.Tensor
     item: torch.Tensor
-    nll: torch.Tensor
+    nll: torch.Tensor | None
     forget: torch.Tensor
     ref_nll: torch.Tensor | None
-    forget_tokens: float
-    remain_tokens: float
-    forget_rows: float = 0.0
+    forget_tokens: torch.Tensor | float
+    remain_tokens: torch.Tensor | float
+    forget_rows: torch.Tensor | float = 0.0
+    valid: torch.Tensor | None = None
+
+    def __post_init__(self):
+        dev = self.targets.device
+        for name in ("forget_tokens", "remain_tokens", "forget_rows"):
+            setattr(self, name, torch.as_tensor(getattr(self, name), dtype=torch.float32,
+                                                device=dev))
+        if self.valid is None:
+            self.valid = torch.ones_like(self.targets, dtype=torch.bool)
 
     @property
     def is_forget(self) -> torch.Tensor:
-        """bool [N]: token belongs to a forget row."""
-        return self.forget[self.item]
+        """bool [N]: valid token of a forget row."""
+        return self.forget[self.item] & self.valid
+
+    @property
+    def is_remain(self) -> torch.Tensor:
+        """bool [N]: valid token of a remain row."""
+        return ~self.forget[self.item] & self.valid
 
     def seq_nll(self) -> torch.Tensor:
-        """float32 [B]: summed NLL of each batch row's tokens (current model, no grad)."""
+        """float32 [B]: summed NLL of each batch row's valid tokens (current model, no grad)."""
         out = torch.zeros(self.forget.shape[0], dtype=torch.float32, device=self.nll.device)
-        return out.index_add_(0, self.item, self.nll.float())
+        nll = torch.where(self.valid, self.nll.float(), 0.0)
+        return out.index_add_(0, self.item, nll)
 
     def seq_tokens(self) -> torch.Tensor:
         """float32 [B]: number of valid tokens of each batch row."""
         out = torch.zeros(self.forget.shape[0], dtype=torch.float32, device=self.item.device)
-        return out.index_add_(0, self.item, torch.ones_like(self.item, dtype=torch.float32))
+        return out.index_add_(0, self.item, self.valid.float())
+
+    def value(self, weights: torch.Tensor) -> torch.Tensor:
+        """0-dim: ``sum weights x NLL`` over valid tokens (NaN while the NLL is unknown)."""
+        if self.nll is None:
+            return torch.full((), float("nan"), device=weights.device)
+        return torch.where(self.valid, weights * self.nll, 0.0).sum()
 
 
 @dataclass
@@ -67,12 +100,13 @@ class Plan:
 
     targets:    long [N] (RANDOM_LABEL where the op draws a random code)
     row_weight: float32 [N] signed weights; the engine minimises sum(row_weight * CE)
-    loss:       float, the method's own loss value for logging (no grad)
+    loss:       0-dim tensor, the method's own loss value for logging (no grad; NaN when
+                the NLL it needs was not given)
     """
 
     targets: torch.Tensor
     row_weight: torch.Tensor
-    loss: float
+    loss: torch.Tensor
 
 
 class Method:
@@ -83,6 +117,11 @@ class Method:
     loss_cap: float | None = None   # bounded ascent: forget rows above the cap get no gradient
     needs_reference = False         # engine caches the reference model's forget NLL first
     swaps_codes = False             # engine replaces forget rows' codes (RL with remain clips)
+
+    @property
+    def needs_nll(self) -> bool:
+        """Whether the weights read the current token NLLs (see the module docstring)."""
+        return self.remain_anchor
 
     def __init__(self, forget_weight: float = 1.0, remain_weight: float = 0.0,
                  remain_anchor: bool = False):
@@ -98,7 +137,7 @@ class Method:
         """Whether the engine must cache the reference NLL of every remain window."""
         return self.remain_anchor
 
-    def remain_weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+    def remain_weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 [N] weights, zero on forget tokens; loss value) of the remain term.
 
         Plain: descent on the remain tokens' mean CE. Anchored (``remain_anchor``): the
@@ -109,29 +148,29 @@ class Method:
         just as one that rises is a damaged one); the forget term's spill-over is what
         pushes S above S_ref, and that is what the hinge undoes.
         """
-        remain = ~rows.is_forget
-        scale = self.remain_weight / max(rows.remain_tokens, 1.0)
+        remain = rows.is_remain
+        scale = self.remain_weight / rows.remain_tokens.clamp_min(1.0)
         if not self.remain_anchor:
-            w = torch.where(remain, scale, 0.0)
-            return w.float(), float((w * rows.nll).sum())
+            w = torch.where(remain, scale, 0.0).float()
+            return w, rows.value(w)
         if rows.ref_nll is None:
             raise ValueError(f"{type(self).__name__} with remain_anchor needs the reference "
                              "NLL of the remain rows (ref_nll)")
         excess = rows.seq_nll() - rows.ref_nll.float()                     # [B]
         row_remain = ~rows.forget
         active = (excess > 0) & row_remain
-        w = torch.where(remain & active[rows.item], scale, 0.0)
-        return w.float(), float(scale * (excess.clamp_min(0) * row_remain).sum())
+        w = torch.where(remain & active[rows.item], scale, 0.0).float()
+        return w, scale * (excess.clamp_min(0) * row_remain).sum()
 
     def targets(self, rows: Rows) -> torch.Tensor:
         return rows.targets
 
-    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
-        """(row_weight float32 [N], loss value) for linear methods."""
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_weight float32 [N], loss value 0-dim) for linear methods."""
         f = rows.is_forget
-        w_f = torch.where(f, -self.forget_weight / max(rows.forget_tokens, 1.0), 0.0)
+        w_f = torch.where(f, -self.forget_weight / rows.forget_tokens.clamp_min(1.0), 0.0)
         w_r, remain_loss = self.remain_weights(rows)
-        return (w_f + w_r).float(), float((w_f * rows.nll).sum()) + remain_loss
+        return (w_f + w_r).float(), rows.value(w_f) + remain_loss
 
     def plan(self, rows: Rows) -> Plan:
         w, loss = self.weights(rows)

@@ -37,14 +37,18 @@ class BoundedGradientAscent(Method):
         self.loss_cap = None if loss_cap is None else float(loss_cap)
         self.row_target = None if row_target is None else float(row_target)
 
-    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+    @property
+    def needs_nll(self) -> bool:
+        return super().needs_nll or self.row_target is not None
+
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         w, loss = super().weights(rows)
         if self.row_target is None:
             return w, loss
         mean = rows.seq_nll() / rows.seq_tokens().clamp_min(1.0)          # [B]
         done = (mean >= self.row_target) & rows.forget
         keep = ~done[rows.item]
-        loss -= float((w * rows.nll * ~keep).sum())  # the value of what is switched off
+        loss = loss - rows.value(torch.where(keep, 0.0, w))  # the value of what is switched off
         return torch.where(keep, w, 0.0).float(), loss
 
     def describe(self) -> dict:

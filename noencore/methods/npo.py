@@ -23,6 +23,7 @@ from noencore.methods.base import Method, Rows
 class NPO(Method):
     name = "npo"
     needs_reference = True
+    needs_nll = True
 
     def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, remain_weight: float = 1.0,
                  remain_anchor: bool = False):
@@ -42,15 +43,15 @@ class NPO(Method):
         """d margin / d CE_token, up to the factor -beta (per row: float32 [B], or 1)."""
         return 1.0
 
-    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         forget = rows.forget
-        n_f = max(rows.forget_rows, 1.0)  # global: ranks see part of the batch
+        n_f = rows.forget_rows.clamp_min(1.0)  # global: ranks see part of the batch
         m = self.margin(rows)
         # dL/dCE_token per row: the softplus' derivative times d margin / d CE_token
         seq_w = -self.forget_weight * 2.0 / n_f * torch.sigmoid(m) * self.token_scale(rows)
         w_r, remain = self.remain_weights(rows)
         w = torch.where(rows.is_forget, seq_w[rows.item], w_r)
-        npo = float((2.0 / self.beta) * (F.softplus(m) * forget).sum() / n_f)
+        npo = (2.0 / self.beta) * (F.softplus(m) * forget).sum() / n_f
         return w.float(), self.forget_weight * npo + remain
 
     def describe(self) -> dict:

@@ -36,10 +36,12 @@ class RandomLabeling(Method):
     def targets(self, rows: Rows) -> torch.Tensor:
         return random_label_targets(rows) if self.labels == "random_tokens" else rows.targets
 
-    def weights(self, rows: Rows) -> tuple[torch.Tensor, float]:
+    def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         w_r, _ = self.remain_weights(rows)
-        w = torch.where(rows.is_forget, self.forget_weight / max(rows.forget_tokens, 1.0), w_r)
-        return w.float(), float("nan")  # the objective's value comes from the op (random targets)
+        w = torch.where(rows.is_forget, self.forget_weight / rows.forget_tokens.clamp_min(1.0),
+                        w_r)
+        # the loss value is the op's (on the random targets, not the true codes' NLL)
+        return w.float(), torch.full((), float("nan"), device=w.device)
 
     def describe(self) -> dict:
         return {**super().describe(), "labels": self.labels}

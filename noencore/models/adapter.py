@@ -117,24 +117,57 @@ def pattern_mask(lm: nn.Module, mask: torch.Tensor,
     return out
 
 
+def token_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, K, T]: the tokens a loss counts, for ``mask`` bool [B, K, T] (True = real
+    frame): real frames at positions the delay pattern makes valid for each row's own
+    length (``pattern_mask``). Reads the row lengths back: compute it where the mask lives
+    on the host (the engine does, before moving a batch to its device)."""
+    _, valid = pattern_index(lm, mask.shape[-1], mask.device)
+    return valid.expand_as(mask) & pattern_mask(lm, mask.bool())
+
+
 def codebook_rows(lm: nn.Module, codes: torch.Tensor, mask: torch.Tensor | None,
                   condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
                   ) -> list[CodebookRows]:
     """Split a batch into per-codebook rows valid under the delay pattern and the mask.
 
     codes: long [B, K, T]; mask: bool [B, K, T] (True = real frame) or None.
-    Rows are ordered by (item, time) within each codebook.
+    Rows are ordered by (item, time) within each codebook. Only the counted tokens are
+    kept (their number depends on the data: for evaluation; the training step uses
+    ``dense_codebook_rows``).
     """
     B, K, T = codes.shape
     out = hidden_states(lm, codes, condition_tensors)  # [B, S, D]
     seq, valid = pattern_index(lm, T, codes.device)
-    keep = valid.expand(B, K, T)
-    if mask is not None:
-        keep = keep & pattern_mask(lm, mask.bool())
+    keep = valid.expand(B, K, T) if mask is None else token_mask(lm, mask)
     rows = []
     for k in range(K):
         item, time = keep[:, k].nonzero(as_tuple=True)
         hidden, weight = head_weight(lm.linears[k], out[item, seq[k, time]])
         rows.append(CodebookRows(hidden=hidden, weight=weight, targets=codes[item, k, time],
                                  item=item, time=time))
+    return rows
+
+
+def dense_codebook_rows(lm: nn.Module, codes: torch.Tensor, keep: torch.Tensor,
+                        condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                        ) -> list[tuple[CodebookRows, torch.Tensor]]:
+    """Every position of a batch as per-codebook rows, with the tokens that count marked.
+
+    codes: long [B, K, T]; keep: bool [B, K, T], the tokens that count (``token_mask``).
+    Returns, per codebook, the ``CodebookRows`` of all B x T positions (ordered by item,
+    then time) and ``valid`` bool [B x T] (= keep[:, k]). The shapes depend only on the
+    batch's shape, so nothing is read back from the device (the training step's rows; a
+    loss skips the rows that are not valid).
+    """
+    B, K, T = codes.shape
+    out = hidden_states(lm, codes, condition_tensors)  # [B, S, D]
+    seq, _ = pattern_index(lm, T, codes.device)
+    item = torch.arange(B, device=codes.device).repeat_interleave(T)
+    time = torch.arange(T, device=codes.device).repeat(B)
+    rows = []
+    for k in range(K):
+        hidden, weight = head_weight(lm.linears[k], out[:, seq[k]].reshape(B * T, -1))
+        rows.append((CodebookRows(hidden=hidden, weight=weight, targets=codes[:, k].reshape(-1),
+                                  item=item, time=time), keep[:, k].reshape(-1)))
     return rows

@@ -33,29 +33,32 @@ def _ext():
 def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   coef: torch.Tensor, *, ignore_index: int, key: int | None, row_offset: int,
                   cap: float, need_dh: bool, need_dw: bool, chunk: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                             torch.Tensor | None]:
     """See :func:`noencore.ops.reference.linear_ce_fwd` (chunk None: :func:`chunk_rows`)."""
     if chunk is None:
         chunk = chunk_rows(weight.shape[0])
     # Outputs are allocated here (not in C++) so that tests can poison them.
     loss = torch.empty(hidden.shape[0], dtype=torch.float32)
+    lse = torch.empty(hidden.shape[0], dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     _ext().linear_ce_fwd(hidden.contiguous(), weight.contiguous(),
                          targets.to(torch.int64).contiguous(), coef.to(torch.float32).contiguous(),
-                         ignore_index, -1 if key is None else key, row_offset, cap, loss, dh, dw,
-                         chunk)
-    return loss, dh, dw
+                         ignore_index, -1 if key is None else key, row_offset, cap, loss, lse,
+                         dh, dw, chunk)
+    return loss, lse, dh, dw
 
 
 def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
            ignore_index: int, key: int | None, row_offset: int, cap: float,
-           grad: torch.Tensor | None) -> torch.Tensor:
+           grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`noencore.ops.reference.ce_fwd`."""
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    lse = torch.empty(logits.shape[0], dtype=torch.float32)
     _ext().ce_fwd(logits, targets.to(torch.int64).contiguous(), coef.to(torch.float32).contiguous(),
-                  ignore_index, -1 if key is None else key, row_offset, cap, loss, grad)
-    return loss
+                  ignore_index, -1 if key is None else key, row_offset, cap, loss, lse, grad)
+    return loss, lse
 
 
 def random_labels(key: int, row_offset: int, n: int, vocab: int) -> torch.Tensor:

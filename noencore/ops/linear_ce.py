@@ -16,6 +16,11 @@ For "mean"/"sum" the gradients are computed inside the forward pass and only sca
 by the upstream scalar in backward. For "none" the upstream gradient is a vector, so
 the forward stores nothing of size V and the backward runs the kernel again with
 per-row factors ``grad_out_n * row_weight_n`` (exact for any upstream gradient).
+
+GEMMs per chunk of rows (each N x D x V): "mean"/"sum" 3 in the forward (logits, dh,
+dW) and none in backward; "none" 1 in the forward (logits) and 3 in backward; under
+no_grad 1. ``return_lse=True`` adds none: each row's logsumexp comes from the pass that
+computes its loss.
 """
 from __future__ import annotations
 
@@ -54,22 +59,44 @@ def _check_common(n: int, vocab: int, targets: torch.Tensor, row_weight: torch.T
         raise ValueError(f"loss_cap must be a finite number or None, got {loss_cap}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    if n == 0 or targets.device.type != "cpu":
-        # Off the CPU, reading the check's answer would synchronise the device at every
-        # call. The kernels there never read or write outside a row for such a target:
-        # Triton and the torch reference give its row a NaN loss and a NaN gradient
-        # (which the engine's NaN guard stops on).
-        return
+    i = first_bad_target(targets, vocab, ignore_index, random_ok=random_labels is not None)
+    if i is not None:
+        value = int(targets[i])
+        hint = " (RANDOM_LABEL rows need random_labels=seed)" if value == RANDOM_LABEL else ""
+        raise ValueError(f"targets[{i}] = {value} is not a class in [0, {vocab}), "
+                         f"ignore_index ({ignore_index}) or RANDOM_LABEL{hint}")
+
+
+def first_bad_target(targets: torch.Tensor, vocab: int, ignore_index: int, *,
+                     random_ok: bool) -> int | None:
+    """Index of the first target that is no class in [0, vocab), not ``ignore_index`` and
+    not RANDOM_LABEL (when ``random_ok``); None when every target is one of those.
+
+    Checks CPU tensors only (None otherwise): off the CPU, reading the answer would
+    synchronise the device at every call. The kernels there never read or write outside
+    a row for such a target: Triton and the torch reference give its row a NaN loss and
+    a NaN gradient (which the engine's NaN guard stops on).
+    """
+    if targets.numel() == 0 or targets.device.type != "cpu":
+        return None
     t = targets.to(torch.int64)
     bad = (t >= vocab) | ((t < 0) & (t != ignore_index) & (t != RANDOM_LABEL))
-    if random_labels is None:
+    if not random_ok:
         bad |= t == RANDOM_LABEL
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        hint = (" (RANDOM_LABEL rows need random_labels=seed)"
-                if int(t[i]) == RANDOM_LABEL else "")
-        raise ValueError(f"targets[{i}] = {int(t[i])} is not a class in [0, {vocab}), "
-                         f"ignore_index ({ignore_index}) or RANDOM_LABEL{hint}")
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
+
+
+def autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and weight cast to the autocast dtype when autocast is on for their device
+    (so that fp32 master weights train through the bf16 kernels), else unchanged."""
+    dev_type = hidden.device.type
+    if torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        return hidden.to(dt), weight.to(dt)
+    return hidden, weight
 
 
 def _coef(targets: torch.Tensor, row_weight: torch.Tensor | None, ignore_index: int,
@@ -105,6 +132,8 @@ def _take(ctx, name: str):
 
 
 class _LinearCEAscent(torch.autograd.Function):
+    """Outputs (value, lse); lse has no gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, coef, opts):
         kern = backend_module(opts["backend"])
@@ -115,22 +144,23 @@ class _LinearCEAscent(torch.autograd.Function):
         kw = dict(ignore_index=opts["ignore_index"], key=opts["key"],
                   row_offset=opts["row_offset"], cap=opts["cap"])
         if opts["reduction"] == "none":
-            loss, _, _ = kern.linear_ce_fwd(hidden, weight, targets, coef, need_dh=False,
-                                            need_dw=False, **kw)
+            loss, lse, _, _ = kern.linear_ce_fwd(hidden, weight, targets, coef, need_dh=False,
+                                                 need_dw=False, **kw)
             ctx.save_for_backward(hidden, weight, targets, coef, loss)
         else:
-            loss, dh, dw = kern.linear_ce_fwd(hidden, weight, targets, coef, need_dh=need_dh,
-                                              need_dw=need_dw, **kw)
+            loss, lse, dh, dw = kern.linear_ce_fwd(hidden, weight, targets, coef,
+                                                   need_dh=need_dh, need_dw=need_dw, **kw)
             # Plain attributes, not save_for_backward: backward hands these buffers to
             # autograd as the gradients themselves, and a second reference would make
             # AccumulateGrad copy them instead of taking them.
             ctx.dh, ctx.dw = dh, dw
         ctx.opts, ctx.kw = opts, kw
+        ctx.mark_non_differentiable(lse)
         out = coef * loss
-        return out if opts["reduction"] == "none" else out.sum()
+        return (out if opts["reduction"] == "none" else out.sum()), lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.opts["reduction"] != "none":
             dh, dw = _take(ctx, "dh"), _take(ctx, "dw")
@@ -147,8 +177,8 @@ class _LinearCEAscent(torch.autograd.Function):
             eff = torch.where((coef < 0) & (loss > cap), torch.zeros_like(eff), eff)
         kw = dict(ctx.kw, cap=math.inf)
         kern = backend_module(ctx.opts["backend"])
-        _, dh, dw = kern.linear_ce_fwd(hidden, weight, targets, eff, need_dh=need_dh,
-                                       need_dw=need_dw, **kw)
+        _, _, dh, dw = kern.linear_ce_fwd(hidden, weight, targets, eff, need_dh=need_dh,
+                                          need_dw=need_dw, **kw)
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 
@@ -156,7 +186,8 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      row_weight: torch.Tensor | None = None, *, ignore_index: int = -100,
                      random_labels: int | None = None, row_offset: int = 0,
                      loss_cap: float | None = None, reduction: str = "mean",
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", return_lse: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused linear head + cross-entropy with per-row signed weights, without [N, V] logits.
 
     Args:
@@ -175,12 +206,18 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         reduction: "mean" (over valid rows), "sum" or "none" (per-row [N] fp32).
         backend: "auto" | "triton" | "cpp" | "torch" (see :func:`resolve_backend`;
             :func:`last_backend` says which one ran).
+        return_lse: also return each row's logsumexp, from the same pass (no extra GEMM).
 
     Returns:
-        0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none"). Logits are fp32 (fp32
-        accumulation and fp32 result, also from bf16/fp16 inputs) and so is the softmax
-        math; gradients come back in the inputs' dtype (the dh and dW GEMMs run in it).
-        Non-finite logits follow torch: a NaN gives a NaN loss and gradient row.
+        0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none"); with ``return_lse`` the
+        pair ``(value, lse)``, lse fp32 [N] without gradient: ``logsumexp_v z_nv`` of the
+        row's fp32 logits whatever its target (a random label or a capped row too), NaN
+        for ignored rows (their logits are not looked at). The NLL of any other code c
+        of row n is ``lse_n - hidden_n . weight_c`` (:func:`target_nll`). Logits are
+        fp32 (fp32 accumulation and fp32 result, also from bf16/fp16 inputs) and so is
+        the softmax math; gradients come back in the inputs' dtype (the dh and dW GEMMs
+        run in it). Non-finite logits follow torch: a NaN gives a NaN loss and gradient
+        row (and a NaN lse).
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first (so fp32
     master weights train through bf16 kernels).
@@ -189,9 +226,7 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         raise ValueError(f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     dev_type = hidden.device.type
-    if torch.is_autocast_enabled(dev_type):
-        dt = torch.get_autocast_dtype(dev_type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
+    hidden, weight = autocast_inputs(hidden, weight)
     if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and weight must share a dtype in {_DTYPES}, got "
                          f"{hidden.dtype} and {weight.dtype}")
@@ -206,31 +241,35 @@ def linear_ce_ascent(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                 reduction=reduction, grad=torch.is_grad_enabled())
     coef = _coef(targets, row_weight, ignore_index, reduction)
     with torch.autocast(dev_type, enabled=False):
-        return _LinearCEAscent.apply(hidden.contiguous(), weight.contiguous(),
-                                     targets.contiguous(), coef, opts)
+        value, lse = _LinearCEAscent.apply(hidden.contiguous(), weight.contiguous(),
+                                           targets.contiguous(), coef, opts)
+    return (value, lse) if return_lse else value
 
 
 class _CEAscent(torch.autograd.Function):
+    """Outputs (value, lse); lse has no gradient."""
+
     @staticmethod
     def forward(ctx, logits, targets, coef, opts):
         kern = backend_module(opts["backend"])
         grad = None
         if ctx.needs_input_grad[0] and opts["grad"]:  # see _LinearCEAscent.forward
             grad = logits if opts["inplace"] else torch.empty_like(logits)
-        loss = kern.ce_fwd(logits, targets, coef, ignore_index=opts["ignore_index"],
-                           key=opts["key"], row_offset=opts["row_offset"], cap=opts["cap"],
-                           grad=grad)
+        loss, lse = kern.ce_fwd(logits, targets, coef, ignore_index=opts["ignore_index"],
+                                key=opts["key"], row_offset=opts["row_offset"],
+                                cap=opts["cap"], grad=grad)
         if grad is not None and opts["inplace"]:
             # The logits now hold the gradient: make any other autograd user of them fail
             # loudly (version check) instead of silently reading gradients as logits.
             torch.autograd.graph.increment_version(logits)
         ctx.grad = grad  # not save_for_backward: see _LinearCEAscent.forward
         ctx.reduction = opts["reduction"]
+        ctx.mark_non_differentiable(lse)
         out = coef * loss
-        return out if opts["reduction"] == "none" else out.sum()
+        return (out if opts["reduction"] == "none" else out.sum()), lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         grad = _take(ctx, "grad")
         if ctx.reduction == "none":
             # The stash holds coef_n * (p_n - onehot_n) per row: per-row scaling is exact.
@@ -244,14 +283,16 @@ def ce_ascent(logits: torch.Tensor, targets: torch.Tensor,
               row_weight: torch.Tensor | None = None, *, ignore_index: int = -100,
               random_labels: int | None = None, row_offset: int = 0,
               loss_cap: float | None = None, reduction: str = "mean",
-              backend: str = "auto", inplace: bool = False) -> torch.Tensor:
+              backend: str = "auto", inplace: bool = False, return_lse: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same loss as :func:`linear_ce_ascent` on given logits [N, V].
 
     For models whose heads are not plain linears. Arguments as in
     :func:`linear_ce_ascent`; ``logits`` is [N, V] float32 / bfloat16 / float16.
     ``inplace=True`` writes the gradient over ``logits`` (saves an [N, V] buffer; the
     logits must not be used afterwards, and autograd refuses other users of them).
-    Returns a 0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none").
+    Returns a 0-dim fp32 tensor ("mean"/"sum") or [N] fp32 ("none"), and with
+    ``return_lse`` the pair ``(value, lse)`` as :func:`linear_ce_ascent` does.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -272,4 +313,5 @@ def ce_ascent(logits: torch.Tensor, targets: torch.Tensor,
         if inplace:
             raise ValueError("inplace=True needs contiguous logits")
         logits = logits.contiguous()
-    return _CEAscent.apply(logits, targets.contiguous(), coef, opts)
+    value, lse = _CEAscent.apply(logits, targets.contiguous(), coef, opts)
+    return (value, lse) if return_lse else value

@@ -26,7 +26,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     distribution (Min-K%++ uses ``(log p(t) - mu) / sqrt(var)``), per row.
 
     hidden [N, D] and weight [V, D] (any float dtype; logits computed in fp32), targets
-    [N] integer (``ignore_index`` rows -> NaN; RANDOM_LABEL rows as in the op). Memory
+    [N] integer (``ignore_index`` rows -> NaN; RANDOM_LABEL rows as in the op; other
+    values raise ValueError for CPU tensors, and give NaN / False on a GPU, where the
+    check would synchronise the device). Memory
     is O(chunk x V): logits exist one row chunk at a time. ``backend``: "auto" runs the
     C++ kernel for fp32/bf16 CPU tensors when built, the torch path otherwise (also for
     "triton": there is no Triton kernel for these statistics).
@@ -41,7 +43,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"chunk must be positive, got {chunk}")
     key = None if random_labels is None else label_key(random_labels)
     labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
-    if bool(((labels < -1) | (labels >= vocab)).any()):
+    if hidden.device.type == "cpu" and bool(((labels < -1) | (labels >= vocab)).any()):
         raise ValueError(f"targets must be in [0, {vocab}), ignore_index or RANDOM_LABEL "
                          "(with random_labels=seed)")
     if weight.dtype != hidden.dtype:
@@ -63,8 +65,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         e = min(s + chunk, n)
         logp = torch.log_softmax(hidden[s:e].float() @ w32.T, dim=1)
         lab = labels[s:e]
-        valid = lab >= 0
-        nll = -logp.gather(1, lab.clamp_min(0)[:, None])[:, 0]
+        valid = (lab >= 0) & (lab < vocab)
+        nll = -logp.gather(1, lab.clamp(0, vocab - 1)[:, None])[:, 0]
         p = logp.exp()
         mu = (p * logp).sum(1)
         var = ((p * logp * logp).sum(1) - mu * mu).clamp_min(0)
