@@ -301,6 +301,11 @@ def test_bad_input_is_refused_naming_the_file_or_value(hf_env, tmp_path):
     with pytest.raises(NoencoreError, match="decoder.num_codebooks 8 differs from the "
                                             "EnCodec's 4 codebooks"):
         load_musicgen(str(bad))
+    bad = _copy_with_config(folder, tmp_path / "vocab", lambda c: c["decoder"].update(
+        vocab_size=1024))
+    with pytest.raises(NoencoreError, match=r"vocab/config.json: .*decoder.vocab_size 1024 "
+                                            r"differs from the EnCodec's codebook_size 2048"):
+        load_musicgen(str(bad))
     bad = tmp_path / "no_tokenizer"
     shutil.copytree(folder, bad, ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(NoencoreError, match="no T5 tokenizer files"):
@@ -311,6 +316,11 @@ def test_bad_input_is_refused_naming_the_file_or_value(hf_env, tmp_path):
     other = write_shards(tmp_path / "s1024", random_items(1, 1, 12, card=1024), card=1024)
     with pytest.raises(NoencoreError, match=r"s1024: shards .* do not match model .*card 1024 "
                                             r"vs model 2048"):
+        unlearn(model, other, **kw)
+    two = [(i, c[:, :2], cap, split) for i, c, cap, split in random_items(1, 1, 12)]
+    other = write_shards(tmp_path / "s2books", two, n_q=2)
+    with pytest.raises(NoencoreError, match=r"s2books: shards .* do not match model .*n_q 2 "
+                                            r"vs model 4"):
         unlearn(model, other, **kw)
     shards = write_shards(tmp_path / "s", random_items(1, 1, 12))
     build_condition_cache(shards / "conditions", ["forget song 0", "remain piece 0"],
