@@ -2,7 +2,7 @@
 # Create (or reuse) the project virtual environment and install noencore into it.
 #
 #   scripts/setup_env.sh            # idempotent: a second run with nothing changed takes ~1 s
-#   NONCORE_VENV=/path scripts/setup_env.sh
+#   NOENCORE_VENV=/path scripts/setup_env.sh
 #
 # Every step is explicit about the packaging traps of this stack; the script fails
 # loudly (set -e + a final import check) rather than leave a half-installed env.
@@ -89,9 +89,16 @@ import importlib, sys
 mods = ["torch", "numpy", "torchaudio", "audiocraft", "triton", "deepspeed",
         "soundfile", "pytest", "pytest_benchmark", "transformers", "peft", "noencore"]
 bad = []
+try:  # audiocraft's CPU-only xFormers notice is expected here: keep it out of the log
+    from noencore.thirdparty import quiet_audiocraft
+except Exception as e:
+    import contextlib
+    quiet_audiocraft = contextlib.nullcontext
+    bad.append(f"noencore.thirdparty: {type(e).__name__}: {e}")
 for m in mods:
     try:
-        importlib.import_module(m)
+        with quiet_audiocraft():
+            importlib.import_module(m)
     except Exception as e:  # report every broken package, not only the first
         bad.append(f"{m}: {type(e).__name__}: {e}")
 # laion_clap is imported through noencore.evaluation.clap_compat (it needs a torchvision
