@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench scale-check gpu-check lint clean
 
 setup:
 	@NOENCORE_VENV=$(VENV) bash scripts/setup_env.sh
@@ -25,6 +25,16 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# Not part of `make test`: about half an hour on 2 CPU cores and ~17 GiB of memory.
+scale-check: setup
+	$(PY) benchmarks/scale_check.py --results
+
+# On one CUDA GPU (not CI): op tests with real Triton, op/engine benchmarks, a ZeRO-2
+# step -> gpu_check.md; exits 2 without CUDA. No `setup` first: a GPU machine may have no
+# registry; scripts/gpu_check.sh installs what it lacks (see scripts/gpu_wheels.sh).
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(PY) -m ruff check noencore kernels benchmarks tests setup.py

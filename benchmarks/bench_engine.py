@@ -1,5 +1,6 @@
-"""pytest-benchmark: one unlearning step of the engine and of the audiocraft-solver-style
-reference (see engine_ratios.py for the full comparison with ratios and memory).
+"""pytest-benchmark: one unlearning step of the engine and of audiocraft's MusicGen solver
+step, with its token cache and with the codec in the step (see engine_ratios.py for the
+comparison with ratios, memory and the FLOP floor).
 
     .venv/bin/python -m pytest benchmarks/bench_engine.py --benchmark-only
 """
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from engine_ratios import run_step, setup  # noqa: E402
+from engine_ratios import VARIANTS, run_step, setup  # noqa: E402
 
 # a smaller workload than engine_ratios.py: MusicGen-small width, 1 layer, 2 s clips
 LAYERS, BATCH, SECONDS = 1, 2, 2.0
@@ -23,11 +24,10 @@ LAYERS, BATCH, SECONDS = 1, 2, 2.0
 
 @pytest.fixture(scope="module")
 def states():
-    return {v: setup(LAYERS, BATCH, SECONDS, v) for v in ("reference", "engine")}
+    return {k: setup(LAYERS, BATCH, SECONDS, k) for k in ("cached", "codec", "engine")}
 
 
-@pytest.mark.parametrize("variant", ["reference-fp32", "engine-fp32", "reference-bf16",
-                                     "engine-bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_unlearning_step(benchmark, states, variant):
     st = states[variant.split("-")[0]]
     run_step(variant, st)  # warm-up

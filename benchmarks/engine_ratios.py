@@ -1,29 +1,41 @@
-"""One unlearning step of the engine against a step written as audiocraft's MusicGen solver.
+"""One unlearning step of the engine against audiocraft's MusicGen solver step, in one run.
 
-Same LM (MusicGen-small's width: dim 1024, 16 heads, card 2048, K=4; ``--layers`` layers),
-same batch (B clips of ``--seconds`` s), same optimizer (AdamW), fp32 parameters:
+Same LM (MusicGen-small's width: dim 1024, 16 heads, card 2048, K=4; ``--layers``
+layers), same batch (B windows of ``--seconds`` s, the same codes and captions), same
+optimizer (AdamW, gradient norm clipped at 1.0 as audiocraft's MusicGen solver config
+and the engine do), fp32 parameters, fp32 and bf16 autocast:
 
-* reference (audiocraft's solver): inside the step, EnCodec (full-size MusicGen
-  architecture, random weights) encodes the audio and a T5-base-sized encoder (random
-  weights) embeds the captions; ``compute_predictions`` materialises logits [B, K, T,
-  card]; masked per-codebook cross-entropy averaged over K; backward; AdamW.
-* engine: codes and T5 outputs precomputed (token shards + condition cache); the LM runs
-  to the hidden states and the fused op computes loss and gradients per codebook head
-  (GradDiff: ascent on half the rows, descent on the other half); AdamW.
+* cached (the baseline a careful audiocraft user runs): ``MusicGenSolver.run_step`` with
+  its token cache (``cache.path``: no codec in the step). As the solver does it: the
+  captions become ``ConditioningAttributes``, pass classifier-free-guidance and attribute
+  dropout, are tokenized, and the condition provider runs the T5 conditioner (a random
+  encoder of T5-base's size, so nothing downloads) and its projection inside the step;
+  ``compute_predictions`` materialises logits [B, K, T, card]; per-codebook
+  cross-entropy on the valid mask, averaged over K (``_compute_cross_entropy``);
+  backward; clip; AdamW; the finiteness check.
+* codec (the old baseline, kept as a second row): the same step with EnCodec (MusicGen's
+  32 kHz architecture, random weights) encoding the audio inside the step, as the solver
+  does without a cache.
+* engine: ``UnlearnObjective`` (GradDiff: ascent on half the rows, descent on the other
+  half) on the cached codes and cached T5 outputs: the LM to the hidden states, the fused
+  op per codebook head; backward; clip; AdamW, as ``noencore.unlearn`` steps.
 
-Prints tokens/s (tokens = B x K x T codes), the ratio, the extra peak memory of one step
-(peak RSS during the step minus RSS before it, each variant in a fresh subprocess) and
-the total peak RSS, and the engine's step time against its FLOP floor: 6 x LM
-parameters x sequence positions over the fp32 matmul rate measured in this run. Both
-variants also run under bf16 autocast (audiocraft trains that way; this CPU has bf16).
+Prints tokens/s (tokens = B x K x T codes) and the ratio to the cached solver step,
+the peak memory of a step (CPU: peak RSS of a fresh process, sampled every ms; GPU:
+peak allocated) and its extra over the memory before the step, and each step against
+its FLOP floor: the matmul FLOPs of one LM forward+backward (torch's FLOP counter on the
+LM alone, without T5 or the codec; attention products are not counted by it on CPU),
+over the matmul rate of this machine in that precision, measured in this run.
 
-    python benchmarks/engine_ratios.py [--layers 2 --batch 2 --seconds 5 --reps 3]
+    python benchmarks/engine_ratios.py [--layers 2 --batch 2 --seconds 30 --reps 3]
+                                       [--device cpu|cuda] [--variants ...] [--json f]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -36,6 +48,12 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 CAPTIONS = ["an energetic rock song with electric guitar", "a calm piano piece, soft strings",
             "jazz saxophone solo over walking bass", "lofi hip hop beat with vinyl crackle"]
+BASELINES = ("cached", "codec")
+VARIANTS = tuple(f"{kind}-{prec}" for prec in ("fp32", "bf16")
+                 for kind in ("cached", "engine", "codec"))
+GRAD_CLIP = 1.0  # audiocraft's solver/musicgen/default.yaml optim.max_norm; unlearn()'s default
+# Goals against the cached solver step.
+SPEED_GOAL, MEMORY_GOAL, FLOOR_GOAL = 1.5, 0.8, 1.2
 
 
 def base_t5_folder() -> Path:
@@ -61,89 +79,151 @@ def base_t5_folder() -> Path:
     return folder
 
 
-def setup(layers: int, batch: int, seconds: float, variant: str):
-    """Model, optimizer and the inputs each variant starts its step from."""
+def setup(layers: int, batch: int, seconds: float, kind: str, device: str = "cpu") -> dict:
+    """Model, optimizer and the inputs a step of ``kind`` (cached, codec, engine) starts
+    from; every kind gets the same codes (seed 0) and captions."""
     from noencore.models import load_musicgen, register_t5
-    from noencore.models.text import TextEncoder
 
     t5 = str(base_t5_folder())
     register_t5(t5, 768)
-    model = load_musicgen("small-width", with_codec=False, overrides={
+    model = load_musicgen("small-width", device=device, with_codec=False, overrides={
         "transformer_lm": {"num_layers": layers},
         "conditioners": {"description": {"t5": {"name": t5}}}})
     model.lm.train()
+    cond = model.lm.condition_provider.conditioners[model.text_attribute]
+    if kind != "engine":
+        # The conditioner keeps T5 outside its submodules (never trained or saved), so
+        # moving the LM leaves it behind: the solver runs it on the device, as audiocraft
+        # builds it there. (The engine reads T5's outputs from its cache instead.)
+        cond.t5.to(device)
+        cond.device = device
     opt = torch.optim.AdamW([p for p in model.lm.parameters() if p.requires_grad], lr=1e-5)
-    captions = (CAPTIONS * batch)[:batch]
     frames = int(seconds * 50)
     g = torch.Generator().manual_seed(0)
-    state = {"model": model, "opt": opt, "captions": captions, "frames": frames}
-    if variant.startswith("reference"):
+    codes = torch.randint(0, model.card, (batch, model.n_q, frames), generator=g).to(device)
+    st = {"model": model, "opt": opt, "captions": (CAPTIONS * batch)[:batch],
+          "frames": frames, "codes": codes, "device": device}
+    if kind == "codec":
         from noencore.data.codec import load_codec
 
-        state["codec"] = load_codec("musicgen-32khz")
-        state["t5"] = TextEncoder(t5)
-        state["wav"] = torch.randn(batch, 1, frames * 640, generator=g) * 0.1
+        st["codec"] = load_codec("musicgen-32khz", device)
+        st["wav"] = (torch.randn(batch, 1, frames * 640, generator=g) * 0.1).to(device)
+    elif kind == "engine":  # the condition cache: T5 outputs computed once, before training
+        from noencore.engine.objective import UnlearnObjective
+        from noencore.methods import get_method
+
+        with torch.no_grad():
+            tok = cond.tokenize(st["captions"])
+            st["emb"] = cond.t5(**tok).last_hidden_state.to(device)
+            st["emask"] = tok["attention_mask"].bool().to(device)
+        st["objective"] = UnlearnObjective(model, get_method("graddiff"))
+    return st
+
+
+def _autocast(st: dict, on: bool):
+    return torch.autocast(st["device"], dtype=torch.bfloat16, enabled=on)
+
+
+def _update(st: dict, loss: torch.Tensor) -> None:
+    """backward, clip, AdamW, zero the gradients; then the solver's finiteness check."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(st["model"].lm.parameters(), GRAD_CLIP)
+    st["opt"].step()
+    st["opt"].zero_grad(set_to_none=True)
+    if not loss.isfinite().all():
+        raise RuntimeError("the benchmark's model diverged")
+
+
+def solver_step(st: dict, autocast: bool) -> None:
+    """audiocraft's ``MusicGenSolver.run_step`` on a training batch: tokens from the cache
+    (or, with a codec in ``st``, encoded in the step), conditions as the solver computes
+    them, full logits, per-codebook masked cross-entropy averaged over K, the update."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    lm = st["model"].lm
+    attr = st["model"].text_attribute
+    if "codec" in st:
+        with torch.no_grad():
+            codes = st["codec"].encode(st["wav"])
     else:
-        enc = TextEncoder(t5)
-        pairs = enc.encode(captions)
-        L = max(e.shape[0] for e, _ in pairs)
-        emb = torch.zeros(batch, L, 768)
-        emask = torch.zeros(batch, L, dtype=torch.bool)
-        for i, (e, m) in enumerate(pairs):
-            emb[i, :e.shape[0]], emask[i, :m.shape[0]] = e, m
-        del enc
-        state.update(codes=torch.randint(0, 2048, (batch, 4, frames), generator=g),
-                     emb=emb, emask=emask)
-    return state
-
-
-def reference_step(st: dict, autocast: bool) -> None:
-    """audiocraft's solver: codec + T5 in the step, full logits, masked CE over K, AdamW."""
-    model, opt = st["model"], st["opt"]
-    with torch.no_grad():
-        codes = st["codec"].encode(st["wav"])
-        enc = st["t5"]
-        inputs = enc.tokenizer(st["captions"], return_tensors="pt", padding=True)
-        hidden = enc.model(**inputs).last_hidden_state
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        conds = model.condition_tensors(hidden, inputs["attention_mask"].bool())
-        out = model.lm.compute_predictions(codes, [], conds)
-        loss = 0.0
-        for k in range(model.n_q):
-            logits_k = out.logits[:, k].reshape(-1, model.card)
-            mask_k = out.mask[:, k].reshape(-1)
-            loss = loss + F.cross_entropy(logits_k[mask_k].float(),
-                                          codes[:, k].reshape(-1)[mask_k])
-        (loss / model.n_q).backward()
-    opt.step()
+        codes = st["codes"]
+    attributes = [ConditioningAttributes(text={attr: c}) for c in st["captions"]]
+    attributes = lm.att_dropout(lm.cfg_dropout(attributes))
+    tokenized = lm.condition_provider.tokenize(attributes)
+    with _autocast(st, autocast):
+        conditions = lm.condition_provider(tokenized)
+        out = lm.compute_predictions(codes, [], conditions)
+        mask = torch.ones_like(codes, dtype=torch.bool) & out.mask
+        ce = torch.zeros([], device=codes.device)
+        for k in range(codes.shape[1]):
+            logits_k = out.logits[:, k].contiguous().view(-1, out.logits.size(-1))
+            targets_k = codes[:, k].contiguous().view(-1)
+            mask_k = mask[:, k].contiguous().view(-1)
+            ce += F.cross_entropy(logits_k[mask_k], targets_k[mask_k])
+        loss = ce / codes.shape[1]
+    _update(st, loss)
 
 
 def engine_step(st: dict, autocast: bool) -> None:
-    """The engine: precomputed codes + T5 outputs, hidden states, fused op, AdamW."""
-    from noencore.engine.objective import UnlearnObjective, token_counts
-    from noencore.methods import get_method
+    """The engine's step (``noencore.unlearn`` in one process): cached codes and T5
+    outputs, the objective (LM to the hidden states, fused op per head), the update. The
+    token mask and counts are computed on the host, as the engine's loop does before moving
+    a batch to its device."""
+    from noencore.engine.objective import token_counts
     from noencore.models.adapter import token_mask
 
-    model, opt = st["model"], st["opt"]
-    if "objective" not in st:
-        st["objective"] = UnlearnObjective(model, get_method("graddiff"))
     codes = st["codes"]
-    mask = torch.ones_like(codes, dtype=torch.bool)
+    lm = st["model"].lm
+    host_mask = token_mask(lm, torch.ones(codes.shape, dtype=torch.bool))
     forget = torch.arange(codes.shape[0]) % 2 == 0
-    counts = token_counts(model.lm, mask, forget)
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = st["objective"](codes, token_mask(model.lm, mask), forget, st["emb"],
-                                  st["emask"], None, counts, 0,
-                                  torch.arange(codes.shape[0]))
-    loss.backward()
-    opt.step()
+    counts = token_counts(lm, host_mask, forget).to(codes.device)
+    mask, forget = host_mask.to(codes.device), forget.to(codes.device)
+    with _autocast(st, autocast):
+        loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,
+                                  torch.arange(codes.shape[0], device=codes.device))
+    _update(st, loss)
 
 
 def run_step(variant: str, st: dict) -> None:
-    autocast = variant.endswith("bf16")
-    (reference_step if variant.startswith("reference") else engine_step)(st, autocast)
+    kind, prec = variant.split("-")
+    (engine_step if kind == "engine" else solver_step)(st, prec == "bf16")
+    if st["device"] == "cuda":
+        torch.cuda.synchronize()
+
+
+def lm_flops(st: dict) -> float:
+    """Matmul FLOPs of one LM forward+backward on the batch (logits, per-codebook CE), as
+    torch's FLOP counter sees them: the work any training step of this LM must do."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, codes = st["model"], st["codes"]
+    emb = torch.zeros(codes.shape[0], 8, 768, device=codes.device)
+    with FlopCounterMode(display=False) as counter:
+        out = model.lm.compute_predictions(codes, [], model.condition_tensors(
+            emb, torch.ones(emb.shape[:2], dtype=torch.bool, device=codes.device)))
+        loss = sum(F.cross_entropy(out.logits[:, k][out.mask[:, k]], codes[:, k][out.mask[:, k]])
+                   for k in range(codes.shape[1]))
+        loss.backward()
+    model.lm.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matmul in ``dtype`` on ``device``, best (CPU) or median (GPU) of 5."""
+    n = 8192 if device == "cuda" else 4096
+    a = torch.randn(n, 1024, device=device).to(dtype)
+    b = torch.randn(1024, n, device=device).to(dtype)
+    times = []
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    best = statistics.median(times[1:]) if device == "cuda" else min(times[1:])
+    return 2 * n * 1024 * n / best
 
 
 def _rss() -> int:
@@ -151,10 +231,17 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_memory(variant: str, layers: int, batch: int, seconds: float) -> dict:
-    """In this (fresh) process: RSS before a step, peak RSS during it (sampled every ms)."""
-    st = setup(layers, batch, seconds, variant)
-    run_step(variant, st)  # warm-up: optimizer state and allocator pools exist afterwards
+def step_memory(variant: str, st: dict) -> dict:
+    """Peak memory of one step and its extra over the memory before it, in MB (after a
+    warm-up step, so optimizer state and allocator pools exist): CPU, RSS sampled every
+    ms in this process (run it fresh); GPU, the allocator's peak."""
+    run_step(variant, st)
+    if st["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run_step(variant, st)
+        peak = torch.cuda.max_memory_allocated()
+        return {"step_extra_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20}
     before, peak, stop = _rss(), [0], threading.Event()
 
     def sample():
@@ -170,74 +257,140 @@ def measure_memory(variant: str, layers: int, batch: int, seconds: float) -> dic
     return {"step_extra_mb": (peak[0] - before) / 2**20, "peak_mb": peak[0] / 2**20}
 
 
-def matmul_rate() -> float:
-    """fp32 FLOP/s of a [4096, 1024] x [1024, 4096] matmul, best of 5."""
-    a, b = torch.randn(4096, 1024), torch.randn(1024, 4096)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 4096 * 1024 * 4096 / best
+def memory(variants: list[str], a: argparse.Namespace) -> dict[str, dict]:
+    """:func:`step_memory` of each variant with only its own model in memory: CPU, in a
+    fresh process each; GPU, one set-up per kind (the allocator's peak needs no fresh
+    process)."""
+    if a.device != "cuda":
+        # Freed blocks go back to the system at once, so that the peak of the measured step
+        # is not hidden in pools the warm-up step left behind.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        out = {}
+        for v in variants:
+            proc = subprocess.run([sys.executable, __file__, "--memory-child", v, "--layers",
+                                   str(a.layers), "--batch", str(a.batch), "--seconds",
+                                   str(a.seconds)], capture_output=True, text=True, check=True,
+                                  env=env)
+            out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return out
+    out = {}
+    for kind in sorted({v.split("-")[0] for v in variants}):
+        st = setup(a.layers, a.batch, a.seconds, kind, a.device)
+        for v in variants:
+            if v.startswith(kind + "-"):
+                out[v] = step_memory(v, st)
+        del st
+        torch.cuda.empty_cache()
+    return out
 
 
-def main() -> None:
+def _mark(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: dict,
+           tokens: int, params: float) -> list[str]:
+    """The Markdown table and the goal lines."""
+    lines = [f"### Engine step vs audiocraft's MusicGen solver step ({a.device}; dim 1024, "
+             f"16 heads, {a.layers} layers, {params / 1e6:.1f} M LM params; B={a.batch} x "
+             f"{a.seconds:g} s = {tokens} tokens)\n",
+             "| variant | step s | tokens/s | vs cached solver | FLOP floor s | step / floor | "
+             "peak MB | step extra MB |", "|---|---|---|---|---|---|---|---|"]
+    for v in times:
+        prec = v.split("-")[1]
+        floor = flops / rates[prec]
+        ref = times.get(f"cached-{prec}")
+        m = mem.get(v, {})
+        lines.append(f"| {v} | {times[v]:.3f} | {tokens / times[v]:.0f} | "
+                     f"{f'{ref / times[v]:.2f}x' if ref else '-'} | {floor:.3f} | "
+                     f"{times[v] / floor:.2f}x | {m.get('peak_mb', float('nan')):.0f} | "
+                     f"{m.get('step_extra_mb', float('nan')):.0f} |")
+    lines.append("")
+    for prec in ("fp32", "bf16"):
+        e, c = f"engine-{prec}", f"cached-{prec}"
+        if e not in times or c not in times:
+            continue
+        sp = times[c] / times[e]
+        line = f"- {prec}: engine {sp:.2f}x the cached solver's tokens/s (>= {SPEED_GOAL}: " \
+               f"{_mark(sp >= SPEED_GOAL)})"
+        if e in mem and c in mem:
+            r = mem[e]["peak_mb"] / mem[c]["peak_mb"]
+            x = mem[e]["step_extra_mb"] / max(mem[c]["step_extra_mb"], 1e-9)
+            line += (f"; peak memory {r:.2f}x (<= {MEMORY_GOAL}: {_mark(r <= MEMORY_GOAL)}), "
+                     f"step extra memory {x:.2f}x")
+        if prec == "fp32":
+            fl = times[e] / (flops / rates[prec])
+            line += f"; engine step {fl:.2f}x its FLOP floor (<= {FLOOR_GOAL}: " \
+                    f"{_mark(fl <= FLOOR_GOAL)})"
+        if f"codec-{prec}" in times:
+            line += f"; vs the codec-in-step solver {times[f'codec-{prec}'] / times[e]:.2f}x"
+        lines.append(line)
+    lines.append(f"\nFLOP floor: {flops / 1e9:.1f} GFLOP of matmuls per LM forward+backward "
+                 f"(torch's counter) at {rates['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+                 f"{rates['bf16'] / 1e9:.0f} GFLOP/s bf16 (a large matmul, this run).")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--codec-reps", type=int, default=1,
+                    help="timed steps of the codec-in-step rows (the slowest by far)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
     if a.memory_child:
-        print(json.dumps(measure_memory(a.memory_child, a.layers, a.batch, a.seconds)))
-        return
-    variants = ["reference-fp32", "engine-fp32", "reference-bf16", "engine-bf16"]
-    states = {v: setup(a.layers, a.batch, a.seconds, v) for v in ("reference", "engine")}
-    times = {v: float("inf") for v in variants}
-    for v in variants:  # warm-up
-        run_step(v, states[v.split("-")[0]])
-    for _ in range(a.reps):  # interleaved; the minimum is the least disturbed run
+        st = setup(a.layers, a.batch, a.seconds, a.memory_child.split("-")[0], a.device)
+        print(json.dumps(step_memory(a.memory_child, st)))
+        return 0
+    variants = [v for v in a.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}")
+    kinds = {v.split("-")[0] for v in variants}
+    states = {k: setup(a.layers, a.batch, a.seconds, k, a.device) for k in sorted(kinds)}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(a.reps + 1):  # interleaved, after a warm-up round
         for v in variants:
+            if v.startswith("codec-") and rep > a.codec_reps:
+                continue
             t = time.perf_counter()
             run_step(v, states[v.split("-")[0]])
-            times[v] = min(times[v], time.perf_counter() - t)
-    model = states["engine"]["model"]
-    tokens = a.batch * model.n_q * states["engine"]["frames"]
-    positions = a.batch * (states["engine"]["frames"] + model.n_q - 1)
+            if rep:
+                samples[v].append(time.perf_counter() - t)
+    pick = statistics.median if a.device == "cuda" else min  # CPU: the least disturbed run
+    times = {v: pick(s) for v, s in samples.items()}
+    st = next(iter(states.values()))
+    model = st["model"]
+    tokens = a.batch * model.n_q * st["frames"]
     params = sum(p.numel() for p in model.lm.parameters())
-    rate = matmul_rate()
-    floor = 6 * params * positions / rate
-    mem = {}
-    if not a.skip_memory:
-        for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", v, "--layers",
-                                  str(a.layers), "--batch", str(a.batch), "--seconds",
-                                  str(a.seconds)], capture_output=True, text=True, check=True)
-            mem[v] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"### Engine step vs audiocraft-solver step (dim 1024, {a.layers} layers, "
-          f"{params / 1e6:.1f} M LM params, B={a.batch}, {a.seconds:g} s = {tokens} tokens)\n")
-    print("| variant | step s | tokens/s | vs reference | step extra MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for v in variants:
-        ref = times["reference-" + v.split("-")[1]]
-        m = mem.get(v, {})
-        extra = f"{m['step_extra_mb']:.0f}" if m else "-"
-        peak = f"{m['peak_mb']:.0f}" if m else "-"
-        print(f"| {v} | {times[v]:.3f} | {tokens / times[v]:.0f} | {ref / times[v]:.2f}x | "
-              f"{extra} | {peak} |")
-    if mem:
-        for prec in ("fp32", "bf16"):
-            e, r = mem[f"engine-{prec}"], mem[f"reference-{prec}"]
-            print(f"\n{prec}: engine/reference peak RSS {e['peak_mb'] / r['peak_mb']:.2f}x, "
-                  f"step extra memory {e['step_extra_mb'] / max(r['step_extra_mb'], 1):.2f}x")
-    print(f"\nFLOP floor (6 x {params / 1e6:.1f} M params x {positions} positions at "
-          f"{rate / 1e9:.0f} GFLOP/s fp32): {floor:.3f} s; engine fp32 step = "
-          f"{times['engine-fp32'] / floor:.2f}x the floor")
+    flops = lm_flops(st)
+    rates = {"fp32": matmul_rate(a.device, torch.float32),
+             "bf16": matmul_rate(a.device, torch.bfloat16)}
+    del states, st, model
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    mem = {} if a.skip_memory else memory(variants, a)
+    print("\n".join(report(a, times, mem, flops, rates, tokens, params)))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"device": a.device, "layers": a.layers, "batch": a.batch,
+                       "seconds": a.seconds, "tokens": tokens, "step_s": times,
+                       "memory_mb": mem, "lm_flops": flops, "matmul_flops_per_s": rates},
+                      fh, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

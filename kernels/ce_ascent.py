@@ -1,18 +1,32 @@
 """Triton backend (CUDA): row kernel with online log-sum-exp, gradient in the forward.
 
-``ce_fwd``: one program per row of the logits. Pass 1 walks the row in ``BLOCK_V``
-blocks keeping a running max and a rescaled running sum (online log-sum-exp), so the
-row is never held whole, and picks up the target logit on the way; pass 2 writes
-``coef * (softmax - onehot)`` over the same blocks (in place over the logits when
-asked). Softmax math is fp32 whatever the input. Nothing reads the logits after pass 2
-has begun: with the gradient written in place, a warp that read a logit later could
-read another warp's gradient instead (there is no barrier between the passes).
+``ce_fwd``: one program per row of the logits, one launch for all rows. When the row
+fits one ``BLOCK_V`` block (MusicGen's card of 2048 does) it is read once into
+registers: max, sum of exponentials, target logit, then ``coef * (softmax - onehot)``
+written from the same registers, so the logits cross memory once, as in a copy. A
+longer row is walked in blocks twice: pass 1 keeps a running max and a rescaled running
+sum (online log-sum-exp) and picks up the target logit; pass 2 re-reads each block and
+writes its gradient (in place over the logits when asked). Softmax math is fp32
+whatever the input. Nothing reads a logit after the gradient writes have begun, except
+pass 2 its own block: with the gradient written in place, a warp that read a logit
+later could read another warp's gradient instead (the one-block path is safe because
+its reductions make every warp finish its loads before any store).
 
-``linear_ce_fwd``: rows in equal chunks; per chunk fp32 logits come from one cuBLAS GEMM
-with fp32 accumulation and fp32 output (bf16/fp16 inputs are not copied to fp32) into a
-[chunk, V] buffer, the row kernel turns them into gradients in the inputs' dtype, and
-two more GEMMs in that dtype give dh and dW (dW summed over chunks in fp32). Peak extra
-memory is O(chunk x V), never O(N x V).
+``BLOCK_V`` and ``num_warps`` are autotuned on the GPU (``triton.autotune``, keyed on V,
+whether gradients are written and the tensors' dtypes; tuned once per key on the first
+call, with the gradient buffer restored after each trial because it may be the logits
+themselves). Under ``TRITON_INTERPRET=1`` (the CPU test suite) one fixed configuration
+runs instead, with no timing.
+
+``linear_ce_fwd``: rows in equal chunks of at most ``DEFAULT_CHUNK`` rows (one chunk for
+up to 8192 rows); per chunk fp32 logits come from one cuBLAS GEMM with fp32 accumulation
+and fp32 output (bf16/fp16 inputs are not copied to fp32) into a [chunk, V] buffer, one
+launch of the row kernel turns them into gradients in the inputs' dtype, and two more
+GEMMs in that dtype give dh and dW (dW summed over chunks in fp32). Peak extra memory is
+O(chunk x V), never O(N x V). Nothing on this path reads a device value on the host.
+
+Offsets: row offsets are int64 (``row * stride`` passes 2^31 once N x V does); column
+offsets stay int32 (they are below V).
 
 Non-finite logits follow torch (NaN in a row: NaN loss and gradient row; a +inf max:
 logsumexp = +inf). Targets are not validated on the host for CUDA tensors (that would
@@ -28,12 +42,15 @@ Kernel contract and random-label hash: see ``noencore/ops/reference.py`` and
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 DEFAULT_CHUNK = 8192
 _MASK32 = 0xFFFFFFFF
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -69,10 +86,48 @@ def _round_bf16(x):
     return rounded.to(tl.bfloat16, bitcast=True)
 
 
+def _row_configs() -> list[triton.Config]:
+    """Autotuning candidates for the row kernel; one fixed choice in the interpreter, which
+    cannot time kernels (2048 holds MusicGen's card in one block; V=2049 in the tests
+    takes the two-pass path)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_V": 2048}, num_warps=4)]
+    return [triton.Config({"BLOCK_V": b}, num_warps=w)
+            for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
+
+
+def _prune_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Blocks no wider than the row rounded up to a power of two (a wider one only adds
+    masked lanes); a short row gets exactly its own width."""
+    width = triton.next_power_of_2(named_args["vocab"])
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= width]
+    return kept or [triton.Config({"BLOCK_V": width}, num_warps=4)]
+
+
+@triton.jit
+def _grad_block(z, idx, lse, c, lab, ignored, bad):
+    """coef * (softmax - onehot) of one fp32 block; exactly 0 on ignored rows (also over a
+    NaN logit, where 0 * NaN would not be), NaN on rows whose label is no class."""
+    g = tl.exp(z - lse) * c
+    g = tl.where(idx == lab, g - c, g)
+    return tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
+
+
+@triton.jit
+def _store_grad(g_row, idx, g, vocab, G_BF16: tl.constexpr):
+    if G_BF16:
+        tl.store(g_row + idx, _round_bf16(g), mask=idx < vocab)
+    else:
+        tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=idx < vocab)
+
+
+@triton.autotune(configs=_row_configs(), key=["vocab", "HAS_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_blocks}, restore_value=["G"])
+@triton.heuristics({"ONE_BLOCK": lambda args: args["vocab"] <= args["BLOCK_V"]})
 @triton.jit
 def _ce_rows_kernel(Z, G, T, COEF, LOSS, LSE, stride_z, stride_g, vocab, ignore_index, key,
                     row0, cap, mask32, HAS_KEY: tl.constexpr, HAS_GRAD: tl.constexpr,
-                    G_BF16: tl.constexpr, BLOCK_V: tl.constexpr):
+                    G_BF16: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64 before the multiply: N x V may pass 2^31
     z_row = Z + row * stride_z
     t = tl.load(T + row)
@@ -80,21 +135,31 @@ def _ce_rows_kernel(Z, G, T, COEF, LOSS, LSE, stride_z, stride_g, vocab, ignore_
     ignored = t == ignore_index
     bad = ((lab < 0) | (lab >= vocab)) & (t != ignore_index)  # no class: a NaN row
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    zt = tl.zeros([], tl.float32)
-    nans = tl.zeros([], tl.int32)
-    for off in range(0, vocab, BLOCK_V):
-        idx = off + cols
-        z = tl.load(z_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        zt += tl.sum(tl.where(idx == lab, z, 0.0), 0)
-        nans += tl.sum((z != z).to(tl.int32), 0)  # max and the sum need not keep a NaN
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # Subtract 0 rather than an infinite max (as torch.logsumexp does): -inf - -inf
-        # would turn the running sum into NaN for good when a row starts with -inf blocks.
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
-        m = m_new
+    if ONE_BLOCK:
+        # The whole row in registers, read once (pass 2 below reuses it).
+        z_all = tl.load(z_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        zt = tl.sum(tl.where(cols == lab, z_all, 0.0), 0)
+        nans = tl.sum((z_all != z_all).to(tl.int32), 0)  # max and the sum need not keep a NaN
+        m = tl.max(z_all, 0)
+        # Subtract 0 rather than an infinite max (as torch.logsumexp does).
+        base = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp(z_all - base), 0)
+    else:
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        zt = tl.zeros([], tl.float32)
+        nans = tl.zeros([], tl.int32)
+        for off in range(0, vocab, BLOCK_V):
+            idx = off + cols
+            z = tl.load(z_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            zt += tl.sum(tl.where(idx == lab, z, 0.0), 0)
+            nans += tl.sum((z != z).to(tl.int32), 0)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            # -inf - -inf would turn the running sum into NaN for good when a row starts
+            # with -inf blocks.
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
+            m = m_new
     # torch.logsumexp on non-finite rows: NaN with a NaN, else the max itself when it is
     # +-inf (where the running sum holds inf - inf).
     lse = tl.where(tl.abs(m) == float("inf"), m, m + tl.log(s))
@@ -106,17 +171,15 @@ def _ce_rows_kernel(Z, G, T, COEF, LOSS, LSE, stride_z, stride_g, vocab, ignore_
         c = tl.load(COEF + row).to(tl.float32)
         c = tl.where((c < 0) & (loss > cap), 0.0, c)
         g_row = G + row * stride_g
-        for off in range(0, vocab, BLOCK_V):
-            idx = off + cols
-            z = tl.load(z_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            g = tl.exp(z - lse) * c
-            g = tl.where(idx == lab, g - c, g)
-            # Ignored rows: exactly 0, also over a NaN logit (0 * NaN would not be).
-            g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
-            if G_BF16:
-                tl.store(g_row + idx, _round_bf16(g), mask=idx < vocab)
-            else:
-                tl.store(g_row + idx, g.to(G.dtype.element_ty), mask=idx < vocab)
+        if ONE_BLOCK:
+            _store_grad(g_row, cols, _grad_block(z_all, cols, lse, c, lab, ignored, bad), vocab,
+                        G_BF16)
+        else:
+            for off in range(0, vocab, BLOCK_V):
+                idx = off + cols
+                z = tl.load(z_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                _store_grad(g_row, idx, _grad_block(z, idx, lse, c, lab, ignored, bad), vocab,
+                            G_BF16)
 
 
 @triton.jit
@@ -127,29 +190,31 @@ def _random_labels_kernel(OUT, n, key, row0, vocab, mask32, BLOCK: tl.constexpr)
     tl.store(OUT + i, lab, mask=i < n)
 
 
-def _block_v(vocab: int) -> int:
-    # 2048 covers MusicGen's card in one block; larger vocabularies take the online
-    # (multi-block) path, which V=2049 in the tests exercises.
-    return min(triton.next_power_of_2(vocab), 2048)
+def _rows(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, loss: torch.Tensor,
+          lse: torch.Tensor, grad: torch.Tensor | None, *, ignore_index: int, key: int | None,
+          row_offset: int, cap: float) -> None:
+    """One launch of the row kernel over every row of ``logits`` [n, V] (n >= 1): losses and
+    logsumexps into ``loss`` and ``lse`` (contiguous fp32 [n]), gradients into ``grad``."""
+    if logits.stride(1) != 1 or (grad is not None and grad.stride(1) != 1):
+        raise ValueError("the Triton kernel needs rows with unit column stride")
+    g = grad if grad is not None else logits  # unused pointer when HAS_GRAD is False
+    _ce_rows_kernel[(logits.shape[0],)](
+        logits, g, targets.contiguous(), coef.to(torch.float32).contiguous(), loss, lse,
+        logits.stride(0), g.stride(0), logits.shape[1], ignore_index,
+        0 if key is None else key, row_offset, float(cap), _MASK32, HAS_KEY=key is not None,
+        HAS_GRAD=grad is not None, G_BF16=g.dtype == torch.bfloat16)
 
 
 def ce_fwd(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
            ignore_index: int, key: int | None, row_offset: int, cap: float,
            grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`noencore.ops.reference.ce_fwd` (logits [N, V], row-contiguous)."""
-    n, vocab = logits.shape
+    """See :func:`noencore.ops.reference.ce_fwd` (logits [N, V], unit column stride)."""
+    n = logits.shape[0]
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n, device=logits.device, dtype=torch.float32)
-    if n == 0:
-        return loss, lse
-    if logits.stride(1) != 1 or (grad is not None and grad.stride(1) != 1):
-        raise ValueError("the Triton kernel needs rows with unit column stride")
-    g = grad if grad is not None else logits  # unused pointer when HAS_GRAD is False
-    _ce_rows_kernel[(n,)](
-        logits, g, targets.contiguous(), coef.to(torch.float32).contiguous(), loss, lse,
-        logits.stride(0), g.stride(0), vocab, ignore_index, 0 if key is None else key,
-        row_offset, float(cap), _MASK32, HAS_KEY=key is not None, HAS_GRAD=grad is not None,
-        G_BF16=g.dtype == torch.bfloat16, BLOCK_V=_block_v(vocab))
+    if n:
+        _rows(logits, targets, coef, loss, lse, grad, ignore_index=ignore_index, key=key,
+              row_offset=row_offset, cap=cap)
     return loss, lse
 
 
@@ -170,7 +235,8 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                              torch.Tensor | None]:
     """See :func:`noencore.ops.reference.linear_ce_fwd`. Logits are fp32 (one [rows, V]
     buffer); gradients are written in hidden's dtype, over the logits when that is fp32
-    and into one [rows, V] buffer otherwise; dh in hidden's dtype, dW summed in fp32."""
+    and into one [rows, V] buffer otherwise; dh in hidden's dtype, dW summed in fp32.
+    Per chunk: one logits GEMM, one row-kernel launch, then the dh and dW GEMMs if asked."""
     n = hidden.shape[0]
     need_grad = need_dh or need_dw
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -192,8 +258,8 @@ def linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         h = hidden[s:e]
         z = _mm_fp32(h, weight.T, out=z_buf[: e - s])
         g = g_buf[: e - s] if need_grad else None
-        loss[s:e], lse[s:e] = ce_fwd(z, targets[s:e], coef[s:e], ignore_index=ignore_index,
-                                     key=key, row_offset=row_offset + s, cap=cap, grad=g)
+        _rows(z, targets[s:e], coef[s:e], loss[s:e], lse[s:e], g, ignore_index=ignore_index,
+              key=key, row_offset=row_offset + s, cap=cap)
         if dh is not None:
             torch.mm(g, weight, out=dh[s:e])
         if dw is not None:

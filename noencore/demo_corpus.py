@@ -356,16 +356,36 @@ def _ogg_set_serial(data: bytes, serial: int) -> bytes:
     return bytes(out)
 
 
+# Frames per write call. libvorbis copies the samples of one call onto the stack (an
+# alloca in its _preextrapolate_helper), so an OGG clip of ~45 s or more written in one
+# call overflows the stack and kills the process (libsndfile issue 1095); clips shorter
+# than a block are written in one call, as before.
+_WRITE_BLOCK = 1 << 18
+
+
 def _write_audio(path: Path, audio: np.ndarray, sr: int, fmt: str) -> None:
     """Write atomically: a temp name in the same folder, renamed once complete."""
     import soundfile as sf
 
     major, subtype = _FORMAT_ARGS[fmt]
     tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(tmp, audio, sr, format=major, subtype=subtype)
+    channels = 1 if audio.ndim == 1 else audio.shape[1]
+    with sf.SoundFile(tmp, "w", sr, channels, subtype=subtype, format=major) as fh:
+        for start in range(0, audio.shape[0], _WRITE_BLOCK):
+            fh.write(audio[start:start + _WRITE_BLOCK])
     if fmt == "ogg":
         tmp.write_bytes(_ogg_set_serial(tmp.read_bytes(), zlib.crc32(path.name.encode())))
     os.replace(tmp, path)
+
+
+def render_clip(path: Path, style: ArtistStyle, seconds: float, sr: int, rng: np.random.Generator, *,
+                stereo: bool, fmt: str) -> dict[str, Any]:
+    """Synthesise a clip of ``style`` (:func:`synthesize_clip`), mix it to mono or stereo and
+    write it to ``path`` as ``fmt`` (wav, flac, ogg, mp3; atomically). Returns its metadata
+    (tempo, key, lead, groove), from which :func:`caption_for` writes its caption."""
+    tracks, meta = synthesize_clip(style, seconds, sr, rng)
+    _write_audio(path, _mix(tracks, stereo, sr), sr, fmt)
+    return meta
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -473,12 +493,10 @@ def make_demo_corpus(
         stereo = (i // 3) % 2 == 1
         fmt = formats[i % len(formats)]
         length = round(float(rng.uniform(lo, hi)), 2)
-        tracks, meta = synthesize_clip(style, length, sr, rng)
-        audio = _mix(tracks, stereo, sr)
         counts[style.name] = counts.get(style.name, 0) + 1
         clip_id = f"{_slug(style.name)}-{counts[style.name]:03d}"
         rel = f"audio/{clip_id}.{fmt}"
-        _write_audio(out / rel, audio, sr, fmt)
+        meta = render_clip(out / rel, style, length, sr, rng, stereo=stereo, fmt=fmt)
         records.append({
             "id": clip_id, "path": rel, "caption": caption_for(style, meta), "split": split,
             "artist": style.name, "license": style.license, "genre": style.genre,

@@ -8,3 +8,8 @@ class NoencoreError(Exception):
 
 class UsageError(NoencoreError):
     """Bad usage: contradictory flags or arguments (CLI exit code 2)."""
+
+
+class RequestConflict(NoencoreError):
+    """An opt-out request that contradicts one the model has already served (its forget
+    set was forgotten before, or its remain set holds items forgotten before)."""

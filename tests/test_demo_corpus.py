@@ -16,6 +16,7 @@ from noencore.demo_corpus import (
     broken_ids,
     make_demo_corpus,
     read_demo_manifest,
+    render_clip,
 )
 
 SMALL = dict(n_clips=16, seconds=(1.5, 2.5), progress=False)
@@ -192,3 +193,13 @@ def test_opt_out_clips_split_three_ways_interleaved() -> None:
     assert opt == ["forget", OPT_OUT_HOLDOUT_SPLIT] * 4 + ["forget"] * 8
     with pytest.raises(ValueError, match="fewer than 2 forget clips"):
         _assign_clips(40, 0.4, optout_holdout=0.5, optout_valid=0.45)
+
+
+@pytest.mark.parametrize("fmt", ["ogg", "mp3"])
+def test_real_length_clips_are_written_whole(tmp_path: Path, fmt: str) -> None:
+    # 60 s of OGG in one write call overflowed libvorbis's stack and killed the process
+    path = tmp_path / f"long.{fmt}"
+    meta = render_clip(path, OPT_OUT_ARTIST, 60.0, 48000, np.random.default_rng(0), stereo=True, fmt=fmt)
+    info = sf.info(str(path))
+    assert info.channels == 2 and info.samplerate == 48000 and meta["lead"] == "fm_bell"
+    assert abs(info.duration - 60.0) < 0.1

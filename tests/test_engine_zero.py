@@ -31,13 +31,20 @@ from test_engine_shards import free_port, random_items, write_shards  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
 REMAIN, NONMEMBERS = ["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"]
+# memory-efficient attention, as in every released MusicGen: its self-attention needs query,
+# key and value to be one tensor, which ZeRO-3's per-module hooks used to break
+OVERRIDES = {"transformer_lm": {"num_layers": 1, "memory_efficient": True}}
+# the stop rule's model (memorised in one process) keeps the plain attention: its runs compare
+# bf16 DeepSpeed against an fp32 process over up to 8 steps of ascent, and with the
+# memory-efficient path the two trajectories drift apart by one step's share before the stop
+MEMORISED_OVERRIDES = {"transformer_lm": {"num_layers": 1}}
 
 _DRIVER = """
 import json, os, sys
 import torch.multiprocessing as mp
 WORLD, PORT, SHARDS, MEMORISED, OUT = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
                                        sys.argv[4], sys.argv[5])
-STAGES, REMAIN, NONMEMBERS = {stages}, {remain}, {nonmembers}
+STAGES, REMAIN, NONMEMBERS, OVERRIDES = {stages}, {remain}, {nonmembers}, {overrides}
 
 
 def record_heads(box):
@@ -78,8 +85,7 @@ def work(rank):
     from noencore.models import load_musicgen
 
     def tiny():
-        return load_musicgen("tiny", with_codec=False,
-                             overrides={{"transformer_lm": {{"num_layers": 1}}}})
+        return load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
 
     def result(name, value):
         if rank == 0:
@@ -149,7 +155,8 @@ def _launch(world: int, shards: Path, memorised: Path, out: Path) -> None:
            "TORCH_EXTENSIONS_DIR": os.environ.get(
                "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     script = out / "zero_driver.py"  # a file: spawned ranks re-import it
-    script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS))
+    script.write_text(_DRIVER.format(stages=list(STAGES), remain=REMAIN, nonmembers=NONMEMBERS,
+                                     overrides=OVERRIDES))
     proc = subprocess.run([sys.executable, str(script), str(world), str(free_port()),
                            str(shards), str(memorised), str(out)], capture_output=True,
                           text=True, env=env, timeout=900, cwd=ROOT)
@@ -168,11 +175,12 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("zero")
     shards = TokenShards(write_shards(root / "shards", random_items(4, 8, 20)))
-    model = load_musicgen("tiny", with_codec=False,
-                          overrides={"transformer_lm": {"num_layers": 1}})
+    model = load_musicgen("tiny", with_codec=False, overrides=MEMORISED_OVERRIDES)
     build_condition_cache(root / "shards" / "conditions", shards.captions, model.text_encoder,
                           progress=False)
-    start = {k: v.float().clone() for k, v in model.lm.state_dict().items()}
+    # the NPO and head-gradient runs' starting weights (a named config has fixed-seed weights)
+    start = {k: v.float().clone() for k, v in
+             load_musicgen("tiny", with_codec=False, overrides=OVERRIDES).lm.state_dict().items()}
     mem = unlearn(model, shards, forget="forget", remain=REMAIN, method="finetune", steps=25,
                   lr=3e-3, batch_size=8, frames=12, seed=0, progress=False, backend="torch",
                   out=root / "memorised")

@@ -157,3 +157,40 @@ def test_load_errors(tmp_path):
     (bad / "state_dict.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(NoencoreError, match="not a readable audiocraft LM checkpoint"):
         load_musicgen(str(bad))
+
+
+def test_musicgen_small_random_has_the_real_shapes(tmp_path, monkeypatch):
+    # One layer is built (the full LM takes ~40 s to initialise): the count of a layer and
+    # of everything around the layers is the planner's, which test_plan checks against
+    # audiocraft's LMModel at every size; the layer count is read from the config.
+    import dataclasses
+
+    from noencore.models import load_musicgen
+    from noencore.models.musicgen import NAMED_CONFIGS, text_encoder_name
+    from noencore.plan import T5_BASE_DIM, get_arch
+
+    monkeypatch.setenv("NOENCORE_CACHE", str(tmp_path))
+    spec, small = "musicgen-small-random", get_arch("small")
+    assert NAMED_CONFIGS[spec]["num_layers"] == small.num_layers == 24
+    model = load_musicgen(spec, overrides={"transformer_lm": {"num_layers": 1}})
+    one_layer = dataclasses.replace(small, num_layers=1)
+    assert sum(p.numel() for p in model.lm.parameters()) == one_layer.n_params()
+    assert small.n_params() == 420_371_456
+    attn = model.lm.transformer.layers[0].self_attn
+    assert attn.memory_efficient and attn.num_heads == small.num_heads  # as released
+    assert (model.n_q, model.card) == (small.n_q, small.card)
+    t5 = model.lm.condition_provider.conditioners[model.text_attribute].t5
+    assert t5.config.d_model == T5_BASE_DIM and model.text_encoder == text_encoder_name(spec)
+    assert model.codec.spec == "musicgen-32khz"  # the full-size codec architecture
+    assert sum(p.numel() for p in model.codec.model.parameters()) > 50_000_000
+
+
+def test_random_t5_sizes(tmp_path):
+    from noencore.models.text import RANDOM_T5, random_t5_folder, tiny_t5_folder
+
+    # T5-base's width: the conditions the LM cross-attends to are 768-d, 12 heads of 64
+    base = RANDOM_T5["base-width"]
+    assert (base["d_model"], base["num_heads"] * base["d_kv"], base["d_ff"]) == (768, 768, 3072)
+    assert tiny_t5_folder(tmp_path) == random_t5_folder("tiny", tmp_path)
+    with pytest.raises(ValueError, match="no random T5 'base'.*base-width"):
+        random_t5_folder("base", tmp_path)

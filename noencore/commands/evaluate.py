@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from noencore.errors import NoencoreError, UsageError
+from noencore.evaluation import relearn
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verdict", help="thresholds, e.g. forget_auc_tol=0.05,remain_nll_rel=0.1")
     p.add_argument("--min-auc-items", type=int, default=None,
                    help="fewest items per side for an AUC (default 5)")
+    p.add_argument("--relearn-steps", default=None, metavar="N[,N...]",
+                   help="relearning probe: fine-tune a copy on the remain set for N steps "
+                        "(several: 5,10) and measure the forget AUC and NLLs again")
+    p.add_argument("--relearn-lr", type=float, default=relearn.DEFAULT_LR,
+                   help=f"relearning probe learning rate (AdamW; default {relearn.DEFAULT_LR})")
+    p.add_argument("--relearn-batch-size", type=int, default=relearn.DEFAULT_BATCH_SIZE,
+                   help="relearning probe rows per step, all ranks together (default "
+                        f"{relearn.DEFAULT_BATCH_SIZE})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -93,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, device=args.device, clap=args.clap,
         clap_tokenizer=args.clap_tokenizer, clap_model=args.clap_model, generation=gen,
         criteria=criteria, min_auc_items=args.min_auc_items or mia.MIN_AUC_ITEMS,
-        progress=not args.quiet)
+        progress=not args.quiet, relearn_steps=relearn.parse_steps(args.relearn_steps),
+        relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size)
     speaker = distributed.rank() == 0
     distributed.leave()
     if not speaker:

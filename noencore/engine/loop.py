@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,13 @@ from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+from noencore.engine.requests import (
+    check_request,
+    is_opt_out,
+    make_request,
+    set_ids,
+    unheld_warning,
+)
 from noencore.engine.sets import UnlearningSets
 from noencore.errors import NoencoreError, UsageError
 from noencore.methods import Method, get_method
@@ -468,6 +476,11 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     targets): train only low-rank adapters of the targeted weights, the model frozen;
     the returned and saved model has them merged. save_adapter (transformers-format
     models): also write them as a PEFT adapter to ``out/adapter``.
+    A model loaded from a folder remembers the opt-outs it has served
+    (``model.requests``, the folder's requests.json): a request whose forget set overlaps
+    an earlier one's, or whose remain set holds an earlier one's forget items, is refused
+    (``RequestConflict``) before training; a finished run appends its own request, which
+    the saved model folder keeps (``noencore.engine.requests``).
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
     from noencore.models import ConditionCache, load_musicgen, save_musicgen
@@ -509,6 +522,15 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
     method = get_method(method, **(method_options or {}))
     sets = UnlearningSets(shards, forget, remain, frames)
+    request_ids = None
+    if is_opt_out(method):  # refused before any work when it contradicts an earlier one
+        request_ids = set_ids(sets)
+        history = getattr(model, "requests", [])
+        check_request(history, *request_ids, model=str(model.spec),
+                      anchored=bool(getattr(method, "remain_anchor", False)))
+        loose = unheld_warning(history, request_ids[1])
+        if loose and int(os.environ.get("RANK", "0")) == 0:
+            warnings.warn(f"{model.spec}: {loose}", stacklevel=2)
     n_f, n_r = sets.split_counts(batch_size, forget_ratio)
     if method.swaps_codes and n_r == 0:
         raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")
@@ -637,6 +659,10 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         adapters.merge()
     model.activation_checkpointing(False)
     model.lm.eval()
+    if request_ids is not None:  # the model has served this request: saved with it
+        model.requests = [*getattr(model, "requests", []), make_request(
+            forget=forget, forget_ids=request_ids[0], remain=remain, method=method.describe(),
+            shards=str(shards.path), steps=step, stopped=stopped)]
     model_dir = None
     if save and out_dir is not None:
         model_dir = out_dir / "model"

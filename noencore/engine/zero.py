@@ -113,10 +113,19 @@ def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
 
     if int(config["zero_optimization"]["stage"]) == 3:
         from deepspeed.runtime.zero import register_external_parameter
+        from deepspeed.utils import set_z3_leaf_module
 
         for lin in objective.model.lm.linears:
             for p in lin.parameters(recurse=False):
                 register_external_parameter(objective, p)
+        # ZeRO-3's module hooks hand every module a new tensor for each tensor argument, so
+        # self-attention called as attn(x, x, x) receives three different tensors, and
+        # audiocraft's memory-efficient attention (every released MusicGen) asserts that
+        # query, key and value are one. Hooks on whole transformer layers (each layer's
+        # parameters gathered at once, as the planner counts them) leave the calls inside
+        # a layer as the model makes them.
+        for layer in objective.model.lm.transformer.layers:
+            set_z3_leaf_module(layer, True)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
     return engine
 

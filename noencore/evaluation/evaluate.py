@@ -11,6 +11,8 @@ forget, remain and holdout sets of token shards:
   quality when a model retrained without the forget set is given;
 - generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
   CLAP embeddings, CLAP memorisation similarity; exact-token continuation match;
+- relearning probe (``relearn_steps``): the forget AUC and NLLs again after fine-tuning
+  a copy of the model on the remain set (``noencore.evaluation.relearn``);
 
 and writes report.json / report.md / plots / token_stats.npz into ``out``. Under a
 launcher the ranks share the work and rank 0 writes the report (``evaluate``'s doc).
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from noencore.errors import NoencoreError, UsageError
-from noencore.evaluation import mia
+from noencore.evaluation import mia, relearn
 from noencore.evaluation.generation import GenerationConfig
 from noencore.evaluation.report import Criteria, verdicts, write_report
 from noencore.evaluation.token_metrics import (
@@ -157,7 +159,10 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
              precision: str = "bf16", device: str | None = None,
              clap: Any = None, clap_tokenizer: str = "roberta-base", clap_model: str = "HTSAT-base",
              generation: GenerationConfig | None = None, criteria: Criteria | None = None,
-             min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True) -> dict[str, Any]:
+             min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True,
+             relearn_steps: int | Sequence[int] | str | None = None,
+             relearn_lr: float = relearn.DEFAULT_LR,
+             relearn_batch_size: int = relearn.DEFAULT_BATCH_SIZE) -> dict[str, Any]:
     """Evaluate an unlearned MusicGen model; return the report as a dict (also written to ``out``).
 
     Under a launcher (``torchrun``, ``deepspeed``: ``WORLD_SIZE`` > 1) or inside an
@@ -190,6 +195,12 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
         clap: path of a laion-clap checkpoint, or a loaded ``Clap``.
         generation: sampling settings for generation metrics.
         criteria: verdict thresholds.
+        relearn_steps: a step count or several (``[5, 10]``, ``"5,10"``): fine-tune a copy
+            of the model on the remain set (AdamW, ``relearn_lr``, ``relearn_batch_size``
+            rows per step, windows of ``frames`` frames or up to 500) and measure the
+            forget-vs-holdout LOSS AUC and the NLLs again after each count: the report's
+            "relearn" block. Needs the remain set; under a launcher the fine-tuning runs
+            under DeepSpeed ZeRO-2 in fp32 on every rank.
     """
     from noencore import distributed as dist
 
@@ -203,6 +214,9 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     if batch_size <= 0:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
     shard_sets = _open_sets(sets)
+    relearn_counts = relearn.parse_steps(relearn_steps)
+    if relearn_counts:
+        relearn.check_sets(shard_sets)
     if model is None:
         raise UsageError("model is required")
     # a model object stays where it is; specs are loaded onto this rank's device
@@ -270,6 +284,14 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             shard_sets, gen_metrics, clap=clap, clap_tokenizer=clap_tokenizer,
             clap_model=clap_model, cfg=gen_cfg, progress=progress)
 
+    relearned = []  # (steps, each set's statistics after that much fine-tuning)
+    if relearn_counts:
+        for n, m in relearn.relearned_models(
+                model, shard_sets, relearn_counts, lr=relearn_lr, batch_size=relearn_batch_size,
+                frames=frames, seed=gen_cfg.seed, conditions=caches["remain"].folder, out=out,
+                progress=progress):
+            relearned.append((n, stats_of(m, f"relearned {n} steps")))
+
     def report() -> dict[str, Any]:
         results: dict[str, Any] = {
             "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
@@ -308,6 +330,10 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
         elif clap is None:
             results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
                                                 "score, FAD and memorisation were not computed"}
+        if relearned:
+            results["relearn"] = relearn.relearn_block(
+                relearned, after, lr=relearn_lr, batch_size=relearn_batch_size, frames=frames,
+                min_items=min_auc_items)
         if before is None:
             notes.append("no reference model: no 'before' column, no reference-ratio attack, "
                          "no remain-NLL verdict")

@@ -175,6 +175,7 @@ def markdown(results: dict[str, Any]) -> str:
                      + (f" ({fq['note']})" if fq.get("note") else ""))
     if gen.get("skipped"):
         lines.append(f"Generation metrics skipped: {gen['skipped']}")
+    lines += _relearn_lines(results.get("relearn"))
     lines += ["", "## Verdicts", ""]
     for v in results.get("verdicts", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[v["pass"]]
@@ -182,6 +183,25 @@ def markdown(results: dict[str, Any]) -> str:
                      f"(threshold {v['threshold']}; {v['detail']})")
     lines += ["", "## Plots", "", "![per-item NLL](nll_hist.png)", "", "![MIA ROC](roc.png)", ""]
     return "\n".join(lines)
+
+
+def _relearn_lines(block: dict[str, Any] | None) -> list[str]:
+    """The relearning probe's table: the forget AUC and NLLs after each step count."""
+    if not block:
+        return []
+    lines = ["", "## Relearning probe", "",
+             f"A copy fine-tuned on the {block['trained_on']} set ({block['method']}, lr "
+             f"{block['lr']}, {block['batch_size']} rows per step); a robust unlearning keeps "
+             "the forget AUC near 0.5.", "",
+             "| steps | forget vs holdout AUC (LOSS) →0.5 | forget NLL | remain NLL | "
+             "holdout NLL |", "|---|---|---|---|---|"]
+    for c in block["checkpoints"]:
+        lines.append(f"| {c['steps']} | {_fmt(c.get('forget_auc_loss'))} | "
+                     f"{_fmt(c.get('forget_nll'))} | {_fmt(c.get('remain_nll'))} | "
+                     f"{_fmt(c.get('holdout_nll'))} |")
+    if block.get("note"):
+        lines.append(f"> **Note:** {block['note']}")
+    return lines
 
 
 def _atomic_text(path: Path, text: str) -> None:

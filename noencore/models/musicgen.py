@@ -10,8 +10,10 @@
 - a local transformers MusicGen folder (``config.json`` + safetensors), converted to the
   equivalent audiocraft LM (``noencore.models.hf``);
 - ``hf:SPEC`` or ``audiocraft:SPEC``: that format, for hub repos that hold both;
-- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo) or
-  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks).
+- a named config with fixed-seed random weights: ``"tiny"`` (tests, demo),
+  ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks) or
+  ``"musicgen-small-random"`` (MusicGen-small's LM with every real dimension, a T5-base-wide
+  text encoder and the full-size 32 kHz EnCodec, for rehearsals at real shapes).
 
 Whatever the format, the engine sees the same ``MusicGenModel``; ``save_musicgen`` writes
 it back in the format it came in (or the one asked for).
@@ -33,7 +35,7 @@ from torch import nn
 
 from noencore.errors import NoencoreError
 from noencore.models.adapter import CodebookRows, codebook_rows
-from noencore.models.text import register_t5, tiny_t5_folder
+from noencore.models.text import random_t5_folder, register_t5
 from noencore.thirdparty import quiet_audiocraft
 
 FORMATS = ("audiocraft", "hf")
@@ -73,7 +75,21 @@ _BASE_CFG: dict[str, Any] = {
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_heads": 4, "num_layers": 2},
     "small-width": {"dim": 1024, "num_heads": 16, "num_layers": 2},
+    # MusicGen-small as released (audiocraft's musicgen LM config at model scale "small":
+    # 24 layers of width 1024, 16 heads, memory-efficient attention), random weights. The
+    # name says so: "musicgen-small" alone would read as the pretrained model.
+    "musicgen-small-random": {"dim": 1024, "num_heads": 16, "num_layers": 24,
+                              "memory_efficient": True},
 }
+# The random text encoder (a key of ``noencore.models.text.RANDOM_T5``) and codec
+# (``noencore.data.codec``) of a named config; the others use the tiny ones.
+_NAMED_PARTS: dict[str, tuple[str, str]] = {
+    "musicgen-small-random": ("base-width", "musicgen-32khz"),
+}
+
+
+def _named_parts(name: str) -> tuple[str, str]:
+    return _NAMED_PARTS.get(name, ("tiny", "tiny"))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -89,21 +105,24 @@ class MusicGenModel(nn.Module):
     Attributes: ``lm`` (audiocraft ``LMModel``, the only trainable part), ``codec``
     (``noencore.data.codec.Codec`` or None), ``cfg`` (the audiocraft config, a dict),
     ``n_q``, ``card``, ``frame_rate``, ``sample_rate``, ``text_encoder`` (the T5 name or
-    folder whose outputs the condition cache must hold), ``spec``, ``hf`` (for a model
-    loaded from the transformers format, its ``noencore.models.hf.HFOrigin``; else None)
-    and ``format`` ("audiocraft" or "hf", what ``save_musicgen`` writes by default).
-    ``frame_rate`` / ``sample_rate`` come from the codec, else from the arguments, else
-    MusicGen's 50 frames/s at 32 kHz.
+    folder whose outputs the condition cache must hold), ``spec``, ``requests`` (the
+    opt-out requests the weights have served, oldest first: ``noencore.engine.requests``),
+    ``hf`` (for a model loaded from the transformers format, its
+    ``noencore.models.hf.HFOrigin``; else None) and ``format`` ("audiocraft" or "hf", what
+    ``save_musicgen`` writes by default). ``frame_rate`` / ``sample_rate`` come from the
+    codec, else from the arguments, else MusicGen's 50 frames/s at 32 kHz.
     """
 
-    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = "", *,
-                 frame_rate: int | None = None, sample_rate: int | None = None):
+    def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = "",
+                 requests: list[dict] | None = None, *, frame_rate: int | None = None,
+                 sample_rate: int | None = None):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
         self.__dict__["codec"] = codec  # not a submodule: never trained nor saved with the LM
         self.spec = spec
         self.hf: Any = None
+        self.requests = list(requests or [])
         self.n_q = int(lm.num_codebooks)
         self.card = int(lm.card)
         self.frame_rate = int(codec.frame_rate if codec is not None else frame_rate or 50)
@@ -198,7 +217,7 @@ def _build_lm(cfg: dict) -> nn.Module:
 
 def _named_cfg(name: str, overrides: dict | None) -> dict:
     cfg = _merge(_BASE_CFG, {"transformer_lm": NAMED_CONFIGS[name]})
-    cfg["conditioners"]["description"]["t5"]["name"] = str(tiny_t5_folder())
+    cfg["conditioners"]["description"]["t5"]["name"] = str(random_t5_folder(_named_parts(name)[0]))
     return _merge(cfg, overrides or {})
 
 
@@ -274,7 +293,7 @@ def text_encoder_name(spec: str) -> str:
     (reads the checkpoint's config through a memory map; for the transformers format, the
     local T5 folder extracted from the checkpoint)."""
     if spec in NAMED_CONFIGS:
-        return str(tiny_t5_folder())
+        return str(random_t5_folder(_named_parts(spec)[0]))
     fmt, spec = model_format(spec)
     if fmt == "hf":
         from noencore.models.hf import hf_text_encoder
@@ -302,21 +321,28 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
     ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
     ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
+    A folder's ``requests.json`` (the opt-outs it has served) becomes ``model.requests``.
     """
+    from noencore.engine.requests import read_requests
+
     fmt, location = model_format(spec)
     if fmt == "hf":
         if overrides:
             raise NoencoreError("overrides apply to named configs only, not to checkpoints")
         from noencore.models.hf import load_hf
 
-        return load_hf(location, device, dtype, with_codec=with_codec, spec=spec)
+        model = load_hf(location, device, dtype, with_codec=with_codec, spec=spec)
+        if Path(location).is_dir():
+            model.requests = read_requests(location)
+        return model
     spec = location
+    requests: list[dict] = []
     if spec in NAMED_CONFIGS:
         cfg = _named_cfg(spec, overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lm = _build_lm(cfg)
-        codec = _load_codec("tiny") if with_codec else None
+        codec = _load_codec(_named_parts(spec)[1]) if with_codec else None
     else:
         if overrides:
             raise NoencoreError("overrides apply to named configs only, not to checkpoints")
@@ -329,6 +355,8 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 
         cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
         cfg["device"], cfg["dtype"] = "cpu", "float32"
+        if Path(spec).exists():  # a local folder or file: its folder's history
+            requests = read_requests(path.parent)
         lm = _build_lm(cfg)
         lm.load_state_dict(pkg["best_state"])
         codec = None
@@ -336,7 +364,7 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
             codec = _load_codec(str(Path(spec)) if Path(spec).exists() else spec)
     lm = lm.to(device=device, dtype=dtype or torch.float32)
     lm.eval()
-    return MusicGenModel(lm, cfg, codec=codec, spec=spec)
+    return MusicGenModel(lm, cfg, codec=codec, spec=spec, requests=requests)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -368,10 +396,13 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     hf: a folder ``transformers.MusicgenForConditionalGeneration.from_pretrained`` loads
     (``noencore.models.hf.save_hf``).
 
+    Both write ``requests.json`` (``model.requests``, the opt-outs served).
     ``state_dict`` overrides the LM's own (e.g. gathered from DeepSpeed ZeRO-3 partitions).
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
+
+    from noencore.engine.requests import write_requests
 
     format = format or model.format
     if format not in FORMATS:
@@ -379,7 +410,9 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     if format == "hf":
         from noencore.models.hf import save_hf
 
-        return save_hf(model, folder, state_dict)
+        out = save_hf(model, folder, state_dict)
+        write_requests(out, getattr(model, "requests", []))
+        return out
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.lm.state_dict()
@@ -408,4 +441,5 @@ def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    write_requests(folder, getattr(model, "requests", []))
     return folder

@@ -34,7 +34,7 @@ from noencore.fileio import atomic_write
 from noencore.thirdparty import quiet_audiocraft
 
 CACHE_FORMAT = 1
-TINY_T5_VERSION = 1  # bump when the tiny encoder's recipe changes: the cache folder is keyed by it
+RANDOM_T5_VERSION = 1  # bump when a random encoder's recipe changes: its cache folder is keyed by it
 
 # Captions the tiny encoder's tokenizer is trained on (any text still tokenizes).
 _TINY_T5_CORPUS = [
@@ -85,21 +85,46 @@ def register_t5(name: str, dim: int) -> None:
     T5Conditioner.MODELS_DIMS[name] = int(dim)
 
 
-def tiny_t5_folder(root: str | os.PathLike | None = None) -> Path:
-    """Where the tiny random T5 (encoder + tokenizer) lives; built on first use.
+# The random T5 encoders of the named model configs: their shapes (transformers'
+# ``T5Config`` fields; every one has fixed-seed weights and the tokenizer of
+# ``build_random_t5``).
+RANDOM_T5: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+             "relative_attention_num_buckets": 8},
+    # T5-base's width (d_model 768, 12 heads of 64, d_ff 3072) with 2 of its 12 layers: the
+    # LM sees only the encoder's [L, 768] outputs, which are cached once before training,
+    # so the depth changes nothing downstream of the cache, and the copy audiocraft's T5
+    # conditioner keeps in every process stays small (60 MB instead of 440 MB).
+    "base-width": {"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 2, "num_heads": 12,
+                   "relative_attention_num_buckets": 32},
+}
+
+
+def random_t5_folder(size: str = "tiny", root: str | os.PathLike | None = None) -> Path:
+    """Where the random T5 ``size`` (a key of :data:`RANDOM_T5`: encoder + tokenizer)
+    lives; built on first use.
 
     ``root`` defaults to ``$NOENCORE_CACHE`` or ``~/.cache/noencore``. The encoder has
-    fixed-seed random weights (d_model 32, 2 layers), so every machine builds the same one.
+    fixed-seed random weights, so every machine builds the same one.
     """
+    if size not in RANDOM_T5:
+        raise ValueError(f"no random T5 {size!r}: choose one of {sorted(RANDOM_T5)}")
     base = Path(root or os.environ.get("NOENCORE_CACHE") or Path.home() / ".cache" / "noencore")
-    folder = base / f"tiny-t5-v{TINY_T5_VERSION}"
+    folder = base / (f"tiny-t5-v{RANDOM_T5_VERSION}" if size == "tiny"
+                     else f"t5-{size}-v{RANDOM_T5_VERSION}")
     if not (folder / "config.json").exists():
-        build_tiny_t5(folder)
+        build_random_t5(folder, size=size)
     return folder
 
 
-def build_tiny_t5(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random ``T5EncoderModel`` and an offline tokenizer to ``folder``.
+def tiny_t5_folder(root: str | os.PathLike | None = None) -> Path:
+    """The tiny random T5 (d_model 32, 2 layers): :func:`random_t5_folder` ``("tiny")``."""
+    return random_t5_folder("tiny", root)
+
+
+def build_random_t5(folder: str | os.PathLike, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random ``T5EncoderModel`` of shape ``RANDOM_T5[size]`` and an offline
+    tokenizer to ``folder``.
 
     The tokenizer is a unigram model trained on the fly on a few captions (no download);
     it loads with ``transformers.T5Tokenizer.from_pretrained(folder)`` as audiocraft does.
@@ -122,8 +147,7 @@ def build_tiny_t5(folder: str | os.PathLike, seed: int = 0) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>")
     fast.save_pretrained(tmp)
-    cfg = T5Config(vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                   num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+    cfg = T5Config(vocab_size=tok.get_vocab_size(), **RANDOM_T5[size], dropout_rate=0.0,
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

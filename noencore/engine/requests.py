@@ -1,0 +1,172 @@
+"""The opt-out requests a saved model has served, and the check of a new one against them.
+
+An unlearned model may be unlearned again: a second artist opts out after the first, and
+``noencore unlearn`` runs on the saved model. The model folder remembers what it forgot
+in ``requests.json`` beside the weights (``save_musicgen`` writes it atomically,
+``load_musicgen`` reads it into ``MusicGenModel.requests``, the next save appends)::
+
+    {"format": "noencore-requests", "version": 1, "requests": [
+        {"forget": <spec>, "forget_ids": [...], "forget_digest": "sha256:...",
+         "remain": <spec or null>, "method": {...}, "date": "...", "noencore": "0.1.0",
+         "shards": "...", "steps": 12, "stopped": "nonmember_auc"}, ...]}
+
+Before training, a new request is refused (``RequestConflict``) when
+
+- its forget set overlaps an earlier request's: those items are already forgotten, and
+  ascending on them again over-unlearns them;
+- its remain set holds an earlier request's forget items and the method descends on
+  the remain set freely: that would teach the model the first artist again. With an
+  anchored remain set (``remain_anchor``: descent only on rows whose NLL rose above the
+  starting model's) those items are allowed, and it is the way to keep them where the
+  earlier request left them: held, neither relearned nor pushed further by the new
+  request's ascent.
+
+Every rank of a launcher reads the same folder and the same shards, so every rank takes
+the same decision before any collective. Fine-tuning (method ``finetune``) is not an
+opt-out: it is neither checked nor recorded.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from noencore.errors import NoencoreError, RequestConflict
+from noencore.fileio import atomic_write
+
+REQUESTS_FILE = "requests.json"
+FORMAT = "noencore-requests"
+VERSION = 1
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """``sha256:<hex>`` of the sorted, newline-joined ids (names the set, order-free)."""
+    text = "\n".join(sorted({str(x) for x in ids}))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method: dict,
+                 shards: str, steps: int, stopped: str) -> dict[str, Any]:
+    """The record of a request the model has just served."""
+    from noencore import __version__
+
+    ids = sorted({str(x) for x in forget_ids})
+    return {"forget": forget if isinstance(forget, str) else [str(x) for x in forget],
+            "forget_ids": ids, "forget_digest": ids_digest(ids),
+            "remain": remain if remain is None or isinstance(remain, str)
+            else [str(x) for x in remain],
+            "method": method,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "noencore": __version__, "shards": str(shards), "steps": int(steps),
+            "stopped": stopped}
+
+
+def _shown(ids: Sequence[str], limit: int = 8) -> str:
+    ids = sorted(ids)
+    return ", ".join(ids[:limit]) + (f" ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def _name(i: int, req: dict) -> str:
+    return f"request {i + 1} (forget {req.get('forget')!r}, {req.get('date', '?')})"
+
+
+def check_request(history: Sequence[dict], forget_ids: Sequence[str],
+                  remain_ids: Sequence[str], model: str = "the model", *,
+                  anchored: bool = False) -> None:
+    """Raise ``RequestConflict`` if the new request (its forget and remain item ids)
+    contradicts one in ``history``; names the items and the earlier request.
+    ``anchored``: the method holds remain rows at the starting model's NLL instead of
+    descending on them (``remain_anchor``), so earlier forget items may be among them."""
+    forget, remain = {str(x) for x in forget_ids}, {str(x) for x in remain_ids}
+    for i, req in enumerate(history):
+        done = set(req.get("forget_ids") or [])
+        again = forget & done
+        if again:
+            raise RequestConflict(
+                f"{model}: {len(again)} forget item(s) were already forgotten by "
+                f"{_name(i, req)}: {_shown(again)}; leave them out of the new forget set "
+                "(unlearning them again pushes them past a never-trained model)")
+        relearn = remain & done
+        if relearn and not anchored:
+            raise RequestConflict(
+                f"{model}: the remain set holds {len(relearn)} item(s) forgotten by "
+                f"{_name(i, req)}: {_shown(relearn)}; training on them would relearn them. "
+                "Exclude them from the remain set (give --remain a split or an id list "
+                "without them), or anchor the remain set (method option "
+                "remain_anchor=true) to hold them where that request left them")
+
+
+def unheld(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
+    """Earlier requests' forget ids that the new remain set does not hold: the new ascent
+    may push them past a never-trained model (an anchored remain set holding them keeps
+    them where they were)."""
+    done = {x for req in history for x in req.get("forget_ids") or []}
+    return sorted(done - {str(x) for x in remain_ids})
+
+
+def unheld_warning(history: Sequence[dict], remain_ids: Sequence[str]) -> str | None:
+    """The warning for ``unheld`` items, or None when every earlier item is held."""
+    loose = unheld(history, remain_ids)
+    if not loose:
+        return None
+    return (f"{len(loose)} item(s) forgotten by earlier requests are not in this request's "
+            f"remain set ({_shown(loose)}): the new ascent may push them past a "
+            "never-trained model; hold them in an anchored remain set (remain_anchor=true)")
+
+
+def _path(folder: str | os.PathLike) -> Path:
+    return Path(folder) / REQUESTS_FILE
+
+
+def read_requests(folder: str | os.PathLike) -> list[dict]:
+    """The requests recorded in a model folder ([] where it has no ``requests.json``)."""
+    path = _path(folder)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NoencoreError(f"{path}: unreadable request history ({exc}); restore it from "
+                            "the run that saved the model, or delete it to forget the "
+                            "history (earlier opt-outs are then no longer checked)") from exc
+    ok = (isinstance(data, dict) and data.get("format") == FORMAT
+          and isinstance(data.get("requests"), list)
+          and all(isinstance(r, dict) and isinstance(r.get("forget_ids"), list)
+                  for r in data["requests"]))
+    if not ok:
+        raise NoencoreError(f"{path}: not a noencore request history (expected "
+                            f"{{'format': {FORMAT!r}, 'requests': [...]}} with forget_ids in "
+                            "each request)")
+    if int(data.get("version", 0)) > VERSION:
+        raise NoencoreError(f"{path}: request history version {data['version']} is newer "
+                            f"than this noencore reads ({VERSION}); upgrade noencore")
+    for i, req in enumerate(data["requests"]):
+        if req.get("forget_digest") not in (None, ids_digest(req["forget_ids"])):
+            raise NoencoreError(f"{path}: request {i + 1}'s forget_ids do not match its "
+                                "forget_digest; the file was edited or damaged")
+    return data["requests"]
+
+
+def write_requests(folder: str | os.PathLike, history: Sequence[dict]) -> Path:
+    """Write ``history`` to ``folder/requests.json`` atomically."""
+    path = _path(folder)
+    text = json.dumps({"format": FORMAT, "version": VERSION, "requests": list(history)},
+                      indent=1)
+    atomic_write(path, (text + "\n").encode())
+    return path
+
+
+def is_opt_out(method: Any) -> bool:
+    """Whether a run of ``method`` serves an opt-out request (fine-tuning does not)."""
+    return getattr(method, "name", None) != "finetune"
+
+
+def set_ids(sets: Any) -> tuple[list[str], list[str]]:
+    """(forget ids, remain ids) of an ``UnlearningSets``: the source ids of its windows."""
+    ids = sets.shards.ids
+    return (sorted({ids[i] for i in set(sets.forget_item.tolist())}),
+            sorted({ids[i] for i in set(sets.remain_item.tolist())}))

@@ -1,0 +1,1 @@
+"""Stand-in for `xformers` on the GPU check machine (see ../README.md)."""
