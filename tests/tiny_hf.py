@@ -34,9 +34,9 @@ def build_tiny_hf(folder: Path, *, seed: int = 0, tokenizer: bool = True,
     )
 
     from noencore.hfhub import quiet_transformers
-    from noencore.models.text import build_tiny_t5
+    from noencore.models.text import build_random_t5
 
-    t5_dir = build_tiny_t5(Path(folder).parent / f"{Path(folder).name}-t5", seed=seed + 1)
+    t5_dir = build_random_t5(Path(folder).parent / f"{Path(folder).name}-t5", seed=seed + 1)
     with quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel.from_pretrained(t5_dir)

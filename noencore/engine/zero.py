@@ -114,6 +114,7 @@ def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     if int(config["zero_optimization"]["stage"]) == 3:
         from deepspeed.runtime.zero import register_external_parameter
         from deepspeed.utils import set_z3_leaf_module
+        from torch.nn.utils import parametrize
 
         for lin in objective.model.lm.linears:
             for p in lin.parameters(recurse=False):
@@ -124,8 +125,15 @@ def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
         # query, key and value are one. Hooks on whole transformer layers (each layer's
         # parameters gathered at once, as the planner counts them) leave the calls inside
         # a layer as the model makes them.
+        # A layer holding LoRA parametrizations keeps per-module hooks: as one leaf, its
+        # adapters' partitions are released before backward reads them.
         for layer in objective.model.lm.transformer.layers:
-            set_z3_leaf_module(layer, True)
+            if not any(parametrize.is_parametrized(m) for m in layer.modules()):
+                set_z3_leaf_module(layer, True)
+            elif getattr(layer.self_attn, "memory_efficient", False):
+                raise UsageError("LoRA under ZeRO-3 needs plain attention, and this model "
+                                 "uses audiocraft's memory-efficient attention; use "
+                                 "--zero-stage 1 or 2 with LoRA (its trained state is small)")
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
     return engine
 
