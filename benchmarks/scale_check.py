@@ -33,12 +33,12 @@ keeps in host memory on a GPU node too (the codec and audiocraft's copy of the f
 text encoder). The engine runs unchanged.
 
     python benchmarks/scale_check.py [--work .cache/scale_check] [--steps 3] [--results]
+    python benchmarks/scale_check.py --report [--work ...]   # the summary again, nothing run
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
@@ -380,59 +380,23 @@ def reload_and_generate(work: Path, caption: str) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-# DeepSpeed defaults the engine's generated config keeps (ZeRO-3): parameters a rank keeps
-# gathered (stage3_max_live_parameters; stage3_max_reuse_distance is as large), and the
-# gradient reduction bucket (reduce_bucket_size)
-MAX_LIVE_PARAMETERS = 10**9
-REDUCE_BUCKET = 5 * 10**8
-
-
 def predicted(text_tokens: int) -> dict:
     """The planner's answer for the rehearsal's configuration (ZeRO-3, 2 GPUs, micro-batch
     1, accumulation 2, checkpointing, the stop rule, the C++ backend of the fused op that
-    the CPU runs) at each moment of a step, and next to it the same moments with the terms
-    this rehearsal found the planner leaves out (``explained``). ``reserve_gib=0``: the
-    reserve stands for a CUDA context, NCCL workspaces and fragmentation, which a CPU rank
-    measured this way does not have."""
-    from noencore.plan import get_arch, plan_memory, step_memory
+    the CPU runs, the engine's DeepSpeed config) at each moment of a step, as a CPU rank
+    holds it (``device="cpu"``: torch AdamW's single-tensor update, the written part of the
+    reduction bucket) and without the 2 GiB reserve, which stands for a CUDA context, NCCL
+    workspaces and fragmentation that a CPU rank measured this way does not have."""
+    from noencore.plan import plan_memory
 
-    kw = dict(checkpointing=True, backend="cpp", text_tokens=text_tokens)
     row = plan_memory(PLAN_MODEL, gpus=RANKS, gpu_mem_gib=80, micro_batch=MICRO_BATCH,
-                      accumulation=ACCUMULATION, seconds=FRAMES / 50, reserve_gib=0.0,
-                      stop_rule=True, stages=(3,), **kw)[0]
-    step = step_memory(PLAN_MODEL, MICRO_BATCH, FRAMES / 50, act_bytes=2, **kw)
-    n_params = get_arch(PLAN_MODEL).n_params()
-    owned = math.ceil(n_params / RANKS)
-    stop_copy = 4 * owned
-    gathered = row.other - stop_copy  # the layer in use, the one prefetched, the heads
-    between = row.params + row.grads + row.optim + row.buckets + stop_copy
-    planner = {"between": between, "forward": between + gathered + step.forward_peak,
-               "backward": between + gathered + step.backward_peak, "update": None}
-    # what the planner leaves out, bytes (bf16 weights and gradients: 2 B)
-    extra = {
-        # ZeRO-3 keeps up to 1e9 gathered parameters between uses: all of MusicGen-small's,
-        # through the forward and the backward, not two layers and the heads
-        "all_gathered": 2 * min(n_params, MAX_LIVE_PARAMETERS) - gathered,
-        # reduce_scatter_coalesced concatenates the gradient bucket into one flat buffer
-        "reduce_copy": 2 * min(n_params, REDUCE_BUCKET),
-        # the update: DeepSpeed's fp32 gradient partition, then torch AdamW's two fp32
-        # temporaries (sqrt(v) and its bias-corrected copy), per owned parameter
-        "update": (4 + 8) * owned,
-        # on the CPU only the part of the bucket that gradients are written to is resident
-        # (a GPU allocates all of it): the bucket holds at most every parameter's gradient
-        "bucket_untouched": -(row.buckets - 2 * min(n_params, REDUCE_BUCKET)),
-    }
-    base = between + extra["bucket_untouched"]
-    explained = {"between": base,
-                 "forward": base + gathered + extra["all_gathered"] + step.forward_peak,
-                 "backward": base + gathered + extra["all_gathered"] + extra["reduce_copy"]
-                 + step.backward_peak,
-                 "update": base + extra["update"]}
-    terms = {k: getattr(row, k) for k in ("params", "grads", "optim", "activations", "loss", "buckets")}
-    return {"terms": {**terms, "gathered": gathered, "stop_copy": stop_copy}, "total": row.total,
-            "planner": planner, "extra": extra, "explained": explained, "owned": owned,
-            "step": {"saved": step.saved, "forward_peak": step.forward_peak,
-                     "backward_peak": step.backward_peak}}
+                      accumulation=ACCUMULATION, seconds=FRAMES / 50, reserve_gib=0.0, stop_rule=True,
+                      checkpointing=True, backend="cpp", text_tokens=text_tokens, stages=(3,),
+                      device="cpu")[0]
+    terms = {k: getattr(row, k) for k in ("params", "grads", "optim", "activations", "loss", "update",
+                                          "buckets", "other")}
+    return {"terms": terms, "total": row.total, "peak": row.peak,
+            "planner": {k: row.moments[k] for k in ("between", "forward", "backward", "update")}}
 
 
 TRAINING_PHASES = ("reference NLL", "resume load", "step", "stop check", "checkpoint")
@@ -489,9 +453,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def report(result: dict) -> str:
-    """The Markdown summary of a rehearsal."""
-    pred, mem = result["plan"], result["memory"]
+    """The Markdown summary of a rehearsal. The planner's figures are computed here, by the
+    current planner, from the rehearsal's configuration (``text_tokens``); where the planner
+    recorded at the time of the run (``result["plan"]``) differs, its total is given too."""
+    pred, mem = predicted(result["text_tokens"]), result["memory"]
+    recorded = (result.get("plan") or {}).get("total")
     last = [m for m in mem["resumed"] if m]
     n_last = last[0]["last_step"] if last else None
     lr = _unlearn_flags(Path("."), 0)
@@ -516,45 +490,36 @@ def report(result: dict) -> str:
         "the T5 (host memory on a GPU node too); glibc returns every block of 64 KiB or more when it is "
         "freed (`MALLOC_MMAP_THRESHOLD_`), so the figure follows live tensors. Planner: `noencore plan "
         "--model small --gpus 2 --micro-batch 1 --accumulation 2 --checkpointing --stop-rule --backend "
-        f"cpp --text-tokens {result['text_tokens']}`, ZeRO-3 row, without its 2 GiB reserve for a CUDA "
-        "context. Explained: the planner plus the terms below.",
+        f"cpp --text-tokens {result['text_tokens']}`, ZeRO-3 row, as a CPU rank holds it "
+        "(`noencore.plan.plan_memory(..., device=\"cpu\", reserve_gib=0)`: torch AdamW's single-tensor "
+        "update and the written part of the reduction bucket; no 2 GiB reserve for a CUDA context).",
         "",
-        f"| moment of step {n_last} (resumed run, every state present) | planner | explained | rank 0 "
-        "| rank 1 | rank 0 / planner | rank 0 / explained |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| moment of step {n_last} (resumed run, every state present) | planner | rank 0 | rank 1 "
+        "| rank 0 / planner |",
+        "|---|---:|---:|---:|---:|",
     ]
     rows = (("between steps: weights, gradients, AdamW, stop-rule copy, reduction bucket", "between"),
-            ("end of the forward (inside the loss)", "forward"),
-            ("backward", "backward"),
-            ("optimizer update (no planner moment)", "update"))
+            ("end of the forward (inside the loss; ZeRO-3's gathered weights)", "forward"),
+            ("backward (+ the reduction's flat copy of its bucket)", "backward"),
+            ("optimizer update (fp32 gradient partition, AdamW temporaries)", "update"))
     for label, key in rows:
         cells = [_gib(m["moments"][key]) if m else "-" for m in mem["resumed"]]
         got = last[0]["moments"][key] if last else None
-        plan, expl = pred["planner"][key], pred["explained"][key]
-        lines.append(f"| {label} | {_gib(plan)} | {_gib(expl)} | {' | '.join(cells)} | "
-                     f"{_ratio(got, plan)} | {_ratio(got, expl)} |")
+        plan = pred["planner"][key]
+        lines.append(f"| {label} | {_gib(plan)} | {' | '.join(cells)} | {_ratio(got, plan)} |")
     got = last[0]["moments"]["step"] if last else None
-    peak_expl = max(pred["explained"].values())
     cells = [_gib(m["moments"]["step"]) if m else "-" for m in mem["resumed"]]
-    lines.append(f"| **step peak** (planner: its total) | **{_gib(pred['total'])}** | **{_gib(peak_expl)}** | "
-                 f"{' | '.join(cells)} | **{_ratio(got, pred['total'])}** | **{_ratio(got, peak_expl)}** |")
-    t, x = pred["terms"], pred["extra"]
+    lines.append(f"| **step peak** (planner: its total, at the {pred['peak']}) | **{_gib(pred['total'])}** | "
+                 f"{' | '.join(cells)} | **{_ratio(got, pred['total'])}** |")
+    t = pred["terms"]
     lines += [
-        "", "Planner terms, GiB: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in t.items())
-        + f"; total {pred['total'] / GIB:.2f}.", "",
-        "Where the measurement differs from the planner, term by term (GiB per rank):",
-        f"- ZeRO-3 keeps gathered parameters until it has more than `stage3_max_live_parameters` "
-        f"(DeepSpeed's default 1e9, which the engine keeps) or will not reuse them soon: all of "
-        f"MusicGen-small's bf16 weights stay gathered through the forward and the backward, not two "
-        f"layers and the heads: +{x['all_gathered'] / GIB:.2f} at both moments;",
-        f"- the end of the backward reduces the gradient bucket with `reduce_scatter_coalesced`, which "
-        f"first concatenates the bucket into one flat copy: +{x['reduce_copy'] / GIB:.2f};",
-        f"- the optimizer update, after the last micro-batch, is not a moment of the planner: DeepSpeed "
-        f"builds the fp32 gradient partition (4 B per owned parameter) and torch AdamW's update makes two "
-        f"fp32 temporaries (8 B): +{x['update'] / GIB:.2f} over what stays between steps; it is the step's "
-        f"peak here (the planner's `--fp32-grads` counts the first third of it);",
-        f"- on the CPU only the written part of the {t['buckets'] / GIB:.2f} GiB reduction bucket is "
-        f"resident (a GPU allocates all of it): {x['bucket_untouched'] / GIB:+.2f}.",
+        "", f"Planner columns at its peak (the {pred['peak']}), GiB: "
+        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in t.items()) + f"; total {pred['total'] / GIB:.2f}."]
+    if recorded and recorded != pred["total"]:
+        lines.append(f"The planner figures above are computed from this configuration by the current planner; "
+                     f"the planner recorded with the run (an earlier version) predicted {_gib(recorded)} GiB "
+                     f"(measured / that: {_ratio(got, recorded)}).")
+    lines += [
         "", "Peak over each run's training (steps, stop-rule checks, checkpoints, resume), GiB:", "",
         "| run | rank | planner total | measured | measured / planner | where |",
         "|---|---|---:|---:|---:|---|"]
@@ -625,7 +590,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fresh", action="store_true", help="redo every stage (keeps nothing of WORK)")
     ap.add_argument("--results", action="store_true",
                     help="also write the summary as the 'scale' section of benchmarks/RESULTS.md")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: rewrite WORK/summary.md from WORK/summary.json (the planner's "
+                         "figures recomputed by the current planner)")
     args = ap.parse_args(argv)
+    if args.report:
+        summary = Path(args.work).resolve() / "summary.json"
+        if not summary.is_file():
+            raise SystemExit(f"{summary}: no rehearsal here to report; run it first (make scale-check)")
+        text = report(json.loads(summary.read_text()))
+        _write(summary.with_suffix(".md"), text + "\n")
+        print(text, flush=True)
+        return 0
     if not 1 <= args.kill_after < args.steps:
         raise SystemExit("--kill-after must be at least 1 and below --steps")
     work = Path(args.work).resolve()
@@ -661,7 +637,7 @@ def main(argv: list[str]) -> int:
     plan = predicted(text_tokens)
     _say(f"    predicted per rank: {plan['total'] / GIB:.2f} GiB (ZeRO-3, 2 ranks, micro-batch 1 x 2, "
          f"checkpointing, stop rule, {text_tokens} text tokens; no CUDA reserve)")
-    need = RANKS * (plan["explained"]["update"] + 1.5 * GIB)  # + interpreter, libraries, codec, T5 per rank
+    need = RANKS * (plan["total"] + 1.5 * GIB)  # + interpreter, libraries, codec, T5 per rank
     free = _mem_available()
     if free < need:
         _say(f"    WARNING: {free / GIB:.1f} GiB of memory available, the ranks need about "
@@ -721,7 +697,7 @@ def main(argv: list[str]) -> int:
     }
     (work / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     text = report(result)
-    (work / "summary.md").write_text(text + "\n")
+    _write(work / "summary.md", text + "\n")
     print("\n" + text, flush=True)
     if args.results:
         from run_all import _merge, machine_description

@@ -30,10 +30,12 @@ gradients are added in place into the full ``param.grad``, reduced once at the
 accumulation boundary), w Psi / G at stages 2-3 (each micro-batch's gradients are reduced
 as the backward produces them and added into the owned partition); 12 bytes of AdamW state
 (fp32 master, m, v) per owned parameter (Psi at stage 0, Psi / G at stages 1-3). In fp32
-the bytes are 4 + 4 + 8. ``offload_optimizer`` moves the optimizer states and the update
-(with an fp32 gradient partition; from stage 2 the gradient partitions too) to CPU memory.
-``fp32_grads`` adds the fp32 gradient partition DeepSpeed's bf16 optimizers build for the
-update (4 bytes per owned parameter), as DeepSpeed's own estimators count it.
+the bytes are 4 + 4 + 8. At stage 0 in bf16 DeepSpeed's optimizer also accumulates the
+gradients in an fp32 buffer (4 Psi) through the step. ``offload_optimizer`` moves the
+optimizer states and the update (with an fp32 gradient partition and the update's
+temporaries; from stage 2 the gradient partitions too) to CPU memory. ``fp32_grads``
+counts the fp32 gradient partition of the update (below) as resident through the step, as
+DeepSpeed's own estimators do.
 
 One micro-batch's forward and backward (``activations``, ``loss``). Accumulation changes
 none of the above: only one micro-batch's activations exist at a time, so it trades time
@@ -50,7 +52,7 @@ keeps after the LM's forward (:func:`saved_activation_bytes`), in elements times
 - the output norm's input (D per token), the projected condition (L D per window, kept by
   every layer's cross-attention) and the text projection's input (L x 768 per window).
 
-The step's memory then peaks at one of two moments (:func:`step_memory`):
+One micro-batch's own memory peaks at one of two moments (:func:`step_memory`):
 
 1. the end of the forward, inside the loss (the last codebook's fused op): the saved
    activations plus the loss's buffers (:func:`loss_bytes`): the hidden states gathered per
@@ -80,21 +82,47 @@ it, and 0.99 for the memory checkpointing saves; 0.99 and 1.00 for 2 layers and 
 window. Cast to bf16 the forward's end comes out up to 10 % below the prediction there
 (the torch backend's fp32 temporaries are counted generously).
 
+The step's peak is the largest of these moments (``PlanRow.moments``), each on top of what
+stays between steps (weights, gradients, AdamW states, the reduction bucket, the reserve,
+the stop rule's copy): the forward's end and the backward as above, plus at stage 3 the
+gathered weights, and in the backward the reduction's flat copy; at stages 0-1 the
+accumulation boundary; and the optimizer update. The sizes DeepSpeed reads from its config
+(``reduce_bucket_size``, ``stage3_max_live_parameters``, ``sub_group_size``) are the engine's
+(DeepSpeed's defaults) unless ``zero_config`` gives others (:func:`zero_limits`).
+
 ``buckets``: DeepSpeed's gradient-reduction buffers. Stages 1-3 allocate a reduce bucket of
-``reduce_bucket_size`` elements (DeepSpeed's default 5e8) in the gradient dtype for every
-backward. The accumulation boundary, after the last backward (activations and loss
-freed), adds at stage 0 the all-reduce's flattened bucket (up to 5e8 elements) and at
-stage 1 the owned gradient partition (w Psi / G): counted only by how much it exceeds the
-activations and loss it follows.
+``reduce_bucket_size`` elements (5e8) in the gradient dtype and keep it through the step.
+At stage 3 the end of the backward reduces it with ``reduce_scatter_coalesced``, which
+first concatenates the bucket into one flat copy (w min(Psi, 5e8), backward moment). The
+accumulation boundary, after the last backward (activations and loss freed), adds at
+stage 0 the all-reduce's flattened bucket (w min(Psi, 5e8)) and at stage 1 the owned
+gradient partition (w Psi / G).
+
+``update``: the optimizer step after the last micro-batch (activations freed, stage-3
+weights released). DeepSpeed's bf16 optimizers (stages 1-3) build an fp32 copy of the owned
+gradient partition for it (4 bytes per owned parameter; at stage 3 one ``sub_group_size``
+group at a time; stage 0 holds its fp32 buffer anyway), and the engine's torch AdamW makes temporaries over the elements it
+updates at once: one fp32 tensor (sqrt(v), 4 bytes) in its multi-tensor update, which torch
+uses on CUDA (two, 8 bytes, in the single-tensor update it uses on CPU tensors). DeepSpeed's
+fused or CPU Adam would make none; the engine does not use them. With ``offload_optimizer``
+all of it is host memory (``cpu``).
 
 ``other``: a fixed reserve (CUDA context, NCCL workspaces, allocator fragmentation); at
-stage 3 the gathered weights (the layer in use and the one being prefetched, 2 w per
-parameter of the largest layer, plus the K heads, which the fused op reads as external
-parameters of the objective module); with ``stop_rule`` the copy of the fp32 master weights
-the membership-inference stop rule keeps for bisecting between two checks (4 Psi / G at
-stages 1-3, where ZeRO partitions the master, 4 Psi at stage 0). The stop rule's own
-measurement runs between steps (activations freed) and, at stage 3, gathers the K heads
-while it runs: less than a training step's working set.
+stage 3 during the forward and backward the gathered bf16 weights: DeepSpeed keeps gathered
+parameters it will reuse (``stage3_max_reuse_distance`` 1e9) until more than
+``stage3_max_live_parameters`` (1e9) are live, so w min(Psi, 1e9), and never less than the
+layer in use, the one being prefetched and the K heads (which the fused op reads as
+external parameters of the objective module); with ``stop_rule`` the copy of the fp32
+master weights the membership-inference stop rule keeps for bisecting between two checks
+(4 Psi / G at stages 1-3, where ZeRO partitions the master, 4 Psi at stage 0). The stop
+rule's own measurement runs between steps (activations freed) and, at stage 3, gathers the
+K heads while it runs: less than a training step's working set.
+
+These terms were measured in ``benchmarks/scale_check.py`` (MusicGen-small, ZeRO-3 bf16 on
+2 CPU ranks, ``device="cpu"``): the planner within 3 % of the measured memory at each
+moment of the step (benchmarks/RESULTS.md, "scale"). ``device="cpu"`` gives what a CPU rank
+holds: the single-tensor AdamW update, and only the written part of the reduction bucket
+(at most w Psi) resident, where a GPU allocates the whole bucket.
 """
 from __future__ import annotations
 
@@ -110,9 +138,18 @@ T5_BASE_DIM = 768
 T5_BASE_ENCODER_PARAMS = 109_628_544  # frozen and cached: reported, never resident
 ADAMW_STATE_BYTES = {"bf16": 12, "fp32": 8}  # fp32 master + m + v / m + v
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
-# DeepSpeed's default reduce_bucket_size (stages 1-3) and stage-0 all-reduce bucket, in
-# elements; the engine's generated config keeps the default.
+# DeepSpeed's defaults, in elements, which the engine's generated config keeps (tests check
+# both): reduce_bucket_size (the gradient-reduction bucket of stages 1-3, and the stage-0
+# all-reduce's), stage3_max_live_parameters (gathered parameters ZeRO-3 keeps between uses),
+# sub_group_size (the ZeRO-3 optimizer updates its partition in groups of this many).
 REDUCE_BUCKET_ELEMENTS = 500_000_000
+MAX_LIVE_PARAMETERS = 1_000_000_000
+SUB_GROUP_ELEMENTS = 1_000_000_000
+# Bytes per updated element of torch AdamW's temporaries (the engine's optimizer): the
+# multi-tensor (foreach) update torch picks on CUDA makes one fp32 copy (sqrt(v), scaled in
+# place); the single-tensor update it picks for CPU tensors makes two (sqrt(v) and its
+# bias-corrected quotient). DeepSpeed's FusedAdam and CPU Adam would make none.
+ADAMW_TEMP_BYTES = {"cuda": 4, "cpu": 8}
 # Rows per block of logits of each backend of the fused op (noencore.ops.reference,
 # kernels/ce_ascent.py) and the C++ backend's block size in bytes (noencore.ops.cpp); copied
 # here so that planning imports no torch (tests check they agree).
@@ -495,15 +532,98 @@ def step_memory(model: str | os.PathLike[str] | MusicGenArch, micro_batch: int, 
 
 
 @dataclass(frozen=True)
+class ZeroLimits:
+    """The DeepSpeed sizes the planner reads, in elements (see :func:`zero_limits`)."""
+
+    reduce_bucket: int = REDUCE_BUCKET_ELEMENTS
+    max_live_parameters: int = MAX_LIVE_PARAMETERS
+    sub_group: int = SUB_GROUP_ELEMENTS
+
+
+def zero_limits(config: dict | None = None) -> ZeroLimits:
+    """The bucket and live-parameter sizes of a DeepSpeed ``config`` (the whole config, as
+    ``noencore.engine.zero.build_config`` returns it or a user passes it, or None for the
+    engine's generated one): ``zero_optimization``'s ``reduce_bucket_size``,
+    ``stage3_max_live_parameters`` and ``sub_group_size``, DeepSpeed's defaults where unset.
+    ValueError, naming the key, for a value that is not a positive number."""
+    zo = (config or {}).get("zero_optimization") or {}
+    values = {}
+    for field_name, key, default in (("reduce_bucket", "reduce_bucket_size", REDUCE_BUCKET_ELEMENTS),
+                                     ("max_live_parameters", "stage3_max_live_parameters", MAX_LIVE_PARAMETERS),
+                                     ("sub_group", "sub_group_size", SUB_GROUP_ELEMENTS)):
+        raw = zo.get(key, default)
+        try:
+            value = int(float(raw))
+        except (TypeError, ValueError):
+            value = -1
+        if value < (0 if key == "stage3_max_live_parameters" else 1):
+            raise ValueError(f"DeepSpeed config: zero_optimization.{key}={raw!r} is not a positive number "
+                             "of elements; set a number (e.g. 5e8) or remove the key for DeepSpeed's default")
+        values[field_name] = value
+    return ZeroLimits(**values)
+
+
+@dataclass(frozen=True)
+class _States:
+    """Model states of one GPU, bytes: resident ``params``, ``grads``, ``optim``; the
+    update's transient ``update``; host memory ``cpu`` (offload)."""
+
+    params: int
+    grads: int
+    optim: int
+    update: int
+    cpu: int
+
+
+def _model_states(arch: MusicGenArch, stage: int, part: int, shard: int, w: int, precision: str,
+                  offloaded: bool, fp32_grads: bool, device: str, limits: ZeroLimits) -> _States:
+    """Weights, gradients and AdamW states as DeepSpeed holds them at ``stage`` (see the
+    module docstring), and what the optimizer update adds: the fp32 gradient partition the
+    bf16 optimizers build for it (stages 1-2: the whole owned partition; stage 3: one
+    sub-group at a time) and torch AdamW's temporaries over the elements updated at once."""
+    n_params = arch.n_params()
+    params = w * (shard if stage == 3 else n_params)
+    grads = w * (shard if stage >= 2 else n_params)
+    optim = ADAMW_STATE_BYTES[precision] * part
+    bf16 = precision == "bf16"
+    if bf16 and stage == 0:
+        grads += 4 * n_params  # DeepSpeed's bf16 optimizer accumulates in an fp32 buffer
+    at_once = min(part, limits.sub_group) if stage == 3 else part  # elements updated together
+    if offloaded:
+        # The update runs on the CPU: states, an fp32 gradient partition and the
+        # single-tensor AdamW temporaries live there; from stage 2 the reduced gradient
+        # partitions leave the GPU as well.
+        cpu = optim + 4 * part + ADAMW_TEMP_BYTES["cpu"] * at_once
+        return _States(params=params, grads=grads if stage == 1 else 0, optim=0, update=0, cpu=cpu)
+    fp32_part = 4 * part if (fp32_grads and bf16 and stage >= 1) else 0
+    update = (4 * at_once if (bf16 and stage >= 1 and not fp32_grads) else 0) + ADAMW_TEMP_BYTES[device] * at_once
+    return _States(params=params, grads=grads + fp32_part, optim=optim, update=update, cpu=0)
+
+
+def _bucket_bytes(stage: int, n_params: int, w: int, device: str, limits: ZeroLimits) -> int:
+    """The gradient-reduction bucket stages 1-3 hold through the step: all of it on a GPU
+    (allocated at once); on a CPU rank only the part gradients are written to is resident,
+    at most every parameter's gradient."""
+    if stage == 0:
+        return 0
+    elements = limits.reduce_bucket if device == "cuda" else min(n_params, limits.reduce_bucket)
+    return w * elements
+
+
+@dataclass(frozen=True)
 class PlanRow:
     """One configuration and its memory per GPU (sizes in bytes; see the module docstring).
 
     The configuration: ZeRO ``stage``, ``offload_optimizer``, ``checkpointing``,
     ``micro_batch`` windows per GPU per forward/backward, ``accumulation`` micro-batches per
     optimizer step, ``gpus``, ``frames`` per window, ``precision``. Memory: ``params``,
-    ``grads``, ``optim`` (model states), ``activations`` and ``loss`` (at the step's peak),
-    ``buckets`` (gradient reduction), ``other`` (reserve, stage-3 gathers, the stop rule's
-    copy); ``cpu`` is host memory per rank for offloaded optimizer states.
+    ``grads``, ``optim`` (model states), ``activations`` and ``loss`` (at the step's peak), ``update``
+    (the optimizer update's fp32 gradient partition and AdamW temporaries, when the update
+    is the peak), ``buckets`` (gradient reduction), ``other`` (reserve, the stop rule's copy,
+    the stage-3 gathered weights when the forward or backward is the peak); ``cpu`` is host
+    memory per rank for offloaded optimizer states. ``peak`` names the moment the columns
+    describe; ``moments`` gives every moment's total (``between`` steps, the ``forward``'s
+    end, the ``backward``, the stage-0/1 accumulation ``boundary``, the ``update``).
     """
 
     stage: int
@@ -524,10 +644,14 @@ class PlanRow:
     cpu: int
     gpu_mem: int
     notes: tuple[str, ...] = field(default=())
+    update: int = 0
+    peak: str = "forward"
+    moments: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optim + self.activations + self.loss + self.buckets + self.other
+        return (self.params + self.grads + self.optim + self.activations + self.loss + self.update
+                + self.buckets + self.other)
 
     @property
     def fits(self) -> bool:
@@ -576,6 +700,8 @@ def plan_memory(
     stop_rule: bool = False,
     fp32_grads: bool = False,
     stages: tuple[int, ...] = (0, 1, 2, 3),
+    device: Literal["cuda", "cpu"] = "cuda",
+    zero_config: dict | None = None,
 ) -> list[PlanRow]:
     """Per-GPU memory of unlearning ``model`` at each ZeRO stage, one :class:`PlanRow` each.
 
@@ -598,10 +724,17 @@ def plan_memory(
         text_tokens: T5 tokens per caption (cross-attention keys, or prepended for melody).
         reserve_gib: fixed per-GPU reserve, GiB (CUDA context, NCCL, fragmentation).
         stop_rule: the membership-inference stop rule's copy of the fp32 master weights.
-        fp32_grads: also count the fp32 gradient partition DeepSpeed's bf16 optimizers build
-            for the update (4 bytes per owned parameter; DeepSpeed's own estimators count
-            it: 18 bytes per parameter instead of 16 at stages 2-3).
+        fp32_grads: count the fp32 gradient partition DeepSpeed's bf16 optimizers build for
+            the update (4 bytes per owned parameter) as resident through the whole step, as
+            DeepSpeed's own estimators do (18 bytes per parameter instead of 16 at stages
+            2-3); by default it is counted at the update only, where it exists.
         stages: ZeRO stages to plan.
+        device: ``cuda`` (GPU memory, the planner's meaning) or ``cpu`` (a CPU rank's
+            resident memory, as ``benchmarks/scale_check.py`` measures it: torch AdamW's
+            single-tensor update, two fp32 temporaries per element instead of one, and only
+            the written part of the reduction bucket resident; pass ``reserve_gib=0``).
+        zero_config: the DeepSpeed config the run uses (see :func:`zero_limits`; None: the
+            engine's generated one, DeepSpeed's default bucket and live-parameter sizes).
     """
     arch = get_arch(model)
     if min(gpus, micro_batch, accumulation, text_tokens) < 1 or seconds <= 0 or gpu_mem_gib <= 0 \
@@ -614,41 +747,51 @@ def plan_memory(
     bad = [s for s in stages if s not in (0, 1, 2, 3)]
     if bad:
         raise ValueError(f"ZeRO stages {bad} do not exist: choose among 0, 1, 2, 3")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: choose 'cuda' (GPU memory) or 'cpu' (a CPU rank's)")
+    limits = zero_limits(zero_config)
     n_params = arch.n_params()
     shard = math.ceil(n_params / gpus)  # DeepSpeed pads partitions to equal size
     w = WEIGHT_BYTES[precision]
     step = step_memory(arch, micro_batch, seconds, text_tokens=text_tokens, checkpointing=checkpointing,
                        act_bytes=w, loss=loss, backend=backend, chunk_rows=chunk_rows)
-    acts, loss_mem = step.at_peak()
     reserve = int(reserve_gib * GIB)
-    heads = arch.n_q * arch.card * arch.dim
     rows = []
     for stage in stages:
         notes: list[str] = []
         part = shard if stage >= 1 else n_params  # what this GPU owns of the optimizer's data
-        params = w * (shard if stage == 3 else n_params)
-        grads = w * (shard if stage >= 2 else n_params)
-        fp32_grad_part = 4 * part if (fp32_grads and precision == "bf16") else 0
-        optim = ADAMW_STATE_BYTES[precision] * part
-        cpu = 0
+        offloaded = offload_optimizer and stage > 0
         if offload_optimizer and stage == 0:
             notes.append("optimizer offload needs ZeRO >= 1")
-        elif offload_optimizer:
-            # The update runs on the CPU: states and an fp32 gradient partition live there,
-            # and from stage 2 the reduced gradient partitions leave the GPU as well.
-            cpu, optim, fp32_grad_part = optim + 4 * part, 0, 0
-            grads = grads if stage == 1 else 0
-        bucket = w * REDUCE_BUCKET_ELEMENTS if stage >= 1 else 0
-        boundary = {0: w * min(n_params, REDUCE_BUCKET_ELEMENTS), 1: bucket + w * shard}.get(stage, 0)
-        gathered = w * (2 * arch.layer_params() + heads) if stage == 3 else 0  # in use + prefetched, heads
+        states = _model_states(arch, stage, part, shard, w, precision, offloaded, fp32_grads, device, limits)
+        buckets = _bucket_bytes(stage, n_params, w, device, limits)
         stop_copy = 4 * part if stop_rule else 0
+        base = states.params + states.grads + states.optim + buckets + reserve + stop_copy
+        # what each moment of the step holds beyond ``base`` (see the module docstring):
+        # (activations, loss, update, extra bucket bytes, extra other bytes)
+        gathered = w * max(2 * arch.layer_params() + arch.n_q * arch.card * arch.dim,
+                           min(n_params, limits.max_live_parameters)) if stage == 3 else 0
+        reduce_copy = w * min(n_params, limits.reduce_bucket) if stage == 3 else 0
+        moments = {
+            "between": (0, 0, 0, 0, 0),
+            "forward": (step.saved, step.loss, 0, 0, gathered),
+            "backward": (step.backward_peak, 0, 0, reduce_copy, gathered),
+            "update": (0, 0, states.update, 0, 0),
+        }
+        if stage == 0:  # the all-reduce's flattened bucket, after the last backward
+            moments["boundary"] = (0, 0, 0, w * min(n_params, limits.reduce_bucket), 0)
+        elif stage == 1:  # the owned gradient partition the reduction fills
+            moments["boundary"] = (0, 0, 0, w * shard, 0)
+        sizes = {k: base + sum(v) for k, v in moments.items()}
+        peak = max(sizes, key=sizes.get)
+        acts, loss_mem, update, extra_bucket, extra_other = moments[peak]
         rows.append(PlanRow(
-            stage=stage, offload_optimizer=offload_optimizer and stage > 0, checkpointing=checkpointing,
+            stage=stage, offload_optimizer=offloaded, checkpointing=checkpointing,
             micro_batch=micro_batch, accumulation=accumulation, gpus=gpus,
-            frames=math.ceil(arch.frame_rate * seconds), precision=precision, params=params,
-            grads=grads + fp32_grad_part, optim=optim, activations=acts, loss=loss_mem,
-            buckets=max(bucket, boundary - step.peak), other=reserve + gathered + stop_copy, cpu=cpu,
-            gpu_mem=int(gpu_mem_gib * GIB), notes=tuple(notes),
+            frames=math.ceil(arch.frame_rate * seconds), precision=precision, params=states.params,
+            grads=states.grads, optim=states.optim, activations=acts, loss=loss_mem, update=update,
+            buckets=buckets + extra_bucket, other=reserve + stop_copy + extra_other, cpu=states.cpu,
+            gpu_mem=int(gpu_mem_gib * GIB), notes=tuple(notes), peak=peak, moments=sizes,
         ))
     return rows
 
@@ -727,12 +870,12 @@ def lowest_fitting(rows: list[PlanRow]) -> PlanRow | None:
     return min(fitting, key=lambda r: (r.offload_optimizer, r.stage), default=None)
 
 
-_MEMORY_COLUMNS = ("params", "grads", "optim", "activ", "loss", "bucket", "other", "total")
+_MEMORY_COLUMNS = ("params", "grads", "optim", "activ", "loss", "update", "bucket", "other", "total")
 
 
 def _memory_cells(r: PlanRow) -> str:
     """The GiB columns of one row, in the order of ``_MEMORY_COLUMNS``."""
-    values = (r.params, r.grads, r.optim, r.activations, r.loss, r.buckets, r.other, r.total)
+    values = (r.params, r.grads, r.optim, r.activations, r.loss, r.update, r.buckets, r.other, r.total)
     return " ".join(f"{v / GIB:7.2f}" for v in values)
 
 

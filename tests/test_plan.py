@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from noencore.plan import (
     OP_CHUNK_ROWS,
     MusicGenArch,
     PlanRow,
+    ZeroLimits,
     accumulation_choices,
     format_plan_table,
     format_recommendations,
@@ -30,6 +32,7 @@ from noencore.plan import (
     saved_activation_bytes,
     split_batch,
     step_memory,
+    zero_limits,
 )
 
 
@@ -135,17 +138,21 @@ def test_zero_accounting_known_answers(name: str, gpus: int) -> None:
     psi = arch.n_params()
     shard = math.ceil(psi / gpus)
     rows = {r.stage: r for r in plan_memory(name, gpus=gpus, micro_batch=2, seconds=5)}
-    assert (rows[0].params, rows[0].grads, rows[0].optim) == (2 * psi, 2 * psi, 12 * psi)
+    # stage 0 in bf16: DeepSpeed's optimizer accumulates gradients in an fp32 buffer as well
+    assert (rows[0].params, rows[0].grads, rows[0].optim) == (2 * psi, 6 * psi, 12 * psi)
     assert (rows[1].params, rows[1].grads, rows[1].optim) == (2 * psi, 2 * psi, 12 * shard)
     assert (rows[2].params, rows[2].grads, rows[2].optim) == (2 * psi, 2 * shard, 12 * shard)
     assert (rows[3].params, rows[3].grads, rows[3].optim) == (2 * shard, 2 * shard, 12 * shard)
     states = [r.params + r.grads + r.optim for r in rows.values()]
     assert states == sorted(states, reverse=True)
-    if gpus > 1:  # the stage-3 gather working set never outweighs what it partitions
+    if gpus > 1:  # stages 0-2 partition more at each stage; ZeRO-3 never needs more than ZeRO-0
         totals = [r.total for r in rows.values()]
-        assert totals == sorted(totals, reverse=True) and totals[0] > totals[3]
-    # Activations and loss do not depend on the stage.
-    assert len({(r.activations, r.loss) for r in rows.values()}) == 1
+        assert totals[:3] == sorted(totals[:3], reverse=True) and totals[0] > totals[3]
+    # One micro-batch's own memory does not depend on the stage (ZeRO-3 adds its gathers).
+    step = step_memory(name, 2, 5)
+    assert {r.moments["forward"] - r.moments["between"] for r in list(rows.values())[:3]} == {step.forward_peak}
+    for r in rows.values():  # the columns describe the largest moment
+        assert r.total == r.moments[r.peak] == max(r.moments.values())
     fp32 = plan_memory(name, gpus=gpus, precision="fp32", stages=(0, 3))
     assert (fp32[0].params, fp32[0].grads, fp32[0].optim) == (4 * psi, 4 * psi, 8 * psi)
     assert fp32[1].params == 4 * shard
@@ -168,9 +175,10 @@ def test_optimizer_offload() -> None:
     shard = math.ceil(psi / 4)
     rows = plan_memory("large", gpus=4, offload_optimizer=True)
     assert rows[0].optim == 12 * psi and not rows[0].offload_optimizer and rows[0].notes
-    for r in rows[1:]:
-        assert r.optim == 0 and r.offload_optimizer and r.cpu == 16 * shard
-    assert [r.grads for r in rows] == [2 * psi, 2 * psi, 0, 0]
+    for r in rows[1:]:  # states, the fp32 gradient partition, the CPU update's two temporaries
+        assert r.optim == 0 and r.offload_optimizer and r.cpu == (12 + 4 + 8) * shard
+        assert r.moments["update"] == r.moments["between"]  # the GPU holds nothing more for it
+    assert [r.grads for r in rows] == [6 * psi, 2 * psi, 0, 0]
     assert "optimizer offload needs ZeRO >= 1" in format_plan_table(rows)
 
 
@@ -186,7 +194,6 @@ def test_model_states_agree_with_deepspeed_estimators(gpus: int) -> None:
 
     arch = get_arch("large")
     psi, largest = arch.n_params(), arch.layer_params()
-    reserve, heads = int(2.0 * GIB), 2 * arch.n_q * arch.card * arch.dim
     for offload in (False, True):
         rows = plan_memory(arch, gpus=gpus, fp32_grads=True, offload_optimizer=offload)
         states = [r.params + r.grads + r.optim for r in rows]
@@ -195,10 +202,16 @@ def test_model_states_agree_with_deepspeed_estimators(gpus: int) -> None:
         ds3 = estimate_zero3_model_states_mem_needs(psi, largest, gpus, 1, cpu_offload=offload,
                                                     cpu_offload_params=False)[1]
         bf16_grad_part = 0 if offload else 2 * math.ceil(psi / gpus)
-        assert abs(states[3] + rows[3].other - reserve - heads - bf16_grad_part - ds3) <= 18 * gpus
+        two_layers = 2 * 2 * largest  # the estimator's gathered working set, without the heads
+        assert abs(states[3] + two_layers - bf16_grad_part - ds3) <= 18 * gpus
     plain = plan_memory(arch, gpus=gpus)
     fp32 = plan_memory(arch, gpus=gpus, fp32_grads=True)
-    assert [f.grads - p.grads for f, p in zip(fp32, plain)] == [4 * psi] + [4 * math.ceil(psi / gpus)] * 3
+    # counted resident through the step instead of at the update (stage 0 holds it anyway)
+    assert [f.grads - p.grads for f, p in zip(fp32, plain)] == [0] + [4 * math.ceil(psi / gpus)] * 3
+    # the update holds the same either way, but where ZeRO-3 updates sub-groups of 1e9 at a time
+    shard = math.ceil(psi / gpus)
+    expect = [0, 0, 0, 4 * (min(shard, 10**9) - shard)]
+    assert [p.moments["update"] - f.moments["update"] for f, p in zip(fp32, plain)] == expect
 
 
 def test_reduction_buckets() -> None:
@@ -206,10 +219,100 @@ def test_reduction_buckets() -> None:
     reduces after it, so its bucket only counts where it outgrows the freed activations."""
     bucket = 2 * 500_000_000
     rows = plan_memory("large", gpus=8, micro_batch=8)
-    assert [r.buckets for r in rows] == [0, bucket, bucket, bucket]
+    assert [r.moments["between"] - b.moments["between"] for r, b in zip(rows, rows[:1] * 4)][1:] != [0] * 3
+    assert [r.buckets for r in rows[:3]] == [0, bucket, bucket]
     psi = get_arch("small").n_params()  # < 5e8: its stage-0 bucket holds all gradients
-    tiny_step = plan_memory("small", gpus=2, micro_batch=1, seconds=0.1, checkpointing=True, stages=(0,))[0]
-    assert tiny_step.activations + tiny_step.loss + tiny_step.buckets == 2 * psi
+    tiny = plan_memory("small", gpus=2, micro_batch=1, seconds=0.1, checkpointing=True, stages=(0, 1),
+                       fp32_grads=True)
+    assert [r.moments["boundary"] - r.moments["between"] for r in tiny] == [2 * psi, 2 * math.ceil(psi / 2)]
+    # On a CPU rank only the written part of the bucket is resident: every gradient, 2 psi.
+    cpu = plan_memory("small", gpus=2, device="cpu", stages=(1, 2))
+    gpu = plan_memory("small", gpus=2, stages=(1, 2))
+    assert [r.moments["between"] - g.moments["between"] for r, g in zip(cpu, gpu)] == [2 * psi - bucket] * 2
+
+
+def test_zero3_keeps_the_model_gathered() -> None:
+    """ZeRO-3 keeps gathered weights it will reuse until stage3_max_live_parameters (1e9) are
+    live: all of MusicGen-small (0.42 B) and medium (1.5 B: capped at 1e9) through the forward
+    and the backward, not just two layers and the heads; a smaller limit in the DeepSpeed
+    config lowers it, never below the layer in use, the one prefetched and the heads."""
+    for name, gathered in (("small", get_arch("small").n_params()), ("medium", 10**9)):
+        arch = get_arch(name)
+        row = plan_memory(name, gpus=8, micro_batch=1, seconds=10, stages=(3,))[0]
+        step = step_memory(name, 1, 10)
+        assert row.moments["forward"] - row.moments["between"] == step.forward_peak + 2 * gathered
+        copy = 2 * min(arch.n_params(), 500_000_000)  # the reduction's flat copy of its bucket
+        assert row.moments["backward"] - row.moments["between"] == step.backward_peak + 2 * gathered + copy
+        if row.peak == "backward":
+            assert row.other == int(2 * GIB) + 2 * gathered and row.buckets == 2 * 500_000_000 + copy
+    arch = get_arch("medium")
+    floor = 2 * arch.layer_params() + arch.n_q * arch.card * arch.dim
+    for live, expect in ((10**8, 10**8), (0, floor)):
+        cfg = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": live}}
+        row = plan_memory(arch, gpus=8, stages=(3,), zero_config=cfg)[0]
+        assert row.moments["forward"] - row.moments["between"] == step_memory(arch, 1, 30).forward_peak + 2 * expect
+    for stage in (0, 1, 2):  # the other stages keep every weight: nothing gathered
+        row = plan_memory("medium", gpus=8, stages=(stage,))[0]
+        assert row.moments["forward"] - row.moments["between"] == step_memory("medium", 1, 30).forward_peak
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_update_holds_fp32_gradients_and_adamw_temporaries(device: str) -> None:
+    """The optimizer update: DeepSpeed's fp32 gradient partition (4 B per owned parameter,
+    stages 1-3; stage 0 keeps its fp32 buffer all step) and torch AdamW's temporaries, one
+    fp32 tensor in the multi-tensor update on CUDA, two in the single-tensor update on CPU.
+    Without checkpointing the forward stays the peak; with it and few windows the update is."""
+    psi = get_arch("large").n_params()
+    shard = math.ceil(psi / 8)
+    temps = {"cuda": 4, "cpu": 8}[device]
+    rows = plan_memory("large", gpus=8, checkpointing=True, device=device)
+    assert [r.moments["update"] - r.moments["between"] for r in rows] == [temps * psi] + [(4 + temps) * shard] * 3
+    # at stages 1-2 the update is the peak, and its column shows it (the activations are freed)
+    assert all(r.peak == "update" and r.update == (4 + temps) * shard and r.activations == 0 for r in rows[1:3])
+    assert rows[2].total == sum((rows[2].params, rows[2].grads, rows[2].optim, rows[2].buckets, rows[2].update,
+                                 rows[2].other))
+    # ZeRO-3 updates its partition one sub-group at a time
+    small_groups = plan_memory("large", gpus=8, stages=(3,), device=device,
+                               zero_config={"zero_optimization": {"sub_group_size": 10**8}})[0]
+    assert small_groups.moments["update"] - small_groups.moments["between"] == (4 + temps) * 10**8
+    plain = plan_memory("large", gpus=8, micro_batch=8, stages=(1,))[0]
+    assert plain.peak == "forward" and plain.update == 0
+
+
+def test_rehearsal_memory_per_moment() -> None:
+    """benchmarks/scale_check.py's rehearsal (MusicGen-small, ZeRO-3 bf16, 2 CPU ranks,
+    micro-batch 1 x 2, checkpointing, the stop rule, the C++ op, 72 text tokens) measured
+    these GiB per rank at each moment of a step (benchmarks/RESULTS.md, "scale"); the
+    planner for a CPU rank without a CUDA reserve is within 3 % of each, and the step's
+    peak is the update's."""
+    measured = {"between": 4.66, "forward": 5.66, "backward": 6.23, "update": 6.98}
+    row = plan_memory("small", gpus=2, micro_batch=1, accumulation=2, seconds=30, checkpointing=True,
+                      backend="cpp", text_tokens=72, stop_rule=True, reserve_gib=0.0, stages=(3,),
+                      device="cpu")[0]
+    for moment, gib in measured.items():
+        assert row.moments[moment] / GIB == pytest.approx(gib, rel=0.03), moment
+    assert row.peak == "update" and row.total / GIB == pytest.approx(6.98, rel=0.03)
+
+
+def test_zero_limits_are_the_engines() -> None:
+    """The engine's generated DeepSpeed config leaves the bucket, live-parameter and
+    sub-group sizes to DeepSpeed; the planner's defaults are DeepSpeed's. A user config's
+    own sizes are read; a bad one is refused, naming the key."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from noencore.engine.zero import build_config
+
+    ds = DeepSpeedZeroConfig()
+    assert ZeroLimits() == ZeroLimits(ds.reduce_bucket_size, ds.max_live_parameters, ds.sub_group_size)
+    for stage in (1, 2, 3):
+        cfg = build_config(None, zero_stage=stage, micro_batch=1, world_size=2, grad_clip=1.0,
+                           offload_optimizer=False, accumulation=2)
+        assert zero_limits(cfg) == ZeroLimits()
+    user = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e8}}
+    assert zero_limits(user).reduce_bucket == 2 * 10**8
+    assert plan_memory("large", gpus=8, stages=(2,), zero_config=user)[0].buckets == 2 * 2 * 10**8
+    with pytest.raises(ValueError, match="reduce_bucket_size='auto'"):
+        zero_limits({"zero_optimization": {"reduce_bucket_size": "auto"}})
 
 
 @pytest.mark.parametrize(("cross", "checkpointing"), [(True, False), (False, False), (True, True)])
@@ -298,9 +401,22 @@ def test_op_constants_agree_with_the_backends() -> None:
     assert OP_CHUNK_ROWS["triton"] == ce_ascent.DEFAULT_CHUNK
 
 
+def _step_row(arch, micro_batch: int, seconds: float, **kw) -> SimpleNamespace:
+    """One micro-batch's ``activations`` and ``loss`` at its own peak (what the plan's rows
+    show when the forward or backward is the step's peak), checked against the plan's
+    forward and backward moments over what stays between steps."""
+    step = step_memory(arch, micro_batch, seconds, **kw)
+    row = plan_memory(arch, micro_batch=micro_batch, seconds=seconds, stages=(0,), **kw)[0]
+    assert row.moments["forward"] - row.moments["between"] == step.forward_peak
+    assert row.moments["backward"] - row.moments["between"] == step.backward_peak
+    acts, loss = step.at_peak()
+    return SimpleNamespace(activations=acts, loss=loss, total=acts + loss)
+
+
 def test_activations_checkpointing_and_loss() -> None:
     arch = get_arch("large")
-    one, two = (plan_memory(arch, micro_batch=b, seconds=30, stages=(0,))[0] for b in (1, 2))
+    # the step's own memory (stage 0, 1 GPU, no update temporaries: what one micro-batch adds)
+    one, two = (_step_row(arch, micro_batch=b, seconds=30) for b in (1, 2))
     assert two.activations == 2 * one.activations  # at the forward's end: what autograd saved
     frames, tokens = 1500, 2 * arch.sequence_length(30, 64)
     d, f, layers = arch.dim, arch.ffn_dim, arch.num_layers
@@ -310,7 +426,7 @@ def test_activations_checkpointing_and_loss() -> None:
     # the backward of the last layer, which is recomputed (19 D more per token: all but its
     # input, already kept) with the gradients in flight: the residual stream's (D, where the
     # freed output norm's input was), the feed-forward's (F) and one weight's (D x F).
-    ckpt = plan_memory(arch, micro_batch=2, seconds=30, checkpointing=True, stages=(0,))[0]
+    ckpt = _step_row(arch, micro_batch=2, seconds=30, checkpointing=True)
     assert ckpt.loss == 0
     text = 2 * 64
     plain = tokens * (layers * 20 * d + d) + text * (layers * 2 * d + d + 768)
@@ -324,7 +440,7 @@ def test_activations_checkpointing_and_loss() -> None:
     head = arch.card * d
     assert fused == 2 * 2 * rows * d + 2 * arch.n_q * head + 2 * 1024 * arch.card + (2 + 4 + 4) * head
     assert loss_bytes(arch, 2, frames, act_bytes=2, loss="materialized") == 2 * 4 * rows * arch.card
-    mat = plan_memory(arch, micro_batch=2, seconds=30, loss="materialized", stages=(0,))[0]
+    mat = _step_row(arch, micro_batch=2, seconds=30, loss="materialized")
     # fp32 logits and their gradient (16 bytes per row and class) against bf16 copies and
     # gradients of the hidden states (8 bytes per row and width unit): at V = D = 2048 the
     # materialized loss is larger, not by much; both peak at the forward's end.
@@ -336,10 +452,13 @@ def test_accumulation_trades_time_for_activation_memory() -> None:
     halves what one micro-batch saves."""
     whole = plan_memory("large", gpus=8, micro_batch=8, accumulation=1)
     split = plan_memory("large", gpus=8, micro_batch=4, accumulation=2)
+    step_whole, step_split = step_memory("large", 8, 30), step_memory("large", 4, 30)
+    assert step_split.saved * 2 == step_whole.saved
     for w, s in zip(whole, split):
-        assert (w.params, w.grads, w.optim, w.buckets, w.other) == (s.params, s.grads, s.optim, s.buckets, s.other)
+        assert (w.params, w.grads, w.optim) == (s.params, s.grads, s.optim)
+        assert {k: w.moments[k] for k in ("between", "update")} == {k: s.moments[k] for k in ("between", "update")}
+        assert w.moments["forward"] - s.moments["forward"] == step_whole.forward_peak - step_split.forward_peak
         assert w.global_batch == s.global_batch == 64
-        assert s.activations * 2 == w.activations
         assert "--accumulation 2" in s.flags() and "--batch-size 64" in s.flags()
 
 

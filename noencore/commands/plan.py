@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reserve", type=float, default=2.0,
                    help="fixed per-GPU reserve in GiB: CUDA context, NCCL, fragmentation (default 2)")
     p.add_argument("--fp32-grads", action="store_true",
-                   help="count DeepSpeed's fp32 gradient partition too (18 instead of 16 bytes/param)")
+                   help="count the fp32 gradient partition of the update as resident through the step, as "
+                        "DeepSpeed's estimators do (by default it is counted at the update only)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (bytes) instead of a table")
     p.set_defaults(func=run)
 
