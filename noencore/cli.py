@@ -14,7 +14,8 @@ import sys
 
 from noencore.errors import NoencoreError, UsageError
 
-COMMANDS = ["precompute", "info", "verify", "condition", "unlearn", "evaluate", "demo", "plan"]
+COMMANDS = ["precompute", "info", "verify", "condition", "unlearn", "evaluate", "demo", "plan",
+            "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

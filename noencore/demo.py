@@ -43,9 +43,11 @@ STOP_RULES = ("auc", "matched", "fixed")
 # onto the artist's validation tracks, re-fitted once (step 40) to where those tracks
 # settled as the artist's sound was unlearned, the remain set anchored at the memorised
 # model's NLL. Stop rule "original" at AUC 0: once every forget track is less likely than
-# every validation track was under the memorised model (bisected), or after 90 steps. Options the demo reads itself: "steps" (this method's step
-# budget), "stop_rule" and "stop_auc" (the engine's stop rule for this method, instead of
-# DemoConfig's).
+# every validation track was under the memorised model (bisected), or after 90 steps.
+# Options the demo reads itself: "steps" (this method's step budget), "stop_rule" and
+# "stop_auc" (the engine's stop rule for this method, instead of DemoConfig's), "method"
+# (the engine's method when the entry's name is a label of its own, e.g.
+# "bounded_ga_lora") and "lora" (unlearn's LoRA option).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),
@@ -55,7 +57,7 @@ DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
                "stop_rule": "original", "stop_auc": 0.0, "steps": 90}),
 )
 DEFAULT_METHOD = "match"  # the engine's default: the one the goals are checked for
-_DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc")
+_DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc", "method", "lora")
 REPLAY_METRICS = ("continuation", "ngram")
 
 
@@ -326,7 +328,8 @@ def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
             method_options = {k: v for k, v in options.items() if k not in _DEMO_OPTIONS}
             if method_options.get("row_target") == "unseen":
                 method_options["row_target"] = target_nll  # moved at every check
-            kw = dict(method=name, method_options=method_options,
+            kw = dict(method=options.get("method", name), method_options=method_options,
+                      lora=options.get("lora"),
                       steps=int(options.get("steps", cfg.unlearn_steps)),
                       lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                       forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,

@@ -87,7 +87,7 @@ say "building noencore (C++ extension from csrc/)"
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" - <<'PYCHECK'
 import importlib, sys
 mods = ["torch", "numpy", "torchaudio", "audiocraft", "triton", "deepspeed",
-        "soundfile", "pytest", "pytest_benchmark", "noencore"]
+        "soundfile", "pytest", "pytest_benchmark", "transformers", "peft", "noencore"]
 bad = []
 try:  # audiocraft's CPU-only xFormers notice is expected here: keep it out of the log
     from noencore.thirdparty import quiet_audiocraft

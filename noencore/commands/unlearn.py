@@ -51,7 +51,16 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "deepspeed_config": (str, None, "DeepSpeed JSON config (checked against the flags)"),
     "device": (str, None, "cpu or cuda (default: cuda when available)"),
     "precision": (str, "fp32", "one process: fp32, or bf16 (autocast on fp32 weights)"),
+    "lora_rank": (int, None, "train only LoRA adapters of this rank (the model frozen); "
+                             "the saved model has them merged"),
+    "lora_alpha": (float, None, "LoRA scale numerator: updates are alpha/rank * B A "
+                                "(default: the rank)"),
+    "lora_targets": (str, None, "comma-separated weights to adapt: aliases attention, "
+                                "self_attention, cross_attention, ffn, heads, "
+                                "text_projection, or path components such as linear1 or "
+                                "layers.0 (default: attention,heads)"),
 }
+FLAGS = ("offload_optimizer", "resume", "checkpointing", "save_adapter")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "about a third more compute)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--save-adapter", action="store_true", default=None,
+                   help="with --lora-rank, transformers-format models: also write the "
+                        "adapters as a PEFT adapter to OUT/adapter")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -91,7 +103,7 @@ def _read_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid YAML/JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of options")
-    known = set(OPTIONS) | {"method_options", "offload_optimizer", "resume", "checkpointing"}
+    known = set(OPTIONS) | {"method_options", *FLAGS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -115,10 +127,10 @@ def _id_list(value: str | list | None) -> str | list[str] | None:
 def resolve_options(args: argparse.Namespace) -> dict:
     """Config file, then flags: the keyword arguments of ``noencore.unlearn``."""
     opts: dict[str, Any] = {k: d for k, (_, d, _) in OPTIONS.items()}
-    opts.update(method_options={}, offload_optimizer=False, resume=False, checkpointing=False)
+    opts.update(method_options={}, **dict.fromkeys(FLAGS, False))
     if args.config:
         opts.update(_read_config(args.config))
-    for name in list(OPTIONS) + ["offload_optimizer", "resume", "checkpointing"]:
+    for name in list(OPTIONS) + list(FLAGS):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     for item in args.method_option:
@@ -144,7 +156,21 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if opts.get("grad_clip") == 0:
         opts["grad_clip"] = None
     opts["deepspeed"] = opts.pop("deepspeed_config")
+    opts["lora"] = _lora(opts.pop("lora_rank"), opts.pop("lora_alpha"), opts.pop("lora_targets"))
     return opts
+
+
+def _lora(rank: int | None, alpha: float | None, targets: str | list | None) -> dict | None:
+    """The ``lora`` argument of ``unlearn`` from the three options (None: no LoRA)."""
+    if rank is None:
+        if alpha is not None or targets is not None:
+            raise UsageError("--lora-alpha / --lora-targets need --lora-rank")
+        return None
+    lora: dict[str, Any] = {"rank": rank, "alpha": alpha}
+    if targets is not None:
+        names = targets.split(",") if isinstance(targets, str) else targets
+        lora["targets"] = tuple(t.strip() for t in names if t.strip())
+    return lora
 
 
 def run(args: argparse.Namespace) -> int:

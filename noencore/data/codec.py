@@ -7,10 +7,11 @@
 - ``"musicgen-32khz"``: the full-size architecture of the codec MusicGen uses
   (audiocraft's ``encodec_large_nq4_s640``: SEANet dimension 128, 64 filters, ratios
   [8, 5, 4, 4], 2 LSTM layers, RVQ n_q=4 x 2048) with random weights, for benchmarks;
-- a local file or folder holding an audiocraft ``compression_state_dict.bin``, or a
-  local Hugging Face ``EncodecModel`` folder (``config.json`` + weights);
-- a hub id (``facebook/musicgen-small``, ``facebook/encodec_32khz``, ...), fetched
-  with ``huggingface_hub`` the way audiocraft's loaders do.
+- a local file or folder holding an audiocraft ``compression_state_dict.bin``, a
+  local Hugging Face ``EncodecModel`` folder (``config.json`` + weights), or a local
+  transformers MusicGen folder (its ``audio_encoder``);
+- a hub id (``facebook/musicgen-small``, ``facebook/encodec_32khz``, a transformers
+  MusicGen repo, ...), fetched with ``huggingface_hub`` the way audiocraft's loaders do.
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ class Codec:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def transformers_model(self) -> torch.nn.Module | None:
+        """The transformers ``EncodecModel`` inside, for a codec loaded from the
+        transformers format (which transformers' MusicGen needs); else None."""
+        return None if self._cfg is not None else getattr(self.model, "model", None)
 
     def frames_for(self, samples: int) -> int:
         """Frames the codec emits for ``samples`` samples: ceil(samples / hop)."""
@@ -198,11 +205,17 @@ def _load_pkg(file: Path) -> dict[str, Any]:
                             "re-download or re-export it") from exc
 
 
-def _from_pkg(pkg: dict[str, Any], spec: str, device: str) -> Codec:
+def _from_pkg(pkg: dict[str, Any], spec: str, device: str, folder: Path | None = None
+              ) -> Codec:
     from omegaconf import OmegaConf
 
     if "pretrained" in pkg:  # MusicGen checkpoints only name the codec they were trained with
-        return load_codec(str(pkg["pretrained"]), device)
+        name = str(pkg["pretrained"])
+        # a relative name is a folder beside the checkpoint (a converted transformers
+        # MusicGen keeps its EnCodec there), so the pair can be moved together
+        if folder is not None and not Path(name).is_absolute() and (folder / name).is_dir():
+            name = str(folder / name)
+        return load_codec(name, device)
     if "xp.cfg" not in pkg or "best_state" not in pkg:
         raise NoencoreError(f"codec checkpoint {spec} has neither 'pretrained' nor "
                             "'xp.cfg' + 'best_state': not an audiocraft compression model")
@@ -213,14 +226,23 @@ def _from_pkg(pkg: dict[str, Any], spec: str, device: str) -> Codec:
     return Codec(model, spec, cfg_dict)
 
 
-def _from_hf(name_or_dir: str, spec: str, device: str) -> Codec:
-    from transformers import EncodecModel
-
+def hf_codec(model: torch.nn.Module, spec: str, device: str | torch.device = "cpu") -> Codec:
+    """A transformers ``EncodecModel`` as a ``Codec`` (through audiocraft's own wrapper)."""
     with quiet_audiocraft():
         from audiocraft.models.encodec import HFEncodecCompressionModel
 
-    hf = EncodecModel.from_pretrained(name_or_dir)
-    return Codec(HFEncodecCompressionModel(hf).to(device), spec)
+    return Codec(HFEncodecCompressionModel(model).to(device), spec)
+
+
+def _from_hf(name_or_dir: str, spec: str, device: str) -> Codec:
+    """A transformers EnCodec folder, or the EnCodec inside a transformers MusicGen."""
+    from transformers import EncodecModel
+
+    from noencore.hfhub import is_musicgen, load_part
+
+    if is_musicgen(name_or_dir):
+        return hf_codec(load_part(EncodecModel, name_or_dir, "audio_encoder"), spec, device)
+    return hf_codec(EncodecModel.from_pretrained(name_or_dir), spec, device)
 
 
 def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
@@ -236,10 +258,10 @@ def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
         return Codec(model.to(device), spec, cfg)
     path = Path(spec)
     if path.is_file():
-        return _from_pkg(_load_pkg(path), spec, device)
+        return _from_pkg(_load_pkg(path), spec, device, path.parent)
     if path.is_dir():
         if (path / STATE_FILE).is_file():
-            return _from_pkg(_load_pkg(path / STATE_FILE), spec, device)
+            return _from_pkg(_load_pkg(path / STATE_FILE), spec, device, path)
         if (path / "config.json").is_file():
             return _from_hf(str(path), spec, device)
         raise NoencoreError(f"codec folder {path} holds neither {STATE_FILE} nor a Hugging "
@@ -267,8 +289,13 @@ def _from_hub(repo_id: str, device: str) -> Codec:
                                cache_dir=os.environ.get("AUDIOCRAFT_CACHE_DIR"))
     except LocalEntryNotFoundError as exc:  # offline or unreachable (a subclass of the next)
         raise unreachable(exc) from exc
-    except EntryNotFoundError:  # the repo exists but is a transformers EnCodec
+    except EntryNotFoundError:  # a transformers repo: an EnCodec, or a MusicGen holding one
+        from noencore.hfhub import MUSICGEN_TYPE, read_config, snapshot
+
         try:
+            config = Path(hf_hub_download(repo_id=repo_id, filename="config.json")).parent
+            if read_config(config).get("model_type") == MUSICGEN_TYPE:
+                return _from_hf(str(snapshot(repo_id)), repo_id, device)
             return _from_hf(repo_id, repo_id, device)
         except OSError as exc:
             raise unreachable(exc) from exc

@@ -64,12 +64,15 @@ class UnlearnResult:
 
 def _check_codec(model, shards) -> None:
     h = shards.header
-    have = {"n_q": model.n_q, "card": model.card, "frame_rate": model.frame_rate}
-    got = {"n_q": h.n_q, "card": h.card, "frame_rate": h.frame_rate}
+    have = {"n_q": model.n_q, "card": model.card, "frame_rate": model.frame_rate,
+            "sample_rate": model.sample_rate}
+    got = {"n_q": h.n_q, "card": h.card, "frame_rate": h.frame_rate,
+           "sample_rate": h.sample_rate}
     bad = [f"{k} {got[k]} vs model {have[k]}" for k in have if int(got[k]) != int(have[k])]
     if bad:
-        raise NoencoreError(f"{shards.path}: shards do not match the model ({', '.join(bad)}); "
-                            "precompute the shards with the model's codec")
+        raise NoencoreError(f"{shards.path}: shards (codec {h.codec!r}) do not match model "
+                            f"{model.spec!r} ({', '.join(bad)}); precompute the shards with "
+                            "the model's codec")
 
 
 def _check_conditions(cache, model, sets: UnlearningSets) -> None:
@@ -464,7 +467,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             on_step: Callable[[int, dict], None] | None = None,
             stop_nonmembers: str | Sequence[str] | None = None, stop_rule: str = "auc",
             stop_auc: float = 0.5, stop_every: int = 1, accumulation: int = 1,
-            checkpointing: bool = False, log_every: int = 10) -> UnlearnResult:
+            checkpointing: bool = False, log_every: int = 10, lora: Any = None,
+            save_adapter: bool = False) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
     model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (hub id, folder, "tiny").
@@ -499,6 +503,10 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     their NLL (``noencore.engine.stopping``); under a launcher every rank scores its
     share and the bisection works on each rank's partition of the weights. Keep the
     tracks a later evaluation scores out of this set.
+    lora (``noencore.models.lora.LoraSpec`` or a dict of its fields: rank, alpha,
+    targets): train only low-rank adapters of the targeted weights, the model frozen;
+    the returned and saved model has them merged. save_adapter (transformers-format
+    models): also write them as a PEFT adapter to ``out/adapter``.
     A model loaded from a folder remembers the opt-outs it has served
     (``model.requests``, the folder's requests.json): a request whose forget set overlaps
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
@@ -541,6 +549,8 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
 
         shards = TokenShards(shards)
     _check_codec(model, shards)
+    if save_adapter and lora is None:
+        raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
     method = get_method(method, **(method_options or {}))
     sets = UnlearningSets(shards, forget, remain, frames)
     request_ids = None
@@ -583,10 +593,16 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                                       accumulation=accumulation)
         rank, world = zero.init_distributed(dev)
     model.lm.to(dev)
+    adapters = None
+    if lora is not None:  # before the optimizer: only the adapters train
+        from noencore.models.lora import apply_lora
+
+        adapters = apply_lora(model, lora, seed=seed, save_adapter=save_adapter)
     config = _run_config(method, seed=seed, batch_size=batch_size, forget_ratio=forget_ratio,
                          frames=frames, lr=lr, weight_decay=weight_decay, world=world,
                          precision=precision if not distributed else "bf16",
-                         zero=None if not distributed else ds_config["zero_optimization"]["stage"])
+                         zero=None if not distributed else ds_config["zero_optimization"]["stage"],
+                         **({"lora": adapters.describe()} if adapters is not None else {}))
     out_dir = Path(out) if out is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
     if distributed and out_dir is not None:
@@ -603,8 +619,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
                precision=precision, grad_clip=grad_clip, config=config, ckpt_root=ckpt_root)
     objective.train()
     model.activation_checkpointing(checkpointing)
-    runner = None
+    runner, frozen = None, None
     if distributed:
+        frozen = zero.frozen_copies(model.lm)
         run.engine = zero.initialize(objective, run.optimizer, ds_config)
 
         def runner(fn):  # every forward pass under DeepSpeed enters through its module
@@ -678,7 +695,11 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             plot_losses(log.path, out_dir / "losses.png")
 
     if run.engine is not None:
-        zero.release_fp32_model(run.engine, model.lm, dev)
+        zero.release_fp32_model(run.engine, model.lm, dev, frozen)
+    if adapters is not None:
+        if save_adapter and out_dir is not None and rank == 0:
+            adapters.save_adapter(out_dir / "adapter")
+        adapters.merge()
     model.activation_checkpointing(False)
     model.lm.eval()
     if request_ids is not None:  # the model has served this request: saved with it

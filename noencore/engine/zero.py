@@ -105,31 +105,50 @@ def build_config(user: dict | str | os.PathLike | None, *, zero_stage: int | Non
 
 
 def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-    """``deepspeed.initialize`` for the objective module (ZeRO-3: head weights registered
-    as external parameters, since the fused op reads them outside the heads' forward)."""
+    """``deepspeed.initialize`` for the objective module (ZeRO-3: the heads' own parameters
+    registered as external parameters, since the fused op reads them outside the heads'
+    forward; a head weight under a LoRA parametrization is computed by its
+    parametrization modules, whose own hooks gather it)."""
     import deepspeed
 
     if int(config["zero_optimization"]["stage"]) == 3:
         from deepspeed.runtime.zero import register_external_parameter
         from deepspeed.utils import set_z3_leaf_module
+        from torch.nn.utils import parametrize
 
         for lin in objective.model.lm.linears:
-            register_external_parameter(objective, lin.weight)
-            if lin.bias is not None:
-                register_external_parameter(objective, lin.bias)
+            for p in lin.parameters(recurse=False):
+                register_external_parameter(objective, p)
         # ZeRO-3's module hooks hand every module a new tensor for each tensor argument, so
         # self-attention called as attn(x, x, x) receives three different tensors, and
         # audiocraft's memory-efficient attention (every released MusicGen) asserts that
         # query, key and value are one. Hooks on whole transformer layers (each layer's
         # parameters gathered at once, as the planner counts them) leave the calls inside
         # a layer as the model makes them.
+        # A layer holding LoRA parametrizations keeps per-module hooks: as one leaf, its
+        # adapters' partitions are released before backward reads them.
         for layer in objective.model.lm.transformer.layers:
-            set_z3_leaf_module(layer, True)
+            if not any(parametrize.is_parametrized(m) for m in layer.modules()):
+                set_z3_leaf_module(layer, True)
+            elif getattr(layer.self_attn, "memory_efficient", False):
+                raise UsageError("LoRA under ZeRO-3 needs plain attention, and this model "
+                                 "uses audiocraft's memory-efficient attention; use "
+                                 "--zero-stage 1 or 2 with LoRA (its trained state is small)")
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
     return engine
 
 
-def release_fp32_model(engine: Any, lm: torch.nn.Module, device: torch.device) -> None:
+def frozen_copies(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of ``lm``'s frozen parameters (LoRA's base weights), taken before
+    DeepSpeed casts the module to bf16: a frozen parameter has no fp32 master in the
+    optimizer, and ``release_fp32_model`` restores it from these instead of from its
+    bf16-rounded copy. Empty when every parameter trains."""
+    return {name: p.detach().to("cpu", torch.float32, copy=True)
+            for name, p in lm.named_parameters() if not p.requires_grad}
+
+
+def release_fp32_model(engine: Any, lm: torch.nn.Module, device: torch.device,
+                       frozen: dict[str, torch.Tensor] | None = None) -> None:
     """Turn ``lm`` back into a plain fp32 module on ``device``, on every rank, and release
     the engine.
 
@@ -138,12 +157,17 @@ def release_fp32_model(engine: Any, lm: torch.nn.Module, device: torch.device) -
     assembled from them (a collective under ZeRO-3: every rank calls this, in the same
     order), the engine's hooks are removed, and the parameters are replaced by plain
     ones, so the model ``unlearn`` returns can be evaluated, saved or trained again.
+    Frozen parameters come back from ``frozen`` (``frozen_copies``) where given.
     """
     from deepspeed import zero
     from deepspeed.utils import safe_get_full_fp32_param
 
+    frozen = frozen or {}
     full: dict[str, torch.Tensor] = {}
     for name, p in lm.named_parameters():
+        if name in frozen:
+            full[name] = frozen[name].to(device)
+            continue
         value = safe_get_full_fp32_param(p) if p.requires_grad else None
         if value is None:  # a frozen parameter has no master copy: gather the module's
             with zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):

@@ -3,12 +3,20 @@
 ``load_musicgen(spec)`` accepts:
 
 - a hub id (``facebook/musicgen-small|medium|large``): the same ``state_dict.bin`` and
-  ``compression_state_dict.bin`` audiocraft downloads, through the Hugging Face cache;
+  ``compression_state_dict.bin`` audiocraft downloads, through the Hugging Face cache; a
+  hub repo in the transformers format only (a fine-tuned ``MusicgenForConditionalGeneration``)
+  is read as such;
 - a local folder holding those two files (what ``save_musicgen`` writes);
+- a local transformers MusicGen folder (``config.json`` + safetensors), converted to the
+  equivalent audiocraft LM (``noencore.models.hf``);
+- ``hf:SPEC`` or ``audiocraft:SPEC``: that format, for hub repos that hold both;
 - a named config with fixed-seed random weights: ``"tiny"`` (tests, demo),
   ``"small-width"`` (MusicGen-small's width 1024 / 16 heads with few layers, benchmarks) or
   ``"musicgen-small-random"`` (MusicGen-small's LM with every real dimension, a T5-base-wide
   text encoder and the full-size 32 kHz EnCodec, for rehearsals at real shapes).
+
+Whatever the format, the engine sees the same ``MusicGenModel``; ``save_musicgen`` writes
+it back in the format it came in (or the one asked for).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: the audiocraft format holds
 only a config string and tensors, so no pickled code is ever executed.
@@ -30,6 +38,7 @@ from noencore.models.adapter import CodebookRows, codebook_rows
 from noencore.models.text import random_t5_folder, register_t5
 from noencore.thirdparty import quiet_audiocraft
 
+FORMATS = ("audiocraft", "hf")
 HUB_IDS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
            "facebook/musicgen-melody")
 
@@ -97,22 +106,42 @@ class MusicGenModel(nn.Module):
     (``noencore.data.codec.Codec`` or None), ``cfg`` (the audiocraft config, a dict),
     ``n_q``, ``card``, ``frame_rate``, ``sample_rate``, ``text_encoder`` (the T5 name or
     folder whose outputs the condition cache must hold), ``spec``, ``requests`` (the
-    opt-out requests the weights have served, oldest first: ``noencore.engine.requests``).
+    opt-out requests the weights have served, oldest first: ``noencore.engine.requests``),
+    ``hf`` (for a model loaded from the transformers format, its
+    ``noencore.models.hf.HFOrigin``; else None) and ``format`` ("audiocraft" or "hf", what
+    ``save_musicgen`` writes by default). ``frame_rate`` / ``sample_rate`` come from the
+    codec, else from the arguments, else MusicGen's 50 frames/s at 32 kHz.
     """
 
     def __init__(self, lm: nn.Module, cfg: dict, codec: Any = None, spec: str = "",
-                 requests: list[dict] | None = None):
+                 requests: list[dict] | None = None, *, frame_rate: int | None = None,
+                 sample_rate: int | None = None):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
         self.__dict__["codec"] = codec  # not a submodule: never trained nor saved with the LM
         self.spec = spec
+        self.hf: Any = None
         self.requests = list(requests or [])
         self.n_q = int(lm.num_codebooks)
         self.card = int(lm.card)
-        self.frame_rate = int(codec.frame_rate) if codec is not None else 50
-        self.sample_rate = int(codec.sample_rate) if codec is not None else 32000
+        self.frame_rate = int(codec.frame_rate if codec is not None else frame_rate or 50)
+        self.sample_rate = int(codec.sample_rate if codec is not None else sample_rate or 32000)
         self.text_attribute, self.text_encoder = self.text_conditioner
+
+    @property
+    def format(self) -> str:
+        return "hf" if self.hf is not None else "audiocraft"
+
+    def use_codec(self, codec: Any) -> None:
+        """Pair the LM with ``codec`` (a ``noencore.data.codec.Codec``), refusing one whose
+        codebooks the LM does not model."""
+        if (codec.n_q, codec.card) != (self.n_q, self.card):
+            raise NoencoreError(f"codec {codec.spec!r} has {codec.n_q} codebooks of "
+                                f"{codec.card}; model {self.spec!r} models {self.n_q} of "
+                                f"{self.card}")
+        self.__dict__["codec"] = codec
+        self.frame_rate, self.sample_rate = int(codec.frame_rate), int(codec.sample_rate)
 
     @property
     def text_conditioner(self) -> tuple[str, str]:
@@ -216,11 +245,60 @@ def _read_checkpoint(spec: str, filename: str) -> Path:
                             "id, the network, or pass a local folder") from exc
 
 
+def model_format(spec: str) -> tuple[str, str]:
+    """``(format, location)`` of a model spec: "audiocraft" or "hf", and the spec without
+    a ``hf:`` / ``audiocraft:`` prefix. A local folder is told by its files, a hub repo by
+    whether it holds audiocraft's ``state_dict.bin`` (else it is read as transformers)."""
+    for fmt in FORMATS:
+        if spec.startswith(fmt + ":"):
+            return fmt, spec[len(fmt) + 1:]
+    local = Path(spec)
+    if spec in NAMED_CONFIGS or local.is_file():
+        return "audiocraft", spec
+    if local.is_dir():
+        from noencore.hfhub import is_musicgen, read_config
+
+        if (local / "state_dict.bin").is_file():
+            return "audiocraft", spec
+        if (local / "config.json").is_file():
+            if is_musicgen(local):
+                return "hf", spec
+            raise NoencoreError(
+                f"{local / 'config.json'}: model_type {read_config(local).get('model_type')!r} "
+                "is not a transformers MusicGen ('musicgen'); pass a MusicGen folder")
+        raise NoencoreError(f"{local}: neither an audiocraft MusicGen (no state_dict.bin) nor a "
+                            "transformers MusicGen (no config.json); pass a folder written by "
+                            "save_musicgen, audiocraft or transformers' save_pretrained")
+    if spec.count("/") != 1:
+        raise NoencoreError(f"model {spec!r}: not a folder, a file, a hub id or one of "
+                            f"{sorted(NAMED_CONFIGS)}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id=spec, filename="state_dict.bin",
+                        cache_dir=os.environ.get("AUDIOCRAFT_CACHE_DIR"),
+                        library_name="audiocraft")
+    except LocalEntryNotFoundError:  # offline or unreachable: say so when reading it
+        return "audiocraft", spec
+    except EntryNotFoundError:
+        return "hf", spec
+    except Exception:  # unknown repo, no access: reported by the loader with the hub's words
+        return "audiocraft", spec
+    return "audiocraft", spec
+
+
 def text_encoder_name(spec: str) -> str:
     """The T5 name or folder a model's text conditioner uses, without building the model
-    (reads the checkpoint's config through a memory map)."""
+    (reads the checkpoint's config through a memory map; for the transformers format, the
+    local T5 folder extracted from the checkpoint)."""
     if spec in NAMED_CONFIGS:
         return str(random_t5_folder(_named_parts(spec)[0]))
+    fmt, spec = model_format(spec)
+    if fmt == "hf":
+        from noencore.models.hf import hf_text_encoder
+
+        return hf_text_encoder(spec)
     path = _read_checkpoint(spec, "state_dict.bin")
     try:
         pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -238,7 +316,8 @@ def text_encoder_name(spec: str) -> str:
 def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   *, seed: int = 0, overrides: dict | None = None,
                   with_codec: bool = True) -> MusicGenModel:
-    """Load a MusicGen LM (and its codec) from a hub id, a local folder or a named config.
+    """Load a MusicGen LM (and its codec) from a hub id, a local folder (audiocraft or
+    transformers format) or a named config.
 
     ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
     ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
@@ -246,6 +325,17 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
     """
     from noencore.engine.requests import read_requests
 
+    fmt, location = model_format(spec)
+    if fmt == "hf":
+        if overrides:
+            raise NoencoreError("overrides apply to named configs only, not to checkpoints")
+        from noencore.models.hf import load_hf
+
+        model = load_hf(location, device, dtype, with_codec=with_codec, spec=spec)
+        if Path(location).is_dir():
+            model.requests = read_requests(location)
+        return model
+    spec = location
     requests: list[dict] = []
     if spec in NAMED_CONFIGS:
         cfg = _named_cfg(spec, overrides)
@@ -289,30 +379,52 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_musicgen(model: MusicGenModel, folder: str | os.PathLike,
-                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``folder`` so that ``audiocraft.models.MusicGen.get_pretrained(folder)`` loads it.
+                  state_dict: dict[str, torch.Tensor] | None = None, *,
+                  format: str | None = None) -> Path:
+    """Write the model to ``folder`` in ``format`` ("audiocraft" or "hf"; default: the
+    format it was loaded from, ``model.format``).
 
-    Files: ``state_dict.bin`` ({'xp.cfg': yaml, 'best_state': LM state dict}),
-    ``compression_state_dict.bin`` (the codec, audiocraft's format) and
-    ``model.safetensors`` (the same LM weights, loadable without pickle) and
-    ``requests.json`` (``model.requests``, the opt-outs served). Weights are saved
-    in float32, as audiocraft's own checkpoints. ``state_dict`` overrides the LM's own
-    (e.g. gathered from DeepSpeed ZeRO-3 partitions). A local T5 folder named in the
-    config must be registered (``noencore.models.text.register_t5``) before audiocraft
-    builds the model; hub T5 names need nothing.
+    audiocraft, so that ``audiocraft.models.MusicGen.get_pretrained(folder)`` loads it:
+    ``state_dict.bin`` ({'xp.cfg': yaml, 'best_state': LM state dict}),
+    ``compression_state_dict.bin`` (the codec, audiocraft's format; a transformers EnCodec
+    is saved as ``folder/encodec`` and named there) and ``model.safetensors`` (the same LM
+    weights, loadable without pickle). Weights are saved in float32, as audiocraft's own
+    checkpoints. A local T5 folder named in the config must be registered
+    (``noencore.models.text.register_t5``) before audiocraft builds the model; hub T5
+    names need nothing.
+
+    hf: a folder ``transformers.MusicgenForConditionalGeneration.from_pretrained`` loads
+    (``noencore.models.hf.save_hf``).
+
+    Both write ``requests.json`` (``model.requests``, the opt-outs served).
+    ``state_dict`` overrides the LM's own (e.g. gathered from DeepSpeed ZeRO-3 partitions).
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     from noencore.engine.requests import write_requests
 
+    format = format or model.format
+    if format not in FORMATS:
+        raise NoencoreError(f"save format must be one of {FORMATS}, got {format!r}")
+    if format == "hf":
+        from noencore.models.hf import save_hf
+
+        out = save_hf(model, folder, state_dict)
+        write_requests(out, getattr(model, "requests", []))
+        return out
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.lm.state_dict()
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
     _atomic_torch_save({"xp.cfg": OmegaConf.to_yaml(OmegaConf.create(model.cfg)),
                         "best_state": sd, "version": "noencore"}, folder / "state_dict.bin")
-    if model.codec is not None:
+    if model.hf is not None or (model.codec is not None and model.codec.transformers_model is not None):
+        from noencore.models.hf import save_hf_codec_beside
+
+        _atomic_torch_save(save_hf_codec_beside(model, folder),
+                           folder / "compression_state_dict.bin")
+    elif model.codec is not None:
         tmp_dir = Path(tempfile.mkdtemp(dir=folder, prefix=".codec."))
         try:
             model.codec.save_audiocraft(tmp_dir / "compression_state_dict.bin")
