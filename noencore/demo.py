@@ -93,6 +93,10 @@ class DemoConfig:
     stop: str = "auc"
     stop_auc: float = 0.5
     check_every: int = 1
+    # relearning probe after each method: fine-tune the unlearned model on the remain set
+    # alone for this many steps (lr unlearn_lr, no weight decay) and measure the forget
+    # AUC again (0: no probe)
+    relearn_steps: int = 10
     batch_size: int = 16
     frames: int = 250          # 5 s windows (50 frames/s)
     methods: tuple[tuple[str, dict[str, Any]], ...] = DEFAULT_METHODS
@@ -356,7 +360,9 @@ def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
                                  retrained=retr_stats, batch_size=cfg.batch_size, out=rep_dir,
                                  frames=cfg.frames, generation=gen, progress=False,
                                  metrics=["token", "mia", "privleak", "forget_quality",
-                                          *REPLAY_METRICS])
+                                          *REPLAY_METRICS],
+                                 relearn_steps=cfg.relearn_steps or None,
+                                 relearn_lr=cfg.unlearn_lr, relearn_batch_size=cfg.batch_size)
         _done(t0, f"report: {rep_dir / 'report.md'}")
 
     rows = {n: _summary_row(r, base, gold) for n, r in reports.items()}
@@ -484,7 +490,16 @@ def _summary_row(rep: dict, base: dict, gold: dict, retrained_row: bool = False
         "ngram_before": _get(base, "ngram", "after", "forget"),
         "ngram_after": _get(rep, "ngram", "after", "forget"),
         "ngram_retrained": _get(gold, "ngram", "after", "forget"),
+        # relearning probe: the forget AUC after fine-tuning on the remain set alone
+        **_relearned(rep),
     }
+
+
+def _relearned(rep: dict) -> dict[str, float | None]:
+    """The last checkpoint of the report's relearning probe (steps, forget AUC), or None."""
+    points = (rep.get("relearn") or {}).get("checkpoints") or []
+    last = points[-1] if len(points) > 1 else {}
+    return {"relearn_steps": last.get("steps"), "relearn_auc": last.get("forget_auc_loss")}
 
 
 # The issue's goals for the engine's default method, checked for every row.
@@ -526,7 +541,10 @@ TABLE_NOTES = (
     "forget items' NLLs, unlearned vs retrained (>= 0.05: indistinguishable). replay: share "
     "of the true tokens a greedy continuation of a forget track's first frames reproduces, "
     "memorised → after [retrained]; 4-gram: share of a free generation's codebook-0 4-grams "
-    "found in the track. Goals (" + "; ".join(f"{k}: {v}" for k, v in GOALS.items()) + ").")
+    "found in the track. relearned AUC: the forget AUC again after fine-tuning the unlearned "
+    "model on the remain set alone (steps in brackets; an unlearned model whose forget set "
+    "comes back from a little fine-tuning on other music had hidden it, not removed it). "
+    "Goals (" + "; ".join(f"{k}: {v}" for k, v in GOALS.items()) + ").")
 
 
 def summary_plot(rows: dict[str, dict], path: Path,
@@ -592,17 +610,24 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _relearn_cell(row: dict[str, Any]) -> str:
+    if row.get("relearn_steps") is None:
+        return "–"
+    return f"{_fmt(row['relearn_auc'])} [{row['relearn_steps']}]"
+
+
 def summary_table(rows: dict[str, dict], retrained: dict[str, float | None]) -> str:
     """One Markdown row per method (figures from :func:`_summary_row`), the retrained
     model's row first, and which goals each method meets."""
     lines = ["| method | forget NLL | unseen same-artist NLL | remain NLL (Δ%) | "
-             "forget AUC (LOSS) | privleak % | KS p | replay | 4-gram | goals met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "forget AUC (LOSS) | privleak % | KS p | replay | 4-gram | relearned AUC | "
+             "goals met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     r = retrained
     lines.append(f"| retrained (gold) | {r['forget_nll_after']:.3f} | "
                  f"{r['holdout_nll_after']:.3f} | {r['remain_nll_after']:.3f} | "
                  f"{_fmt(r['forget_mia_auc_after'])} | 0 | 1 | {_fmt(r['replay_after'])} | "
-                 f"{_fmt(r['ngram_after'])} | (reference) |")
+                 f"{_fmt(r['ngram_after'])} | – | (reference) |")
     for name, s in rows.items():
         d_remain = 100.0 * (s["remain_nll_after"] / s["remain_nll_before"] - 1.0)
         goals = goals_met(s)
@@ -621,5 +646,5 @@ def summary_table(rows: dict[str, dict], retrained: dict[str, float | None]) -> 
             f"{_fmt(s['forget_quality'])} | {_fmt(s['replay_before'])} → "
             f"{_fmt(s['replay_after'])} [{_fmt(s['replay_retrained'])}] | "
             f"{_fmt(s['ngram_before'])} → {_fmt(s['ngram_after'])} "
-            f"[{_fmt(s['ngram_retrained'])}] | {met}{detail} |")
+            f"[{_fmt(s['ngram_retrained'])}] | {_relearn_cell(s)} | {met}{detail} |")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 from noencore.demo import DemoConfig, run_demo, stage_digests
 
 TINY = dict(n_clips=14, seconds=(1.0, 1.2), forget_fraction=0.3, memorise_steps=3,
-            unlearn_steps=2, batch_size=4, frames=50, check_every=1,
+            unlearn_steps=2, batch_size=4, frames=50, check_every=1, relearn_steps=2,
             replay_items=3, replay_prompt=10, replay_frames=10, replay_free=12,
             methods=(("ga", {}), ("bounded_ga", {"loss_cap": None, "row_target": "unseen",
                                                  "remain_weight": 3.0, "remain_anchor": True,
@@ -54,6 +54,7 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
         assert row["holdout_nll_retrained"] > 0 and row["forget_nll_retrained"] > 0
         assert 0.0 <= row["replay_after"] <= 1.0 and 0.0 <= row["replay_retrained"] <= 1.0
         assert 0.0 <= row["forget_quality"] <= 1.0
+        assert row["relearn_steps"] == 2  # the relearning probe ran after every method
     for name, _ in cfg.methods:
         assert (out / "reports" / name / "report.md").is_file()
         assert (out / "models" / name / "model" / "state_dict.bin").is_file()

@@ -212,6 +212,24 @@ def test_generation_batched_and_continuation(env):
     np.testing.assert_allclose(continuation_match(model, greedy[..., :8], wrong, caps, cont), 0.0)
 
 
+def test_generation_refuses_a_model_without_conditions_and_an_item_without_caption(env):
+    """Generation answers captions: a model with no text condition, or an item with no
+    caption, is refused with the model or the item named, before anything is generated."""
+    import copy
+
+    from noencore.errors import NoencoreError
+    from noencore.evaluation.generation import GenerationConfig, generate_codes
+
+    cfg = GenerationConfig(frames=4, batch_size=2)
+    model = env["model"]
+    with pytest.raises(NoencoreError, match=r"item 'b-2' has no caption.*manifest"):
+        generate_codes(model, ["caption 0", "  "], cfg, progress=False, ids=["a-1", "b-2"])
+    unconditioned = copy.copy(model)
+    unconditioned.text_attribute = None
+    with pytest.raises(NoencoreError, match="takes no text condition.*leave out the generation"):
+        generate_codes(unconditioned, ["caption 0"], cfg, progress=False)
+
+
 def test_cli_evaluate(env, tmp_path, capsys):
     import noencore
     from noencore.cli import main

@@ -44,14 +44,11 @@ class GenerationConfig:
     ngram: int = 4
 
 
-def _attributes(model: Any, captions: list[str], ids: Sequence[str] | None = None
-                ) -> list[Any]:
-    """audiocraft's conditioning of each caption. Generation here answers captions: a
-    model without a text condition, or an item without a caption, would generate
-    unconditioned music that says nothing about that item, so both are refused (``ids``
-    name the items in the error)."""
-    from audiocraft.modules.conditioners import ConditioningAttributes
-
+def check_captions(model: Any, captions: Sequence[str], ids: Sequence[str] | None = None
+                   ) -> None:
+    """Generation here answers captions: a model without a text condition, or an item
+    without a caption, would generate unconditioned music that says nothing about that
+    item, so both are refused (``ids`` name the items in the error) before any work."""
     if getattr(model, "text_attribute", None) is None:
         raise NoencoreError(f"model {getattr(model, 'spec', model)!r} takes no text condition: "
                             "generation metrics generate from each item's caption; evaluate a "
@@ -62,6 +59,14 @@ def _attributes(model: Any, captions: list[str], ids: Sequence[str] | None = Non
         raise NoencoreError(f"item {name!r} has no caption ({len(empty)} such item(s)): "
                             "generation metrics generate from the caption; give it one in the "
                             "manifest (and rerun `noencore condition`) or leave it out of the set")
+
+
+def _attributes(model: Any, captions: list[str], ids: Sequence[str] | None = None
+                ) -> list[Any]:
+    """audiocraft's conditioning of each caption (checked by :func:`check_captions`)."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    check_captions(model, captions, ids)
     return [ConditioningAttributes(text={model.text_attribute: c}) for c in captions]
 
 
@@ -137,6 +142,7 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
     items = list(range(len(captions))) if items is None else [int(i) for i in items]
     if len(items) != len(captions):
         raise ValueError(f"{len(items)} item indices for {len(captions)} captions")
+    check_captions(model, captions, ids)
     text_tokens = text_tokens or caption_tokens(model, captions)
     out = []
     starts = range(0, len(captions), cfg.batch_size)
@@ -168,6 +174,7 @@ def continuation_match(model: Any, prompts: torch.Tensor, truth: torch.Tensor, c
     """
     n, k, p = prompts.shape
     c = truth.shape[-1]
+    check_captions(model, captions, ids)
     text_tokens = text_tokens or caption_tokens(model, captions)
     rates = []
     for s in range(0, n, cfg.batch_size):

@@ -35,6 +35,7 @@ from noencore.evaluation import fad as fadm
 from noencore.evaluation.generation import (
     GenerationConfig,
     caption_tokens,
+    check_captions,
     continuation_match,
     cosine_rows,
     decode,
@@ -94,6 +95,8 @@ def collect_generation(models: dict[str, Any], sets: dict[str, Any], metrics: li
     if wants_clap and clap is None:
         raise UsageError(f"metrics {wants_clap} need a CLAP checkpoint: pass clap=PATH "
                          "(--clap PATH), e.g. music_audioset_epoch_15_esc_90.14.pt")
+    for model in models.values():  # a model without a text condition, before any work
+        check_captions(model, [])
     out = GenerationItems()
     targets = [s for s in ("forget", "remain") if s in sets]
     replayed = [s for s in ("forget", "remain", "holdout") if s in sets]
