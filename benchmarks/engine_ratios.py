@@ -231,6 +231,25 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss(fn) -> tuple[int, int]:
+    """(RSS before, peak RSS while ``fn()`` runs), in bytes, sampled every millisecond."""
+    before, peak, stop = _rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        th.join()
+    return before, peak[0]
+
+
 def step_memory(variant: str, st: dict) -> dict:
     """Peak memory of one step and its extra over the memory before it, in MB (after a
     warm-up step, so optimizer state and allocator pools exist): CPU, RSS sampled every
@@ -242,19 +261,8 @@ def step_memory(variant: str, st: dict) -> dict:
         run_step(variant, st)
         peak = torch.cuda.max_memory_allocated()
         return {"step_extra_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20}
-    before, peak, stop = _rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    run_step(variant, st)
-    stop.set()
-    th.join()
-    return {"step_extra_mb": (peak[0] - before) / 2**20, "peak_mb": peak[0] / 2**20}
+    before, peak = peak_rss(lambda: run_step(variant, st))
+    return {"step_extra_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20}
 
 
 def memory(variants: list[str], a: argparse.Namespace) -> dict[str, dict]:

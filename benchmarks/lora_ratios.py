@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_ratios import _rss, engine_step, setup  # noqa: E402
+from engine_ratios import engine_step, peak_rss, setup  # noqa: E402
 
 TARGETS = ("attention", "heads")
 VARIANTS = ("full", "lora")
@@ -60,22 +59,11 @@ def measure_memory(variant: str, layers: int, batch: int, seconds: float, rank: 
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     engine_step(st, False)  # warm-up: gradients and AdamW moments exist afterwards
-    before, peak, stop = _rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    engine_step(st, False)
-    stop.set()
-    th.join()
+    before, peak = peak_rss(lambda: engine_step(st, False))
     # fp32 weights of the whole LM + (gradient + 2 AdamW moments) of what trains
     state = 4 * total + 3 * 4 * trainable
     return {"trainable": trainable, "total": total, "state_mb": state / 2**20,
-            "rss_mb": before / 2**20, "peak_mb": peak[0] / 2**20}
+            "rss_mb": before / 2**20, "peak_mb": peak / 2**20}
 
 
 def step_table(a: argparse.Namespace) -> None:

@@ -55,6 +55,7 @@ fi
 #    (scripts/gpu_stubs/README.md).
 STUBS="${TMPDIR:-/tmp}/noencore_gpu_check_stubs"
 rm -rf "$STUBS" && mkdir -p "$STUBS"
+cp scripts/gpu_stubs/_noencore_missing.py "$STUBS/"  # the stand-ins' shared body
 for mod in av spacy librosa xformers; do
   if ! "$PY" -c "import $mod" 2>/dev/null; then
     say "$mod is not installed: using the stand-in from scripts/gpu_stubs"

@@ -193,3 +193,30 @@ def test_liger_row_is_required_and_versions_checked(gc, monkeypatch, capsys):
             assert got in why and "0.8.2" in why
     assert bench.main(["--require-liger"]) == 1  # CPU: no Liger row possible
     assert "--require-liger: Liger-Kernel runs on GPUs only" in capsys.readouterr().err
+
+
+def test_stand_ins_import_and_name_the_package_to_install(tmp_path):
+    """The GPU check's stand-ins for audiocraft's import-only dependencies import and
+    name attributes, and any use raises ModuleNotFoundError naming the real package;
+    copied as gpu_check.sh copies them (each folder plus the shared body)."""
+    import shutil
+
+    stubs = ROOT / "scripts" / "gpu_stubs"
+    shutil.copy(stubs / "_noencore_missing.py", tmp_path)
+    for mod in ("av", "spacy", "librosa"):
+        shutil.copytree(stubs / mod, tmp_path / mod)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import av, spacy, librosa\n"
+        "for mod, attr in ((av, 'AudioFrame'), (spacy, 'load'), (librosa, 'resample')):\n"
+        "    f = getattr(mod, attr)\n"
+        "    try:\n"
+        "        f(1)\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        assert e.name == mod.__name__ and f'install {mod.__name__}' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit(f'{mod.__name__}.{attr}() did not raise')\n"
+        "print('stand-ins ok')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "stand-ins ok" in out.stdout, out.stderr
