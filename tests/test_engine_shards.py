@@ -130,6 +130,28 @@ def conditioned_shards(folder: Path, items: list, overrides: dict | None = None)
     return shards
 
 
+def two_ranks_beside(cmd: list[str], work: Path, one_process, *, env: dict, cwd: Path,
+                     timeout: float = 540) -> tuple:
+    """Start ``cmd`` (a 2-rank launch whose driver writes ``work/result_rank{r}.json``),
+    run ``one_process()`` meanwhile, and return ``(one_process's result, [rank 0's, rank
+    1's result], launcher stdout, stderr)``; the test fails with the launcher's stderr
+    when a rank wrote no result."""
+    import json
+    import subprocess
+
+    launch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=cwd)
+    try:
+        one = one_process()
+        out, err = launch.communicate(timeout=timeout)
+    finally:
+        launch.kill()
+    results = [work / f"result_rank{r}.json" for r in (0, 1)]
+    if not all(p.exists() for p in results):
+        pytest.fail(f"2-rank run failed (rc {launch.returncode}):\n{err[-4000:]}")
+    return one, [json.loads(p.read_text()) for p in results], out, err
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on (a process group's rendezvous)."""
     import socket

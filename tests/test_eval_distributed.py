@@ -25,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import free_port  # noqa: E402
+from test_engine_shards import free_port, two_ranks_beside  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PER_SET = 6
@@ -321,21 +321,14 @@ def test_torchrun_api_two_ranks_equal_one_process(data, tmp_path):
     evaluate(args["before"], data["sets"], metrics=["token"], out=work / "cached", **PLAIN)
     script = tmp_path / "api_driver.py"
     script.write_text(_API_DRIVER)
-    launch = subprocess.Popen([*_launcher("torchrun"), "--nproc_per_node", "2", "--master_port",
-                               str(free_port()), str(script), str(work)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(), cwd=tmp_path)
-    try:  # the one-process run, meanwhile
-        one = evaluate(args["after"], data["sets"], reference=args["before"],
-                       retrained=work / "cached", out=tmp_path / "one",
-                       generation=GenerationConfig(**GENERATION), **args["evaluate"])
-        out, err = launch.communicate(timeout=540)
-    finally:
-        launch.kill()
-    results = [work / f"result_rank{r}.json" for r in (0, 1)]
-    if not all(p.exists() for p in results):
-        pytest.fail(f"2-rank run failed (rc {launch.returncode}):\n{err[-4000:]}")
-    two = [json.loads(p.read_text()) for p in results]
+    cmd = [*_launcher("torchrun"), "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(script), str(work)]
+    one, two, _, _ = two_ranks_beside(  # the one-process run, meanwhile
+        cmd, work, lambda: evaluate(args["after"], data["sets"], reference=args["before"],
+                                    retrained=work / "cached", out=tmp_path / "one",
+                                    generation=GenerationConfig(**GENERATION),
+                                    **args["evaluate"]),
+        env=_env(), cwd=tmp_path)
     assert two[0] == two[1]  # every rank returns the same report
     assert two[0]["ranks"] == 2 and one["ranks"] == 1
     assert (work / "writes.log").read_text().split("\n")[:-1] == ["save_stats 0",

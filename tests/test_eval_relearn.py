@@ -172,9 +172,7 @@ def test_two_ranks_probe_equals_one_process(unlearned, tmp_path):
     6])``: the fine-tuning runs under DeepSpeed ZeRO-2 in fp32 and the block equals one
     process's (plain AdamW) to 1e-6 in every AUC and relative 1e-5 in every NLL (the
     same fp32 training, summed in another order; measured: 2e-8)."""
-    import subprocess
-
-    from test_engine_shards import free_port
+    from test_engine_shards import free_port, two_ranks_beside
 
     from noencore.evaluation.evaluate import evaluate
 
@@ -186,21 +184,12 @@ def test_two_ranks_probe_equals_one_process(unlearned, tmp_path):
                                                 "model": str(folder), "evaluate": kw}))
     (tmp_path / "driver.py").write_text(_DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
-                               "--nproc_per_node", "2", "--master_port", str(free_port()),
-                               str(tmp_path / "driver.py"), str(work)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=tmp_path)
-    try:  # the one-process run, meanwhile
-        one = evaluate(str(folder), sets_of(shards, "forget", "remain", "holdout"),
-                       out=tmp_path / "one", **kw)["relearn"]
-        _, err = launch.communicate(timeout=540)
-    finally:
-        launch.kill()
-    results = [work / f"result_rank{r}.json" for r in (0, 1)]
-    if not all(p.exists() for p in results):
-        pytest.fail(f"2-rank run failed (rc {launch.returncode}):\n{err[-4000:]}")
-    two = [json.loads(p.read_text()) for p in results]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(tmp_path / "driver.py"), str(work)]
+    one, two, _, _ = two_ranks_beside(
+        cmd, work, lambda: evaluate(str(folder), sets_of(shards, "forget", "remain", "holdout"),
+                                    out=tmp_path / "one", **kw)["relearn"],
+        env=env, cwd=tmp_path)
     assert two[0] == two[1]  # every rank returns the same block
     one = json.loads(json.dumps(one))
     assert [c["steps"] for c in two[0]["checkpoints"]] == [0, 3, 6]
