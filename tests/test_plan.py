@@ -664,6 +664,31 @@ def test_cli_fixed_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "small", "--gpus", "0", "--micro-batch", "1"]) == 2
 
 
+def test_cli_deepspeed_config_and_cpu_ranks(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--deepspeed-config feeds the run's ZeRO sizes to the plan (a smaller ZeRO-3
+    live-parameter limit gathers fewer weights), --cpu-ranks plans CPU ranks; both give
+    what plan_memory gives for the same arguments; a bad file is named."""
+    argv = ["plan", "--model", "small", "--gpus", "2", "--micro-batch", "1", "--json"]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e7}}))
+    runs = {}
+    for name, extra in (("default", []), ("ds", ["--deepspeed-config", str(ds)]),
+                        ("cpu", ["--cpu-ranks", "--reserve", "0"])):
+        assert main(argv + extra) == 0
+        runs[name] = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert runs["ds"][3]["total"] < runs["default"][3]["total"]
+    assert runs["ds"][1]["total"] == runs["default"][1]["total"]  # a ZeRO-3 setting only
+    want = plan_memory("small", gpus=2, gpu_mem_gib=80, micro_batch=1, reserve_gib=0,
+                       device="cpu", stages=(3,))[0]
+    assert runs["cpu"][3]["total"] == want.total
+    want = plan_memory("small", gpus=2, gpu_mem_gib=80, micro_batch=1, stages=(3,),
+                       zero_config=json.loads(ds.read_text()))[0]
+    assert runs["ds"][3]["total"] == want.total
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(argv + ["--deepspeed-config", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a readable JSON file" in capsys.readouterr().err
+
+
 def _save_checkpoint(folder, lm: torch.nn.Module, cfg: dict) -> None:
     from omegaconf import OmegaConf
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 from noencore.errors import UsageError
 
@@ -58,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32-grads", action="store_true",
                    help="count the fp32 gradient partition of the update as resident through the step, as "
                         "DeepSpeed's estimators do (by default it is counted at the update only)")
+    p.add_argument("--deepspeed-config", default=None, metavar="PATH",
+                   help="the DeepSpeed JSON config the run will use (as `noencore unlearn "
+                        "--deepspeed-config`): its reduction bucket, ZeRO-3 live-parameter and "
+                        "sub-group sizes replace DeepSpeed's defaults in the plan")
+    p.add_argument("--cpu-ranks", action="store_true",
+                   help="plan CPU ranks (gloo) instead of GPUs: a CPU rank's AdamW temporaries "
+                        "and reduction bucket; use --reserve 0")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (bytes) instead of a table")
     p.set_defaults(func=run)
 
@@ -75,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         arch = plan.get_arch(args.model)
         options = dict(seconds=args.seconds, loss=args.loss, backend=args.backend, chunk_rows=args.chunk_rows,
                        precision=args.precision, text_tokens=args.text_tokens, reserve_gib=args.reserve,
-                       stop_rule=args.stop_rule, fp32_grads=args.fp32_grads)
+                       stop_rule=args.stop_rule, fp32_grads=args.fp32_grads,
+                       device="cpu" if args.cpu_ranks else "cuda",
+                       zero_config=_read_deepspeed_config(args.deepspeed_config))
         if fixed:
             micro, accumulation = _fixed_split(args)
             rows = plan.plan_memory(arch, gpus=args.gpus, gpu_mem_gib=gpu_mem, micro_batch=micro,
@@ -105,6 +115,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_answer(args, arch, rows, gpu_mem, window, loss)
     return 0
+
+
+def _read_deepspeed_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--deepspeed-config {path}: not a readable JSON file ({exc}); give the "
+                         "DeepSpeed config the run will use") from exc
+    if not isinstance(config, dict):
+        raise UsageError(f"--deepspeed-config {path}: a DeepSpeed config is a JSON object")
+    return config
 
 
 def _fixed_split(args: argparse.Namespace) -> tuple[int, int]:
