@@ -61,12 +61,11 @@ def check_captions(model: Any, captions: Sequence[str], ids: Sequence[str] | Non
                             "manifest (and rerun `noencore condition`) or leave it out of the set")
 
 
-def _attributes(model: Any, captions: list[str], ids: Sequence[str] | None = None
-                ) -> list[Any]:
-    """audiocraft's conditioning of each caption (checked by :func:`check_captions`)."""
+def _attributes(model: Any, captions: list[str]) -> list[Any]:
+    """audiocraft's conditioning of each caption; the callers have checked every caption
+    with :func:`check_captions` before any work."""
     from audiocraft.modules.conditioners import ConditioningAttributes
 
-    check_captions(model, captions, ids)
     return [ConditioningAttributes(text={model.text_attribute: c}) for c in captions]
 
 
@@ -151,7 +150,7 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
         gens = [torch.Generator(device=model.device).manual_seed(item_seed(cfg.seed, i))
                 for i in items[s:s + cfg.batch_size]]
         with _per_row_sampling(gens), _padded_captions(model, text_tokens):
-            conditions = _attributes(model, chunk, ids[s:s + cfg.batch_size] if ids else None)
+            conditions = _attributes(model, chunk)
             codes = model.lm.generate(conditions=conditions, max_gen_len=cfg.frames,
                                       use_sampling=True, temp=cfg.temperature, top_k=cfg.top_k,
                                       cfg_coef=cfg.cfg_coef)
@@ -182,7 +181,7 @@ def continuation_match(model: Any, prompts: torch.Tensor, truth: torch.Tensor, c
         with _padded_captions(model, text_tokens):
             codes = model.lm.generate(
                 prompt=prompts[chunk].to(model.device),
-                conditions=_attributes(model, captions[chunk], ids[chunk] if ids else None),
+                conditions=_attributes(model, captions[chunk]),
                 max_gen_len=p + c, use_sampling=False, cfg_coef=cfg.cfg_coef)
         rates.append(token_match(codes[..., p:p + c].cpu(), truth[chunk]))
     return np.concatenate(rates) if rates else np.zeros(0)
