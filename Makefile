@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo bench scale-check gpu-check lint clean
+.PHONY: setup test demo bench scale-check gpu-check lint lock newest clean
 
 setup:
 	@NOENCORE_VENV=$(VENV) bash scripts/setup_env.sh
@@ -35,6 +35,16 @@ scale-check: setup
 # registry; scripts/gpu_check.sh installs what it lacks (see scripts/gpu_wheels.sh).
 gpu-check:
 	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Refresh requirements.lock from requirements*.in (keeps locked versions; `make lock
+# LOCK_ARGS=--upgrade` moves every package to its newest release). Not run by CI.
+lock:
+	bash scripts/lock.sh $(LOCK_ARGS)
+
+# Not CI: build a second environment from the newest releases of requirements*.in, run the
+# suite there and report what moved and what broke (.cache/newest/report.md).
+newest:
+	bash scripts/check_newest.sh $(NEWEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check noencore kernels benchmarks tests setup.py

@@ -72,9 +72,11 @@ setup(
     if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ ships inside the package as noencore.kernels (no top-level "kernels").
+    # The Triton sources live in the top-level kernels/ folder (no __init__.py, so it is never
+    # a regular top-level package that could shadow Hugging Face's `kernels`, which
+    # transformers imports); noencore/kernels is a symlink to it, so the sources import as
+    # noencore.kernels from a checkout, an editable install and a wheel alike.
     packages=find_packages(include=["noencore", "noencore.*"]) + ["noencore.kernels"],
-    package_dir={"noencore.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch, audiocraft, torchaudio and laion-clap are installed by scripts/setup_env.sh

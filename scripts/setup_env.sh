@@ -4,6 +4,9 @@
 #   scripts/setup_env.sh            # idempotent: a second run with nothing changed takes ~1 s
 #   NOENCORE_VENV=/path scripts/setup_env.sh
 #
+# Every package comes from requirements.lock (exact versions, sha256-checked; refreshed
+# only on purpose by `make lock`), so an upstream release never changes a fresh install.
+#
 # Every step is explicit about the packaging traps of this stack; the script fails
 # loudly (set -e + a final import check) rather than leave a half-installed env.
 set -euo pipefail
@@ -15,7 +18,7 @@ STAMP="$VENV/.noencore-install-stamp"
 
 # What the install depends on: if none of it changed, the env is reused as is.
 fingerprint() {
-  local files=("$ROOT/scripts/setup_env.sh" "$ROOT/setup.py" "$ROOT/requirements.txt")
+  local files=("$ROOT/scripts/setup_env.sh" "$ROOT/setup.py" "$ROOT/requirements.lock")
   shopt -s nullglob
   files+=("$ROOT"/csrc/*.cpp "$ROOT"/csrc/*.h)
   shopt -u nullglob
@@ -55,14 +58,16 @@ echo "torch==${TORCH_VER%%+*}" > "$CONSTRAINTS"   # every later pip call runs un
 TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
 say "torch $TORCH_VER (cuda: ${TORCH_CUDA:-none})"
 
-# 2. The design card's packages and their real import-time dependencies.
-"${PIP[@]}" -q -c "$CONSTRAINTS" -r "$ROOT/requirements.txt"
+# 2. Everything else, exactly as locked: the design card's packages and their real
+#    import-time dependencies, then torchaudio, audiocraft and laion-clap, which the lock
+#    lists without their stale declared dependencies (see requirements-nodeps.in). The
+#    lock is the whole closure, so --no-deps installs it as it is, hash-checked.
+"${PIP[@]}" -q -c "$CONSTRAINTS" --no-deps --require-hashes -r "$ROOT/requirements.lock"
 
 # 3. torchaudio: PyPI's wheel declares no dependencies but is a CUDA build, whose
 #    compiled extension cannot load against a CPU torch (libc10_cuda.so missing). Its
 #    Python side (functional.resample, transforms) works when the compiled libraries
 #    are absent, so on a CPU torch they are removed. On a CUDA torch nothing is touched.
-"${PIP[@]}" -q -c "$CONSTRAINTS" --no-deps "torchaudio"
 if [[ -z "$TORCH_CUDA" ]]; then
   TA_DIR="$("$PY" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("torchaudio").origin))')"
   if ! "$PY" -c 'import torchaudio' 2>/dev/null; then
@@ -71,19 +76,12 @@ if [[ -z "$TORCH_CUDA" ]]; then
   fi
 fi
 
-# 4. audiocraft pins torch==2.1.0 and av==11.0.0 (no cp311 wheel): install it without
-#    its declared dependencies; its real import-time ones are in requirements.txt.
-"${PIP[@]}" -q -c "$CONSTRAINTS" --no-deps "audiocraft==1.3.0"
-
-# 5. laion-clap pins numpy<2 (it runs on numpy 2): same treatment.
-"${PIP[@]}" -q -c "$CONSTRAINTS" --no-deps "laion-clap==1.1.7"
-
-# 6. noencore itself, editable, building the C++ extension against the installed torch
+# 4. noencore itself, editable, building the C++ extension against the installed torch
 #    (no build isolation: an isolated build env would download another torch).
 say "building noencore (C++ extension from csrc/)"
 "${PIP[@]}" -q -c "$CONSTRAINTS" --no-build-isolation --no-deps -e "$ROOT"
 
-# 7. Fail loudly if anything is missing.
+# 5. Fail loudly if anything is missing.
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" - <<'PYCHECK'
 import importlib, sys
 mods = ["torch", "numpy", "torchaudio", "audiocraft", "triton", "deepspeed",

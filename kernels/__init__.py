@@ -1,1 +1,0 @@
-"""Triton kernels, installed as ``noencore.kernels`` (import triton only when used)."""
