@@ -340,7 +340,9 @@ class LogitsGemm {
   }
 
   void operator()(const at::Tensor& h, at::Tensor& z) const {
-    if (weight_.scalar_type() == at::kFloat) {
+    if (weight_.size(1) == 0) {  // D = 0: empty sums (the bf16 GEMM would write nothing)
+      z.zero_();
+    } else if (weight_.scalar_type() == at::kFloat) {
       at::mm_out(z, h, weight_.t());
     } else if (w32_t_.defined()) {
       at::mm_out(z, h.to(at::kFloat), w32_t_);
@@ -375,6 +377,7 @@ void check_common(const at::Tensor& targets, const at::Tensor& coef, int64_t n) 
 // Every target is a class in [0, V), ignore_index, or RANDOM_LABEL with a key: the
 // kernels index rows with them, so nothing is written before this holds.
 void check_targets(const at::Tensor& targets, int64_t ignore_index, int64_t key, int64_t vocab) {
+  TORCH_CHECK(vocab > 0, "the vocabulary is empty (V = 0): there is no class to score");
   const int64_t* t = targets.data_ptr<int64_t>();
   for (int64_t i = 0; i < targets.numel(); ++i) {
     if (t[i] == ignore_index || (t[i] == kRandomLabel && key >= 0)) continue;

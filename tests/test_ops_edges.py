@@ -236,3 +236,51 @@ def test_triton_blocks_at_the_edges(block, dtype, poisoned):
                 check_logits_grad(ref, grad, dtype)
             except AssertionError as exc:
                 raise AssertionError(f"V={vocab} inplace={inplace}: {exc}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_hidden_dim(backend, dtype, poisoned, device):
+    """D = 0: every logit is an empty sum, 0, so each valid row's loss and lse are log V
+    (the C++ bf16 GEMM had written nothing at all for K = 0)."""
+    _skip_unavailable(backend)
+    vocab = 33
+    _, _, targets, coef = _edge_inputs(vocab, dtype, 700)
+    valid = _labels(targets, vocab) >= 0
+    h = torch.zeros(N, 0, dtype=dtype, device=device)
+    w = torch.zeros(vocab, 0, dtype=dtype, device=device)
+    for chunk in (N, 4):
+        loss, lse, dh, dw = backend_module(backend).linear_ce_fwd(
+            h, w, targets.to(device), coef.to(device), ignore_index=-100, key=label_key(SEED),
+            row_offset=OFFSET, cap=math.inf, need_dh=True, need_dw=True, chunk=chunk)
+        loss, lse = loss.cpu(), lse.cpu()
+        expected = torch.full((N,), math.log(vocab))
+        torch.testing.assert_close(loss[valid], expected[valid])
+        torch.testing.assert_close(lse[valid], expected[valid])
+        assert (loss[~valid] == 0).all() and torch.isnan(lse[~valid]).all()
+        assert dh.shape == (N, 0) and dw.shape == (vocab, 0)
+
+
+def test_empty_vocabulary_is_refused():
+    """V = 0 has no class to score: a clear error from every entry point (the C++ ones
+    too), never a division by zero in the random-label hash or a read of nothing."""
+    h, w = torch.randn(3, 4), torch.randn(0, 4)
+    t = torch.full((3,), -100)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        ops.linear_ce_ascent(h, w, t)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        ops.ce_ascent(torch.randn(3, 0), torch.full((3,), ops.RANDOM_LABEL), random_labels=1)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        ops.token_stats(h, w, t)
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        ops.target_nll(h, w, t, torch.zeros(3))
+    if ops.cpp_available():
+        import noencore._C as ext
+
+        out = [torch.empty(3) for _ in range(2)]
+        with pytest.raises(RuntimeError, match="vocabulary is empty"):
+            ext.linear_ce_fwd(h, w, torch.full((3,), -2), torch.ones(3), -100, 7, 0, math.inf,
+                              *out, None, None, 4)
+        with pytest.raises(RuntimeError, match="vocabulary is empty"):
+            ext.ce_fwd(torch.randn(3, 0), torch.full((3,), -2), torch.ones(3), -100, 7, 0,
+                       math.inf, *out, None)
