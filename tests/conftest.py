@@ -36,12 +36,16 @@ if os.environ.get("NOENCORE_TEST_EXTENSION"):
 # (derandomize), so that every run of the suite tries the same cases in bounded time;
 # "dev" (NOENCORE_HYPOTHESIS_PROFILE=dev) draws 20x as many from a fresh seed, for local
 # runs after changing an op (see tests/test_ops_properties.py).
-from hypothesis import settings  # noqa: E402
-
-settings.register_profile("ci", max_examples=20, derandomize=True, deadline=None,
-                          database=None, print_blob=True)
-settings.register_profile("dev", max_examples=400, deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("NOENCORE_HYPOTHESIS_PROFILE", "ci"))
+# (A machine without hypothesis, such as the GPU check's, skips those tests only.)
+try:
+    from hypothesis import settings
+except ImportError:
+    settings = None
+if settings is not None:
+    settings.register_profile("ci", max_examples=20, derandomize=True, deadline=None,
+                              database=None, print_blob=True)
+    settings.register_profile("dev", max_examples=400, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("NOENCORE_HYPOTHESIS_PROFILE", "ci"))
 
 # The op tests run every backend where it runs: the C++ kernels on CPU tensors, Triton and
 # the torch reference on the GPU when there is one (Triton's interpreter on CPU otherwise).

@@ -18,8 +18,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, note, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from op_checks import (
     TOL_LOSS,
     assert_within,
