@@ -54,7 +54,7 @@ def cases(draw, backend: str, *, logits: bool = False):
     """One case: inputs made from a drawn seed, plus every option of the op."""
     max_n, max_d = _limits(backend)
     n = draw(st.integers(1, max_n))
-    d = draw(st.integers(1, max_d))
+    d = draw(st.integers(0, max_d))  # D = 0: every logit an empty sum
     vocab = draw(st.one_of(st.sampled_from(EDGE_VOCABS), st.integers(1, 2100)))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     scale = draw(st.sampled_from([0.05, 1.0, 3.0, 10.0]))  # logits' spread (peaked at 10)
@@ -71,7 +71,7 @@ def cases(draw, backend: str, *, logits: bool = False):
         z = (torch.randn(n, vocab, generator=g) * scale).to(dtype)
     else:
         hidden = torch.randn(n, d, generator=g).to(dtype)
-        weight = (torch.randn(vocab, d, generator=g) * scale / math.sqrt(d)).to(dtype)
+        weight = (torch.randn(vocab, d, generator=g) * scale / math.sqrt(max(d, 1))).to(dtype)
         z = None
     codes = torch.randint(0, vocab, (n,), generator=g)
     fixed = {"zero": 0, "last": vocab - 1, "ignore": -100, "random": ops.RANDOM_LABEL}
