@@ -209,7 +209,7 @@ def test_token_stats_at_the_edges(backend, dtype, vocab, poisoned, device, monke
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block", [16, 32, 1024])
-def test_triton_blocks_at_the_edges(block, dtype, poisoned):
+def test_triton_blocks_at_the_edges(block, dtype, poisoned, device):
     """The Triton row kernel at block widths a GPU may tune to, against vocabularies on
     each side of them: one block exactly full, one lane short, one lane over (the
     two-pass path with a 1-wide last block). The interpreter runs one fixed block (2048)
@@ -226,15 +226,15 @@ def test_triton_blocks_at_the_edges(block, dtype, poisoned):
         _, _, targets, coef = _edge_inputs(vocab, dtype, 600 + vocab)
         ref = f64_reference(None, None, _labels(targets, vocab), coef, logits=logits)
         for inplace in (False, True):
-            z = logits.clone()
+            z, t, c = (x.to(device, copy=True) for x in (logits, targets, coef))
             grad = z if inplace else torch.empty_like(z)
-            loss, lse = torch.empty(N), torch.empty(N)
-            kernel[(N,)](z, grad, targets, coef, loss, lse, z.stride(0), grad.stride(0), vocab,
+            loss, lse = torch.empty(N, device=device), torch.empty(N, device=device)
+            kernel[(N,)](z, grad, t, c, loss, lse, z.stride(0), grad.stride(0), vocab,
                          -100, label_key(SEED), OFFSET, math.inf, tk._MASK32, HAS_KEY=True,
                          HAS_GRAD=True, G_BF16=dtype == torch.bfloat16, BLOCK_V=block)
             try:
-                check_rows(ref, loss, lse)
-                check_logits_grad(ref, grad, dtype)
+                check_rows(ref, loss.cpu(), lse.cpu())
+                check_logits_grad(ref, grad.cpu(), dtype)
             except AssertionError as exc:
                 raise AssertionError(f"V={vocab} inplace={inplace}: {exc}") from None
 
