@@ -473,8 +473,9 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   const int64_t rows = (n + n_chunks - 1) / n_chunks;
   // One fp32 logits buffer for every chunk, followed by kSlack floats of zeros: a GEMM
-  // that loads a whole K tile of the last gradient row (up to 32 bf16 past its end, see
-  // rows_block) finds zeros there, not memory the op never wrote.
+  // that loads a whole K tile of a gradient row (up to 32 bf16 past column V-1, see
+  // rows_block) stays in that row's zeroed half when V >= 32; past the last row of a
+  // smaller V it finds these zeros, not memory the op never wrote.
   constexpr int64_t kSlack = 64;
   const at::TensorOptions f32 = hidden.options().dtype(at::kFloat);
   at::Tensor mem = scratch_empty({rows * vocab + kSlack}, f32, debug);
