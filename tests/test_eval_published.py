@@ -66,8 +66,14 @@ def ref_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
 
 
 def ref_privleak(auc_unlearned: float, auc_retrained: float) -> float:
-    """MUSE's privleak on MUSE's AUC (1 - the usual one), with open-unlearning's 1e-10 in
-    the denominator."""
+    """MUSE's privleak on MUSE's AUC (1 - the usual one): (score - ref) / ref * 100; at
+    ref = 0 (a retrained usual AUC of 1) open-unlearning's guard, ref + 1e-10."""
+    score, ref = 1 - auc_unlearned, 1 - auc_retrained
+    return (score - ref) / (ref if ref > 0 else ref + 1e-10) * 100
+
+
+def open_unlearning_privleak(auc_unlearned: float, auc_retrained: float) -> float:
+    """open-unlearning's privleak: 1e-10 added to the denominator everywhere."""
     score, ref = 1 - auc_unlearned, 1 - auc_retrained
     return (score - ref) / (ref + 1e-10) * 100
 
@@ -240,7 +246,7 @@ def test_aucs_and_privleak_from_the_published_formulas():
                             {"forget": {"mink_muse": 1.0}})
         assert b["privleak"]["after"] == pytest.approx(want, rel=1e-12)
         assert "only its sign" in b["privleak"]["note"]
-    assert ref_privleak(0.75, 1.0) > 1e11
+    assert ref_privleak(0.75, 1.0) == open_unlearning_privleak(0.75, 1.0) > 1e11
     assert mia.privleak(1.0, 1.0) == 0.0
 
 
@@ -249,6 +255,9 @@ def test_privleak_formula_values():
     for a_u, a_r in ((0.5, 0.5), (1.0, 0.5), (0.0, 0.5), (0.8, 0.6), (0.443, 0.443),
                      (0.9, 0.0), (0.2, 0.97)):
         assert mia.privleak(a_u, a_r) == pytest.approx(ref_privleak(a_u, a_r), rel=1e-12)
+        # the reference implementation's guard moves it by under 1e-8 relative
+        assert mia.privleak(a_u, a_r) == pytest.approx(open_unlearning_privleak(a_u, a_r),
+                                                       rel=1e-8, abs=1e-12)
     assert mia.privleak(1.0) == pytest.approx(-100.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         mia.privleak(1.2, 0.5)

@@ -56,8 +56,8 @@ MUSE_K = 0.4
 #: Min-K%++ variance floor, open-unlearning's: a token on which the model is sharply
 #: peaked elsewhere (top logit 30 above the rest) has a z-score near -3e4, not -1e6+
 MINKPP_VAR_FLOOR = 1e-6
-#: open-unlearning adds this to privleak's denominator: a retrained AUC of exactly 1
-#: gives a defined (huge) number instead of a division by zero
+#: privleak's denominator at a retrained AUC of exactly 1 (open-unlearning adds it to
+#: the denominator): a defined (huge) number instead of a division by zero
 PRIVLEAK_EPS = 1e-10
 
 
@@ -339,10 +339,11 @@ def privleak(auc_unlearned: float, auc_retrained: float | None = None) -> float:
     ``PrivLeak = (AUC(f_unlearn) - AUC(f_retrain)) / AUC(f_retrain)`` with its AUC taken
     the other way round from the usual one (a model that memorised the forget set
     scores near 0, not 1). In our convention (``a`` = usual AUC, members scored higher)
-    MUSE's AUC is ``1 - a``, so ``privleak = ((1 - a_u) - (1 - a_r)) / (1 - a_r) * 100``,
-    with open-unlearning's ``1e-10`` added to the denominator: a retrained AUC of exactly
-    1 gives 0 for an unlearned AUC of 1 and ``(1 - a_u) * 1e12`` otherwise (only the sign
-    means anything there). Without a retrained model, ``a_r = 0.5`` (a perfect unlearner
+    MUSE's AUC is ``1 - a``, so ``privleak = ((1 - a_u) - (1 - a_r)) / (1 - a_r) * 100``.
+    At a retrained AUC of exactly 1 the denominator is open-unlearning's ``1e-10``: 0 for
+    an unlearned AUC of 1, ``(1 - a_u) * 1e12`` otherwise (only the sign means anything
+    there; open-unlearning adds the 1e-10 everywhere, which moves other values by under
+    1e-8 relative). Without a retrained model, ``a_r = 0.5`` (a perfect unlearner
     is indistinguishable from chance). 0 = ideal; strongly negative = the forget set still
     leaks (a fully memorised set gives -100 against chance); positive = over-unlearned
     (forget items now look *less* member-like than never-seen music, itself a signal).
@@ -351,7 +352,8 @@ def privleak(auc_unlearned: float, auc_retrained: float | None = None) -> float:
     ref = 0.5 if auc_retrained is None else float(auc_retrained)
     if not 0.0 <= auc_unlearned <= 1.0 or not 0.0 <= ref <= 1.0:
         raise ValueError(f"AUCs must lie in [0, 1]; got {auc_unlearned}, {ref}")
-    return ((1.0 - auc_unlearned) - (1.0 - ref)) / ((1.0 - ref) + PRIVLEAK_EPS) * 100.0
+    denominator = (1.0 - ref) if ref < 1.0 else PRIVLEAK_EPS
+    return ((1.0 - auc_unlearned) - (1.0 - ref)) / denominator * 100.0
 
 
 def forget_quality(unlearned_stats: np.ndarray, retrained_stats: np.ndarray) -> float:

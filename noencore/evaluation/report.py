@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from noencore.evaluation.mia import ATTACKS as _REGISTRY
-from noencore.evaluation.mia import MUSE_PRIVLEAK_ATTACK
 
 ATTACKS = tuple(_REGISTRY)
 ATTACK_NAMES = {a.name: a.label for a in _REGISTRY.values()}
@@ -89,9 +88,8 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "pass": abs(rel) <= crit.remain_nll_rel})
     pl = results.get("privleak", {})
     pv = results.get("privleak_variants", {})
-    for name, value in (("privleak (MUSE: " + ATTACK_NAMES[MUSE_PRIVLEAK_ATTACK] + ")",
-                         pl.get("after")),
-                        ("privleak_minkpp (MUSE's formula on " + ATTACK_NAMES["minkpp"] + ")",
+    for name, value in (("privleak (MUSE's: Min-K% at k=40%, last token out)", pl.get("after")),
+                        ("privleak_minkpp (MUSE's formula on Min-K%++ at k=20%)",
                          pv.get("after", {}).get("minkpp"))):
         if value is not None:
             out.append({"criterion": name, "value": value,
@@ -174,11 +172,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(_row("exact continuation match", "forget ↓, remain ~", cont,
                           lambda v, s: v.get(s)))
     lines.append("")
-    for a in ("ref_before", "ref_retrained"):
+    for a, reading in (("ref_before", "below 0.5: forget items lost more likelihood than "
+                                      "never-seen music"),
+                       ("ref_retrained", "MUSE's reference attack; the retrained model "
+                                         "itself scores 0.5; above: the forget items are "
+                                         "still favoured")):
         ref = mia.get("after", {}).get("forget", {}).get(a)
         if ref is not None:
-            lines.append(f"MIA AUC, forget vs holdout, {ATTACK_NAMES[a]}: {_fmt(ref)} (below "
-                         "0.5: forget items lost more likelihood than never-seen music).")
+            lines.append(f"MIA AUC, forget vs holdout, {ATTACK_NAMES[a]}: {_fmt(ref)} "
+                         f"({reading}).")
     lines += _privleak_lines(results)
     fq = results.get("forget_quality", {})
     if "after" in fq:
