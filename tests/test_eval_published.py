@@ -206,8 +206,7 @@ def test_aucs_and_privleak_from_the_published_formulas():
     """MUSE's privleak end to end: Min-K% (k = 0.4, last token out) AUCs of the unlearned
     and of the retrained model, forget vs holdout, and the ratio, against the report's
     blocks; the retrained AUC of exactly 1 included."""
-    from noencore.evaluation.evaluate import privleak_blocks
-
+    privleak_blocks = mia.privleak_blocks
     rng = np.random.default_rng(1)
     # unlearned: forget items somewhat more likely than holdout items; retrained: less
     forget_u, tf_u = _set(rng, FORGET_LENGTHS, shift=0.4, peaked={0: 1})
@@ -269,33 +268,24 @@ def test_forget_quality_on_per_item_mean_nll_with_ties_and_an_empty_item():
     values, and an item without a token (no mean NLL: left out and counted)."""
     from scipy.stats import ks_2samp
 
-    from noencore.evaluation.evaluate import forget_quality_block
-    from noencore.evaluation.token_metrics import SetStats
-
-    def stats(per_item: list[list[float]]) -> SetStats:
-        nll = np.array([v for vals in per_item for v in vals], np.float32)
+    def item_nll(per_item: list[list[float]]) -> np.ndarray:
+        """The evaluation's per-item mean NLL of hand-made per-token NLLs."""
+        nll = np.array([v for vals in per_item for v in vals])
         item = np.array([i for i, vals in enumerate(per_item) for _ in vals], np.int64)
-        n = nll.size
-        return SetStats(nll=nll, correct=np.zeros(n, bool), logp_mean=np.zeros(n, np.float32),
-                        logp_var=np.ones(n, np.float32), item=item,
-                        codebook=np.zeros(n, np.int16), n_items=len(per_item), n_q=1,
-                        sizes=np.full(len(per_item), 10), ids=[str(i) for i in range(n)],
-                        position=np.arange(n, dtype=np.int32))
+        return mia.mean_nll(mia.ItemTokens(nll=nll, item=item, n_items=len(per_item)))
 
     after = [[1.0, 2.0], [3.0], [], [2.0, 4.0, 3.0], [1.5, 1.5], [5.0], [0.5, 1.5]]
     retrained = [[1.5], [3.0], [6.0, 2.0], [3.0], [2.0, 2.0], [4.0, 6.0], [1.0]]
     want_u = [float(np.mean(v)) for v in after if v]        # the empty item has no mean
     want_r = [float(np.mean(v)) for v in retrained]
     assert set(want_u) & set(want_r)                         # ties across the models
-    block = forget_quality_block({"after": {"forget": stats(after)}},
-                                 {"forget": stats(retrained)})
+    block = mia.forget_quality_block({"after": item_nll(after)}, item_nll(retrained))
     assert block["after"] == pytest.approx(ks_2samp(want_u, want_r).pvalue, rel=1e-12)
     assert block["n"] == {"after": 6, "retrained": 7}
     assert "1 forget item(s) have no token" in block["note"]
     assert "mean token NLL" in block["statistic"]
     # too few items for the test: a note, not an error
-    few = forget_quality_block({"after": {"forget": stats([[1.0], []])}},
-                               {"forget": stats([[1.0], [2.0]])})
+    few = mia.forget_quality_block({"after": item_nll([[1.0], []])}, item_nll([[1.0], [2.0]]))
     assert few["after"] is None and "needs >= 2 items" in few["note"]
 
 

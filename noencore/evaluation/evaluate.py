@@ -335,7 +335,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
         curves = _mia_results(results, metrics, roles, retr, min_auc_items)
         if "forget_quality" in metrics:
-            results["forget_quality"] = forget_quality_block(roles, retr)
+            results["forget_quality"] = _forget_quality(roles, retr)
         if gen_items is not None:
             from noencore.evaluation.generation_metrics import generation_report
 
@@ -407,82 +407,19 @@ def _mia_results(results: dict[str, Any], metrics: list[str],
     if retr_mia is not None:  # the level a model that never saw the forget set is at
         results["mia"]["retrained"] = retr_mia
     if "privleak" in metrics:
-        results.update(privleak_blocks(results["mia"], list(roles), retr_mia))
+        results.update(mia.privleak_blocks(results["mia"], list(roles), retr_mia))
     if "mia" not in metrics:
         results.pop("mia")
     return curves
 
 
-def privleak_blocks(mia_results: dict[str, Any], roles: list[str],
-                    retr_mia: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """The report's "privleak" block (MUSE's: the ``mia.MUSE_PRIVLEAK_ATTACK`` attack) and
-    "privleak_variants" (the same formula on ``mia.PRIVLEAK_VARIANTS``, named
-    ``privleak_<attack>``), from the forget-vs-holdout AUCs of each role in
-    ``mia_results`` and of the retrained model (``retr_mia``; None: reference AUC 0.5)."""
-    ref = (retr_mia or {}).get("forget", {})
-    rel = ("the retrained model's AUC of the same attack" if retr_mia is not None
-           else "AUC 0.5 (no retrained model)")
-
-    def one(attack: str) -> tuple[float | None, dict[str, float | None]]:
-        ref_auc = ref.get(attack) if retr_mia is not None else 0.5
-        values = {}
-        for role in roles:
-            auc = mia_results[role].get("forget", {}).get(attack)
-            values[role] = (None if auc is None or ref_auc is None
-                            else mia.privleak(auc, ref_auc))
-        return ref_auc, values
-
-    muse = mia.ATTACKS[mia.MUSE_PRIVLEAK_ATTACK]
-    ref_auc, values = one(muse.name)
-    out: dict[str, dict[str, Any]] = {"privleak": {
-        "definition": f"MUSE's: {muse.label}, forget vs holdout AUC a; "
-                      "((1 - a) - (1 - a_ref)) / (1 - a_ref) * 100",
-        "attack": muse.name, "relative_to": rel, "reference_auc": ref_auc, **values}}
-    variants: dict[str, Any] = {
-        "definition": "MUSE's formula on the project's attacks (privleak_<attack>)",
-        "relative_to": rel, "reference_auc": {}, **{role: {} for role in roles}}
-    for attack in mia.PRIVLEAK_VARIANTS:
-        variants["reference_auc"][attack], values = one(attack)
-        for role, v in values.items():
-            variants[role][attack] = v
-    out["privleak_variants"] = variants
-    if ref_auc == 1.0 or 1.0 in variants["reference_auc"].values():
-        out["privleak"]["note"] = (
-            "a retrained AUC of exactly 1 leaves the ratio undefined: with open-unlearning's "
-            "1e-10 in the denominator it is 0 for an unlearned AUC of 1 and huge otherwise; "
-            "only its sign means anything then")
-    return out
-
-
-def forget_quality_block(roles: dict[str, dict[str, SetStats]],
-                         retr: dict[str, SetStats] | None) -> dict[str, Any]:
-    """The report's "forget_quality" block: per role, the KS p-value of the forget items'
-    mean token NLLs against the retrained model's, with the statistic, the test and the
-    item counts it ran on (``n``); a note instead where it cannot be computed."""
-    if retr is None:
-        return {"note": "needs a model retrained without the forget set (retrained=...)"}
-    ref_nll = mia.mean_nll(retr["forget"].tokens())
-    block: dict[str, Any] = {
-        "statistic": "per-item mean token NLL on the forget set",
-        "test": "two-sample Kolmogorov-Smirnov (scipy ks_2samp, two-sided), against the "
-                "retrained model",
-        "n": {"retrained": int(np.count_nonzero(~np.isnan(ref_nll)))}}
-    notes = []
-    for role, st in roles.items():
-        nll = mia.mean_nll(st["forget"].tokens())
-        block["n"][role] = int(np.count_nonzero(~np.isnan(nll)))
-        try:
-            block[role] = mia.forget_quality(nll, ref_nll)
-        except mia.TooFewItems as exc:
-            block[role] = None
-            notes.append(f"{role}: {exc}")
-    missing = retr["forget"].n_items - min(block["n"].values())
-    if missing:
-        notes.append(f"{missing} forget item(s) have no token, hence no mean NLL, and are "
-                     "left out")
-    if notes:
-        block["note"] = "; ".join(notes)
-    return block
+def _forget_quality(roles: dict[str, dict[str, SetStats]],
+                    retr: dict[str, SetStats] | None) -> dict[str, Any]:
+    """The "forget_quality" block: each role's forget items' mean NLLs against the
+    retrained model's (``mia.forget_quality_block``)."""
+    return mia.forget_quality_block(
+        {role: mia.mean_nll(st["forget"].tokens()) for role, st in roles.items()},
+        None if retr is None else mia.mean_nll(retr["forget"].tokens()))
 
 
 def _op_backend() -> str | None:

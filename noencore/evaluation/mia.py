@@ -38,8 +38,9 @@ and Min-K%++), so that every item of a set enters its AUC; its per-item mean NLL
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -376,3 +377,75 @@ def forget_quality(unlearned_stats: np.ndarray, retrained_stats: np.ndarray) -> 
     if a.size < 2 or b.size < 2:
         raise TooFewItems(f"forget quality needs >= 2 items per model; got {a.size} and {b.size}")
     return float(ks_2samp(a, b).pvalue)
+
+
+def privleak_blocks(mia_results: Mapping[str, Any], roles: Sequence[str],
+                    retr_mia: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The report's "privleak" block (MUSE's: the :data:`MUSE_PRIVLEAK_ATTACK` attack) and
+    "privleak_variants" (the same formula on :data:`PRIVLEAK_VARIANTS`, named
+    ``privleak_<attack>``), from the forget-vs-holdout AUCs of each role in
+    ``mia_results`` (``{role: {"forget": {attack: auc}}}``) and of the retrained model
+    (``retr_mia``, the same shape; None: reference AUC 0.5)."""
+    ref = (retr_mia or {}).get("forget", {})
+    rel = ("the retrained model's AUC of the same attack" if retr_mia is not None
+           else "AUC 0.5 (no retrained model)")
+
+    def one(attack: str) -> tuple[float | None, dict[str, float | None]]:
+        ref_auc = ref.get(attack) if retr_mia is not None else 0.5
+        values = {}
+        for role in roles:
+            auc = mia_results[role].get("forget", {}).get(attack)
+            values[role] = None if auc is None or ref_auc is None else privleak(auc, ref_auc)
+        return ref_auc, values
+
+    muse = ATTACKS[MUSE_PRIVLEAK_ATTACK]
+    ref_auc, values = one(muse.name)
+    out: dict[str, dict[str, Any]] = {"privleak": {
+        "definition": f"MUSE's: {muse.label}, forget vs holdout AUC a; "
+                      "((1 - a) - (1 - a_ref)) / (1 - a_ref) * 100",
+        "attack": muse.name, "relative_to": rel, "reference_auc": ref_auc, **values}}
+    variants: dict[str, Any] = {
+        "definition": "MUSE's formula on the project's attacks (privleak_<attack>)",
+        "relative_to": rel, "reference_auc": {}, **{role: {} for role in roles}}
+    for attack in PRIVLEAK_VARIANTS:
+        variants["reference_auc"][attack], values = one(attack)
+        for role, v in values.items():
+            variants[role][attack] = v
+    out["privleak_variants"] = variants
+    if ref_auc == 1.0 or 1.0 in variants["reference_auc"].values():
+        out["privleak"]["note"] = (
+            "a retrained AUC of exactly 1 leaves the ratio undefined: with open-unlearning's "
+            "1e-10 as its denominator it is 0 for an unlearned AUC of 1 and huge otherwise; "
+            "only its sign means anything then")
+    return out
+
+
+def forget_quality_block(item_nll: Mapping[str, np.ndarray],
+                         retrained_nll: np.ndarray | None) -> dict[str, Any]:
+    """The report's "forget_quality" block: for each role of ``item_nll`` (its forget
+    items' mean token NLLs, :func:`mean_nll`), the KS p-value against the retrained
+    model's (``retrained_nll``), with the statistic, the test and the item counts it ran
+    on (``n``); a note instead where it cannot be computed."""
+    if retrained_nll is None:
+        return {"note": "needs a model retrained without the forget set (retrained=...)"}
+    counts = {"retrained": int(np.count_nonzero(~np.isnan(retrained_nll)))}
+    block: dict[str, Any] = {
+        "statistic": "per-item mean token NLL on the forget set",
+        "test": "two-sample Kolmogorov-Smirnov (scipy ks_2samp, two-sided), against the "
+                "retrained model",
+        "n": counts}
+    notes = []
+    for role, nll in item_nll.items():
+        counts[role] = int(np.count_nonzero(~np.isnan(nll)))
+        try:
+            block[role] = forget_quality(nll, retrained_nll)
+        except TooFewItems as exc:
+            block[role] = None
+            notes.append(f"{role}: {exc}")
+    missing = len(retrained_nll) - min(counts.values())
+    if missing:
+        notes.append(f"{missing} forget item(s) have no token, hence no mean NLL, and are "
+                     "left out")
+    if notes:
+        block["note"] = "; ".join(notes)
+    return block
