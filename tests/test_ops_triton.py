@@ -78,6 +78,7 @@ def test_blocks_are_powers_of_two_no_wider_than_the_row():
     """tl.arange needs a power-of-two width: every candidate and every pruned set has
     one; no block is wider than the row rounded up (extra lanes are only masked work)."""
     import triton
+
     from noencore.kernels import ce_ascent as tk
 
     configs = tk._row_configs()
