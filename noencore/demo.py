@@ -479,10 +479,16 @@ def _summary_row(rep: dict, base: dict, gold: dict, retrained_row: bool = False
         "forget_nll_retrained": gold["token"]["after"]["forget"]["nll"],
         "holdout_nll_retrained": gold["token"]["after"]["holdout"]["nll"],
         "forget_mia_auc_retrained": _auc(gold.get("mia") or {}, "after", "forget"),
-        # MUSE privleak (%) of the LOSS attack relative to the retrained model's AUC
-        "privleak": 0.0 if retrained_row else _get(rep, "privleak", "after", "loss"),
-        # TOFU forget quality: KS p-value of the forget items' NLLs vs the retrained model's
+        # privleak (%) relative to the retrained model's AUC: MUSE's (Min-K% at k = 0.4,
+        # last token out) and the same formula on the LOSS attack (the AUC column's)
+        "privleak": 0.0 if retrained_row else _get(rep, "privleak", "after"),
+        "privleak_loss": 0.0 if retrained_row else _get(rep, "privleak_variants", "after",
+                                                        "loss"),
+        # forget quality: KS p-value of the forget items' mean NLLs vs the retrained
+        # model's, and the item counts it ran on
         "forget_quality": 1.0 if retrained_row else _get(rep, "forget_quality", "after"),
+        "forget_quality_n": [_get(rep, "forget_quality", "n", "after"),
+                             _get(rep, "forget_quality", "n", "retrained")],
         # verbatim replay of the forget tracks: continuation share, free-generation 4-grams
         "replay_before": _get(base, "continuation", "after", "forget"),
         "replay_after": _get(rep, "continuation", "after", "forget"),
@@ -534,11 +540,15 @@ def goals_met(row: dict[str, float | None]) -> dict[str, bool | None]:
 TABLE_NOTES = (
     "Columns: NLLs are mean token NLL (nats) under the memorised model → after unlearning, "
     "[retrained model]; the remain Δ is against the memorised model. AUC: LOSS attack, forget "
-    "set vs the artist's unseen (holdout) tracks [retrained model's]. privleak: MUSE's, in %, "
-    "relative to the retrained model's AUC (0 = as the retrained model; negative = the "
-    "forget set still leaks, -100 fully; positive = over-unlearned: forget tracks look less "
-    "familiar than never-seen ones). KS p: TOFU's forget quality, two-sample KS test of the "
-    "forget items' NLLs, unlearned vs retrained (>= 0.05: indistinguishable). replay: share "
+    "set vs the artist's unseen (holdout) tracks [retrained model's]. privleak, in %, "
+    "relative to the retrained model's AUC of the same attack (0 = as the retrained model; "
+    "negative = the forget set still leaks, -100 fully; positive = over-unlearned: forget "
+    "tracks look less familiar than never-seen ones): MUSE's (its Min-K% attack at k = 0.4, "
+    "each track's last token left out) and privleak_loss (the same formula on the LOSS "
+    "attack of the AUC column). KS p: forget quality, the p-value of a two-sample KS test "
+    "of the forget tracks' mean token NLLs, unlearned vs retrained (n: tracks on each side; "
+    ">= 0.05: indistinguishable; TOFU runs the test on its truth ratio, docs/metrics.md). "
+    "replay: share "
     "of the true tokens a greedy continuation of a forget track's first frames reproduces, "
     "memorised → after [retrained]; 4-gram: share of a free generation's codebook-0 4-grams "
     "found in the track. relearned AUC: the forget AUC again after fine-tuning the unlearned "
@@ -616,17 +626,29 @@ def _relearn_cell(row: dict[str, Any]) -> str:
     return f"{_fmt(row['relearn_auc'])} [{row['relearn_steps']}]"
 
 
+def _ks_items(rows: dict[str, dict]) -> str:
+    """" (n = 40 vs 40)": the forget items each side of every row's KS test ("" where the
+    rows' counts are unknown)."""
+    pairs = {tuple(s.get("forget_quality_n") or (None, None)) for s in rows.values()}
+    if len(pairs) != 1:
+        return " (n: " + ", ".join(f"{name} {s.get('forget_quality_n')}"
+                                   for name, s in rows.items()) + ")"
+    ((a, b),) = pairs
+    return "" if a is None or b is None else f" (n = {a} vs {b})"
+
+
 def summary_table(rows: dict[str, dict], retrained: dict[str, float | None]) -> str:
     """One Markdown row per method (figures from :func:`_summary_row`), the retrained
     model's row first, and which goals each method meets."""
+    n = _ks_items(rows)
     lines = ["| method | forget NLL | unseen same-artist NLL | remain NLL (Δ%) | "
-             "forget AUC (LOSS) | privleak % | KS p | replay | 4-gram | relearned AUC | "
-             "goals met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forget AUC (LOSS) | privleak % (MUSE: Min-K% k=0.4) | privleak_loss % | "
+             f"KS p{n} | replay | 4-gram | relearned AUC | goals met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     r = retrained
     lines.append(f"| retrained (gold) | {r['forget_nll_after']:.3f} | "
                  f"{r['holdout_nll_after']:.3f} | {r['remain_nll_after']:.3f} | "
-                 f"{_fmt(r['forget_mia_auc_after'])} | 0 | 1 | {_fmt(r['replay_after'])} | "
+                 f"{_fmt(r['forget_mia_auc_after'])} | 0 | 0 | 1 | {_fmt(r['replay_after'])} | "
                  f"{_fmt(r['ngram_after'])} | – | (reference) |")
     for name, s in rows.items():
         d_remain = 100.0 * (s["remain_nll_after"] / s["remain_nll_before"] - 1.0)
@@ -643,7 +665,8 @@ def summary_table(rows: dict[str, dict], retrained: dict[str, float | None]) -> 
             f"{s['remain_nll_before']:.3f} → {s['remain_nll_after']:.3f} ({d_remain:+.2f}%) | "
             f"{_fmt(s['forget_mia_auc_before'])} → {_fmt(s['forget_mia_auc_after'])} "
             f"[{_fmt(s['forget_mia_auc_retrained'])}] | {_fmt(s['privleak'], 1)} | "
-            f"{_fmt(s['forget_quality'])} | {_fmt(s['replay_before'])} → "
+            f"{_fmt(s['privleak_loss'], 1)} | {_fmt(s['forget_quality'])} | "
+            f"{_fmt(s['replay_before'])} → "
             f"{_fmt(s['replay_after'])} [{_fmt(s['replay_retrained'])}] | "
             f"{_fmt(s['ngram_before'])} → {_fmt(s['ngram_after'])} "
             f"[{_fmt(s['ngram_retrained'])}] | {_relearn_cell(s)} | {met}{detail} |")

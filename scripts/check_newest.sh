@@ -44,7 +44,8 @@ git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
 "${PIP[@]}" -c "$WORK/constraints.txt" --no-build-isolation --no-deps -e "$SRC"
 
 # Versions that differ from the lock.
-"$PY" -m pip freeze --disable-pip-version-check 2>/dev/null | grep '==' | sort > "$WORK/freeze.txt"
+"$PY" -m pip list --format=freeze --exclude-editable --disable-pip-version-check 2>/dev/null \
+  | grep -E '^[A-Za-z0-9][^ ]*==' | grep -v '^pip==' | sort > "$WORK/freeze.txt"
 grep -E '^[A-Za-z0-9][^ ]*==' "$ROOT/requirements.lock" | sed 's/ .*//' | sort > "$WORK/locked.txt"
 "$PY" - "$WORK" <<'PYDIFF'
 import re, sys

@@ -46,6 +46,7 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
     # the retrained model's row first (the reference), then one row per method
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["retrained (gold)", *METHODS]
     assert all("goals met" in rows[0] and "/5" in r for r in rows[2:])
+    assert "privleak % (MUSE: Min-K% k=0.4) | privleak_loss % | KS p (n = " in rows[0]
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "summary.png").stat().st_size > 5000 and "(summary.png)" in text
     assert set(summary) == set(METHODS)
@@ -54,6 +55,9 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
         assert row["holdout_nll_retrained"] > 0 and row["forget_nll_retrained"] > 0
         assert 0.0 <= row["replay_after"] <= 1.0 and 0.0 <= row["replay_retrained"] <= 1.0
         assert 0.0 <= row["forget_quality"] <= 1.0
+        # both privleaks (null where the sets are too small for an AUC), the KS item counts
+        assert "privleak" in row and "privleak_loss" in row
+        assert row["forget_quality_n"][0] == row["forget_quality_n"][1] > 0
         assert row["relearn_steps"] == 2  # the relearning probe ran after every method
     for name, _ in cfg.methods:
         assert (out / "reports" / name / "report.md").is_file()

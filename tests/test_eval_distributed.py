@@ -259,7 +259,8 @@ def _assert_close(got, want, tol: tuple[float, float], path: str = "") -> float:
 
 def _assert_equal_to_one_process(two: dict, one: dict) -> None:
     one = json.loads(json.dumps(one))
-    token = [b for b in ("token", "mia", "privleak", "forget_quality") if b in one]
+    token = [b for b in ("token", "mia", "privleak", "privleak_variants", "forget_quality")
+             if b in one]
     worst = {b: _assert_close(two[b], one[b], TOKEN_TOL) for b in token}
     worst["all"] = _assert_close(two, one, GENERATION_TOL)
     print("largest absolute differences, 2 ranks vs 1 process:",

@@ -91,9 +91,14 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
                                                                     rel=1e-6)
         assert r["token"]["before"][s]["nll"] == pytest.approx(base["token"]["after"][s]["nll"],
                                                                rel=1e-6)
-    for a in ("loss", "mink", "minkpp", "zlib", "reference"):
+    for a in ("loss", "mink", "mink_muse", "minkpp", "zlib", "ref_before"):
         assert 0.0 <= r["mia"]["after"]["forget"][a] <= 1.0
-    assert r["privleak"]["after"]["loss"] == pytest.approx(
+    assert "ref_retrained" not in r["mia"]["after"]["forget"]  # no retrained model given
+    # MUSE's privleak: the mink_muse attack against chance; the variants under their names
+    assert r["privleak"]["attack"] == "mink_muse" and r["privleak"]["reference_auc"] == 0.5
+    assert r["privleak"]["after"] == pytest.approx(
+        (0.5 - r["mia"]["after"]["forget"]["mink_muse"]) / 0.5 * 100)
+    assert r["privleak_variants"]["after"]["loss"] == pytest.approx(
         (0.5 - r["mia"]["after"]["forget"]["loss"]) / 0.5 * 100)
     assert "no CLAP checkpoint" in r["generation"]["skipped"]
     assert "needs a model retrained" in r["forget_quality"]["note"]
@@ -113,9 +118,19 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
                                                             "remain NLL kept"]
     # a retrained model (here: the same model) gives forget quality 1 and privleak 0
     rr = evaluate(env["model"], sets, retrained=tmp_path / "after", progress=False,
-                  min_auc_items=3, batch_size=6)
+                  min_auc_items=3, batch_size=6, out=tmp_path / "vs_retrained")
     assert rr["forget_quality"]["after"] == pytest.approx(1.0)
-    assert rr["privleak"]["after"]["minkpp"] == pytest.approx(0.0, abs=1e-9)
+    assert rr["forget_quality"]["n"] == {"retrained": N_PER_SET, "after": N_PER_SET}
+    assert rr["privleak"]["after"] == pytest.approx(0.0, abs=1e-9)
+    assert rr["privleak"]["reference_auc"] == rr["mia"]["retrained"]["forget"]["mink_muse"]
+    assert rr["privleak_variants"]["after"]["minkpp"] == pytest.approx(0.0, abs=1e-9)
+    # MUSE's reference attack, against the retrained model, whenever one is given
+    assert 0.0 <= rr["mia"]["after"]["forget"]["ref_retrained"] <= 1.0
+    assert "ref_retrained" not in rr["mia"]["retrained"]["forget"]
+    md = (tmp_path / "vs_retrained" / "report.md").read_text()
+    assert "| privleak (MUSE) | Min-K% (MUSE: k=40%, last token out) |" in md
+    assert "| privleak_minkpp | Min-K%++ (k=20%) |" in md
+    assert f"(n = {N_PER_SET} vs {N_PER_SET} items)" in md  # beside the KS p-value
 
 
 def test_cached_stats_checked(env, tmp_path):

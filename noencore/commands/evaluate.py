@@ -11,9 +11,11 @@ from noencore.evaluation import relearn
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="evaluate an unlearned model on forget / remain / holdout sets",
-        description="Token NLL and accuracy, membership inference (LOSS, Min-K%%, Min-K%%++, "
-                    "compression, reference ratio; ROC AUC), MUSE privleak, TOFU forget quality, "
-                    "and with --clap: CLAP score, FAD, memorisation. Writes OUT/report.json, "
+        description="Token NLL and accuracy, membership inference (LOSS, Min-K%%, MUSE's "
+                    "Min-K%%, Min-K%%++, compression, reference ratio; ROC AUC), MUSE's privleak "
+                    "and the same formula on the other attacks, forget quality (KS test on "
+                    "per-item mean NLL), and with --clap: CLAP score, FAD, memorisation "
+                    "(definitions: docs/metrics.md). Writes OUT/report.json, "
                     "OUT/report.md, OUT/nll_hist.png, OUT/roc.png, OUT/token_stats.npz. Under "
                     "torchrun or deepspeed the ranks share the work and rank 0 reports.")
     p.add_argument("shards", help="token-shard folder (from `noencore precompute`)")
@@ -21,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", help="model before unlearning (folder, hub id), or an earlier "
                                        "evaluation's OUT folder (cached token statistics)")
     p.add_argument("--retrained", help="model retrained without the forget set (or its cached "
-                                       "statistics): privleak relative to it, forget quality")
+                                       "statistics): privleak relative to its AUC, forget "
+                                       "quality, MUSE's reference attack")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--forget-split", default="forget")
     p.add_argument("--remain-split", default="remain", help="'' to leave the remain set out")

@@ -6,9 +6,12 @@ forget, remain and holdout sets of token shards:
 
 - token level (batched, teacher-forced, bf16 autocast): NLL and top-1 per set and per
   codebook, per-item NLL distributions;
-- membership inference, forget vs holdout and remain vs holdout: LOSS, Min-K%,
-  Min-K%++, compression, reference ratio; ROC AUC each; MUSE privleak; TOFU forget
-  quality when a model retrained without the forget set is given;
+- membership inference, forget vs holdout and remain vs holdout: every attack of
+  ``mia.ATTACKS`` (LOSS, Min-K%, MUSE's Min-K%, Min-K%++, compression, reference ratio
+  against the model before unlearning and against the retrained model); ROC AUC each;
+  MUSE's privleak and the same formula on the project's attacks (``privleak_<attack>``);
+  forget quality (KS test on per-item mean NLL) when a model retrained without the forget
+  set is given (docs/metrics.md defines each);
 - generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
   CLAP embeddings, CLAP memorisation similarity; and, without CLAP, verbatim replay
   (exact-token continuation match from a prompt of the true track, n-gram overlap of
@@ -47,7 +50,8 @@ TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality")
 GENERATION_METRICS = ("clap", "fad", "memorization", "continuation", "ngram")
 ALL_METRICS = TOKEN_METRICS + GENERATION_METRICS
 SET_NAMES = ("forget", "remain", "holdout")
-_MIA_ATTACKS = ("loss", "mink", "minkpp", "zlib")
+#: the attacks that read no other model: ROC curves, the AUC verdict
+_MIA_ATTACKS = tuple(a.name for a in mia.ATTACKS.values() if a.reference is None)
 
 
 def _finite(x: Any) -> Any:
@@ -125,22 +129,20 @@ def _conditions_for(shards: Any, conditions: Any, model: Any) -> Any:
     return cache
 
 
-def _mia_block(stats: dict[str, SetStats], ref_stats: dict[str, SetStats] | None,
+def _mia_block(stats: dict[str, SetStats], refs: dict[str, dict[str, SetStats]],
                min_items: int) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """AUCs for forget/remain vs holdout; also returns per-attack scores for ROC curves."""
+    """AUCs of every attack for forget/remain vs holdout; also returns per-attack scores
+    for ROC curves. ``refs``: the statistics of the models the reference attacks compare
+    with ({"before": ..., "retrained": ...}, those given)."""
     if "holdout" not in stats:
         return {"note": "no holdout set: membership inference needs non-members"}, {}
     out: dict[str, Any] = {}
     scores: dict[str, dict[str, np.ndarray]] = {}
     for s in ("holdout", "forget", "remain"):
-        if s not in stats:
-            continue
-        t = stats[s].tokens()
-        sc = {"loss": mia.loss_score(t), "mink": mia.mink_score(t), "minkpp": mia.minkpp_score(t),
-              "zlib": mia.compression_score(t, stats[s].sizes)}
-        if ref_stats is not None and s in ref_stats:
-            sc["reference"] = mia.reference_score(t, ref_stats[s].tokens())
-        scores[s] = sc
+        if s in stats:
+            scores[s] = mia.attack_scores(
+                stats[s].tokens(), stats[s].sizes,
+                {r: st[s].tokens() for r, st in refs.items() if s in st})
     for s in ("forget", "remain"):
         if s not in scores:
             continue
@@ -152,6 +154,10 @@ def _mia_block(stats: dict[str, SetStats], ref_stats: dict[str, SetStats] | None
             for a, v in scores[s].items():
                 block[a] = mia.roc_auc(v, scores["holdout"][a], min_items)
         out[s] = block
+    # items whose token statistics hold NaN have no score and stay out of the AUCs
+    unscored = {s: max(mia.unscored(v) for v in sc.values()) for s, sc in scores.items()}
+    if any(unscored.values()):
+        out["unscored"] = unscored
     return out, scores
 
 
@@ -329,14 +335,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
         curves = _mia_results(results, metrics, roles, retr, min_auc_items)
         if "forget_quality" in metrics:
-            if retr is None:
-                results["forget_quality"] = {"note": "needs a model retrained without the "
-                                                     "forget set (retrained=...)"}
-            else:
-                ref_nll = mia.mean_nll(retr["forget"].tokens())
-                results["forget_quality"] = {
-                    role: mia.forget_quality(mia.mean_nll(st["forget"].tokens()), ref_nll)
-                    for role, st in roles.items()}
+            results["forget_quality"] = _forget_quality(roles, retr)
         if gen_items is not None:
             from noencore.evaluation.generation_metrics import generation_report
 
@@ -388,16 +387,19 @@ def _codec_of(model: Any) -> dict[str, int]:
 def _mia_results(results: dict[str, Any], metrics: list[str],
                  roles: dict[str, dict[str, SetStats]], retr: dict[str, SetStats] | None,
                  min_auc_items: int) -> dict[str, dict[str, tuple]]:
-    """Fill the "mia" and "privleak" blocks of ``results``; return the forget ROC curves
-    per role and attack, (fpr, tpr, auc)."""
+    """Fill the "mia", "privleak" and "privleak_variants" blocks of ``results``; return
+    the forget ROC curves per role and attack, (fpr, tpr, auc)."""
     curves: dict[str, dict[str, tuple]] = {}
     if "mia" not in metrics and "privleak" not in metrics:
         return curves
-    before = roles.get("before")
     results["mia"] = {}
-    retr_mia = _mia_block(retr, None, min_auc_items)[0] if retr is not None else None
+    retr_mia = _mia_block(retr, {}, min_auc_items)[0] if retr is not None else None
     for role, st in roles.items():
-        block, scores = _mia_block(st, before if role == "after" else None, min_auc_items)
+        # the reference attacks: the unlearned model against the model before unlearning
+        # and (MUSE's) against the retrained model; the model before against the retrained
+        refs = {"before": roles["before"]} if role == "after" and "before" in roles else {}
+        refs |= {"retrained": retr} if retr is not None else {}
+        block, scores = _mia_block(st, refs, min_auc_items)
         results["mia"][role] = block
         if "forget" in block and "note" not in block["forget"]:
             curves[role] = {a: (*mia.roc_curve(scores["forget"][a], scores["holdout"][a]),
@@ -405,22 +407,19 @@ def _mia_results(results: dict[str, Any], metrics: list[str],
     if retr_mia is not None:  # the level a model that never saw the forget set is at
         results["mia"]["retrained"] = retr_mia
     if "privleak" in metrics:
-        rel = "a retrained model's AUC" if retr_mia else "AUC 0.5 (no retrained model)"
-        results["privleak"] = {"relative_to": rel}
-        for role in roles:
-            fb = results["mia"][role].get("forget", {})
-            ref_auc = (retr_mia or {}).get("forget", {})
-            results["privleak"][role] = {
-                a: _privleak_or_none(fb[a], ref_auc.get(a) if retr_mia else None)
-                for a in _MIA_ATTACKS if fb.get(a) is not None}
+        results.update(mia.privleak_blocks(results["mia"], list(roles), retr_mia))
     if "mia" not in metrics:
         results.pop("mia")
     return curves
 
 
-def _privleak_or_none(auc: float, retrained_auc: float | None) -> float | None:
-    # a retrained model whose usual AUC is exactly 1 leaves MUSE's ratio undefined
-    return None if retrained_auc == 1.0 else mia.privleak(auc, retrained_auc)
+def _forget_quality(roles: dict[str, dict[str, SetStats]],
+                    retr: dict[str, SetStats] | None) -> dict[str, Any]:
+    """The "forget_quality" block: each role's forget items' mean NLLs against the
+    retrained model's (``mia.forget_quality_block``)."""
+    return mia.forget_quality_block(
+        {role: mia.mean_nll(st["forget"].tokens()) for role, st in roles.items()},
+        None if retr is None else mia.mean_nll(retr["forget"].tokens()))
 
 
 def _op_backend() -> str | None:

@@ -14,9 +14,12 @@ from typing import Any
 
 import numpy as np
 
-ATTACKS = ("loss", "mink", "minkpp", "zlib", "reference")
-ATTACK_NAMES = {"loss": "LOSS", "mink": "Min-K% (k=20%)", "minkpp": "Min-K%++ (k=20%)",
-                "zlib": "compression (zlib)", "reference": "reference ratio"}
+from noencore.evaluation.mia import ATTACKS as _REGISTRY
+
+ATTACKS = tuple(_REGISTRY)
+ATTACK_NAMES = {a.name: a.label for a in _REGISTRY.values()}
+#: the attacks that read no other model (the AUC table, the ROC curves, the AUC verdict)
+_SELF_ATTACKS = tuple(a.name for a in _REGISTRY.values() if a.reference is None)
 
 
 @dataclass
@@ -25,7 +28,8 @@ class Criteria:
 
     forget_auc_tol: every token MIA AUC, forget vs holdout, within this of 0.5.
     remain_nll_rel: remain NLL within this fraction of the reference model's.
-    privleak_tol: |privleak| (percent, Min-K%++ attack) at most this.
+    privleak_tol: |privleak| (percent) at most this, for MUSE's privleak and for the
+        project's privleak_minkpp (the same formula on Min-K%++ at k = 0.2).
     forget_quality_min: KS p-value at least this (needs a retrained model).
     clap_remain_rel: remain CLAP score within this fraction of the reference's.
     """
@@ -62,7 +66,7 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
     """One verdict per criterion that the results can decide; others say why not."""
     out = []
     mia = results.get("mia", {}).get("after", {}).get("forget", {})
-    aucs = {a: mia.get(a) for a in ("loss", "mink", "minkpp", "zlib") if mia.get(a) is not None}
+    aucs = {a: mia.get(a) for a in _SELF_ATTACKS if mia.get(a) is not None}
     if aucs:
         worst = max(aucs, key=lambda a: abs(aucs[a] - 0.5))
         dev = abs(aucs[worst] - 0.5)
@@ -82,17 +86,22 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "detail": f"reference {before['nll']:.4f}, change {rel:+.1%}",
                     "threshold": f"within {crit.remain_nll_rel:.0%} of reference",
                     "pass": abs(rel) <= crit.remain_nll_rel})
-    pl = results.get("privleak", {}).get("after", {}).get("minkpp")
-    if pl is not None:
-        out.append({"criterion": "privleak (MUSE, Min-K%++)", "value": pl,
-                    "detail": f"relative to {results['privleak']['relative_to']}",
-                    "threshold": f"|privleak| <= {crit.privleak_tol}%",
-                    "pass": abs(pl) <= crit.privleak_tol})
-    fq = results.get("forget_quality", {}).get("after")
-    if fq is not None:
-        out.append({"criterion": "forget quality (TOFU, KS p-value)", "value": fq,
-                    "detail": "item NLL on the forget set, unlearned vs retrained",
-                    "threshold": f">= {crit.forget_quality_min}", "pass": fq >= crit.forget_quality_min})
+    pl = results.get("privleak", {})
+    pv = results.get("privleak_variants", {})
+    for name, value in (("privleak (MUSE's: Min-K% at k=40%, last token out)", pl.get("after")),
+                        ("privleak_minkpp (MUSE's formula on Min-K%++ at k=20%)",
+                         pv.get("after", {}).get("minkpp"))):
+        if value is not None:
+            out.append({"criterion": name, "value": value,
+                        "detail": f"relative to {pl['relative_to']}",
+                        "threshold": f"|privleak| <= {crit.privleak_tol}%",
+                        "pass": abs(value) <= crit.privleak_tol})
+    fq = results.get("forget_quality", {})
+    if fq.get("after") is not None:
+        out.append({"criterion": "forget quality (KS p-value)", "value": fq["after"],
+                    "detail": f"{fq['statistic']}, unlearned vs retrained, {_n_items(fq, 'after')}",
+                    "threshold": f">= {crit.forget_quality_min}",
+                    "pass": fq["after"] >= crit.forget_quality_min})
     gen = results.get("generation", {})
     ca = gen.get("after", {}).get("clap_score", {}).get("remain")
     cb = gen.get("before", {}).get("clap_score", {}).get("remain")
@@ -104,6 +113,12 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "threshold": f"within {crit.clap_remain_rel:.0%} of reference",
                     "pass": abs(rel) <= crit.clap_remain_rel})
     return out
+
+
+def _n_items(fq: dict[str, Any], role: str) -> str:
+    """The item counts a forget-quality p-value ran on: "n = 40 vs 40 items"."""
+    n = fq.get("n", {})
+    return f"n = {n.get(role)} vs {n.get('retrained')} items"
 
 
 def _row(name: str, arrow: str, values: dict[str, dict[str, Any]], key: Any) -> str:
@@ -139,7 +154,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(_row("top-1 accuracy", "forget ↓, remain ~", tok,
                       lambda v, s: v.get(s, {}).get("accuracy")))
     mia = results.get("mia", {})
-    for a in ("loss", "mink", "minkpp", "zlib"):
+    for a in _SELF_ATTACKS:
         lines.append(_row(f"MIA AUC vs holdout: {ATTACK_NAMES[a]}", "forget →0.5", mia,
                           lambda v, s, a=a: v.get(s, {}).get(a)))
     gen = results.get("generation", {})
@@ -157,22 +172,26 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(_row("exact continuation match", "forget ↓, remain ~", cont,
                           lambda v, s: v.get(s)))
     lines.append("")
-    ref = mia.get("after", {}).get("forget", {}).get("reference")
-    if ref is not None:
-        lines.append(f"Reference-ratio attack (unlearned vs reference model), forget vs holdout: "
-                     f"AUC {_fmt(ref)} (below 0.5: forget items lost more likelihood than "
-                     "never-seen music).")
-    pl = results.get("privleak", {})
-    if pl.get("after"):
-        rel = pl.get("relative_to")
-        lines.append(f"privleak (MUSE, %, relative to {rel}; 0 is ideal, -100 = fully leaking): "
-                     + ", ".join(f"{ATTACK_NAMES[a]} before {_fmt(pl.get('before', {}).get(a), 1)}"
-                                 f" / after {_fmt(pl['after'].get(a), 1)}"
-                                 for a in ("loss", "minkpp")))
+    for a, reading in (("ref_before", "below 0.5: forget items lost more likelihood than "
+                                      "never-seen music"),
+                       ("ref_retrained", "MUSE's reference attack; the retrained model "
+                                         "itself scores 0.5; above: the forget items are "
+                                         "still favoured")):
+        ref = mia.get("after", {}).get("forget", {}).get(a)
+        if ref is not None:
+            lines.append(f"MIA AUC, forget vs holdout, {ATTACK_NAMES[a]}: {_fmt(ref)} "
+                         f"({reading}).")
+    lines += _privleak_lines(results)
     fq = results.get("forget_quality", {})
-    if "after" in fq or "note" in fq:
-        lines.append(f"forget quality (TOFU KS p-value): {_fmt(fq.get('after'))}"
+    if "after" in fq:
+        lines.append(f"forget quality (KS p-value of the {fq['statistic']}, against the "
+                     f"retrained model; shrinks with n): after {_fmt(fq.get('after'))} "
+                     f"({_n_items(fq, 'after')})"
+                     + (f", before {_fmt(fq.get('before'))} ({_n_items(fq, 'before')})"
+                        if "before" in fq else "")
                      + (f" ({fq['note']})" if fq.get("note") else ""))
+    elif "note" in fq:
+        lines.append(f"forget quality (KS p-value): n/a ({fq['note']})")
     if gen.get("skipped"):
         lines.append(f"Generation metrics skipped: {gen['skipped']}")
     lines += _relearn_lines(results.get("relearn"))
@@ -183,6 +202,27 @@ def markdown(results: dict[str, Any]) -> str:
                      f"(threshold {v['threshold']}; {v['detail']})")
     lines += ["", "## Plots", "", "![per-item NLL](nll_hist.png)", "", "![MIA ROC](roc.png)", ""]
     return "\n".join(lines)
+
+
+def _privleak_lines(results: dict[str, Any]) -> list[str]:
+    """MUSE's privleak and the project's variants, each named with its definition."""
+    pl, pv = results.get("privleak", {}), results.get("privleak_variants", {})
+    if "after" not in pl:
+        return []
+    roles = [r for r in ("before", "after") if r in pl]
+    lines = ["", f"privleak (%, relative to {pl['relative_to']}; 0 = as the retrained model, "
+             "-100 = fully leaking, positive = over-unlearned; docs/metrics.md):", "",
+             "| name | attack | reference AUC | " + " | ".join(roles) + " |",
+             "|---|---|---|" + "---|" * len(roles)]
+    lines.append(f"| privleak (MUSE) | {ATTACK_NAMES[pl['attack']]} | "
+                 f"{_fmt(pl.get('reference_auc'))} | "
+                 + " | ".join(_fmt(pl.get(r), 1) for r in roles) + " |")
+    for a, ref in pv.get("reference_auc", {}).items():
+        lines.append(f"| privleak_{a} | {ATTACK_NAMES[a]} | {_fmt(ref)} | "
+                     + " | ".join(_fmt(pv.get(r, {}).get(a), 1) for r in roles) + " |")
+    if pl.get("note"):
+        lines.append(f"> **Note:** {pl['note']}")
+    return lines + [""]
 
 
 def _relearn_lines(block: dict[str, Any] | None) -> list[str]:
