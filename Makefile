@@ -12,13 +12,25 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo bench scale-check gpu-check lint lock newest clean
+.PHONY: setup test sanitize demo bench scale-check gpu-check lint lock newest clean
 
 setup:
 	@NOENCORE_VENV=$(VENV) bash scripts/setup_env.sh
 
+# The suite, then the C++ op tests again on the AddressSanitizer + UBSan build (about 90 s
+# more CPU time, ~45 s of it the build; `make test SANITIZE=0` skips that part).
+SANITIZE ?= 1
 test: setup
 	NOENCORE_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+ifeq ($(SANITIZE),1)
+	PY=$(abspath $(PY)) bash scripts/sanitize.sh
+endif
+
+# The C++ kernels under AddressSanitizer + UBSan: a second build of the extension in
+# .cache/sanitize (the installed one is left alone), the op tests' C++ cases run on it with
+# NOENCORE_CPU_DEBUG=1; any finding fails. scripts/sanitize.sh says how.
+sanitize: setup
+	PY=$(abspath $(PY)) bash scripts/sanitize.sh $(SANITIZE_ARGS)
 
 demo: setup
 	$(PY) -m noencore demo --out $(DEMO_OUT)

@@ -6,6 +6,10 @@ package installs without it and ``noencore.ops`` runs its torch path. That choic
 is visible (``noencore.ops.cpp_available()``) and CI fails when the extension did
 not build (``NOENCORE_REQUIRE_CPP=1``).
 
+``NOENCORE_SANITIZE=1`` builds it with AddressSanitizer and UndefinedBehaviorSanitizer
+instead (a failed build then fails); ``make sanitize`` (scripts/sanitize.sh) builds that
+variant into .cache/sanitize, away from the installed one, and runs the op tests on it.
+
 Build against the torch already installed (as flash-attention does)::
 
     pip install --no-build-isolation -e .
@@ -38,8 +42,19 @@ def _cpp_extension():
     # install may move to another machine). The AVX-512 kernels carry their own target
     # attributes and are chosen at run time (csrc/cpu_kernels.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("NOENCORE_SANITIZE") == "1"
+    if sanitize:
+        # -O1 keeps reports readable; -fno-sanitize-recover: undefined behaviour aborts the
+        # run like an ASan finding does, so that a finding cannot scroll past unnoticed.
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is defined and
+        # so never reported.
+        flags = ["-fsanitize=address,undefined,float-cast-overflow",
+                 "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-fno-wrapv"]
+        cxx = ["-O1", "-fopenmp", "-ffp-contract=fast", "-std=c++17", *flags]
+        link = ["-fopenmp", *flags]
     ext = CppExtension("noencore._C", sources, extra_compile_args={"cxx": cxx},
-                       extra_link_args=["-fopenmp"],
+                       extra_link_args=link,
                        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))))
 
     class OptionalBuildExt(BuildExtension):
@@ -49,6 +64,8 @@ def _cpp_extension():
             try:
                 super().run()
             except Exception as exc:
+                if sanitize:
+                    raise
                 print(f"[noencore] WARNING: C++ extension failed to build ({exc}); "
                       "noencore.ops will use its torch path", file=sys.stderr)
 
@@ -56,6 +73,8 @@ def _cpp_extension():
             try:
                 super().build_extension(ext)
             except Exception as exc:
+                if sanitize:
+                    raise
                 print(f"[noencore] WARNING: C++ extension {ext.name} failed to build ({exc})",
                       file=sys.stderr)
 

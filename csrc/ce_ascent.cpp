@@ -31,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -75,6 +76,39 @@ Isa active_isa() {
     TORCH_CHECK(known, "NOENCORE_CPU_ISA=", req, " is not one of portable, avx512, avx512_bf16");
   }
   return std::min(detected_isa(), cap);
+}
+
+// NOENCORE_CPU_DEBUG=1 (read at every call; for tests and `make sanitize`): every scratch
+// buffer starts as NaN instead of whatever the allocator held, and the gradient GEMMs
+// read their operands the way AMX kernels may (see widen_k): an element that the kernels
+// rely on but never wrote, or junk next to a matrix that a GEMM can read, shows as NaN
+// on any CPU, not only on the CPUs whose GEMMs happen to read it.
+bool debug_mode() {
+  const char* v = std::getenv("NOENCORE_CPU_DEBUG");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// at::empty, NaN-filled in debug mode.
+at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options, bool debug) {
+  at::Tensor t = at::empty(sizes, options);
+  if (debug) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+// Debug mode: the operands of a @ b as a GEMM that over-reads a along K sees them. oneDNN's
+// AMX bf16 kernels (brgemm, "extendable K") load a whole 32-element K tile from a, past
+// its last column up to the row stride, and rely on b being zero-padded along K: junk
+// there that is NaN or inf as bf16 gives 0 * NaN = NaN in the product. Here a is widened
+// to all `k_avail` elements its memory holds along K (its row stride, or the rows of its
+// buffer when a is a transposed view) and b gets zero rows to match, so the product is
+// NaN exactly when that memory holds a non-finite value. Outside debug mode: unchanged.
+std::pair<at::Tensor, at::Tensor> widen_k(const at::Tensor& a, const at::Tensor& b,
+                                          int64_t k_avail, bool debug) {
+  const int64_t k = a.size(1);
+  if (!debug || k_avail <= k) return {a, b};
+  at::Tensor wide = a.as_strided({a.size(0), k_avail}, a.strides(), a.storage_offset());
+  at::Tensor pad = at::zeros({k_avail - k, b.size(1)}, b.options());
+  return {wide, at::cat({b, pad}, 0)};
 }
 
 inline uint32_t fmix32(uint32_t x) {
@@ -203,6 +237,7 @@ struct RowArgs {
   float cap;
   float* loss;
   float* lse;  // logsumexp of each row (NaN for ignored rows)
+  bool debug;  // NOENCORE_CPU_DEBUG: the per-thread fp32 row starts as NaN
 };
 
 // Rows [0, n) of contiguous [n, V] logits, fp32 or bf16: losses and logsumexps into
@@ -211,11 +246,15 @@ struct RowArgs {
 // grad may alias the logits: the same rows in the same dtype, or (bf16 gradients over
 // fp32 logits, g_stride = 2V) the first half of each logits row. Per row: one read of
 // the logits, exp(z - max) kept in the gradient row or an L1/L2-resident fp32 row, one
-// write of c * (softmax - onehot).
+// write of c * (softmax - onehot). Elements [V, g_stride) of each gradient row (the rest
+// of the fp32 logits row under bf16 gradients) are set to 0 once the row is done: the
+// GEMMs that read these rows may load past column V-1 up to the row stride (AMX K tails
+// in oneDNN), and logits bits read as bf16 there can be NaN or inf (0 * NaN = NaN).
 void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf16,
                 int64_t g_stride, int64_t n, int64_t vocab, const RowArgs& args) {
   at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
     std::vector<float> scratch(z_bf16 || g_bf16 ? vocab : 0);
+    if (args.debug) std::fill(scratch.begin(), scratch.end(), std::numeric_limits<float>::quiet_NaN());
     for (int64_t r = b; r < e; ++r) {
       const int64_t label =
           resolve_label(args.targets[r], args.ignore_index, args.key, args.row0 + r, vocab);
@@ -226,8 +265,8 @@ void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf1
       if (label < 0) {  // ignored: loss 0 and a gradient of exactly 0, whatever the logits
         args.loss[r] = 0.0f;
         args.lse[r] = std::numeric_limits<float>::quiet_NaN();
-        if (g16 != nullptr) std::fill(g16, g16 + vocab, uint16_t{0});
-        if (g32 != nullptr) std::fill(g32, g32 + vocab, 0.0f);
+        if (g16 != nullptr) std::fill(g16, g16 + g_stride, uint16_t{0});  // padding too
+        if (g32 != nullptr) std::fill(g32, g32 + g_stride, 0.0f);
         continue;
       }
       const float* zf;  // the row in fp32
@@ -270,6 +309,8 @@ void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf1
           else g32[v] = g;
         }
       }
+      if (g16 != nullptr) std::fill(g16 + vocab, g16 + g_stride, uint16_t{0});
+      if (g32 != nullptr) std::fill(g32 + vocab, g32 + g_stride, 0.0f);
     }
   });
 }
@@ -281,12 +322,12 @@ void rows_block(Isa isa, const void* logits, bool z_bf16, void* grad, bool g_bf1
 // an fp32 GEMM on fp32 copies (exact too, several times slower).
 class LogitsGemm {
  public:
-  LogitsGemm(const at::Tensor& weight, Isa isa) : weight_(weight) {
+  LogitsGemm(const at::Tensor& weight, Isa isa, bool debug) : weight_(weight) {
     if (weight.scalar_type() != at::kBFloat16) return;
 #if defined(__x86_64__)
     if (isa >= Isa::kAvx512Bf16) {
       const int64_t vocab = weight.size(0), d = weight.size(1);
-      packed_ = at::empty({noencore::avx512::packed_elems(vocab, d)}, weight.options());
+      packed_ = scratch_empty({noencore::avx512::packed_elems(vocab, d)}, weight.options(), debug);
       const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
       auto* p = static_cast<uint16_t*>(packed_.data_ptr());
       at::parallel_for(0, noencore::avx512::packed_panels(vocab), 1, [&](int64_t b, int64_t e) {
@@ -299,7 +340,9 @@ class LogitsGemm {
   }
 
   void operator()(const at::Tensor& h, at::Tensor& z) const {
-    if (weight_.scalar_type() == at::kFloat) {
+    if (weight_.size(1) == 0) {  // D = 0: empty sums (the bf16 GEMM would write nothing)
+      z.zero_();
+    } else if (weight_.scalar_type() == at::kFloat) {
       at::mm_out(z, h, weight_.t());
     } else if (w32_t_.defined()) {
       at::mm_out(z, h.to(at::kFloat), w32_t_);
@@ -334,6 +377,7 @@ void check_common(const at::Tensor& targets, const at::Tensor& coef, int64_t n) 
 // Every target is a class in [0, V), ignore_index, or RANDOM_LABEL with a key: the
 // kernels index rows with them, so nothing is written before this holds.
 void check_targets(const at::Tensor& targets, int64_t ignore_index, int64_t key, int64_t vocab) {
+  TORCH_CHECK(vocab > 0, "the vocabulary is empty (V = 0): there is no class to score");
   const int64_t* t = targets.data_ptr<int64_t>();
   for (int64_t i = 0; i < targets.numel(); ++i) {
     if (t[i] == ignore_index || (t[i] == kRandomLabel && key >= 0)) continue;
@@ -380,7 +424,7 @@ void ce_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
   check_targets(targets, ignore_index, key, vocab);
   const RowArgs args{targets.data_ptr<int64_t>(), coef.data_ptr<float>(), ignore_index, key,
                      row_offset, static_cast<float>(cap), loss.data_ptr<float>(),
-                     lse.data_ptr<float>()};
+                     lse.data_ptr<float>(), debug_mode()};
   rows_block(active_isa(), logits.data_ptr(), bf16, gptr, bf16, vocab, n, vocab, args);
 }
 
@@ -422,43 +466,53 @@ void linear_ce_fwd(const at::Tensor& hidden, const at::Tensor& weight, const at:
     return;
   }
   const Isa isa = active_isa();
-  const LogitsGemm logits_of(weight, isa);
+  const bool debug = debug_mode();
+  const LogitsGemm logits_of(weight, isa, debug);
   // Equal chunks of at most `chunk` rows (6000 rows -> 2 x 3000, not 4096 + 1904: a
   // small last GEMM runs well below the rate of the others).
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   const int64_t rows = (n + n_chunks - 1) / n_chunks;
-  at::Tensor buf = at::empty({rows, vocab}, hidden.options().dtype(at::kFloat));
+  // One fp32 logits buffer for every chunk, followed by kSlack floats of zeros: a GEMM
+  // that loads a whole K tile of a gradient row (up to 32 bf16 past column V-1, see
+  // rows_block) stays in that row's zeroed half when V >= 32; past the last row of a
+  // smaller V it finds these zeros, not memory the op never wrote.
+  constexpr int64_t kSlack = 64;
+  const at::TensorOptions f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor mem = scratch_empty({rows * vocab + kSlack}, f32, debug);
+  mem.narrow(0, rows * vocab, kSlack).zero_();
+  const at::Tensor buf = mem.narrow(0, 0, rows * vocab).view({rows, vocab});
   // dW accumulates in the GEMM's output (fp32 inside the GEMM, rounded to the weight's
   // dtype between chunks). For bf16 with many chunks that rounding would add up, so
   // beyond kMaxBf16Chunks the sum is kept in an fp32 buffer instead.
   constexpr int64_t kMaxBf16Chunks = 4;
   at::Tensor dw_acc;
-  if (need_dw && bf16 && n_chunks > kMaxBf16Chunks) {
-    dw_acc = at::empty({vocab, d}, hidden.options().dtype(at::kFloat));
-  }
+  if (need_dw && bf16 && n_chunks > kMaxBf16Chunks) dw_acc = scratch_empty({vocab, d}, f32, debug);
   for (int64_t s = 0; s < n; s += rows) {
     const int64_t c = std::min(rows, n - s);
     const at::Tensor h = hidden.narrow(0, s, c);
     at::Tensor z = buf.narrow(0, 0, c);
     logits_of(h, z);
     // bf16 gradients go over the first half of each fp32 logits row: [c, V] bf16 with
-    // row stride 2V, which the bf16 GEMMs below read as a strided matrix.
+    // row stride 2V, which the bf16 GEMMs below read as a strided matrix (the rest of
+    // each row is zeroed by rows_block).
     const at::Tensor g = bf16 ? z.view(at::kBFloat16).narrow(1, 0, vocab) : z;
     const RowArgs args{targets.data_ptr<int64_t>() + s, coef.data_ptr<float>() + s,
                        ignore_index, key, row_offset + s, static_cast<float>(cap),
-                       loss.data_ptr<float>() + s, lse.data_ptr<float>() + s};
+                       loss.data_ptr<float>() + s, lse.data_ptr<float>() + s, debug};
     rows_block(isa, z.data_ptr(), false, need_grad ? g.data_ptr() : nullptr, bf16, g.stride(0),
                c, vocab, args);
-    if (need_dh) {
+    if (need_dh) {  // dh = g @ W: K runs along g's rows (up to its row stride)
       at::Tensor out = dh_opt->narrow(0, s, c);
-      at::mm_out(out, g, weight);
+      const auto [a, b] = widen_k(g, weight, g.stride(0), debug);
+      at::mm_out(out, a, b);
     }
-    if (need_dw) {
+    if (need_dw) {  // dW = g^T @ h: K runs down g's rows (up to the buffer's last row)
       at::Tensor dw = *dw_opt;
+      const auto [a, b] = widen_k(g.t(), h, rows, debug);
       if (s == 0 || dw_acc.defined()) {
-        at::mm_out(dw, g.t(), h);  // overwrites: dw may hold anything on entry
+        at::mm_out(dw, a, b);  // overwrites: dw may hold anything on entry
       } else {
-        dw.addmm_(g.t(), h);
+        dw.addmm_(a, b);
       }
       if (dw_acc.defined()) {  // bf16, many chunks: this chunk's part goes into fp32
         if (s == 0) {
@@ -499,9 +553,10 @@ void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   check_targets(targets, ignore_index, key, vocab);
   if (n == 0) return;
   const Isa isa = active_isa();
-  const LogitsGemm logits_of(weight, isa);
+  const bool debug = debug_mode();
+  const LogitsGemm logits_of(weight, isa, debug);
   const int64_t rows = std::min(chunk, n);
-  at::Tensor buf = at::empty({rows, vocab}, hidden.options().dtype(at::kFloat));
+  at::Tensor buf = scratch_empty({rows, vocab}, hidden.options().dtype(at::kFloat), debug);
   const int64_t* tp = targets.data_ptr<int64_t>();
   float* nllp = nll.data_ptr<float>();
   bool* okp = correct.data_ptr<bool>();
@@ -514,7 +569,7 @@ void token_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
     logits_of(hidden.narrow(0, s0, c), z);
     const float* zp = z.data_ptr<float>();
     at::parallel_for(0, c, 4, [&](int64_t b, int64_t e) {
-      std::vector<float> ex(vocab);
+      std::vector<float> ex(vocab, debug ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
       for (int64_t r = b; r < e; ++r) {
         const int64_t g = s0 + r;
         const int64_t label = resolve_label(tp[g], ignore_index, key, row_offset + g, vocab);

@@ -8,7 +8,8 @@ order, each a subprocess with its own time limit inside one overall budget (defa
 
 =============  ==============================================================================
 op_tests       pytest of tests/test_ops*.py with real Triton (TRITON_INTERPRET unset): every
-               backend against float64, autotuned kernels, no stream sync in the step's calls
+               backend against float64, autotuned kernels, no stream sync in the step's calls,
+               the vocabulary-edge cases and the hypothesis property tests (profile "ci")
 ops_bench      benchmarks/ops_ratios.py --device cuda --only linear: MusicGen small/medium/large
                heads, eager PyTorch / Liger-Kernel's fused linear CE / ours, bf16 and fp32
 ce_bandwidth   benchmarks/ops_ratios.py --device cuda --only ce: CE on logits against a
@@ -65,7 +66,8 @@ _PARALLEL = ("-n", "8") if importlib.util.find_spec("xdist") else ()
 STEPS = (
     Step("op_tests", (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short",
                       *_PARALLEL, "tests/test_ops.py", "tests/test_ops_one_pass.py",
-                      "tests/test_ops_triton.py"), 210),
+                      "tests/test_ops_triton.py", "tests/test_ops_edges.py",
+                      "tests/test_ops_properties.py"), 210),
     Step("ops_bench", (PY, "benchmarks/ops_ratios.py", "--device", "cuda", "--only", "linear",
                        "--sizes", "small,medium,large", "--B", "8", "--reps", "10",
                        "--memory-sizes", "small,medium,large", "--require-liger"), 120,

@@ -34,7 +34,7 @@ fi
 SITE="${TMPDIR:-/tmp}/noencore_gpu_check_site"
 missing=()
 for mod in liger_kernel deepspeed audiocraft omegaconf julius flashy dora treetable num2words \
-           soundfile hjson pydantic; do
+           soundfile hjson pydantic hypothesis; do
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
 if ((${#missing[@]})); then

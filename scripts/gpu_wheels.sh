@@ -5,9 +5,9 @@
 #
 #   scripts/gpu_wheels.sh [DEST=.whl] [PYTHON_VERSION=3.12]
 #
-# What travels: Liger-Kernel (the ops benchmark's second baseline), DeepSpeed and its
-# missing dependencies (the ZeRO-2 step), audiocraft and the small packages it imports
-# (MusicGen's LM). torch, triton, transformers, numpy and the rest are the machine's own.
+# What travels: Liger-Kernel (the ops benchmark's second baseline), hypothesis (the op
+# property tests), DeepSpeed and its missing dependencies (the ZeRO-2 step), audiocraft
+# and the small packages it imports (MusicGen's LM). torch, triton, transformers, numpy and the rest are the machine's own.
 # audiocraft's heavy import-time dependencies that no step calls (av, spacy, librosa,
 # xformers: ~200 MB) do not travel; gpu_check.sh puts stand-ins from scripts/gpu_stubs
 # in their place when they are missing. Versions are the ones the CPU test suite runs.
@@ -22,7 +22,8 @@ mkdir -p "$DEST"
 WHEELS=(liger-kernel==0.8.5 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 julius==0.2.8
         num2words==0.5.14 omegaconf==2.4.0 dora-search==0.1.13 treetable==0.2.6
         submitit==1.5.4 retrying==1.4.2 colorlog==6.12.0 hjson==3.1.0 pydantic==2.14.4
-        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+        hypothesis==6.170.27 sortedcontainers==2.4.0)
 # Published as source only: built here into pure-Python wheels.
 SDISTS=(audiocraft==1.3.0 flashy==0.0.2 docopt==0.6.2)
 

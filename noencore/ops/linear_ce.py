@@ -40,6 +40,9 @@ def _check_common(n: int, vocab: int, targets: torch.Tensor, row_weight: torch.T
                   loss_cap: float | None, reduction: str, row_offset: int) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if vocab < 1:
+        raise ValueError("the vocabulary is empty (V = 0: weight [0, D] or logits [N, 0]); "
+                         "there is no class to score")
     if ignore_index == RANDOM_LABEL:
         raise ValueError(f"ignore_index must differ from RANDOM_LABEL ({RANDOM_LABEL})")
     if targets.dim() != 1 or targets.numel() != n:

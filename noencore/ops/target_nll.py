@@ -43,6 +43,9 @@ def target_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                          f"and {tuple(weight.shape)}")
     n, d = hidden.shape
     vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError("the vocabulary is empty (V = 0: weight [0, D]); there is no code "
+                         "to score")
     if targets.shape != (n,) or lse.shape != (n,):
         raise ValueError(f"targets and lse must be [N]={n}, got {tuple(targets.shape)} and "
                          f"{tuple(lse.shape)}")

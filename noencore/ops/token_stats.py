@@ -41,6 +41,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"targets must be [N]={n}, got shape {tuple(targets.shape)}")
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    if vocab < 1:
+        raise ValueError("the vocabulary is empty (V = 0: weight [0, D]); there is no class "
+                         "to score")
     key = None if random_labels is None else label_key(random_labels)
     labels = resolve_targets(targets, key, row_offset, vocab, ignore_index)
     if hidden.device.type == "cpu" and bool(((labels < -1) | (labels >= vocab)).any()):
