@@ -12,7 +12,7 @@ is the second, as a micro-batch of an accumulation) gives
 * the forward peak: the end of the forward, inside the loss;
 * the backward peak;
 
-which are printed next to the planner's :func:`noencore.plan.step_memory` for the same
+which are printed next to the planner's :func:`noencore.planner.step_memory` for the same
 shapes, precision and backend (its ``forward_peak``, ``backward_peak`` and ``peak``; the
 peak is the planner's activations + loss columns), with the ratio measured / predicted.
 
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from noencore.plan import MusicGenArch, StepMemory, step_memory  # noqa: E402
+from noencore.planner import MusicGenArch, StepMemory, step_memory  # noqa: E402
 
 MIB = 2**20
 BACKWARD_MARK = "plan_calibration::backward"

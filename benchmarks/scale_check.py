@@ -9,7 +9,7 @@ a few real-length clips (30-70 s; mono and stereo, four sample rates, four forma
    and two of its tracks never trained on: the stop rule's non-members; two remain tracks
    by other artists);
 2. ``noencore precompute`` with the full-size codec, then ``noencore condition``;
-3. the planner's memory per rank for the configuration below (``noencore.plan``);
+3. the planner's memory per rank for the configuration below (``noencore.planner``);
 4. ``noencore unlearn`` under ``deepspeed --num_gpus 2`` on 2 CPU ranks: ZeRO-3,
    activation checkpointing, 2 micro-batches of one 30 s window per rank and step (global
    batch 4), the membership-inference stop rule checked after every step, a checkpoint
@@ -227,7 +227,7 @@ def make_corpus(folder: Path) -> Path:
     """The rehearsal's clips and manifest (deterministic; kept when already written)."""
     import numpy as np
 
-    from noencore.demo_corpus import OPT_OUT_ARTIST, OTHER_ARTISTS, caption_for, render_clip
+    from noencore.demo.corpus import OPT_OUT_ARTIST, OTHER_ARTISTS, caption_for, render_clip
     from noencore.fileio import sha256_file
 
     manifest = folder / "manifest.jsonl"
@@ -387,7 +387,7 @@ def predicted(text_tokens: int) -> dict:
     holds it (``device="cpu"``: torch AdamW's single-tensor update, the written part of the
     reduction bucket) and without the 2 GiB reserve, which stands for a CUDA context, NCCL
     workspaces and fragmentation that a CPU rank measured this way does not have."""
-    from noencore.plan import plan_memory
+    from noencore.planner import plan_memory
 
     row = plan_memory(PLAN_MODEL, gpus=RANKS, gpu_mem_gib=80, micro_batch=MICRO_BATCH,
                       accumulation=ACCUMULATION, seconds=FRAMES / 50, reserve_gib=0.0, stop_rule=True,
@@ -491,7 +491,7 @@ def report(result: dict) -> str:
         "freed (`MALLOC_MMAP_THRESHOLD_`), so the figure follows live tensors. Planner: `noencore plan "
         "--model small --gpus 2 --micro-batch 1 --accumulation 2 --checkpointing --stop-rule --backend "
         f"cpp --text-tokens {result['text_tokens']}`, ZeRO-3 row, as a CPU rank holds it "
-        "(`noencore.plan.plan_memory(..., device=\"cpu\", reserve_gib=0)`: torch AdamW's single-tensor "
+        "(`noencore.planner.plan_memory(..., device=\"cpu\", reserve_gib=0)`: torch AdamW's single-tensor "
         "update and the written part of the reduction bucket; no 2 GiB reserve for a CUDA context).",
         "",
         f"| moment of step {n_last} (resumed run, every state present) | planner | rank 0 | rank 1 "

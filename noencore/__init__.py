@@ -8,6 +8,10 @@ The data path, one sub-package per stage::
     noencore.ops         fused linear cross-entropy with ascent (Triton / C++ / torch)
     noencore.engine      the training loop: one process or DeepSpeed ZeRO
     noencore.evaluation  batched token metrics, membership inference, CLAP, FAD, reports
+    noencore.planner     which ZeRO stage, micro-batch and accumulation fit G GPUs
+    noencore.demo        the whole pipeline on a synthetic corpus
+
+Imports run one way, down that path (``tests/test_import_graph.py`` checks it).
 
 ``import noencore`` is light: heavy packages (audiocraft, deepspeed, triton,
 laion_clap) load only inside the code paths that use them. The names below are
@@ -18,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from noencore.version import __version__
 
 # public name -> module that defines it
 _LAZY = {
@@ -28,7 +32,7 @@ _LAZY = {
     "save_musicgen": "noencore.models.musicgen",
     "unlearn": "noencore.engine.loop",
     "evaluate": "noencore.evaluation.evaluate",
-    "run_demo": "noencore.demo",
+    "run_demo": "noencore.demo.pipeline",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from noencore.demo_corpus import (
+from noencore.demo.corpus import (
     BROKEN_KINDS,
     OPT_OUT_ARTIST,
     _ogg_set_serial,
@@ -179,7 +179,7 @@ def test_fixed_length_single_format(tmp_path: Path) -> None:
 
 
 def test_opt_out_clips_split_three_ways_interleaved() -> None:
-    from noencore.demo_corpus import OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT, _assign_clips
+    from noencore.demo.corpus import OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT, _assign_clips
 
     plan = _assign_clips(60, 0.5, optout_holdout=1 / 3, optout_valid=1 / 3)
     opt = [split for artist, split in plan if artist is OPT_OUT_ARTIST]

@@ -167,7 +167,7 @@ def test_musicgen_small_random_has_the_real_shapes(tmp_path, monkeypatch):
 
     from noencore.models import load_musicgen
     from noencore.models.musicgen import NAMED_CONFIGS, text_encoder_name
-    from noencore.plan import T5_BASE_DIM, get_arch
+    from noencore.planner import T5_BASE_DIM, get_arch
 
     monkeypatch.setenv("NOENCORE_CACHE", str(tmp_path))
     spec, small = "musicgen-small-random", get_arch("small")

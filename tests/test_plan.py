@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from noencore.cli import main
-from noencore.plan import (
+from noencore.planner import (
     ARCHITECTURES,
     CPP_CHUNK_BYTES,
     GIB,

@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from noencore import plan
+    from noencore import planner as plan
 
     fixed = args.micro_batch is not None or args.accumulation is not None
     if not fixed and (args.checkpointing or args.offload):
@@ -132,7 +132,7 @@ def _read_deepspeed_config(path: str | None) -> dict | None:
 
 def _fixed_split(args: argparse.Namespace) -> tuple[int, int]:
     """(micro-batch, accumulation) of the per-stage table, checked against --batch-size."""
-    from noencore.plan import DEFAULT_GLOBAL_BATCH, split_batch
+    from noencore.planner import DEFAULT_GLOBAL_BATCH, split_batch
 
     accumulation = args.accumulation or 1
     if args.micro_batch is None:
@@ -146,7 +146,7 @@ def _fixed_split(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _print_fixed(args, arch, rows, gpu_mem: float, window: str, loss: str, options: dict) -> None:
-    from noencore.plan import GIB, format_plan_table, max_micro_batch
+    from noencore.planner import GIB, format_plan_table, max_micro_batch
 
     r = rows[0]
     print(f"{args.gpus} GPU(s) x {gpu_mem:g} GiB, micro-batch {r.micro_batch} x {r.accumulation} accumulation "
@@ -163,7 +163,7 @@ def _print_fixed(args, arch, rows, gpu_mem: float, window: str, loss: str, optio
 
 
 def _print_answer(args, arch, rows, gpu_mem: float, window: str, loss: str) -> None:
-    from noencore.plan import DEFAULT_GLOBAL_BATCH, GIB, format_recommendations
+    from noencore.planner import DEFAULT_GLOBAL_BATCH, GIB, format_recommendations
 
     batch = DEFAULT_GLOBAL_BATCH if args.batch_size is None else args.batch_size
     print(f"{args.gpus} GPU(s) x {gpu_mem:g} GiB; global batch {batch} windows of {window}, {args.precision}, "

@@ -68,7 +68,7 @@ def check_sets(sets: Mapping[str, Any]) -> None:
 
 def _copy(model: Any) -> Any:
     """An independent trainable copy of the LM (the codec is not needed to train)."""
-    from noencore.models.musicgen import MusicGenModel
+    from noencore.models.lm import MusicGenModel
 
     return MusicGenModel(copy.deepcopy(model.lm), model.cfg, codec=None,
                          spec=f"{model.spec} (relearned)", requests=model.requests)

@@ -265,11 +265,11 @@ def hf_text_encoder(spec: str) -> str:
 
 def _lm_config(config: dict[str, Any], t5_folder: Path, guidance: float) -> dict[str, Any]:
     """The audiocraft config of the LM equivalent to a transformers MusicGen config."""
-    from noencore.models.musicgen import _BASE_CFG, _merge
+    from noencore.models.lm import BASE_CFG, merge_config
 
     dec = config["decoder"]
     dim = int(dec["hidden_size"])
-    cfg = _merge(_BASE_CFG, {
+    cfg = merge_config(BASE_CFG, {
         "transformer_lm": {
             "n_q": int(dec["num_codebooks"]), "card": int(dec["vocab_size"]), "dim": dim,
             "num_heads": int(dec["num_attention_heads"]),
@@ -294,7 +294,7 @@ def load_hf(location: str, device: str | torch.device = "cpu",
     from transformers import MusicgenForConditionalGeneration
 
     from noencore.data.codec import hf_codec
-    from noencore.models.musicgen import MusicGenModel, _build_lm
+    from noencore.models.lm import MusicGenModel, build_lm
 
     folder = resolve(location)
     config = read_config(folder)
@@ -310,7 +310,7 @@ def load_hf(location: str, device: str | torch.device = "cpu",
     guidance = hf.generation_config.guidance_scale or 3.0
     cfg = _lm_config(config, t5_folder, float(guidance))
     with quiet_audiocraft(), quiet_transformers():
-        lm = _build_lm(cfg)
+        lm = build_lm(cfg)
     n_layers, n_q = cfg["transformer_lm"]["num_layers"], cfg["transformer_lm"]["n_q"]
     lm.load_state_dict(lm_state_from_hf(hf.state_dict(), n_layers, n_q))
     mask_text_padding(lm)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HOLDOUT = "holdout_optout"  # splits of the demo corpus (noencore.demo_corpus)
+HOLDOUT = "holdout_optout"  # splits of the demo corpus (noencore.demo.corpus)
 VALID = "valid_optout"
 STOP_RULES = ("auc", "matched", "fixed")
 
@@ -201,7 +201,7 @@ def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
 
     from noencore.data.precompute import precompute
     from noencore.data.shards import TokenShards
-    from noencore.demo_corpus import make_demo_corpus
+    from noencore.demo.corpus import make_demo_corpus
     from noencore.engine import checkpoint as ckpt
     from noencore.engine.loop import unlearn
     from noencore.evaluation.evaluate import evaluate
