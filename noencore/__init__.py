@@ -26,13 +26,25 @@ from noencore.version import __version__
 
 # public name -> module that defines it
 _LAZY = {
+    # the stages, in the order of the data path
     "precompute": "noencore.data.precompute",
     "TokenShards": "noencore.data.shards",
+    "SetSpec": "noencore.data.shards",
+    "condition": "noencore.models.conditions",
     "load_musicgen": "noencore.models.musicgen",
     "save_musicgen": "noencore.models.musicgen",
+    "MusicGenModel": "noencore.models.lm",
     "unlearn": "noencore.engine.loop",
     "evaluate": "noencore.evaluation.evaluate",
     "run_demo": "noencore.demo.pipeline",
+    # what they return
+    "UnlearnResult": "noencore.engine.loop",
+    "EvalResult": "noencore.evaluation.evaluate",
+    # what they raise
+    "NoencoreError": "noencore.errors",
+    "UsageError": "noencore.errors",
+    "RequestConflict": "noencore.errors",
+    "DivergenceError": "noencore.engine.loop",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

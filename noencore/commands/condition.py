@@ -23,16 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from noencore.data.shards import TokenShards
-    from noencore.models.musicgen import text_encoder_name
-    from noencore.models.text import build_condition_cache
+    from noencore.models.conditions import condition
 
     shards = TokenShards(args.shards)
-    folder = Path(args.out) if args.out else Path(shards.path) / "conditions"
-    encoder = text_encoder_name(args.model)
-    cache = build_condition_cache(folder, shards.captions, encoder, batch_size=args.batch_size,
-                                  device=args.device)
-    print(f"{len(set(shards.captions))} captions cached in {cache.folder} (encoder {encoder})")
+    cache = condition(shards, args.model, out=args.out, batch_size=args.batch_size,
+                      device=args.device)
+    print(f"{len(set(shards.captions))} captions cached in {cache.folder} (encoder {cache.encoder})")
     return 0

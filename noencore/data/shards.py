@@ -247,3 +247,27 @@ class TokenShards:
                 raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
             keep &= np.array([i in wanted_ids for i in present], dtype=bool)
         return TokenShards(self.path, _store=self._store, _rows=self._rows[keep])
+
+
+SetSpec = str | Sequence[str] | TokenShards
+"""How a set of items is named, the same for ``unlearn`` and ``evaluate``: a split name,
+a list of source ids, or a ``TokenShards`` selection (``shards.select(...)``)."""
+
+
+def select_set(shards: TokenShards, spec: SetSpec) -> TokenShards:
+    """The items of ``shards`` that ``spec`` names: a split name, source ids (all their
+    segments; an absent id is refused) or a selection, returned as it is."""
+    if isinstance(spec, TokenShards):
+        return spec
+    if isinstance(spec, str):
+        return shards.select(split=spec)
+    return shards.select(ids=[str(x) for x in spec])
+
+
+def set_ids(spec: SetSpec) -> str | list[str]:
+    """``spec`` as a split name or a list of source ids (a selection gives its ids, in
+    order, each once): what the engine's sets read."""
+    if isinstance(spec, TokenShards):
+        return list(dict.fromkeys(spec.ids))
+    return spec if isinstance(spec, str) else [str(x) for x in spec]
+

@@ -18,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from noencore import distributed as dist
+from noencore.data.shards import SetSpec
 from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
@@ -60,6 +61,13 @@ class UnlearnResult:
     out: Path | None = None
     model_dir: Path | None = None
     stop_info: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the model, JSON-ready (paths as strings)."""
+        return {"steps": self.steps, "stopped": self.stopped, "metrics": list(self.metrics),
+                "out": None if self.out is None else str(self.out),
+                "model_dir": None if self.model_dir is None else str(self.model_dir),
+                "stop_info": self.stop_info}
 
 
 def _check_codec(model, shards) -> None:
@@ -452,8 +460,8 @@ class _Numbers:
             self.log.close()
 
 
-def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
-            remain: str | Sequence[str] | None = None, method: str | Method = "ga",
+def unlearn(model: Any, shards: Any, *, forget: SetSpec,
+            remain: SetSpec | None = None, method: str | Method = "ga",
             method_options: dict | None = None, steps: int = 100, lr: float = 1e-5,
             weight_decay: float = 0.0, batch_size: int = 8, forget_ratio: float = 0.5,
             frames: int = 500, seed: int = 0, out: str | os.PathLike | None = None,
@@ -465,15 +473,16 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
             precision: str = "fp32",
             progress: bool = True, save: bool = True,
             on_step: Callable[[int, dict], None] | None = None,
-            stop_nonmembers: str | Sequence[str] | None = None, stop_rule: str = "auc",
+            stop_nonmembers: SetSpec | None = None, stop_rule: str = "auc",
             stop_auc: float = 0.5, stop_every: int = 1, accumulation: int = 1,
             checkpointing: bool = False, log_every: int = 10, lora: Any = None,
             save_adapter: bool = False) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
     model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (hub id, folder, "tiny").
-    shards: a ``TokenShards`` or its folder. forget / remain: a split name or a list of
-    source ids (remain=None: every other item outside held-out splits).
+    shards: a ``TokenShards`` or its folder. forget / remain / stop_nonmembers: a split
+    name, a list of source ids or a selection of ``shards`` (``shards.select(...)``, as
+    ``evaluate`` takes its sets; remain=None: every other item outside held-out splits).
     method: ga | bounded_ga | graddiff | rl | npo | simnpo (options in ``method_options``).
     batch_size: global rows per optimizer step, ``forget_ratio`` of them from the forget
     set, split over the ranks and into ``accumulation`` micro-batches per rank (gradients
@@ -514,8 +523,12 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     the saved model folder keeps (``noencore.engine.requests``).
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
+    from noencore.data.shards import set_ids as named
     from noencore.models import ConditionCache, load_musicgen, save_musicgen
 
+    forget = named(forget)
+    remain = None if remain is None else named(remain)
+    stop_nonmembers = None if stop_nonmembers is None else named(stop_nonmembers)
     if steps < 0 or batch_size <= 0 or frames <= 0:
         raise UsageError(f"steps ({steps}) must be >= 0, batch_size ({batch_size}) and "
                          f"frames ({frames}) > 0")

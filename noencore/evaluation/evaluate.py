@@ -65,8 +65,8 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _open_sets(sets: Mapping[str, Any]) -> dict[str, Any]:
-    from noencore.data.shards import TokenShards
+def _open_sets(sets: Mapping[str, Any], shards: Any = None) -> dict[str, Any]:
+    from noencore.data.shards import TokenShards, select_set
 
     unknown = set(sets) - set(SET_NAMES)
     if unknown:
@@ -78,6 +78,9 @@ def _open_sets(sets: Mapping[str, Any]) -> dict[str, Any]:
         if name not in sets or sets[name] is None:
             continue
         s = sets[name]
+        if shards is not None:
+            s = select_set(TokenShards(shards) if isinstance(shards, str | os.PathLike)
+                           else shards, s)
         s = TokenShards(s) if isinstance(s, str | os.PathLike) else s
         if len(s) == 0:
             raise NoencoreError(f"{s.path}: the {name} set is empty; check its split name or "
@@ -170,8 +173,10 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
              min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True,
              relearn_steps: int | Sequence[int] | str | None = None,
              relearn_lr: float = relearn.DEFAULT_LR,
-             relearn_batch_size: int = relearn.DEFAULT_BATCH_SIZE) -> dict[str, Any]:
-    """Evaluate an unlearned MusicGen model; return the report as a dict (also written to ``out``).
+             relearn_batch_size: int = relearn.DEFAULT_BATCH_SIZE,
+             shards: Any = None) -> EvalResult:
+    """Evaluate an unlearned MusicGen model; return the report (an ``EvalResult``, a dict;
+    also written to ``out``).
 
     Under a launcher (``torchrun``, ``deepspeed``: ``WORLD_SIZE`` > 1) or inside an
     initialised process group, every rank calls this with the same arguments: the
@@ -184,7 +189,9 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
     Args:
         model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (folder, hub id, "tiny").
         sets: ``{"forget": ..., "remain": ..., "holdout": ...}``, each a ``TokenShards``
-            (e.g. ``shards.select(split="forget")``) or a shard folder; forget is required,
+            (e.g. ``shards.select(split="forget")``) or a shard folder; with ``shards``,
+            each may also be named as ``unlearn`` names its sets: a split name or a list
+            of source ids (``noencore.data.shards.select_set``). forget is required,
             holdout is needed for membership inference.
         metrics: any of ``ALL_METRICS``; default: the token metrics, plus the generation
             metrics when ``clap`` is given (asking for a CLAP one without ``clap`` is an
@@ -224,7 +231,7 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
         metrics = list(TOKEN_METRICS) + (list(GENERATION_METRICS) if clap is not None else [])
     if batch_size <= 0:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
-    shard_sets = _open_sets(sets)
+    shard_sets = _open_sets(sets, shards)
     relearn_counts = relearn.parse_steps(relearn_steps)
     if relearn_counts:
         relearn.check_sets(shard_sets)
@@ -373,7 +380,32 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             write_report(folder, results, item_nll, curves)
         return results
 
-    return dist.on_rank0(report)
+    return EvalResult(dist.on_rank0(report))
+
+
+class EvalResult(dict):
+    """What ``evaluate`` measured: report.json's content, a dict (blocks "token", "mia",
+    "privleak", "forget_quality", "generation", "relearn", "verdicts", ...; the metrics
+    not asked for are absent), with the blocks a caller reads most as attributes and
+    ``to_dict()`` for a plain, JSON-ready copy."""
+
+    @property
+    def verdicts(self) -> dict[str, Any]:
+        """Each criterion's verdict (``noencore.evaluation.report.verdicts``)."""
+        return self["verdicts"]
+
+    @property
+    def token(self) -> dict[str, Any]:
+        """Token-level NLL and top-1 per set (and per role: after, before, retrained)."""
+        return self.get("token", {})
+
+    @property
+    def mia(self) -> dict[str, Any]:
+        """Membership-inference AUCs per role, set and attack ({} when not measured)."""
+        return self.get("mia", {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
 
 
 _CODEC_KEYS = ("n_q", "card", "sample_rate", "frame_rate")
