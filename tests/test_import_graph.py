@@ -12,9 +12,10 @@ layers, lowest first (a module may import its own layer and those below it):
     methods     a batch -> targets and signed row weights
     metrics     token NLL, membership inference, CLAP, FAD, reports (no training): the
                 engine's stop rule measures with them, so they sit below it
+    planner     the shape of a step and its memory (imports none of the above; the
+                engine lays its steps out with the planner's ``StepShape``)
     engine      the training loop, DeepSpeed, checkpoints, the stop rule
     evaluation  ``evaluate`` and the relearning probe (which trains through the engine)
-    planner     the memory planner (imports none of the above)
     faces       the demo, the CLI and its commands, the package's public API
 """
 from __future__ import annotations
@@ -35,9 +36,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("noencore.models",)),
     ("methods", ("noencore.methods",)),
     ("metrics", ("noencore.evaluation",)),
+    ("planner", ("noencore.planner",)),
     ("engine", ("noencore.engine",)),
     ("evaluation", EVALUATION),
-    ("planner", ("noencore.planner",)),
     ("faces", ("noencore.demo", "noencore.commands", "noencore.cli", "noencore.__main__",
                "noencore.api", "noencore")),
 ]

@@ -7,50 +7,21 @@ flags given on the command line override it. Run under ``deepspeed`` / ``torchru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from noencore.engine.config import UnlearnConfig
 from noencore.errors import UsageError
 
-# option -> (type, default, help); every one is also a config-file key
-OPTIONS: dict[str, tuple[Any, Any, str]] = {
+# The options of the command that are not options of ``unlearn`` (the model, the shards,
+# and convenient spellings of two of its options): option -> (type, default, help).
+_CLI_ONLY: dict[str, tuple[Any, Any, str]] = {
     "model": (str, None, "MusicGen: hub id, local folder, or 'tiny'"),
     "shards": (str, None, "token-shard directory (with its conditions/ cache)"),
-    "forget": (str, None, "forget set: a split name, or comma-separated source ids"),
     "forget_ids": (str, None, "file with one forget source id per line (the opt-out list)"),
-    "remain": (str, None, "remain set: split name or comma-separated ids (default: all "
-                          "other items outside held-out splits)"),
-    "method": (str, "ga", "ga | bounded_ga | graddiff | rl | npo | simnpo"),
-    "steps": (int, 100, "maximum optimizer steps"),
-    "lr": (float, 1e-5, "AdamW learning rate"),
-    "weight_decay": (float, 0.0, "AdamW weight decay"),
-    "batch_size": (int, 8, "global rows per optimizer step (all ranks, all micro-batches)"),
-    "accumulation": (int, 1, "micro-batches per optimizer step on each rank (gradient "
-                             "accumulation: the same step in less memory)"),
-    "forget_ratio": (float, 0.5, "fraction of each batch drawn from the forget set"),
-    "frames": (int, 500, "window length in codec frames (50 per second)"),
-    "seed": (int, 0, "seed of the batch order and random labels"),
-    "out": (str, None, "run folder: metrics.jsonl, losses.png, checkpoints/, model/"),
-    "checkpoint_every": (int, 0, "checkpoint every N steps (0: only at the end)"),
-    "target_forget_nll": (float, None, "stop when the forget token NLL reaches this (nats)"),
-    "stop_nonmembers": (str, None, "stop when membership inference cannot tell the forget "
-                                   "set from these never-trained tracks (split or "
-                                   "comma-separated ids; not the tracks you evaluate on)"),
-    "stop_rule": (str, "auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= --stop-auc), "
-                              "nll (forget NLL reaches theirs) or original (the AUC against "
-                              "their NLLs under the starting model)"),
-    "stop_auc": (float, 0.5, "with --stop-nonmembers: the AUC to stop at"),
-    "stop_every": (int, 1, "with --stop-nonmembers: check every N steps"),
-    "grad_clip": (float, 1.0, "gradient norm clip (0: none)"),
-    "log_every": (int, 10, "read the step numbers from the device every N steps (metrics.jsonl "
-                           "still holds every step; NaN/inf is caught at the read)"),
-    "backend": (str, "auto", "fused op backend: auto | triton | cpp | torch"),
-    "zero_stage": (int, None, "train with DeepSpeed ZeRO stage 1, 2 or 3 (bf16)"),
-    "deepspeed_config": (str, None, "DeepSpeed JSON config (checked against the flags)"),
-    "device": (str, None, "cpu or cuda (default: cuda when available)"),
-    "precision": (str, "fp32", "one process: fp32, or bf16 (autocast on fp32 weights)"),
     "lora_rank": (int, None, "train only LoRA adapters of this rank (the model frozen); "
                              "the saved model has them merged"),
     "lora_alpha": (float, None, "LoRA scale numerator: updates are alpha/rank * B A "
@@ -60,7 +31,18 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                 "text_projection, or path components such as linear1 or "
                                 "layers.0 (default: attention,heads)"),
 }
-FLAGS = ("offload_optimizer", "resume", "checkpointing", "save_adapter")
+_FIELDS = {f.metadata["cli"] if isinstance(f.metadata["cli"], str) else f.name: f
+           for f in dataclasses.fields(UnlearnConfig) if f.metadata["cli"]}
+# option -> (type, default, help), derived from UnlearnConfig; every one is also a
+# config-file key. FLAGS: its switches (store_true).
+OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    **{k: v for k, v in _CLI_ONLY.items() if not k.startswith("lora")},
+    **{name: (f.metadata["parse"] if f.metadata["parse"] in (int, float) else str, f.default,
+              f.metadata["help"])
+       for name, f in _FIELDS.items() if not isinstance(f.default, bool)},
+    **{k: v for k, v in _CLI_ONLY.items() if k.startswith("lora")},
+}
+FLAGS = tuple(name for name, f in _FIELDS.items() if isinstance(f.default, bool))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,16 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. beta=0.1, loss_cap=8, labels=remain_clip, remain_anchor=true "
                         "(repeatable)")
-    p.add_argument("--offload-optimizer", action="store_true", default=None,
-                   help="DeepSpeed: keep optimizer state in CPU memory")
-    p.add_argument("--checkpointing", action="store_true", default=None,
-                   help="activation checkpointing per transformer layer (less memory, "
-                        "about a third more compute)")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--save-adapter", action="store_true", default=None,
-                   help="with --lora-rank, transformers-format models: also write the "
-                        "adapters as a PEFT adapter to OUT/adapter")
+    for name in FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None,
+                       help=_FIELDS[name].metadata["help"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -117,15 +92,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _id_list(value: str | list | None) -> str | list[str] | None:
-    """A split name stays a string; a comma-separated value is a list of ids."""
-    if value is None or isinstance(value, list):
-        return value
-    return [x.strip() for x in value.split(",") if x.strip()] if "," in value else value
-
-
 def resolve_options(args: argparse.Namespace) -> dict:
-    """Config file, then flags: the keyword arguments of ``noencore.unlearn``."""
+    """Config file, then flags: the keyword arguments of ``noencore.unlearn`` (the
+    options of ``UnlearnConfig``, with model and shards)."""
     opts: dict[str, Any] = {k: d for k, (_, d, _) in OPTIONS.items()}
     opts.update(method_options={}, **dict.fromkeys(FLAGS, False))
     if args.config:
@@ -150,9 +119,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
         opts.pop("forget_ids", None)
     if opts.get("forget") is None:
         raise UsageError("--forget (split or ids) or --forget-ids is required")
-    opts["forget"] = _id_list(opts["forget"])
-    opts["remain"] = _id_list(opts["remain"])
-    opts["stop_nonmembers"] = _id_list(opts.get("stop_nonmembers"))
+    for name, f in _FIELDS.items():  # the parsing a flag's text needs beyond its type
+        if f.metadata["parse"] not in (None, int, float):
+            opts[name] = f.metadata["parse"](opts.get(name))
     if opts.get("grad_clip") == 0:
         opts["grad_clip"] = None
     opts["deepspeed"] = opts.pop("deepspeed_config")

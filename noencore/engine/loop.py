@@ -14,6 +14,7 @@ Stops at ``steps`` or when the forget NLL reaches ``target_forget_nll``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -26,9 +27,9 @@ from typing import Any
 import torch
 
 from noencore import distributed as dist
-from noencore.data.shards import SetSpec
 from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
+from noencore.engine.config import UnlearnConfig, fields_for_run
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 from noencore.engine.requests import (
@@ -40,8 +41,10 @@ from noencore.engine.requests import (
 )
 from noencore.engine.sets import UnlearningSets
 from noencore.errors import NoencoreError, UsageError
-from noencore.methods import Method, get_method
+from noencore.fileio import atomic_write
+from noencore.methods import get_method
 from noencore.models.adapter import token_mask
+from noencore.planner.shape import StepShape
 
 
 class DivergenceError(NoencoreError):
@@ -151,7 +154,7 @@ def _window_tokens(lm: torch.nn.Module, sets: UnlearningSets, chunk: int = 64) -
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _fit_targets(run: _Run, stopper: Any) -> None:
+def _fit_targets(run: Trainer, stopper: Any) -> None:
     """A method's targets, measured once under the starting weights: each forget window's
     mean NLL (its cached reference over its tokens) mapped onto the stop rule's
     non-members' per-track mean NLLs (``stopper.original``, the same on every rank)."""
@@ -177,37 +180,6 @@ def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | N
             picked = table[unit.clamp(0, table.numel() - 1)]  # rows of the other set: unused
             out = torch.where(rows, picked.float(), out)
     return out
-
-
-def _run_config(method: Method, **kw) -> dict:
-    return {"method": method.describe(), **kw}
-
-
-@dataclass
-class _Run:
-    """What the loop holds once set up (one process or one rank of a launcher)."""
-
-    model: Any
-    method: Method
-    sets: UnlearningSets
-    cache: Any
-    objective: UnlearnObjective
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    engine: Any  # the DeepSpeed engine, or None in one process
-    dev: torch.device
-    rank: int
-    world: int
-    n_f: int
-    n_r: int
-    accumulation: int
-    seed: int
-    precision: str
-    grad_clip: float | None
-    config: dict
-    ckpt_root: Path | None
-    ref_forget: torch.Tensor | None = None
-    ref_remain: torch.Tensor | None = None
 
 
 def _check_shared_folder(out_dir: Path, rank: int, world: int) -> None:
@@ -264,7 +236,7 @@ def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
     return step, Path(folder)
 
 
-def _load_resume_state(run: _Run, folder: Path) -> Any:
+def _load_resume_state(run: Trainer, folder: Path) -> Any:
     """Weights, optimizer state, reference tables and fitted targets of a checkpoint,
     onto this rank; returns the stop rule's non-member NLLs under the starting weights
     (float64 [n] or None). Tensors are read onto the CPU and moved: the checkpoint says
@@ -285,7 +257,7 @@ def _load_resume_state(run: _Run, folder: Path) -> Any:
     return state.get("nonmember_nll")
 
 
-def _save_checkpoint(run: _Run, step: int, original: Any = None) -> None:
+def _save_checkpoint(run: Trainer, step: int, original: Any = None) -> None:
     """Checkpoint ``step`` atomically: every rank writes its part into one temporary
     folder, rank 0 seals it (checksums, manifest) and renames it into place.
     ``original``: the stop rule's non-member NLLs under the starting weights (kept, as
@@ -307,12 +279,12 @@ def _save_checkpoint(run: _Run, step: int, original: Any = None) -> None:
         torch.save({"model": run.model.lm.state_dict(), "optimizer": run.optimizer.state_dict(),
                     "step": step, **refs}, tmp / "state.pt")
     if run.rank == 0:
-        ckpt.commit(tmp, step, extra={"run": run.config})
+        ckpt.commit(tmp, step, extra={"run": run.run_config})
     if run.engine is not None:
         dist.barrier()
 
 
-def _step_rows(run: _Run, step: int) -> Any:
+def _step_rows(run: Trainer, step: int) -> Any:
     """This rank's rows of step ``step`` (a ``StepBatch`` whose mask marks the tokens that
     count, computed on the host) and the token counts of the whole optimizer step
     (float64 [3] on the device: forget tokens, remain tokens, forget rows, summed over
@@ -324,7 +296,7 @@ def _step_rows(run: _Run, step: int) -> Any:
     return b, dist.all_reduce_sum(counts)
 
 
-def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
+def _micro_inputs(run: Trainer, b: Any, counts: torch.Tensor, step: int) -> tuple:
     """A micro-batch's rows on this rank's device, as the objective takes them."""
     emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
     ref = _row_reference(run.ref_forget, run.ref_remain, b.forget, b.unit)
@@ -335,8 +307,8 @@ def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
             b.row.to(dev, non_blocking=True))
 
 
-def _micro_batches(run: _Run, b: Any) -> list:
-    size = b.codes.shape[0] // run.accumulation
+def _micro_batches(run: Trainer, b: Any) -> list:
+    size = run.shape.micro_batch
     return [b.select(slice(m * size, (m + 1) * size)) for m in range(run.accumulation)]
 
 
@@ -349,7 +321,7 @@ class _StepNumbers:
     backend: str | None
 
 
-def _train_step(run: _Run, step: int) -> _StepNumbers:
+def _train_step(run: Trainer, step: int) -> _StepNumbers:
     """One optimizer step over ``accumulation`` micro-batches: the host reads and lays out
     the rows, the device does the rest (``_device_step``) without the host waiting."""
     b, counts = _step_rows(run, step)
@@ -357,7 +329,7 @@ def _train_step(run: _Run, step: int) -> _StepNumbers:
     return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used)
 
 
-def _device_step(run: _Run, micro: list[tuple]) -> torch.Tensor:
+def _device_step(run: Trainer, micro: list[tuple]) -> torch.Tensor:
     """Forward, backward and update over the micro-batches' inputs. Returns float64 [9]
     on the device: stats [6] (summed over micro-batches and ranks), objective, gradient
     norm, and 1 if both were finite. Nothing is read back to the host here."""
@@ -460,274 +432,316 @@ class _Numbers:
             self.log.close()
 
 
-def unlearn(model: Any, shards: Any, *, forget: SetSpec,
-            remain: SetSpec | None = None, method: str | Method = "ga",
-            method_options: dict | None = None, steps: int = 100, lr: float = 1e-5,
-            weight_decay: float = 0.0, batch_size: int = 8, forget_ratio: float = 0.5,
-            frames: int = 500, seed: int = 0, out: str | os.PathLike | None = None,
-            checkpoint_every: int = 0, resume: bool = False,
-            target_forget_nll: float | None = None, grad_clip: float | None = 1.0,
-            conditions: str | os.PathLike | None = None, backend: str = "auto",
-            zero_stage: int | None = None, deepspeed: dict | str | None = None,
-            offload_optimizer: bool = False, device: str | None = None,
-            precision: str = "fp32",
-            progress: bool = True, save: bool = True,
-            on_step: Callable[[int, dict], None] | None = None,
-            stop_nonmembers: SetSpec | None = None, stop_rule: str = "auc",
-            stop_auc: float = 0.5, stop_every: int = 1, accumulation: int = 1,
-            checkpointing: bool = False, log_every: int = 10, lora: Any = None,
-            save_adapter: bool = False) -> UnlearnResult:
+def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
+            progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+            **overrides: Any) -> UnlearnResult:
     """Unlearn the ``forget`` set of ``shards`` from ``model`` while keeping ``remain``.
 
     model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (hub id, folder, "tiny").
-    shards: a ``TokenShards`` or its folder. forget / remain / stop_nonmembers: a split
-    name, a list of source ids or a selection of ``shards`` (``shards.select(...)``, as
-    ``evaluate`` takes its sets; remain=None: every other item outside held-out splits).
-    method: ga | bounded_ga | graddiff | rl | npo | simnpo (options in ``method_options``).
-    batch_size: global rows per optimizer step, ``forget_ratio`` of them from the forget
-    set, split over the ranks and into ``accumulation`` micro-batches per rank (gradients
-    add up over them; every mean is over the whole step's tokens, so the result equals
-    one big batch); frames: window length (50 frames = 1 s at 32 kHz).
-    checkpointing: recompute each transformer layer's activations in backward (less
-    memory, about a third more compute; same gradients).
-    out: run folder (metrics.jsonl, losses.png, checkpoints/, model/); checkpoints every
-    ``checkpoint_every`` steps and at the end; ``resume`` continues from the newest
-    valid checkpoint in ``out``. Under a launcher the run folder must be on a filesystem
-    every rank shares (checked before training).
-    zero_stage / deepspeed (config dict or JSON path): train with DeepSpeed ZeRO in bf16;
-    each rank runs on GPU ``LOCAL_RANK`` (or the CPU). The returned model is a plain fp32
-    model on every rank (the master weights gathered from the partitions), usable as is.
-    precision (one process): "fp32", or "bf16" (fp32 weights and optimizer, forward and
-    backward under bf16 autocast, as audiocraft trains; much faster where bf16 matmuls are).
-    log_every: the step's numbers stay on the device and are read every ``log_every``
-    steps (and before every checkpoint, stop check or ``target_forget_nll`` check), so the
-    host never waits for the device in between; metrics.jsonl still gets every step. A
-    NaN/inf loss or gradient norm raises DivergenceError at that read, and no checkpoint
-    is written after it. on_step(step, record) is called for each step when it is read.
-    stop_nonmembers (a split name or source ids of tracks never trained on, like the
-    forget set): stop once membership inference cannot tell the forget set from them
-    (``stop_rule`` "auc": the LOSS attack's AUC <= ``stop_auc``, the weights between the
-    last two checks bisected for the crossing; "nll": the forget mean NLL reaches
-    theirs), checked every ``stop_every`` steps; a ``row_target`` method option follows
-    their NLL (``noencore.engine.stopping``); under a launcher every rank scores its
-    share and the bisection works on each rank's partition of the weights. Keep the
-    tracks a later evaluation scores out of this set.
-    lora (``noencore.models.lora.LoraSpec`` or a dict of its fields: rank, alpha,
-    targets): train only low-rank adapters of the targeted weights, the model frozen;
-    the returned and saved model has them merged. save_adapter (transformers-format
-    models): also write them as a PEFT adapter to ``out/adapter``.
-    A model loaded from a folder remembers the opt-outs it has served
-    (``model.requests``, the folder's requests.json): a request whose forget set overlaps
-    an earlier one's, or whose remain set holds an earlier one's forget items, is refused
-    (``RequestConflict``) before training; a finished run appends its own request, which
-    the saved model folder keeps (``noencore.engine.requests``).
+    shards: a ``TokenShards`` or its folder. config: an ``UnlearnConfig`` (every option,
+    its default and meaning: ``noencore.engine.config``); ``overrides``: options by name,
+    over ``config`` (``unlearn(model, shards, forget="forget", steps=50)``). progress:
+    show a progress bar (rank 0). on_step(step, record): called for each step's metrics
+    when they are read. Runs the phases of ``Trainer``.
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
-    from noencore.data.shards import set_ids as named
-    from noencore.models import ConditionCache, load_musicgen, save_musicgen
+    cfg = (config or UnlearnConfig()).replace(**overrides)
+    return Trainer(model, shards, cfg, progress=progress, on_step=on_step).run()
 
-    forget = named(forget)
-    remain = None if remain is None else named(remain)
-    stop_nonmembers = None if stop_nonmembers is None else named(stop_nonmembers)
-    if steps < 0 or batch_size <= 0 or frames <= 0:
-        raise UsageError(f"steps ({steps}) must be >= 0, batch_size ({batch_size}) and "
-                         f"frames ({frames}) > 0")
-    if resume and out is None:
-        raise UsageError("resume needs the run folder (out=...)")
-    if checkpoint_every and out is None:
-        raise UsageError("checkpoint_every needs a run folder (out=...)")
-    distributed = zero_stage is not None or deepspeed is not None
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
-    if batch_size < world:
-        raise UsageError(f"batch_size ({batch_size}) is smaller than the number of ranks "
-                         f"({world}): every rank needs at least one row per step; use "
-                         f"--batch-size {world} or more")
-    if log_every < 1:
-        raise UsageError(f"log_every must be >= 1 step, got {log_every}")
-    if accumulation < 1:
-        raise UsageError(f"accumulation must be >= 1 micro-batch per step, got {accumulation}")
-    if accumulation > 1 and batch_size % (world * accumulation):
-        unit = world * accumulation
-        raise UsageError(f"batch_size {batch_size} does not split into {accumulation} "
-                         f"micro-batches on {world} rank(s): it must be a multiple of "
-                         f"{unit}; use --batch-size {unit * max(1, batch_size // unit)} or "
-                         f"{unit * (batch_size // unit + 1)}")
-    dev = rank_device(device)
-    if isinstance(model, (str, os.PathLike)):
-        model = load_musicgen(str(model), device=dev)
-    if isinstance(shards, (str, os.PathLike)):
-        from noencore.data.shards import TokenShards
 
-        shards = TokenShards(shards)
-    _check_codec(model, shards)
-    if save_adapter and lora is None:
-        raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
-    method = get_method(method, **(method_options or {}))
-    sets = UnlearningSets(shards, forget, remain, frames)
-    request_ids = None
-    if is_opt_out(method):  # refused before any work when it contradicts an earlier one
-        request_ids = set_ids(sets)
-        history = getattr(model, "requests", [])
-        check_request(history, *request_ids, model=str(model.spec),
-                      anchored=bool(getattr(method, "remain_anchor", False)))
-        loose = unheld_warning(history, request_ids[1])
-        if loose and int(os.environ.get("RANK", "0")) == 0:
-            warnings.warn(f"{model.spec}: {loose}", stacklevel=2)
-    n_f, n_r = sets.split_counts(batch_size, forget_ratio)
-    if method.swaps_codes and n_r == 0:
-        raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")
-    cache = ConditionCache(conditions or Path(shards.path) / "conditions")
-    _check_conditions(cache, model, sets)
+class Trainer:
+    """One unlearning run (one process, or one rank of a launcher), phase by phase.
 
-    stopper = None
-    if stop_nonmembers is not None:
-        from noencore.engine.stopping import NonmemberStop
+    ``run`` calls the phases in order: ``check_options``, ``resolve_devices`` (the rank's
+    device, the model and the shards), ``build_sets`` (the method, the forget and remain
+    windows, the request check, the condition cache, the stop rule), ``setup_optimizer``
+    (AdamW, or DeepSpeed ZeRO; LoRA; the run folder and the resume point),
+    ``compute_references`` (the starting model's NLLs, or a checkpoint's state), ``train``
+    (each step, then ``check``: the numbers, the stop rule and the checkpoint) and
+    ``save``. The step helpers of this module take the trainer as their ``run``.
+    """
 
-        stopper = NonmemberStop(model, sets, forget, stop_nonmembers, cache, rule=stop_rule,
-                                target_auc=stop_auc, every=stop_every,
-                                batch_size=max(1, batch_size // (world * accumulation)),
-                                frames=frames)
-    if getattr(method, "needs_nonmember_targets", False) and stopper is None:
-        raise UsageError(f"method {method.name!r} measures its targets on non-member tracks "
-                         "under the starting model: give them (--stop-nonmembers SPLIT|IDS, "
-                         "stop_nonmembers=...) or a fixed target (--method-option target=NATS)")
+    def __init__(self, model: Any, shards: Any, cfg: UnlearnConfig, *, progress: bool = True,
+                 on_step: Callable[[int, dict], None] | None = None):
+        from noencore.data.shards import set_ids as named
 
-    rank = 0
-    if distributed:
-        from noencore.engine import zero
+        self.cfg, self.progress, self.on_step = cfg, progress, on_step
+        self.model, self.shards = model, shards
+        self.forget = named(cfg.forget) if cfg.forget is not None else None
+        self.remain = None if cfg.remain is None else named(cfg.remain)
+        self.nonmembers = None if cfg.stop_nonmembers is None else named(cfg.stop_nonmembers)
+        self.seed, self.precision, self.grad_clip = cfg.seed, cfg.precision, cfg.grad_clip
+        self.accumulation = cfg.accumulation
+        self.distributed = cfg.zero_stage is not None or cfg.deepspeed is not None
+        self.rank, self.world = 0, 1
+        self.engine = self.stopper = self.adapters = self.frozen = self.runner = None
+        self.ref_forget: torch.Tensor | None = None
+        self.ref_remain: torch.Tensor | None = None
+        self.request_ids: tuple[list[str], list[str]] | None = None
+        self.out_dir = Path(cfg.out) if cfg.out is not None else None
+        self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
 
-        # the config is checked before joining the process group (which may JIT-build)
-        ds_config = zero.build_config(deepspeed, zero_stage=zero_stage,
-                                      micro_batch=-(-batch_size // world) // accumulation,
-                                      world_size=world, grad_clip=grad_clip,
-                                      offload_optimizer=offload_optimizer,
-                                      accumulation=accumulation)
-        rank, world = zero.init_distributed(dev)
-    model.lm.to(dev)
-    adapters = None
-    if lora is not None:  # before the optimizer: only the adapters train
-        from noencore.models.lora import apply_lora
+    def run(self) -> UnlearnResult:
+        self.check_options()
+        self.resolve_devices()
+        self.build_sets()
+        self.setup_optimizer()
+        self.compute_references()
+        stopped, step, stop_info = self.train()
+        return self.save(stopped, step, stop_info)
 
-        adapters = apply_lora(model, lora, seed=seed, save_adapter=save_adapter)
-    config = _run_config(method, seed=seed, batch_size=batch_size, forget_ratio=forget_ratio,
-                         frames=frames, lr=lr, weight_decay=weight_decay, world=world,
-                         precision=precision if not distributed else "bf16",
-                         zero=None if not distributed else ds_config["zero_optimization"]["stage"],
-                         **({"lora": adapters.describe()} if adapters is not None else {}))
-    out_dir = Path(out) if out is not None else None
-    ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
-    if distributed and out_dir is not None:
-        _check_shared_folder(out_dir, rank, world)
-    start_step, resume_from = _resume_point(ckpt_root, config, rank) if resume else (0, None)
+    def check_options(self) -> None:
+        """Refuse contradictory options before any work."""
+        c = self.cfg
+        if self.forget is None:
+            raise UsageError("the forget set is required (forget=SPLIT|IDS, --forget)")
+        if c.steps < 0 or c.batch_size <= 0 or c.frames <= 0:
+            raise UsageError(f"steps ({c.steps}) must be >= 0, batch_size ({c.batch_size}) "
+                             f"and frames ({c.frames}) > 0")
+        if c.resume and c.out is None:
+            raise UsageError("resume needs the run folder (out=...)")
+        if c.checkpoint_every and c.out is None:
+            raise UsageError("checkpoint_every needs a run folder (out=...)")
+        if c.precision not in ("fp32", "bf16"):
+            raise UsageError(f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
+        world = int(os.environ.get("WORLD_SIZE", "1")) if self.distributed else 1
+        if c.batch_size < world:
+            raise UsageError(f"batch_size ({c.batch_size}) is smaller than the number of ranks "
+                             f"({world}): every rank needs at least one row per step; use "
+                             f"--batch-size {world} or more")
+        if c.log_every < 1:
+            raise UsageError(f"log_every must be >= 1 step, got {c.log_every}")
+        if c.accumulation < 1:
+            raise UsageError(f"accumulation must be >= 1 micro-batch per step, got "
+                             f"{c.accumulation}")
+        if c.accumulation > 1 and c.batch_size % (world * c.accumulation):
+            unit = world * c.accumulation
+            raise UsageError(f"batch_size {c.batch_size} does not split into {c.accumulation} "
+                             f"micro-batches on {world} rank(s): it must be a multiple of "
+                             f"{unit}; use --batch-size {unit * max(1, c.batch_size // unit)} "
+                             f"or {unit * (c.batch_size // unit + 1)}")
+        self.world = world
+        self.shape = StepShape(c.batch_size, world, c.accumulation)
 
-    objective = UnlearnObjective(model, method, backend=backend)
-    params = [p for p in model.lm.parameters() if p.requires_grad]
-    run = _Run(model=model, method=method, sets=sets, cache=cache, objective=objective,
-               params=params, optimizer=torch.optim.AdamW(params, lr=lr,
-                                                          weight_decay=weight_decay),
-               engine=None, dev=dev, rank=rank, world=world, n_f=n_f, n_r=n_r,
-               accumulation=accumulation, seed=seed,
-               precision=precision, grad_clip=grad_clip, config=config, ckpt_root=ckpt_root)
-    objective.train()
-    model.activation_checkpointing(checkpointing)
-    runner, frozen = None, None
-    if distributed:
-        frozen = zero.frozen_copies(model.lm)
-        run.engine = zero.initialize(objective, run.optimizer, ds_config)
+    def resolve_devices(self) -> None:
+        """This rank's device; the model and the shards opened and checked against each
+        other."""
+        from noencore.models import load_musicgen
 
-        def runner(fn):  # every forward pass under DeepSpeed enters through its module
-            return run.engine.module(measure=fn)
+        self.dev = rank_device(self.cfg.device)
+        if isinstance(self.model, (str, os.PathLike)):
+            self.model = load_musicgen(str(self.model), device=self.dev)
+        if isinstance(self.shards, (str, os.PathLike)):
+            from noencore.data.shards import TokenShards
 
-        if stopper is not None:
-            stopper.attach(zero.MasterWeights(run.engine), rank, world, runner=runner)
-    if resume_from is None:  # the starting model's reference NLLs, with training's numerics
-        ref_kw = dict(progress=progress and rank == 0, rank=rank, world=world, runner=runner,
-                      autocast=precision == "bf16" and not distributed)
-        micro = max(1, batch_size // (world * accumulation))
+            self.shards = TokenShards(self.shards)
+        _check_codec(self.model, self.shards)
+        if self.cfg.save_adapter and self.cfg.lora is None:
+            raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
+
+    def build_sets(self) -> None:
+        """The method, the forget and remain windows (refused when they contradict an
+        earlier request), the rows per step, the condition cache and the stop rule."""
+        from noencore.models import ConditionCache
+
+        c, model = self.cfg, self.model
+        self.method = method = get_method(c.method, **(c.method_options or {}))
+        self.sets = UnlearningSets(self.shards, self.forget, self.remain, c.frames)
+        if is_opt_out(method):  # refused before any work when it contradicts an earlier one
+            self.request_ids = set_ids(self.sets)
+            history = getattr(model, "requests", [])
+            check_request(history, *self.request_ids, model=str(model.spec),
+                          anchored=bool(getattr(method, "remain_anchor", False)))
+            loose = unheld_warning(history, self.request_ids[1])
+            if loose and int(os.environ.get("RANK", "0")) == 0:
+                warnings.warn(f"{model.spec}: {loose}", stacklevel=4)
+        self.n_f, self.n_r = self.sets.split_counts(c.batch_size, c.forget_ratio)
+        if method.swaps_codes and self.n_r == 0:
+            raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")
+        self.cache = ConditionCache(c.conditions or Path(self.shards.path) / "conditions")
+        _check_conditions(self.cache, model, self.sets)
+        if self.nonmembers is not None:
+            from noencore.engine.stopping import NonmemberStop
+
+            self.stopper = NonmemberStop(model, self.sets, self.forget, self.nonmembers,
+                                         self.cache, rule=c.stop_rule, target_auc=c.stop_auc,
+                                         every=c.stop_every,
+                                         batch_size=self.shape.scoring_batch, frames=c.frames)
+        if getattr(method, "needs_nonmember_targets", False) and self.stopper is None:
+            raise UsageError(f"method {method.name!r} measures its targets on non-member "
+                             "tracks under the starting model: give them (--stop-nonmembers "
+                             "SPLIT|IDS, stop_nonmembers=...) or a fixed target "
+                             "(--method-option target=NATS)")
+
+    def setup_optimizer(self) -> None:
+        """AdamW on the trainable weights (LoRA's adapters only, with ``lora``), or
+        DeepSpeed ZeRO around it; the run's identity for checkpoints, the run folder and
+        the checkpoint a resumed run starts from."""
+        c, model = self.cfg, self.model
+        if self.distributed:
+            from noencore.engine import zero
+
+            # the config is checked before joining the process group (which may JIT-build)
+            ds_config = zero.build_config(c.deepspeed, zero_stage=c.zero_stage,
+                                          micro_batch=self.shape.micro_batch,
+                                          world_size=self.world, grad_clip=c.grad_clip,
+                                          offload_optimizer=c.offload_optimizer,
+                                          accumulation=c.accumulation)
+            self.rank, self.world = zero.init_distributed(self.dev)
+        model.lm.to(self.dev)
+        if c.lora is not None:  # before the optimizer: only the adapters train
+            from noencore.models.lora import apply_lora
+
+            self.adapters = apply_lora(model, c.lora, seed=c.seed, save_adapter=c.save_adapter)
+        self.run_config = {
+            "method": self.method.describe(), **{k: getattr(c, k) for k in fields_for_run()},
+            "world": self.world, "precision": c.precision if not self.distributed else "bf16",
+            "zero": ds_config["zero_optimization"]["stage"] if self.distributed else None,
+            **({"lora": self.adapters.describe()} if self.adapters is not None else {})}
+        if self.distributed and self.out_dir is not None:
+            _check_shared_folder(self.out_dir, self.rank, self.world)
+        self.start_step, self.resume_from = (
+            _resume_point(self.ckpt_root, self.run_config, self.rank) if c.resume else (0, None))
+        self.objective = UnlearnObjective(model, self.method, backend=c.backend)
+        self.params = [p for p in model.lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        self.objective.train()
+        model.activation_checkpointing(c.checkpointing)
+        if self.distributed:
+            self.frozen = zero.frozen_copies(model.lm)
+            self.engine = zero.initialize(self.objective, self.optimizer, ds_config)
+            self.runner = self._through_engine
+            if self.stopper is not None:
+                self.stopper.attach(zero.MasterWeights(self.engine), self.rank, self.world,
+                                    runner=self.runner)
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out_dir / "config.json",
+                         json.dumps(self.cfg.to_dict(), indent=1).encode())
+
+    def _through_engine(self, fn: Callable[[], Any]) -> Any:
+        """Every forward pass under DeepSpeed enters through its module."""
+        return self.engine.module(measure=fn)
+
+    def compute_references(self) -> None:
+        """The starting model's reference NLLs (with training's numerics) and the stop
+        rule's non-members under the starting weights, or a checkpoint's copies of them."""
+        method, stopper = self.method, self.stopper
+        if self.resume_from is not None:
+            original = _load_resume_state(self, self.resume_from)
+            if hasattr(method, "refitted"):  # re-fits before the checkpoint are in its targets
+                method.refitted.update(s for s in getattr(method, "refit_at", ())
+                                       if s <= self.start_step)
+            if stopper is not None and original is not None:
+                stopper.original = original.numpy()
+            return
+        ref_kw = dict(progress=self.progress and self.rank == 0, rank=self.rank,
+                      world=self.world, runner=self.runner,
+                      autocast=self.precision == "bf16" and not self.distributed)
+        micro = self.shape.scoring_batch
         if method.needs_reference:
-            run.ref_forget = _reference_nll(model, sets, cache, micro, dev, **ref_kw)
+            self.ref_forget = _reference_nll(self.model, self.sets, self.cache, micro, self.dev,
+                                             **ref_kw)
         if method.needs_remain_reference:
-            run.ref_remain = _reference_nll(model, sets, cache, micro, dev, forget=False,
-                                            **ref_kw)
+            self.ref_remain = _reference_nll(self.model, self.sets, self.cache, micro, self.dev,
+                                             forget=False, **ref_kw)
         if stopper is not None:  # the non-members under the starting weights, once
             stopper.start(original=getattr(method, "needs_nonmember_targets", False))
             if getattr(method, "needs_nonmember_targets", False):
-                _fit_targets(run, stopper)
-    if resume_from is not None:
-        original = _load_resume_state(run, resume_from)
-        if hasattr(method, "refitted"):  # re-fits before the checkpoint are in its targets
-            method.refitted.update(s for s in getattr(method, "refit_at", ()) if s <= start_step)
-        if stopper is not None and original is not None:
-            stopper.original = original.numpy()
+                _fit_targets(self, stopper)
 
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step) \
-        if out_dir is not None and rank == 0 else None
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+    def train(self) -> tuple[str, int, dict | None]:
+        """Steps until ``steps`` or the stop rule; returns (why it stopped, steps done, the
+        stop rule's last measurement)."""
+        c = self.cfg
+        log = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.start_step) \
+            if self.out_dir is not None and self.rank == 0 else None
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start_step, desc=f"unlearn ({method.name})", unit="step")
-    numbers = _Numbers(log, bar, on_step if rank == 0 else None)
-    stopped, step, stop_info = "max_steps", start_step, None
-    try:
-        while step < steps:
-            numbers.add(_train_step(run, step))
-            step += 1
-            done = step >= steps
-            checkpoint = ckpt_root is not None and (
-                done or bool(checkpoint_every and step % checkpoint_every == 0))
-            stop_check = stopper is not None and step % stopper.every == 0
-            # the numbers are read (and checked for NaN/inf) before anything depends on them
-            if (done or checkpoint or stop_check or target_forget_nll is not None
-                    or step % log_every == 0):
-                rec = numbers.read()
-                if target_forget_nll is not None and (rec["forget_nll"] or 0) >= target_forget_nll:
-                    stopped, done, checkpoint = "target_forget_nll", True, ckpt_root is not None
-            if stop_check and not done:
-                stop_info = stopper.check(step, method)
-                if stop_info is not None:
-                    stopped, done, checkpoint = f"nonmember_{stop_rule}", True, ckpt_root is not None
-                    numbers.note(f"step {step}: forget vs non-members: AUC "
-                                 f"{stop_info['auc']:.3f}, NLL {stop_info['forget_nll']:.3f} vs "
-                                 f"{stop_info['nonmember_nll']:.3f} ({stop_rule} rule; "
-                                 f"{stop_info['fraction']:.2f} of the last step kept): stop")
-            if checkpoint:
-                _save_checkpoint(run, step, stopper.original if stopper is not None else None)
-            if done:
-                break
-    except DivergenceError as exc:
-        last = ckpt.latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-        raise DivergenceError(f"{exc}; training stopped, nothing saved after it; last good "
-                              f"checkpoint: {last if last else 'none'} (lower --lr, set "
-                              "--grad-clip, or use a bounded method)") from None
-    finally:
-        numbers.close()
-        if log is not None and log.path.exists() and log.path.stat().st_size:
-            plot_losses(log.path, out_dir / "losses.png")
+            bar = tqdm(total=c.steps, initial=self.start_step,
+                       desc=f"unlearn ({self.method.name})", unit="step")
+        self.numbers = _Numbers(log, bar, self.on_step if self.rank == 0 else None)
+        stopped, step, stop_info = "max_steps", self.start_step, None
+        try:
+            while step < c.steps:
+                self.numbers.add(_train_step(self, step))
+                step += 1
+                why, info = self.check(step)
+                stopped, stop_info = why or stopped, info or stop_info
+                if why is not None or step >= c.steps:
+                    break
+        except DivergenceError as exc:
+            last = ckpt.latest_checkpoint(self.ckpt_root) if self.ckpt_root is not None else None
+            raise DivergenceError(f"{exc}; training stopped, nothing saved after it; last good "
+                                  f"checkpoint: {last if last else 'none'} (lower --lr, set "
+                                  "--grad-clip, or use a bounded method)") from None
+        finally:
+            self.numbers.close()
+            if log is not None and log.path.exists() and log.path.stat().st_size:
+                plot_losses(log.path, self.out_dir / "losses.png")
+        return stopped, step, stop_info
 
-    if run.engine is not None:
-        zero.release_fp32_model(run.engine, model.lm, dev, frozen)
-    if adapters is not None:
-        if save_adapter and out_dir is not None and rank == 0:
-            adapters.save_adapter(out_dir / "adapter")
-        adapters.merge()
-    model.activation_checkpointing(False)
-    model.lm.eval()
-    if request_ids is not None:  # the model has served this request: saved with it
-        model.requests = [*getattr(model, "requests", []), make_request(
-            forget=forget, forget_ids=request_ids[0], remain=remain, method=method.describe(),
-            shards=str(shards.path), steps=step, stopped=stopped)]
-    model_dir = None
-    if save and out_dir is not None:
-        model_dir = out_dir / "model"
-        if rank == 0:
-            save_musicgen(model, model_dir)
-        if distributed:
-            dist.barrier()
-    records = numbers.records
-    if out_dir is not None and rank == 0:
-        records = read_metrics(out_dir / "metrics.jsonl")
-    return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,
-                         out=out_dir, model_dir=model_dir, stop_info=stop_info)
+    def check(self, step: int) -> tuple[str | None, dict | None]:
+        """After step ``step``: read the numbers where something depends on them (NaN/inf
+        raises there), apply ``target_forget_nll`` and the stop rule, checkpoint. Returns
+        (why the run stops or None, the stop rule's measurement or None)."""
+        c, stopper = self.cfg, self.stopper
+        done = step >= c.steps
+        checkpoint = self.ckpt_root is not None and (
+            done or bool(c.checkpoint_every and step % c.checkpoint_every == 0))
+        stop_check = stopper is not None and step % stopper.every == 0
+        why, info = None, None
+        # the numbers are read (and checked for NaN/inf) before anything depends on them
+        if (done or checkpoint or stop_check or c.target_forget_nll is not None
+                or step % c.log_every == 0):
+            rec = self.numbers.read()
+            if c.target_forget_nll is not None and \
+                    (rec["forget_nll"] or 0) >= c.target_forget_nll:
+                why, done, checkpoint = "target_forget_nll", True, self.ckpt_root is not None
+        if stop_check and not done:
+            info = stopper.check(step, self.method)
+            if info is not None:
+                why, checkpoint = f"nonmember_{c.stop_rule}", self.ckpt_root is not None
+                self.numbers.note(
+                    f"step {step}: forget vs non-members: AUC {info['auc']:.3f}, NLL "
+                    f"{info['forget_nll']:.3f} vs {info['nonmember_nll']:.3f} ({c.stop_rule} "
+                    f"rule; {info['fraction']:.2f} of the last step kept): stop")
+        if checkpoint:
+            _save_checkpoint(self, step, stopper.original if stopper is not None else None)
+        return why, info
+
+    def save(self, stopped: str, step: int, stop_info: dict | None) -> UnlearnResult:
+        """The whole fp32 model back on every rank, LoRA merged, the request recorded,
+        the model saved to ``out/model``; the result."""
+        from noencore.models import save_musicgen
+
+        model, c = self.model, self.cfg
+        if self.engine is not None:
+            from noencore.engine import zero
+
+            zero.release_fp32_model(self.engine, model.lm, self.dev, self.frozen)
+        if self.adapters is not None:
+            if c.save_adapter and self.out_dir is not None and self.rank == 0:
+                self.adapters.save_adapter(self.out_dir / "adapter")
+            self.adapters.merge()
+        model.activation_checkpointing(False)
+        model.lm.eval()
+        if self.request_ids is not None:  # the model has served this request: saved with it
+            model.requests = [*getattr(model, "requests", []), make_request(
+                forget=self.forget, forget_ids=self.request_ids[0], remain=self.remain,
+                method=self.method.describe(), shards=str(self.shards.path), steps=step,
+                stopped=stopped)]
+        model_dir = None
+        if c.save and self.out_dir is not None:
+            model_dir = self.out_dir / "model"
+            if self.rank == 0:
+                save_musicgen(model, model_dir)
+            if self.distributed:
+                dist.barrier()
+        records = self.numbers.records
+        if self.out_dir is not None and self.rank == 0:
+            records = read_metrics(self.out_dir / "metrics.jsonl")
+        return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,
+                             out=self.out_dir, model_dir=model_dir, stop_info=stop_info)

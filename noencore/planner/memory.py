@@ -133,6 +133,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from noencore.planner.shape import StepShape
+
 GIB = 1024**3
 T5_BASE_DIM = 768
 T5_BASE_ENCODER_PARAMS = 109_628_544  # frozen and cached: reported, never resident
@@ -372,15 +374,15 @@ def split_batch(batch: int, gpus: int, accumulation: int = 1) -> int:
     G and ``accumulation`` A micro-batches; ValueError naming the values when it is not whole."""
     if batch < 1 or gpus < 1 or accumulation < 1:
         raise ValueError(f"batch={batch}, gpus={gpus}, accumulation={accumulation}: all must be positive")
-    micro, rest = divmod(batch, gpus * accumulation)
-    if rest or not micro:
+    shape = StepShape(batch, gpus, accumulation)
+    if not shape.whole:
         choices = accumulation_choices(batch, gpus)
         hint = (f"accumulation steps that divide it: {', '.join(map(str, choices))}" if choices
                 else f"choose a global batch that is a multiple of {gpus}")
         raise ValueError(f"global batch {batch} does not split into {gpus} GPU(s) x {accumulation} "
                          f"accumulation step(s): {batch} / ({gpus} x {accumulation}) is not a whole "
                          f"micro-batch; {hint}")
-    return micro
+    return shape.micro_batch
 
 
 def _layer_saved(arch: MusicGenArch, micro_batch: int, seq: int, cond_tokens: int) -> int:

@@ -1,0 +1,126 @@
+"""``UnlearnConfig``: every option of ``noencore.unlearn``, declared once.
+
+Each option is one field with its default, type and help text (``dataclasses.field``
+metadata). What derives from it:
+
+- ``unlearn(model, shards, config=None, **overrides)``: the keywords it takes;
+- the CLI's flags of ``noencore unlearn`` and the keys of its YAML/JSON ``--config``
+  (``noencore.commands.unlearn``; metadata ``cli``: the flag's name where it differs,
+  ``False`` for an option the CLI does not offer);
+- the resume check: the options marked ``run`` must be the same as the checkpoint's;
+- ``config.json`` in the run folder (``to_dict``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from noencore.errors import UsageError
+
+
+def option(default: Any, help: str, *, cli: str | bool = True, run: bool = False,
+           parse: Any = None) -> Any:
+    """A field of the config: ``help`` is its text everywhere (CLI, docs); ``cli`` the
+    flag's option name when it differs from the field's (False: no flag); ``run``: part
+    of the configuration a resumed run must share; ``parse``: the CLI's type."""
+    return field(default=default,
+                 metadata={"help": help, "cli": cli, "run": run, "parse": parse})
+
+
+def _set_spec(text: str | list | None) -> str | list[str] | None:
+    """A split name stays a string; a comma-separated value is a list of source ids."""
+    if text is None or isinstance(text, list):
+        return text
+    return [x.strip() for x in text.split(",") if x.strip()] if "," in text else text
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """The options of one unlearning run (``noencore.unlearn``; ``noencore unlearn``)."""
+
+    forget: Any = option(None, "forget set: a split name, or comma-separated source ids",
+                         parse=_set_spec)
+    remain: Any = option(None, "remain set: split name or comma-separated ids (default: all "
+                               "other items outside held-out splits)", parse=_set_spec)
+    method: Any = option("ga", "ga | bounded_ga | graddiff | rl | npo | simnpo")
+    method_options: dict | None = option(None, "options of the method (--method-option "
+                                               "KEY=VALUE, repeatable)", cli=False)
+    steps: int = option(100, "maximum optimizer steps", parse=int)
+    lr: float = option(1e-5, "AdamW learning rate", parse=float, run=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", parse=float, run=True)
+    batch_size: int = option(8, "global rows per optimizer step (all ranks, all "
+                                "micro-batches)", parse=int, run=True)
+    accumulation: int = option(1, "micro-batches per optimizer step on each rank (gradient "
+                                  "accumulation: the same step in less memory)", parse=int)
+    forget_ratio: float = option(0.5, "fraction of each batch drawn from the forget set",
+                                 parse=float, run=True)
+    frames: int = option(500, "window length in codec frames (50 per second)", parse=int,
+                         run=True)
+    seed: int = option(0, "seed of the batch order and random labels", parse=int, run=True)
+    out: Any = option(None, "run folder: metrics.jsonl, losses.png, checkpoints/, model/")
+    checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)",
+                                   parse=int)
+    resume: bool = option(False, "continue from the newest complete checkpoint in --out")
+    target_forget_nll: float | None = option(None, "stop when the forget token NLL reaches "
+                                                   "this (nats)", parse=float)
+    stop_nonmembers: Any = option(None, "stop when membership inference cannot tell the "
+                                        "forget set from these never-trained tracks (split "
+                                        "or comma-separated ids; not the tracks you evaluate "
+                                        "on)", parse=_set_spec)
+    stop_rule: str = option("auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= "
+                                   "--stop-auc), nll (forget NLL reaches theirs) or original "
+                                   "(the AUC against their NLLs under the starting model)")
+    stop_auc: float = option(0.5, "with --stop-nonmembers: the AUC to stop at", parse=float)
+    stop_every: int = option(1, "with --stop-nonmembers: check every N steps", parse=int)
+    grad_clip: float | None = option(1.0, "gradient norm clip (0: none)", parse=float)
+    log_every: int = option(10, "read the step numbers from the device every N steps "
+                                "(metrics.jsonl still holds every step; NaN/inf is caught at "
+                                "the read)", parse=int)
+    conditions: Any = option(None, "text-condition cache folder (default: SHARDS/conditions)",
+                             cli=False)
+    backend: str = option("auto", "fused op backend: auto | triton | cpp | torch")
+    zero_stage: int | None = option(None, "train with DeepSpeed ZeRO stage 1, 2 or 3 (bf16)",
+                                    parse=int)
+    deepspeed: Any = option(None, "DeepSpeed JSON config (checked against the flags)",
+                            cli="deepspeed_config")
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state in CPU memory")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)")
+    precision: str = option("fp32", "one process: fp32, or bf16 (autocast on fp32 weights)")
+    checkpointing: bool = option(False, "activation checkpointing per transformer layer "
+                                        "(less memory, about a third more compute)")
+    lora: Any = option(None, "train only LoRA adapters (a LoraSpec or a dict: rank, alpha, "
+                             "targets); the saved model has them merged", cli=False)
+    save_adapter: bool = option(False, "with --lora-rank, transformers-format models: also "
+                                       "write the adapters as a PEFT adapter to OUT/adapter")
+    save: bool = option(True, "save the unlearned model to OUT/model", cli=False)
+
+    def replace(self, **overrides: Any) -> UnlearnConfig:
+        """A copy with ``overrides``; an unknown name is refused with the known ones."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise UsageError(f"unknown unlearn option(s) {unknown}; known: "
+                             f"{sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (a method instance as its description, a
+        LoRA spec as its fields), as the run folder's config.json holds them."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "describe"):
+                value = value.describe()
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, Sequence) and not isinstance(value, str):
+                value = list(value)
+            out[f.name] = value if isinstance(value, str | int | float | bool | list | dict
+                                              | None) else str(value)
+        return out
+
+
+def fields_for_run() -> list[str]:
+    """The options a checkpoint must share with the run that resumes it."""
+    return [f.name for f in dataclasses.fields(UnlearnConfig) if f.metadata["run"]]
