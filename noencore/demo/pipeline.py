@@ -197,196 +197,260 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
 
 
 def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
+    """The stages in order (``_Demo``'s methods), each reusing what an earlier run with
+    the same settings finished."""
     import torch
-
-    from noencore.data.precompute import precompute
-    from noencore.data.shards import TokenShards
-    from noencore.demo.corpus import make_demo_corpus
-    from noencore.engine import checkpoint as ckpt
-    from noencore.engine.loop import unlearn
-    from noencore.evaluation.evaluate import evaluate
-    from noencore.evaluation.token_metrics import collect_set_stats
-    from noencore.models.musicgen import load_musicgen, text_encoder_name
-    from noencore.models.text import build_condition_cache
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    t_all = time.perf_counter()
+    demo = _Demo(out, cfg, fresh)
+    demo.corpus()
+    demo.shards()
+    demo.conditions()
+    demo.memorise()
+    demo.retrain()
+    demo.references()
+    demo.unlearn_all()
+    demo.evaluate_all()
+    return demo.write_report()
 
-    # 1. corpus
-    t0 = _stage("1/7 corpus: synthesising music with an opt-out artist")
-    manifest = out / "corpus" / "manifest.jsonl"
-    corpus_key = {"n_clips": cfg.n_clips, "seconds": cfg.seconds, "seed": cfg.seed,
-                  "forget_fraction": cfg.forget_fraction, "optout_holdout": cfg.optout_holdout,
-                  "optout_valid": cfg.optout_valid}
-    corpus_kept = _claim(out / "corpus", corpus_key, fresh)
-    if not corpus_kept or not manifest.exists():
-        manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips, seconds=cfg.seconds,
-                                    seed=cfg.seed, forget_fraction=cfg.forget_fraction,
-                                    optout_holdout=cfg.optout_holdout,
-                                    optout_valid=cfg.optout_valid)
-    _done(t0, f"manifest: {manifest}")
 
-    # 2. shards (precompute is itself resumable and a no-op when finished)
-    t0 = _stage("2/7 precompute: EnCodec tokens into memory-mapped shards")
-    shards_dir = out / "shards"
-    _claim(shards_dir, {"corpus": corpus_key, "frames": cfg.frames, "threads": cfg.threads},
-           fresh or not corpus_kept)
-    precompute(manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
-               batch_size=8, workers=1)
-    shards = TokenShards(shards_dir)
-    counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT, VALID)}
-    _done(t0, f"shards: {shards_dir} {counts}")
+class _Demo:
+    """The demo's stages and what they hand on to the next ones."""
 
-    # 3. text conditions: T5 runs once per caption, never during training
-    t0 = _stage("3/7 text-condition cache")
-    cache = build_condition_cache(shards_dir / "conditions", shards.captions,
-                                  text_encoder_name("tiny"))
-    _done(t0, f"{len(set(shards.captions))} captions in {cache.folder}")
+    def __init__(self, out: Path, cfg: DemoConfig, fresh: bool):
+        self.out, self.cfg, self.fresh = out, cfg, fresh
+        self.t_all = time.perf_counter()
 
-    # 4. the starting point: a model that memorised forget + remain
-    t0 = _stage("4/7 fine-tune a tiny MusicGen on forget + remain (memorisation)")
-    memorised = out / "models" / "memorised"
-    memorise_key = {"corpus": corpus_key, "steps": cfg.memorise_steps, "lr": cfg.memorise_lr,
-                    "weight_decay": cfg.memorise_weight_decay, "batch_size": cfg.batch_size,
-                    "frames": cfg.frames, "threads": cfg.threads}
-    memorised_kept = _claim(memorised, memorise_key, fresh)
-    if not memorised_kept or not (memorised / "model" / "state_dict.bin").exists():
-        unlearn("tiny", shards, forget="forget", remain="remain", method="finetune",
-                steps=cfg.memorise_steps, lr=cfg.memorise_lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.memorise_weight_decay,
-                forget_ratio=0.5, frames=cfg.frames, seed=cfg.seed, out=memorised,
-                checkpoint_every=100, resume=ckpt.latest_checkpoint(memorised / "checkpoints")
-                is not None,
+    def corpus(self) -> None:
+        from noencore.demo.corpus import make_demo_corpus
+
+        cfg, out = self.cfg, self.out
+        t0 = _stage("1/7 corpus: synthesising music with an opt-out artist")
+        manifest = out / "corpus" / "manifest.jsonl"
+        self.corpus_key = {"n_clips": cfg.n_clips, "seconds": cfg.seconds, "seed": cfg.seed,
+                           "forget_fraction": cfg.forget_fraction,
+                           "optout_holdout": cfg.optout_holdout,
+                           "optout_valid": cfg.optout_valid}
+        self.corpus_kept = _claim(out / "corpus", self.corpus_key, self.fresh)
+        if not self.corpus_kept or not manifest.exists():
+            manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips,
+                                        seconds=cfg.seconds, seed=cfg.seed,
+                                        forget_fraction=cfg.forget_fraction,
+                                        optout_holdout=cfg.optout_holdout,
+                                        optout_valid=cfg.optout_valid)
+        self.manifest = manifest
+        _done(t0, f"manifest: {manifest}")
+
+    def shards(self) -> None:
+        """Precompute is itself resumable and a no-op when finished."""
+        from noencore.data.precompute import precompute
+        from noencore.data.shards import TokenShards
+
+        cfg = self.cfg
+        t0 = _stage("2/7 precompute: EnCodec tokens into memory-mapped shards")
+        self.shards_dir = shards_dir = self.out / "shards"
+        _claim(shards_dir, {"corpus": self.corpus_key, "frames": cfg.frames,
+                            "threads": cfg.threads}, self.fresh or not self.corpus_kept)
+        precompute(self.manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
+                   batch_size=8, workers=1)
+        self.token_shards = shards = TokenShards(shards_dir)
+        self.counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT,
+                                                                 VALID)}
+        _done(t0, f"shards: {shards_dir} {self.counts}")
+
+    def conditions(self) -> None:
+        """T5 runs once per caption, never during training."""
+        from noencore.models.musicgen import text_encoder_name
+        from noencore.models.text import build_condition_cache
+
+        t0 = _stage("3/7 text-condition cache")
+        captions = self.token_shards.captions
+        self.cache = build_condition_cache(self.shards_dir / "conditions", captions,
+                                           text_encoder_name("tiny"))
+        _done(t0, f"{len(set(captions))} captions in {self.cache.folder}")
+
+    def memorise(self) -> None:
+        """The starting point: a model that memorised forget + remain."""
+        cfg = self.cfg
+        t0 = _stage("4/7 fine-tune a tiny MusicGen on forget + remain (memorisation)")
+        memorised = self.out / "models" / "memorised"
+        self.memorise_key = {"corpus": self.corpus_key, "steps": cfg.memorise_steps,
+                             "lr": cfg.memorise_lr, "weight_decay": cfg.memorise_weight_decay,
+                             "batch_size": cfg.batch_size, "frames": cfg.frames,
+                             "threads": cfg.threads}
+        self.memorised_kept = _claim(memorised, self.memorise_key, self.fresh)
+        if not self.memorised_kept or not (memorised / "model" / "state_dict.bin").exists():
+            self._finetune(memorised, cfg.batch_size, forget_ratio=0.5)
+        _done(t0, f"memorised model: {memorised / 'model'}")
+        self.reference = str(memorised / "model")
+
+    def retrain(self) -> None:
+        """The gold standard: the same start and training, on the remain set only: the
+        memorised model's remain rows per step (half its batch), no forget rows, so that
+        the remain set is seen as often and with the same gradient scale (a whole batch
+        of remain rows would see it twice as often)."""
+        cfg = self.cfg
+        t0 = _stage("5/7 retrain: the same training without the forget set (gold standard)")
+        self.retrained = retrained = self.out / "models" / "retrained"
+        retrain_batch = cfg.batch_size - max(1, round(cfg.batch_size * 0.5))
+        retrain_key = {**self.memorise_key, "forget_ratio": 0.0, "batch_size": retrain_batch}
+        retrained_kept = _claim(retrained, retrain_key, self.fresh)
+        if not retrained_kept or not (retrained / "model" / "state_dict.bin").exists():
+            self._finetune(retrained, retrain_batch, forget_ratio=0.0)
+        _done(t0, f"retrained model: {retrained / 'model'}")
+
+    def _finetune(self, run_dir: Path, batch_size: int, forget_ratio: float) -> None:
+        from noencore.engine import checkpoint as ckpt
+        from noencore.engine.loop import unlearn
+
+        cfg = self.cfg
+        unlearn("tiny", self.token_shards, forget="forget", remain="remain",
+                method="finetune", steps=cfg.memorise_steps, lr=cfg.memorise_lr,
+                batch_size=batch_size, weight_decay=cfg.memorise_weight_decay,
+                forget_ratio=forget_ratio, frames=cfg.frames, seed=cfg.seed, out=run_dir,
+                checkpoint_every=100,
+                resume=ckpt.latest_checkpoint(run_dir / "checkpoints") is not None,
                 grad_clip=1.0)
-    _done(t0, f"memorised model: {memorised / 'model'}")
-    reference = str(memorised / "model")
 
-    # 5. the gold standard: the same start and training, on the remain set only: the
-    # memorised model's remain rows per step (half its batch), no forget rows, so that the
-    # remain set is seen as often and with the same gradient scale (a whole batch of
-    # remain rows would see it twice as often)
-    t0 = _stage("5/7 retrain: the same training without the forget set (gold standard)")
-    retrained = out / "models" / "retrained"
-    retrain_batch = cfg.batch_size - max(1, round(cfg.batch_size * 0.5))
-    retrain_key = {**memorise_key, "forget_ratio": 0.0, "batch_size": retrain_batch}
-    retrained_kept = _claim(retrained, retrain_key, fresh)
-    if not retrained_kept or not (retrained / "model" / "state_dict.bin").exists():
-        unlearn("tiny", shards, forget="forget", remain="remain", method="finetune",
-                steps=cfg.memorise_steps, lr=cfg.memorise_lr, batch_size=retrain_batch,
-                weight_decay=cfg.memorise_weight_decay, forget_ratio=0.0, frames=cfg.frames,
-                seed=cfg.seed, out=retrained, checkpoint_every=100,
-                resume=ckpt.latest_checkpoint(retrained / "checkpoints") is not None,
-                grad_clip=1.0)
-    _done(t0, f"retrained model: {retrained / 'model'}")
-    # Holdout = the opt-out artist's tracks the model never saw: the non-members that
-    # membership inference must not tell apart from the forget set once it is forgotten.
-    sets = {"forget": shards.select(split="forget"), "remain": shards.select(split="remain"),
-            "holdout": shards.select(split=HOLDOUT)}
-    valid = shards.select(split=VALID) if counts[VALID] else sets["holdout"]
-    if not counts[VALID]:
-        print(f"   no {VALID} clips (optout_valid=0): the stop rule reads the holdout")
-    # Stop criterion: unlearn until the forget set is as unlikely as music of the same
-    # artist that was never trained on, not further: pushing past it makes forget items
-    # stand out again (AUC -> 0 instead of 0.5). Measured on validation tracks of the
-    # artist, under the model being unlearned (unlearning an artist raises the NLL of its
-    # unseen tracks too), so the holdout stays a test set.
-    # (evaluated once; its cached statistics are the "before" of every method's report)
-    ref_stats, retr_stats = out / "reports" / "memorised", out / "reports" / "retrained"
-    gen = _replay_config(cfg)
-    tokens_and_replay = ["token", "mia", *REPLAY_METRICS]
-    base = evaluate(reference, sets, metrics=tokens_and_replay, batch_size=cfg.batch_size,
-                    frames=cfg.frames, out=ref_stats, progress=False, generation=gen)
-    gold = evaluate(str(retrained / "model"), sets, metrics=tokens_and_replay,
-                    batch_size=cfg.batch_size, frames=cfg.frames, out=retr_stats,
-                    progress=False, generation=gen)
-    # the validation tracks' token NLL under the memorised model (the same statistic as
-    # the report's; the forget set's is in `base` already)
-    target_nll = float(collect_set_stats(
-        load_musicgen(reference), valid, cache, batch_size=cfg.batch_size, frames=cfg.frames,
-        progress=False).summary()["nll"])
-    rule = {"auc": f"a loss attack's AUC, forget vs the artist's validation tracks, is <= "
-                   f"{cfg.stop_auc}",
-            "matched": "forget NLL reaches the validation tracks' NLL under the unlearned model",
-            "fixed": f"forget NLL reaches {target_nll:.3f}"}[cfg.stop]
-    print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
-          f"NLL {base['token']['after']['holdout']['nll']:.3f} (holdout), {target_nll:.3f} "
-          f"(validation); unlearning stops when {rule}")
-    print(f"   retrained model: forget NLL {gold['token']['after']['forget']['nll']:.3f}, "
-          f"unseen same-artist NLL {gold['token']['after']['holdout']['nll']:.3f}, remain NLL "
-          f"{gold['token']['after']['remain']['nll']:.3f}")
+    def references(self) -> None:
+        """The memorised and the retrained model evaluated once (their cached statistics
+        are the "before" and the "retrained" of every method's report), and the stop
+        rule's tracks: the opt-out artist's validation tracks.
 
-    # 6. unlearn with each method from the same starting model
-    results: dict[str, Path] = {}
-    for i, (name, options) in enumerate(cfg.methods):
-        t0 = _stage(f"6/7 unlearn [{i + 1}/{len(cfg.methods)}]: {name} {options or ''}")
-        run_dir = out / "models" / name
+        Holdout = the opt-out artist's tracks the model never saw: the non-members that
+        membership inference must not tell apart from the forget set once it is
+        forgotten. Stop criterion: unlearn until the forget set is as unlikely as music of
+        the same artist that was never trained on, not further: pushing past it makes
+        forget items stand out again (AUC -> 0 instead of 0.5). Measured on validation
+        tracks of the artist, under the model being unlearned (unlearning an artist raises
+        the NLL of its unseen tracks too), so the holdout stays a test set."""
+        from noencore.evaluation.evaluate import evaluate
+        from noencore.evaluation.token_metrics import collect_set_stats
+        from noencore.models.musicgen import load_musicgen
+
+        cfg, out, shards = self.cfg, self.out, self.token_shards
+        self.sets = sets = {"forget": shards.select(split="forget"),
+                            "remain": shards.select(split="remain"),
+                            "holdout": shards.select(split=HOLDOUT)}
+        valid = shards.select(split=VALID) if self.counts[VALID] else sets["holdout"]
+        if not self.counts[VALID]:
+            print(f"   no {VALID} clips (optout_valid=0): the stop rule reads the holdout")
+        self.ref_stats, self.retr_stats = out / "reports" / "memorised", \
+            out / "reports" / "retrained"
+        self.gen = _replay_config(cfg)
+        tokens_and_replay = ["token", "mia", *REPLAY_METRICS]
+        self.base = base = evaluate(self.reference, sets, metrics=tokens_and_replay,
+                                    batch_size=cfg.batch_size, frames=cfg.frames,
+                                    out=self.ref_stats, progress=False, generation=self.gen)
+        self.gold = gold = evaluate(str(self.retrained / "model"), sets,
+                                    metrics=tokens_and_replay, batch_size=cfg.batch_size,
+                                    frames=cfg.frames, out=self.retr_stats, progress=False,
+                                    generation=self.gen)
+        # the validation tracks' token NLL under the memorised model (the same statistic as
+        # the report's; the forget set's is in `base` already)
+        self.target_nll = target_nll = float(collect_set_stats(
+            load_musicgen(self.reference), valid, self.cache, batch_size=cfg.batch_size,
+            frames=cfg.frames, progress=False).summary()["nll"])
+        rule = {"auc": f"a loss attack's AUC, forget vs the artist's validation tracks, is "
+                       f"<= {cfg.stop_auc}",
+                "matched": "forget NLL reaches the validation tracks' NLL under the unlearned "
+                           "model",
+                "fixed": f"forget NLL reaches {target_nll:.3f}"}[cfg.stop]
+        print(f"   forget NLL {base['token']['after']['forget']['nll']:.3f}, unseen same-artist "
+              f"NLL {base['token']['after']['holdout']['nll']:.3f} (holdout), "
+              f"{target_nll:.3f} (validation); unlearning stops when {rule}")
+        print(f"   retrained model: forget NLL {gold['token']['after']['forget']['nll']:.3f}, "
+              f"unseen same-artist NLL {gold['token']['after']['holdout']['nll']:.3f}, remain "
+              f"NLL {gold['token']['after']['remain']['nll']:.3f}")
+
+    def unlearn_all(self) -> None:
+        """Each method from the same starting model."""
+        self.results: dict[str, Path] = {}
+        for i, (name, options) in enumerate(self.cfg.methods):
+            t0 = _stage(f"6/7 unlearn [{i + 1}/{len(self.cfg.methods)}]: {name} "
+                        f"{options or ''}")
+            run_dir = self.out / "models" / name
+            self._unlearn_one(name, options, run_dir)
+            self.results[name] = run_dir / "model"
+            _done(t0, f"{name}: {run_dir}")
+
+    def _unlearn_one(self, name: str, options: dict[str, Any], run_dir: Path) -> None:
+        from noencore.engine.loop import unlearn
+
+        cfg = self.cfg
         stop_rule = options.get("stop_rule")
-        run_key = {"memorised": memorise_key, "method": name, "options": options,
+        run_key = {"memorised": self.memorise_key, "method": name, "options": options,
                    "steps": cfg.unlearn_steps, "lr": cfg.unlearn_lr,
                    "weight_decay": cfg.unlearn_weight_decay,
                    "forget_ratio": cfg.unlearn_forget_ratio, "stop": cfg.stop,
                    "stop_auc": cfg.stop_auc, "check_every": cfg.check_every}
-        kept = _claim(run_dir, run_key, fresh or not memorised_kept)
-        if not kept or not (run_dir / "model" / "state_dict.bin").exists():
-            method_options = {k: v for k, v in options.items() if k not in _DEMO_OPTIONS}
-            if method_options.get("row_target") == "unseen":
-                method_options["row_target"] = target_nll  # moved at every check
-            kw = dict(method=options.get("method", name), method_options=method_options,
-                      lora=options.get("lora"),
-                      steps=int(options.get("steps", cfg.unlearn_steps)),
-                      lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
-                      forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
-                      weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
-                      grad_clip=1.0)
-            if cfg.stop == "fixed" and stop_rule is None:
-                unlearn(reference, shards, forget="forget", remain="remain",
-                        target_forget_nll=target_nll, **kw)
-            else:  # the engine's membership-inference stop rule, on the validation tracks
-                unlearn(reference, shards, forget="forget", remain="remain",
-                        stop_nonmembers=VALID if counts[VALID] else HOLDOUT,
-                        stop_rule=stop_rule or ("auc" if cfg.stop == "auc" else "nll"),
-                        stop_auc=options.get("stop_auc", cfg.stop_auc),
-                        stop_every=cfg.check_every, **kw)
-        results[name] = run_dir / "model"
-        _done(t0, f"{name}: {run_dir}")
+        kept = _claim(run_dir, run_key, self.fresh or not self.memorised_kept)
+        if kept and (run_dir / "model" / "state_dict.bin").exists():
+            return
+        method_options = {k: v for k, v in options.items() if k not in _DEMO_OPTIONS}
+        if method_options.get("row_target") == "unseen":
+            method_options["row_target"] = self.target_nll  # moved at every check
+        kw = dict(method=options.get("method", name), method_options=method_options,
+                  lora=options.get("lora"), steps=int(options.get("steps", cfg.unlearn_steps)),
+                  lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
+                  forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
+                  weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
+                  grad_clip=1.0)
+        if cfg.stop == "fixed" and stop_rule is None:
+            unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
+                    target_forget_nll=self.target_nll, **kw)
+        else:  # the engine's membership-inference stop rule, on the validation tracks
+            unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
+                    stop_nonmembers=VALID if self.counts[VALID] else HOLDOUT,
+                    stop_rule=stop_rule or ("auc" if cfg.stop == "auc" else "nll"),
+                    stop_auc=options.get("stop_auc", cfg.stop_auc),
+                    stop_every=cfg.check_every, **kw)
 
-    # 7. evaluate each against the memorised model and the retrained one
-    reports: dict[str, dict] = {}
-    for name, model_dir in results.items():
-        t0 = _stage(f"7/7 evaluate: {name}")
-        rep_dir = out / "reports" / name
-        reports[name] = evaluate(str(model_dir), sets, reference=ref_stats,
-                                 retrained=retr_stats, batch_size=cfg.batch_size, out=rep_dir,
-                                 frames=cfg.frames, generation=gen, progress=False,
-                                 metrics=["token", "mia", "privleak", "forget_quality",
-                                          *REPLAY_METRICS],
-                                 relearn_steps=cfg.relearn_steps or None,
-                                 relearn_lr=cfg.unlearn_lr, relearn_batch_size=cfg.batch_size)
-        _done(t0, f"report: {rep_dir / 'report.md'}")
+    def evaluate_all(self) -> None:
+        """Each model against the memorised model and the retrained one."""
+        from noencore.evaluation.evaluate import evaluate
 
-    rows = {n: _summary_row(r, base, gold) for n, r in reports.items()}
-    table = summary_table(rows, _summary_row(gold, base, gold, retrained_row=True))
-    report_md = out / "report.md"
-    tmp = report_md.with_name("report.md.tmp")
-    described = "".join(f"- **{n}**: {o or 'default options'}\n" for n, o in cfg.methods
-                        if n in reports)
-    tmp.write_text("# noencore demo: unlearning an opt-out artist\n\n" + table + "\n\n"
-                   + TABLE_NOTES + "\n\n"
-                   "![forget AUC and remain NLL per method](summary.png)\n\n"
-                   "Methods and options (the same memorised start for each; stop rule "
-                   f"{cfg.stop!r}):\n\n" + described + "\n"
-                   "Per-method reports (tables, verdicts, NLL histograms, MIA ROC curves): "
-                   + ", ".join(f"[{n}](reports/{n}/report.md)" for n in reports) + "\n\n"
-                   + _reproducibility(stage_digests(out, list(reports)), cfg.threads))
-    os.replace(tmp, report_md)
-    _write_json(out / "summary.json", rows)
-    summary_plot(rows, out / "summary.png",
-                 retrained=_summary_row(gold, base, gold, retrained_row=True))
-    print("\n" + table)
-    print(f"\nall outputs in {out.resolve()} ({time.perf_counter() - t_all:.0f} s); "
-          f"table: {report_md}; plot: {out / 'summary.png'}")
-    return report_md
+        cfg = self.cfg
+        self.reports: dict[str, dict] = {}
+        for name, model_dir in self.results.items():
+            t0 = _stage(f"7/7 evaluate: {name}")
+            rep_dir = self.out / "reports" / name
+            self.reports[name] = evaluate(
+                str(model_dir), self.sets, reference=self.ref_stats, retrained=self.retr_stats,
+                batch_size=cfg.batch_size, out=rep_dir, frames=cfg.frames, generation=self.gen,
+                progress=False, metrics=["token", "mia", "privleak", "forget_quality",
+                                         *REPLAY_METRICS],
+                relearn_steps=cfg.relearn_steps or None, relearn_lr=cfg.unlearn_lr,
+                relearn_batch_size=cfg.batch_size)
+            _done(t0, f"report: {rep_dir / 'report.md'}")
+
+    def write_report(self) -> Path:
+        """report.md (the table, the notes, each stage's digest), summary.json and
+        summary.png."""
+        cfg, out, reports, base, gold = self.cfg, self.out, self.reports, self.base, self.gold
+        rows = {n: _summary_row(r, base, gold) for n, r in reports.items()}
+        table = summary_table(rows, _summary_row(gold, base, gold, retrained_row=True))
+        report_md = out / "report.md"
+        tmp = report_md.with_name("report.md.tmp")
+        described = "".join(f"- **{n}**: {o or 'default options'}\n" for n, o in cfg.methods
+                            if n in reports)
+        tmp.write_text("# noencore demo: unlearning an opt-out artist\n\n" + table + "\n\n"
+                       + TABLE_NOTES + "\n\n"
+                       "![forget AUC and remain NLL per method](summary.png)\n\n"
+                       "Methods and options (the same memorised start for each; stop rule "
+                       f"{cfg.stop!r}):\n\n" + described + "\n"
+                       "Per-method reports (tables, verdicts, NLL histograms, MIA ROC curves): "
+                       + ", ".join(f"[{n}](reports/{n}/report.md)" for n in reports) + "\n\n"
+                       + _reproducibility(stage_digests(out, list(reports)), cfg.threads))
+        os.replace(tmp, report_md)
+        _write_json(out / "summary.json", rows)
+        summary_plot(rows, out / "summary.png",
+                     retrained=_summary_row(gold, base, gold, retrained_row=True))
+        print("\n" + table)
+        print(f"\nall outputs in {out.resolve()} ({time.perf_counter() - self.t_all:.0f} s); "
+              f"table: {report_md}; plot: {out / 'summary.png'}")
+        return report_md
 
 
 def stage_digests(out: str | os.PathLike, methods: list[str]) -> dict[str, str]:

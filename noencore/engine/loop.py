@@ -252,8 +252,7 @@ def _load_resume_state(run: Trainer, folder: Path) -> Any:
     ref_f, ref_r = state["ref_nll"], state.get("ref_nll_remain")
     run.ref_forget = ref_f.to(run.dev) if ref_f is not None else None
     run.ref_remain = ref_r.to(run.dev) if ref_r is not None else None
-    if state.get("target_map") is not None:
-        run.method.target_map = tuple(t.to(run.dev) for t in state["target_map"])
+    run.method.resume(state.get("target_map"), run.start_step, run.dev)
     return state.get("nonmember_nll")
 
 
@@ -264,7 +263,7 @@ def _save_checkpoint(run: Trainer, step: int, original: Any = None) -> None:
     the reference tables are, because a resumed run no longer has those weights)."""
 
     tmp = ckpt.begin(run.ckpt_root, step) if run.rank == 0 else None
-    fitted = getattr(run.method, "target_map", None)
+    fitted = run.method.saved_targets()
     refs = {"ref_nll": None if run.ref_forget is None else run.ref_forget.cpu(),
             "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu(),
             "target_map": None if fitted is None else tuple(t.cpu() for t in fitted),
@@ -551,7 +550,7 @@ class Trainer:
             self.request_ids = set_ids(self.sets)
             history = getattr(model, "requests", [])
             check_request(history, *self.request_ids, model=str(model.spec),
-                          anchored=bool(getattr(method, "remain_anchor", False)))
+                          anchored=method.remain_anchor)
             loose = unheld_warning(history, self.request_ids[1])
             if loose and int(os.environ.get("RANK", "0")) == 0:
                 warnings.warn(f"{model.spec}: {loose}", stacklevel=4)
@@ -567,7 +566,7 @@ class Trainer:
                                          self.cache, rule=c.stop_rule, target_auc=c.stop_auc,
                                          every=c.stop_every,
                                          batch_size=self.shape.scoring_batch, frames=c.frames)
-        if getattr(method, "needs_nonmember_targets", False) and self.stopper is None:
+        if method.needs_nonmember_targets and self.stopper is None:
             raise UsageError(f"method {method.name!r} measures its targets on non-member "
                              "tracks under the starting model: give them (--stop-nonmembers "
                              "SPLIT|IDS, stop_nonmembers=...) or a fixed target "
@@ -629,9 +628,6 @@ class Trainer:
         method, stopper = self.method, self.stopper
         if self.resume_from is not None:
             original = _load_resume_state(self, self.resume_from)
-            if hasattr(method, "refitted"):  # re-fits before the checkpoint are in its targets
-                method.refitted.update(s for s in getattr(method, "refit_at", ())
-                                       if s <= self.start_step)
             if stopper is not None and original is not None:
                 stopper.original = original.numpy()
             return
@@ -646,8 +642,8 @@ class Trainer:
             self.ref_remain = _reference_nll(self.model, self.sets, self.cache, micro, self.dev,
                                              forget=False, **ref_kw)
         if stopper is not None:  # the non-members under the starting weights, once
-            stopper.start(original=getattr(method, "needs_nonmember_targets", False))
-            if getattr(method, "needs_nonmember_targets", False):
+            stopper.start(original=method.needs_nonmember_targets)
+            if method.needs_nonmember_targets:
                 _fit_targets(self, stopper)
 
     def train(self) -> tuple[str, int, dict | None]:

@@ -44,6 +44,7 @@ import torch
 from noencore import distributed as dist
 from noencore.engine.sets import UnlearningSets, _resolve
 from noencore.errors import UsageError
+from noencore.methods.base import Check
 
 STOP_RULES = ("auc", "nll", "original")
 
@@ -201,24 +202,22 @@ class NonmemberStop:
         result = auc, float(np.nanmean(nll_f)), float(np.nanmean(nll_n))
         return dist.broadcast_object(result)  # one decision for every rank: rank 0's
 
+    def _nonmembers_now(self) -> torch.Tensor:
+        """float64 [m]: the non-members' per-track mean NLLs under the current weights
+        (rule "original" compares with the starting weights' and measures them here)."""
+        now = self.item_nll([self.nonmembers])[0] if self.rule == "original" \
+            else self.items[1]
+        return torch.from_numpy(now[np.isfinite(now)])
+
     def check(self, step: int, method: Any = None) -> dict | None:
         if step % self.every:
             return None
         auc, nll_f, nll_n = self.measure()
-        if getattr(method, "row_target", None) is not None:
-            method.row_target = nll_n  # raise forget rows to where the non-members are now
-        refit = getattr(method, "refit_due", None)
-        if getattr(method, "follow", False) or (refit is not None and refit(step)):
-            # the non-members under the current weights (rule "original" keeps the start's)
-            now = self.item_nll([self.nonmembers])[0] if self.rule == "original" \
-                else self.items[1]
-            now = torch.from_numpy(now[np.isfinite(now)])
-            method.fit_targets(method.target_map[0], now.to(method.target_map[0].device))
+        ready = True
+        if method is not None:  # the method follows the measurement and may hold the stop
+            ready = method.on_check(Check(step, nll_n, self._nonmembers_now))
         by_auc = self.rule in ("auc", "original")
-        hit = auc <= self.target if by_auc else nll_f >= nll_n
-        done = getattr(method, "refitted", ())
-        if any(s not in done for s in getattr(method, "refit_at", ())):
-            hit = False  # not before the method's re-fits: they set where it is going
+        hit = (auc <= self.target if by_auc else nll_f >= nll_n) and ready
         if not hit:
             if by_auc and self.bisect:
                 self._last = self.weights.snapshot()

@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -220,157 +221,175 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             "relearn" block. Needs the remain set; under a launcher the fine-tuning runs
             under DeepSpeed ZeRO-2 in fp32 on every rank.
     """
-    from noencore import distributed as dist
+    return Evaluation(
+        model, sets, metrics=metrics, reference=reference, batch_size=batch_size, out=out,
+        retrained=retrained, conditions=conditions, frames=frames, precision=precision,
+        device=device, clap=clap, clap_tokenizer=clap_tokenizer, clap_model=clap_model,
+        generation=generation, criteria=criteria, min_auc_items=min_auc_items,
+        progress=progress, relearn_steps=relearn_steps, relearn_lr=relearn_lr,
+        relearn_batch_size=relearn_batch_size, shards=shards).run()
 
-    t0 = time.time()
-    metrics = list(metrics) if metrics is not None else None
-    bad = [m for m in (metrics or []) if m not in ALL_METRICS]
-    if bad:
-        raise UsageError(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}")
-    if metrics is None:
-        metrics = list(TOKEN_METRICS) + (list(GENERATION_METRICS) if clap is not None else [])
-    if batch_size <= 0:
-        raise UsageError(f"batch_size must be positive, got {batch_size}")
-    shard_sets = _open_sets(sets, shards)
-    relearn_counts = relearn.parse_steps(relearn_steps)
-    if relearn_counts:
-        relearn.check_sets(shard_sets)
-    if model is None:
-        raise UsageError("model is required")
-    # a model object stays where it is; specs are loaded onto this rank's device
-    given = not isinstance(model, str | os.PathLike)
-    dev = model.device if given and device is None else dist.rank_device(device)
-    rank, world = dist.join(dev)
-    progress = progress and rank == 0  # one set of progress bars, not one per rank
-    model = _load_model(model, dev)
-    for name, s in shard_sets.items():
-        _check_compatible(model, s, name)
-    gen_cfg = generation or GenerationConfig()
 
-    caches = {name: _conditions_for(s, conditions, model) for name, s in shard_sets.items()}
-    # every set is scored with the same text-condition padding, so that no set's items
-    # hear more padding than another's (members vs non-members)
-    cond_length = max(cache.length for cache in caches.values())
+class Evaluation:
+    """One ``evaluate`` call, phase by phase: ``prepare`` (options checked, the sets, the
+    rank's device, the model, the condition caches), ``measure`` (each model's or cached
+    statistics' token statistics per set, generations, the relearning probe), ``report``
+    (rank 0: the report's blocks, verdicts, the files in ``out``)."""
 
-    def stats_of(m: Any, role: str) -> dict[str, SetStats | None]:
+    def __init__(self, model: Any, sets: Mapping[str, Any], **options: Any):
+        self.model, self.sets, self.o = model, sets, SimpleNamespace(**options)
+        self.t0 = time.time()
+
+    def run(self) -> EvalResult:
+        from noencore import distributed as dist
+
+        self.prepare()
+        self.measure()
+        return EvalResult(dist.on_rank0(self.report))
+
+    def prepare(self) -> None:
+        from noencore import distributed as dist
+
+        o = self.o
+        metrics = list(o.metrics) if o.metrics is not None else None
+        bad = [m for m in (metrics or []) if m not in ALL_METRICS]
+        if bad:
+            raise UsageError(f"unknown metric(s) {bad}; choose from {', '.join(ALL_METRICS)}")
+        if metrics is None:
+            metrics = list(TOKEN_METRICS) + (list(GENERATION_METRICS) if o.clap is not None
+                                             else [])
+        self.metrics = metrics
+        if o.batch_size <= 0:
+            raise UsageError(f"batch_size must be positive, got {o.batch_size}")
+        self.shard_sets = _open_sets(self.sets, o.shards)
+        self.relearn_counts = relearn.parse_steps(o.relearn_steps)
+        if self.relearn_counts:
+            relearn.check_sets(self.shard_sets)
+        if self.model is None:
+            raise UsageError("model is required")
+        # a model object stays where it is; specs are loaded onto this rank's device
+        given = not isinstance(self.model, str | os.PathLike)
+        self.dev = self.model.device if given and o.device is None else \
+            dist.rank_device(o.device)
+        self.rank, self.world = dist.join(self.dev)
+        self.progress = o.progress and self.rank == 0  # one set of bars, not one per rank
+        self.model = model = _load_model(self.model, self.dev)
+        for name, s in self.shard_sets.items():
+            _check_compatible(model, s, name)
+        self.gen_cfg = o.generation or GenerationConfig()
+        self.caches = {name: _conditions_for(s, o.conditions, model)
+                       for name, s in self.shard_sets.items()}
+        # every set is scored with the same text-condition padding, so that no set's items
+        # hear more padding than another's (members vs non-members)
+        self.cond_length = max(cache.length for cache in self.caches.values())
+
+    def stats_of(self, m: Any, role: str) -> dict[str, SetStats | None]:
         """Each set's statistics under ``m``: whole on rank 0, None on the other ranks."""
-        res = {}
-        for name, s in shard_sets.items():
-            cache = _conditions_for(s, caches[name], m)  # checks m's text encoder
+        o, res = self.o, {}
+        for name, s in self.shard_sets.items():
+            cache = _conditions_for(s, self.caches[name], m)  # checks m's text encoder
             res[name] = gather_set_stats(collect_set_stats(
-                m, s, cache, batch_size=batch_size, frames=frames, precision=precision,
-                progress=progress, desc=f"{role} {name}", rank=rank, world=world,
-                cond_length=cond_length))
+                m, s, cache, batch_size=o.batch_size, frames=o.frames, precision=o.precision,
+                progress=self.progress, desc=f"{role} {name}", rank=self.rank,
+                world=self.world, cond_length=self.cond_length))
         return res
 
-    def cached_stats(spec: Any, role: str) -> tuple[dict[str, SetStats], str]:
+    def cached_stats(self, spec: Any, role: str) -> tuple[dict[str, SetStats], str]:
         st, meta = load_stats(spec)
-        missing = [n for n in shard_sets if n not in st]
-        for n in shard_sets:
-            if n in st and st[n].ids != list(shard_sets[n].ids):
+        missing = [n for n in self.shard_sets if n not in st]
+        for n in self.shard_sets:
+            if n in st and st[n].ids != list(self.shard_sets[n].ids):
                 raise NoencoreError(f"{spec}: cached {role} statistics of the {n} set cover "
                                     "other items than this set; evaluate the same sets")
         if missing:
             raise NoencoreError(f"{spec}: cached {role} statistics lack set(s) {missing}")
         # token statistics of another vocabulary are not comparable, token for token
         theirs = {k: meta[k] for k in _CODEC_KEYS if k in meta}
-        ours = _codec_of(model)
+        ours = _codec_of(self.model)
         clash = [f"{k} {theirs[k]} (model {ours[k]})" for k in theirs if theirs[k] != ours[k]]
         if clash:
             raise NoencoreError(f"{spec}: cached {role} statistics were computed by a model "
                                 f"with another codec or vocabulary ({', '.join(clash)}); "
                                 "give a model with this model's codec, or its statistics")
-        return {n: st[n] for n in shard_sets}, f"{meta.get('model')} (cached: {spec})"
+        return {n: st[n] for n in self.shard_sets}, f"{meta.get('model')} (cached: {spec})"
 
-    def stats_or_cached(spec: Any, role: str) -> tuple[Any, Any, str | None]:
+    def stats_or_cached(self, spec: Any, role: str) -> tuple[Any, Any, str | None]:
         """(statistics, loaded model or None, name); the statistics are None on ranks > 0."""
+        from noencore import distributed as dist
+
         if spec is None:
             return None, None, None
         if _is_cached_stats(spec):
             # rank 0 alone reads them (the others have no use for them); a bad file stops
             # every rank
-            loaded = dist.on_rank0(lambda: cached_stats(spec, role), share=False)
+            loaded = dist.on_rank0(lambda: self.cached_stats(spec, role), share=False)
             st, name = loaded if loaded is not None else (None, None)
             return st, None, name
-        m = _load_model(spec, dev)
-        ours, theirs = _codec_of(model), _codec_of(m)
+        m = _load_model(spec, self.dev)
+        ours, theirs = _codec_of(self.model), _codec_of(m)
         if theirs != ours:
             clash = ", ".join(f"{k} {theirs[k]} (model {ours[k]})" for k in ours
                               if theirs[k] != ours[k])
             raise NoencoreError(f"{role} model {getattr(m, 'spec', spec)!r} has another codec "
-                                f"or vocabulary than model {model.spec!r} ({clash}); compare "
-                                "models that share the codec (retrain from the same base model)")
-        for name, s in shard_sets.items():
+                                f"or vocabulary than model {self.model.spec!r} ({clash}); "
+                                "compare models that share the codec (retrain from the same "
+                                "base model)")
+        for name, s in self.shard_sets.items():
             _check_compatible(m, s, name)
-        return stats_of(m, role), m, str(getattr(m, "spec", spec))
+        return self.stats_of(m, role), m, str(getattr(m, "spec", spec))
 
-    after = stats_of(model, "after")
-    before, ref_model, ref_name = stats_or_cached(reference, "before")
-    retr, retr_model, retr_name = stats_or_cached(retrained, "retrained")
-    gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
-    gen_items = None
-    if gen_metrics:
-        from noencore.evaluation.generation_metrics import collect_generation
+    def measure(self) -> None:
+        o, model = self.o, self.model
+        self.after = self.stats_of(model, "after")
+        self.before, self.ref_model, self.ref_name = self.stats_or_cached(o.reference, "before")
+        self.retr, retr_model, self.retr_name = self.stats_or_cached(o.retrained, "retrained")
+        self.gen_metrics = [m for m in self.metrics if m in GENERATION_METRICS]
+        self.gen_items = None
+        if self.gen_metrics:
+            from noencore.evaluation.generation_metrics import collect_generation
 
-        others = {"before": ref_model, "retrained": retr_model}
-        gen_items = collect_generation(
-            {"after": model} | {r: m for r, m in others.items() if m is not None},
-            shard_sets, gen_metrics, clap=clap, clap_tokenizer=clap_tokenizer,
-            clap_model=clap_model, cfg=gen_cfg, progress=progress)
+            others = {"before": self.ref_model, "retrained": retr_model}
+            self.gen_items = collect_generation(
+                {"after": model} | {r: m for r, m in others.items() if m is not None},
+                self.shard_sets, self.gen_metrics, clap=o.clap,
+                clap_tokenizer=o.clap_tokenizer, clap_model=o.clap_model, cfg=self.gen_cfg,
+                progress=self.progress)
+        self.relearned = []  # (steps, each set's statistics after that much fine-tuning)
+        if self.relearn_counts:
+            for n, m in relearn.relearned_models(
+                    model, self.shard_sets, self.relearn_counts, lr=o.relearn_lr,
+                    batch_size=o.relearn_batch_size, frames=o.frames, seed=self.gen_cfg.seed,
+                    conditions=self.caches["remain"].folder, out=o.out,
+                    progress=self.progress):
+                self.relearned.append((n, self.stats_of(m, f"relearned {n} steps")))
 
-    relearned = []  # (steps, each set's statistics after that much fine-tuning)
-    if relearn_counts:
-        for n, m in relearn.relearned_models(
-                model, shard_sets, relearn_counts, lr=relearn_lr, batch_size=relearn_batch_size,
-                frames=frames, seed=gen_cfg.seed, conditions=caches["remain"].folder, out=out,
-                progress=progress):
-            relearned.append((n, stats_of(m, f"relearned {n} steps")))
-
-    def report() -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
+        """The report's blocks (rank 0), written to ``out`` when given."""
+        o, model, after, retr = self.o, self.model, self.after, self.retr
         results: dict[str, Any] = {
-            "models": {"after": str(model.spec), "before": ref_name, "retrained": retr_name},
+            "models": {"after": str(model.spec), "before": self.ref_name,
+                       "retrained": self.retr_name},
             "sets": {n: {"shards": str(s.path), "items": len(s), "frames": int(s.frames.sum()),
-                         "codec": s.header.codec} for n, s in shard_sets.items()},
-            "metrics": metrics, "precision": _effective_precision(precision, model),
-            "batch_size": batch_size, "ranks": world, "frames": frames, "seed": gen_cfg.seed,
-            "op_backend": _op_backend(),
+                         "codec": s.header.codec} for n, s in self.shard_sets.items()},
+            "metrics": self.metrics, "precision": _effective_precision(o.precision, model),
+            "batch_size": o.batch_size, "ranks": self.world, "frames": o.frames,
+            "seed": self.gen_cfg.seed, "op_backend": _op_backend(),
         }
-        notes: list[str] = []
-        roles = {"after": after} | ({"before": before} if before is not None else {})
+        roles = {"after": after} | ({"before": self.before} if self.before is not None else {})
         results["token"] = {r: {n: s.summary() for n, s in st.items()} for r, st in roles.items()}
         if retr is not None:
             results["token"]["retrained"] = {n: s.summary() for n, s in retr.items()}
-        curves = _mia_results(results, metrics, roles, retr, min_auc_items)
-        if "forget_quality" in metrics:
+        curves = _mia_results(results, self.metrics, roles, retr, o.min_auc_items)
+        if "forget_quality" in self.metrics:
             results["forget_quality"] = _forget_quality(roles, retr)
-        if gen_items is not None:
-            from noencore.evaluation.generation_metrics import generation_report
-
-            results.update(generation_report(gen_items, gen_metrics))
-            if results["generation"].get("random_clap"):
-                notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
-                             "memorisation similarities below mean nothing.")
-            if reference is not None and ref_model is None:
-                notes.append("the reference is cached token statistics: generation metrics "
-                             "have no 'before' column")
-        elif clap is None:
-            results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
-                                                "score, FAD and memorisation were not computed"}
-        if relearned:
-            results["relearn"] = relearn.relearn_block(
-                relearned, after, lr=relearn_lr, batch_size=relearn_batch_size, frames=frames,
-                min_items=min_auc_items)
-        if before is None:
-            notes.append("no reference model: no 'before' column, no reference-ratio attack, "
-                         "no remain-NLL verdict")
-        results["notes"] = notes
-        crit = criteria or Criteria()
+        results["notes"] = self.generation_and_notes(results)
+        crit = o.criteria or Criteria()
         results["verdicts"] = verdicts(results, crit)
         results["criteria"] = crit
-        results["seconds"] = round(time.time() - t0, 2)
+        results["seconds"] = round(time.time() - self.t0, 2)
         results = _finite(_jsonable(results))
-        if out is not None:
-            folder = Path(out)
+        if o.out is not None:
+            folder = Path(o.out)
             folder.mkdir(parents=True, exist_ok=True)
             results["token_stats_sha256"] = save_stats(folder / "token_stats.npz", after,
                                                        {"model": str(model.spec),
@@ -380,7 +399,30 @@ def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None 
             write_report(folder, results, item_nll, curves)
         return results
 
-    return EvalResult(dist.on_rank0(report))
+    def generation_and_notes(self, results: dict[str, Any]) -> list[str]:
+        """Fill the "generation" and "relearn" blocks of ``results``; return the notes."""
+        o, notes = self.o, []
+        if self.gen_items is not None:
+            from noencore.evaluation.generation_metrics import generation_report
+
+            results.update(generation_report(self.gen_items, self.gen_metrics))
+            if results["generation"].get("random_clap"):
+                notes.append("CLAP weights are RANDOM (a test model): CLAP scores, FAD and "
+                             "memorisation similarities below mean nothing.")
+            if o.reference is not None and self.ref_model is None:
+                notes.append("the reference is cached token statistics: generation metrics "
+                             "have no 'before' column")
+        elif o.clap is None:
+            results["generation"] = {"skipped": "no CLAP checkpoint given (--clap PATH); CLAP "
+                                                "score, FAD and memorisation were not computed"}
+        if self.relearned:
+            results["relearn"] = relearn.relearn_block(
+                self.relearned, self.after, lr=o.relearn_lr, batch_size=o.relearn_batch_size,
+                frames=o.frames, min_items=o.min_auc_items)
+        if self.before is None:
+            notes.append("no reference model: no 'before' column, no reference-ratio attack, "
+                         "no remain-NLL verdict")
+        return notes
 
 
 class EvalResult(dict):

@@ -23,6 +23,7 @@ losses first, and the op's backward applies their weights exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +110,32 @@ class Plan:
     loss: torch.Tensor
 
 
+@dataclass
+class Check:
+    """What the stop rule measured at a check (``Method.on_check``).
+
+    step:           the optimizer steps done
+    nonmember_nll:  the non-members' mean token NLL, as the stop rule compares it
+    nonmember_rows: () -> float [m], each non-member track's mean token NLL under the
+                    current weights (measured on the first call only where the stop rule
+                    compares with the starting weights' NLLs; the same on every rank)
+    """
+
+    step: int
+    nonmember_nll: float
+    nonmember_rows: Callable[[], torch.Tensor]
+
+
 class Method:
     """Base: GradDiff-style weights ``-forget_weight`` on forget and ``+remain_weight`` on
-    remain tokens, token means. Subclasses say only how they differ."""
+    remain tokens, token means. Subclasses say only how they differ.
+
+    Hooks the engine calls, each a no-op here (a method overrides those it needs):
+    ``needs_nonmember_targets`` + ``fit_targets`` (targets measured once, under the
+    starting weights, from the stop rule's non-members), ``on_check`` (at every check of
+    the stop rule: follow its measurement, say whether the run may stop),
+    ``saved_targets`` / ``resume`` (what a checkpoint keeps of fitted state).
+    """
 
     name = "base"
     loss_cap: float | None = None   # bounded ascent: forget rows above the cap get no gradient
@@ -180,6 +204,28 @@ class Method:
         return {"name": self.name, "forget_weight": self.forget_weight,
                 "remain_weight": self.remain_weight, "remain_anchor": self.remain_anchor,
                 "loss_cap": self.loss_cap}
+
+    # -- hooks of the engine --------------------------------------------------------
+
+    needs_nonmember_targets = False  # the engine measures non-members once: fit_targets
+
+    def fit_targets(self, forget_ref: torch.Tensor, nonmember: torch.Tensor) -> None:
+        """Fit targets from the forget rows' (float [n]) and the non-members' (float [m])
+        mean token NLLs under the starting weights (``needs_nonmember_targets``)."""
+        raise NotImplementedError(f"method {self.name!r} fits no targets")
+
+    def on_check(self, check: Check) -> bool:
+        """Called at every check of the stop rule with what it measured; returns whether
+        the run may stop at this check."""
+        return True
+
+    def saved_targets(self) -> tuple[torch.Tensor, ...] | None:
+        """The fitted state a checkpoint keeps (None: nothing fitted)."""
+        return None
+
+    def resume(self, saved: tuple[torch.Tensor, ...] | None, step: int,
+               device: torch.device) -> None:
+        """Restore ``saved_targets()`` of a checkpoint made after ``step`` steps."""
 
 
 def random_label_targets(rows: Rows) -> torch.Tensor:

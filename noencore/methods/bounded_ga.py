@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from noencore.methods.base import Method, Rows
+from noencore.methods.base import Check, Method, Rows
 
 
 class BoundedGradientAscent(Method):
@@ -50,6 +50,13 @@ class BoundedGradientAscent(Method):
         keep = ~done[rows.item]
         loss = loss - rows.value(torch.where(keep, 0.0, w))  # the value of what is switched off
         return torch.where(keep, w, 0.0).float(), loss
+
+    def on_check(self, check: Check) -> bool:
+        """A ``row_target`` follows the non-members: forget rows are raised to where they
+        are now."""
+        if self.row_target is not None:
+            self.row_target = check.nonmember_nll
+        return True
 
     def describe(self) -> dict:
         return {**super().describe(), "row_target": self.row_target}

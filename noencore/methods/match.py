@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from noencore.methods.base import Method, Rows
+from noencore.methods.base import Check, Method, Rows
 
 
 class TargetMatching(Method):
@@ -73,7 +73,7 @@ class TargetMatching(Method):
         return self.target is None
 
     @property
-    def needs_nonmember_targets(self) -> bool:
+    def needs_nonmember_targets(self) -> bool:  # type: ignore[override]
         """Whether the engine must measure non-members once and call :meth:`fit_targets`."""
         return self.target is None
 
@@ -88,6 +88,24 @@ class TargetMatching(Method):
         levels = (torch.arange(xs.numel(), dtype=torch.float64) + 0.5) / xs.numel()
         ys = torch.quantile(nonmember.double().cpu(), levels).float().to(xs.device)
         self.target_map = (xs, ys)
+
+    def on_check(self, check: Check) -> bool:
+        """Re-fit the map onto the non-members under the current weights (every check with
+        ``follow``, else once at each ``refit_at`` step); the run may stop only once every
+        re-fit is done (they set where it is going)."""
+        if self.follow or self.refit_due(check.step):
+            xs = self.target_map[0]
+            self.fit_targets(xs, check.nonmember_rows().to(xs.device))
+        return all(s in self.refitted for s in self.refit_at)
+
+    def saved_targets(self) -> tuple[torch.Tensor, ...] | None:
+        return self.target_map
+
+    def resume(self, saved: tuple[torch.Tensor, ...] | None, step: int,
+               device: torch.device) -> None:
+        if saved is not None:
+            self.target_map = tuple(t.to(device) for t in saved)
+        self.refitted.update(s for s in self.refit_at if s <= step)  # in the saved targets
 
     def refit_due(self, step: int) -> bool:
         """Whether the targets are to be re-fitted at a check at ``step`` (the first check
