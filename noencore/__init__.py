@@ -35,7 +35,9 @@ _LAZY = {
     "save_musicgen": "noencore.models.musicgen",
     "MusicGenModel": "noencore.models.lm",
     "unlearn": "noencore.engine.loop",
+    "UnlearnConfig": "noencore.engine.config",
     "evaluate": "noencore.evaluation.evaluate",
+    "EvalConfig": "noencore.evaluation.config",
     "run_demo": "noencore.demo.pipeline",
     # what they return
     "UnlearnResult": "noencore.engine.loop",

@@ -15,7 +15,8 @@ layers, lowest first (a module may import its own layer and those below it):
     planner     the shape of a step and its memory (imports none of the above; the
                 engine lays its steps out with the planner's ``StepShape``)
     engine      the training loop, DeepSpeed, checkpoints, the stop rule
-    evaluation  ``evaluate`` and the relearning probe (which trains through the engine)
+    evaluation  ``evaluate``, its config and the relearning probe (which trains through
+                the engine)
     faces       the demo, the CLI and its commands, the package's public API
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noencore"
 
 BASE = ("noencore.errors", "noencore.fileio", "noencore.version", "noencore.hfhub",
         "noencore.thirdparty", "noencore.distributed")
-EVALUATION = ("noencore.evaluation.evaluate", "noencore.evaluation.relearn")
+EVALUATION = ("noencore.evaluation.evaluate", "noencore.evaluation.relearn",
+              "noencore.evaluation.config")
 # (layer, module prefixes), lowest first; the first match of the longest prefix wins
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", BASE),

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from noencore.errors import NoencoreError, UsageError
-from noencore.evaluation import relearn
+from noencore.evaluation.config import cli_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,46 +20,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "torchrun or deepspeed the ranks share the work and rank 0 reports.")
     p.add_argument("shards", help="token-shard folder (from `noencore precompute`)")
     p.add_argument("--model", required=True, help="unlearned model: folder, hub id or 'tiny'")
-    p.add_argument("--reference", help="model before unlearning (folder, hub id), or an earlier "
-                                       "evaluation's OUT folder (cached token statistics)")
-    p.add_argument("--retrained", help="model retrained without the forget set (or its cached "
-                                       "statistics): privleak relative to its AUC, forget "
-                                       "quality, MUSE's reference attack")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--reference", **cli_option("reference"))
+    p.add_argument("--retrained", **cli_option("retrained"))
+    p.add_argument("--out", required=True, help=cli_option("out")["help"])
     p.add_argument("--forget-split", default="forget")
     p.add_argument("--remain-split", default="remain", help="'' to leave the remain set out")
     p.add_argument("--holdout-split", default="holdout", help="'' to leave the holdout set out")
     p.add_argument("--forget-ids", help="file with one source id per line (instead of a split)")
     p.add_argument("--metrics", help="comma-separated subset of: token, mia, privleak, "
                                      "forget_quality, clap, fad, memorization, continuation")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--frames", type=int, help="window length (default: the longest item)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--device", default=None,
-                   help="torch device (default: cuda:LOCAL_RANK under a launcher, else the "
-                        "current GPU, else cpu)")
-    p.add_argument("--conditions", help="text-condition cache folder (default SHARDS/conditions)")
-    p.add_argument("--clap", help="laion-clap checkpoint (.pt), e.g. "
-                                  "music_audioset_epoch_15_esc_90.14.pt")
-    p.add_argument("--clap-tokenizer", default="roberta-base",
-                   help="local RoBERTa tokenizer folder (or a cached hub id)")
-    p.add_argument("--clap-model", default="HTSAT-base", help="laion-clap audio model")
+    p.add_argument("--batch-size", type=int, **cli_option("batch_size"))
+    p.add_argument("--frames", type=int, **cli_option("frames"))
+    p.add_argument("--precision", choices=("bf16", "fp32"), **cli_option("precision"))
+    p.add_argument("--device", **cli_option("device"))
+    p.add_argument("--conditions", **cli_option("conditions"))
+    p.add_argument("--clap", **cli_option("clap"))
+    p.add_argument("--clap-tokenizer", **cli_option("clap_tokenizer"))
+    p.add_argument("--clap-model", **cli_option("clap_model"))
     p.add_argument("--gen-seconds", type=float, default=5.0, help="seconds generated per caption")
     p.add_argument("--gen-items", type=int, default=64, help="items per set for generation")
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--cfg-coef", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verdict", help="thresholds, e.g. forget_auc_tol=0.05,remain_nll_rel=0.1")
-    p.add_argument("--min-auc-items", type=int, default=None,
-                   help="fewest items per side for an AUC (default 5)")
+    p.add_argument("--min-auc-items", type=int, **cli_option("min_auc_items"))
     p.add_argument("--relearn-steps", default=None, metavar="N[,N...]",
                    help="relearning probe: fine-tune a copy on the remain set for N steps "
                         "(several: 5,10) and measure the forget AUC and NLLs again")
-    p.add_argument("--relearn-lr", type=float, default=relearn.DEFAULT_LR,
-                   help=f"relearning probe learning rate (AdamW; default {relearn.DEFAULT_LR})")
-    p.add_argument("--relearn-batch-size", type=int, default=relearn.DEFAULT_BATCH_SIZE,
-                   help="relearning probe rows per step, all ranks together (default "
-                        f"{relearn.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--relearn-lr", type=float, **cli_option("relearn_lr"))
+    p.add_argument("--relearn-batch-size", type=int, **cli_option("relearn_batch_size"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from noencore import distributed
     from noencore.data.shards import TokenShards
-    from noencore.evaluation import mia
+    from noencore.evaluation import mia, relearn
     from noencore.evaluation.evaluate import evaluate
     from noencore.evaluation.generation import GenerationConfig
     from noencore.evaluation.report import Criteria

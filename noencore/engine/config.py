@@ -38,7 +38,50 @@ def _set_spec(text: str | list | None) -> str | list[str] | None:
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """The options of one unlearning run (``noencore.unlearn``; ``noencore unlearn``)."""
+    """The options of one unlearning run (``noencore.unlearn``; ``noencore unlearn``).
+
+    forget / remain: a split name, a list of source ids or a selection of the shards
+    (remain=None: every other item outside held-out splits). method: a name or a
+    ``Method`` (options in ``method_options``).
+    batch_size: global rows per optimizer step, ``forget_ratio`` of them from the forget
+    set, split over the ranks and into ``accumulation`` micro-batches per rank (gradients
+    add up over them; every mean is over the whole step's tokens, so the result equals
+    one big batch); frames: window length (50 frames = 1 s at 32 kHz).
+    checkpointing: recompute each transformer layer's activations in backward (less
+    memory, about a third more compute; same gradients).
+    out: run folder (config.json, metrics.jsonl, losses.png, checkpoints/, model/);
+    checkpoints every ``checkpoint_every`` steps and at the end; ``resume`` continues
+    from the newest valid checkpoint in ``out`` made with the same ``run`` options.
+    Under a launcher the run folder must be on a filesystem every rank shares (checked
+    before training).
+    zero_stage / deepspeed (config dict or JSON path): train with DeepSpeed ZeRO in bf16;
+    each rank runs on GPU ``LOCAL_RANK`` (or the CPU). The returned model is a plain fp32
+    model on every rank (the master weights gathered from the partitions), usable as is.
+    precision (one process): "fp32", or "bf16" (fp32 weights and optimizer, forward and
+    backward under bf16 autocast, as audiocraft trains; much faster where bf16 matmuls are).
+    log_every: the step's numbers stay on the device and are read every ``log_every``
+    steps (and before every checkpoint, stop check or ``target_forget_nll`` check), so the
+    host never waits for the device in between; metrics.jsonl still gets every step. A
+    NaN/inf loss or gradient norm raises DivergenceError at that read, and no checkpoint
+    is written after it.
+    stop_nonmembers (tracks never trained on, like the forget set): stop once membership
+    inference cannot tell the forget set from them (``stop_rule`` "auc": the LOSS
+    attack's AUC <= ``stop_auc``, the weights between the last two checks bisected for
+    the crossing; "nll": the forget mean NLL reaches theirs), checked every
+    ``stop_every`` steps; the method follows each check (``Method.on_check``: a
+    ``row_target`` follows their NLL; ``noencore.engine.stopping``); under a launcher
+    every rank scores its share and the bisection works on each rank's partition of the
+    weights. Keep the tracks a later evaluation scores out of this set.
+    lora (``noencore.models.lora.LoraSpec`` or a dict of its fields: rank, alpha,
+    targets): train only low-rank adapters of the targeted weights, the model frozen;
+    the returned and saved model has them merged. save_adapter (transformers-format
+    models): also write them as a PEFT adapter to ``out/adapter``.
+    A model loaded from a folder remembers the opt-outs it has served
+    (``model.requests``, the folder's requests.json): a request whose forget set overlaps
+    an earlier one's, or whose remain set holds an earlier one's forget items, is refused
+    (``RequestConflict``) before training; a finished run appends its own request, which
+    the saved model folder keeps (``noencore.engine.requests``).
+    """
 
     forget: Any = option(None, "forget set: a split name, or comma-separated source ids",
                          parse=_set_spec)

@@ -27,9 +27,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 
 from noencore.errors import NoencoreError, UsageError
 from noencore.evaluation import mia, relearn
+from noencore.evaluation.config import EvalConfig
 from noencore.evaluation.generation import GenerationConfig
 from noencore.evaluation.report import Criteria, verdicts, write_report
 from noencore.evaluation.token_metrics import (
@@ -165,69 +165,24 @@ def _mia_block(stats: dict[str, SetStats], refs: dict[str, dict[str, SetStats]],
     return out, scores
 
 
-def evaluate(model: Any, sets: Mapping[str, Any], metrics: Sequence[str] | None = None,
-             reference: Any = None, batch_size: int = 16, out: str | os.PathLike | None = None, *,
-             retrained: Any = None, conditions: Any = None, frames: int | None = None,
-             precision: str = "bf16", device: str | None = None,
-             clap: Any = None, clap_tokenizer: str = "roberta-base", clap_model: str = "HTSAT-base",
-             generation: GenerationConfig | None = None, criteria: Criteria | None = None,
-             min_auc_items: int = mia.MIN_AUC_ITEMS, progress: bool = True,
-             relearn_steps: int | Sequence[int] | str | None = None,
-             relearn_lr: float = relearn.DEFAULT_LR,
-             relearn_batch_size: int = relearn.DEFAULT_BATCH_SIZE,
-             shards: Any = None) -> EvalResult:
+def evaluate(model: Any, sets: Mapping[str, Any], config: EvalConfig | None = None,
+             **overrides: Any) -> EvalResult:
     """Evaluate an unlearned MusicGen model; return the report (an ``EvalResult``, a dict;
     also written to ``out``).
 
-    Under a launcher (``torchrun``, ``deepspeed``: ``WORLD_SIZE`` > 1) or inside an
-    initialised process group, every rank calls this with the same arguments: the
-    process group is joined if needed (NCCL on GPUs, gloo on the CPU), each rank scores
-    its share of every set's windows and generates for its share of the items, rank 0
-    gathers them, computes the metrics and alone writes ``out`` (and shows progress);
-    every rank returns the same dict. The numbers equal a one-process run's up to the
-    float rounding of differently composed batches.
-
-    Args:
-        model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (folder, hub id, "tiny").
-        sets: ``{"forget": ..., "remain": ..., "holdout": ...}``, each a ``TokenShards``
-            (e.g. ``shards.select(split="forget")``) or a shard folder; with ``shards``,
-            each may also be named as ``unlearn`` names its sets: a split name or a list
-            of source ids (``noencore.data.shards.select_set``). forget is required,
-            holdout is needed for membership inference.
-        metrics: any of ``ALL_METRICS``; default: the token metrics, plus the generation
-            metrics when ``clap`` is given (asking for a CLAP one without ``clap`` is an
-            error; "continuation" and "ngram", verbatim replay, need no CLAP).
-        reference: the model before unlearning (model or spec), or a folder/``.npz`` of
-            its cached token statistics (``token_stats.npz`` from an earlier evaluation).
-        batch_size: windows per forward pass for token metrics (per rank).
-        out: folder for report.json, report.md, nll_hist.png, roc.png, token_stats.npz.
-        retrained: a model retrained without the forget set (or its cached statistics),
-            for privleak relative to it, TOFU forget quality, its own membership-inference
-            AUCs and NLLs beside the model's, and (a model) its verbatim replay; it must
-            share the model's codec and vocabulary.
-        conditions: a ``ConditionCache`` (or folder); default ``<shards>/conditions``.
-        frames: window length for token metrics (default: the longest item).
-        precision: "bf16" (autocast the LM forward) or "fp32".
-        device: where models given as specs are loaded and run; default ``cuda:LOCAL_RANK``
-            under a launcher, the current GPU in one process, the CPU without CUDA. A
-            model object stays where it is.
-        clap: path of a laion-clap checkpoint, or a loaded ``Clap``.
-        generation: sampling settings for generation metrics.
-        criteria: verdict thresholds.
-        relearn_steps: a step count or several (``[5, 10]``, ``"5,10"``): fine-tune a copy
-            of the model on the remain set (AdamW, ``relearn_lr``, ``relearn_batch_size``
-            rows per step, windows of ``frames`` frames or up to 500) and measure the
-            forget-vs-holdout LOSS AUC and the NLLs again after each count: the report's
-            "relearn" block. Needs the remain set; under a launcher the fine-tuning runs
-            under DeepSpeed ZeRO-2 in fp32 on every rank.
+    model: a ``MusicGenModel`` or a spec for ``load_musicgen`` (folder, hub id, "tiny").
+    sets: ``{"forget": ..., "remain": ..., "holdout": ...}``, each a ``TokenShards`` (e.g.
+    ``shards.select(split="forget")``) or a shard folder; with the ``shards`` option, each
+    may also be named as ``unlearn`` names its sets: a split name or a list of source ids
+    (``noencore.data.shards.select_set``). forget is required, holdout is needed for
+    membership inference. config: an ``EvalConfig`` (every option, its default and
+    meaning: ``noencore.evaluation.config``); ``overrides``: options by name, over it.
+    Runs the phases of ``Evaluation``.
     """
-    return Evaluation(
-        model, sets, metrics=metrics, reference=reference, batch_size=batch_size, out=out,
-        retrained=retrained, conditions=conditions, frames=frames, precision=precision,
-        device=device, clap=clap, clap_tokenizer=clap_tokenizer, clap_model=clap_model,
-        generation=generation, criteria=criteria, min_auc_items=min_auc_items,
-        progress=progress, relearn_steps=relearn_steps, relearn_lr=relearn_lr,
-        relearn_batch_size=relearn_batch_size, shards=shards).run()
+    if config is not None and not isinstance(config, EvalConfig):
+        raise UsageError(f"config must be an EvalConfig, got {type(config).__name__}; give "
+                         "the options by name (metrics=..., reference=...)")
+    return Evaluation(model, sets, (config or EvalConfig()).replace(**overrides)).run()
 
 
 class Evaluation:
@@ -236,8 +191,8 @@ class Evaluation:
     statistics' token statistics per set, generations, the relearning probe), ``report``
     (rank 0: the report's blocks, verdicts, the files in ``out``)."""
 
-    def __init__(self, model: Any, sets: Mapping[str, Any], **options: Any):
-        self.model, self.sets, self.o = model, sets, SimpleNamespace(**options)
+    def __init__(self, model: Any, sets: Mapping[str, Any], config: EvalConfig):
+        self.model, self.sets, self.o = model, sets, config
         self.t0 = time.time()
 
     def run(self) -> EvalResult:

@@ -1,0 +1,95 @@
+"""``EvalConfig``: every option of ``noencore.evaluate``, declared once.
+
+Each option is one field with its default, type and help text (``dataclasses.field``
+metadata); ``evaluate(model, sets, config=None, **overrides)`` takes them, and the flags
+of ``noencore evaluate`` that set them take their defaults and help from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from noencore.errors import UsageError
+from noencore.evaluation import relearn
+from noencore.evaluation.mia import MIN_AUC_ITEMS
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The options of one evaluation (``noencore.evaluate``; ``noencore evaluate``).
+
+    Under a launcher (``torchrun``, ``deepspeed``: ``WORLD_SIZE`` > 1) or inside an
+    initialised process group, every rank calls ``evaluate`` with the same options: the
+    process group is joined if needed (NCCL on GPUs, gloo on the CPU), each rank scores
+    its share of every set's windows and generates for its share of the items, rank 0
+    gathers them, computes the metrics and alone writes ``out`` (and shows progress);
+    every rank returns the same report. The numbers equal a one-process run's up to the
+    float rounding of differently composed batches.
+    """
+
+    metrics: Sequence[str] | None = option(
+        None, "any of ALL_METRICS; default: the token metrics, plus the generation metrics "
+              "when clap is given (asking for a CLAP one without clap is an error; "
+              "continuation and ngram, verbatim replay, need no CLAP)")
+    reference: Any = option(
+        None, "the model before unlearning (model or spec), or a folder/.npz of its cached "
+              "token statistics (token_stats.npz from an earlier evaluation)")
+    batch_size: int = option(16, "windows per forward pass for token metrics (per rank)")
+    out: Any = option(None, "folder for report.json, report.md, nll_hist.png, roc.png, "
+                            "token_stats.npz")
+    retrained: Any = option(
+        None, "a model retrained without the forget set (or its cached statistics), for "
+              "privleak relative to it, TOFU forget quality, its own membership-inference "
+              "AUCs and NLLs beside the model's, and (a model) its verbatim replay; it must "
+              "share the model's codec and vocabulary")
+    conditions: Any = option(None, "text-condition cache (a ConditionCache or its folder; "
+                                   "default SHARDS/conditions)")
+    frames: int | None = option(None, "window length for token metrics (default: the longest "
+                                      "item)")
+    precision: str = option("bf16", "bf16 (autocast the LM forward) or fp32")
+    device: str | None = option(
+        None, "where models given as specs are loaded and run (default: cuda:LOCAL_RANK "
+              "under a launcher, else the current GPU, else cpu); a model object stays "
+              "where it is")
+    clap: Any = option(None, "laion-clap checkpoint (.pt), or a loaded Clap")
+    clap_tokenizer: str = option("roberta-base", "local RoBERTa tokenizer folder (or a cached "
+                                                 "hub id)")
+    clap_model: str = option("HTSAT-base", "laion-clap audio model")
+    generation: Any = option(None, "sampling settings for generation metrics "
+                                   "(GenerationConfig)")
+    criteria: Any = option(None, "verdict thresholds (Criteria)")
+    min_auc_items: int = option(MIN_AUC_ITEMS, "fewest items per side for an AUC")
+    progress: bool = option(True, "progress bars (rank 0)")
+    relearn_steps: Any = option(
+        None, "relearning probe: a step count or several ([5, 10], '5,10'): fine-tune a "
+              "copy of the model on the remain set (AdamW, relearn_lr, relearn_batch_size "
+              "rows per step, windows of frames frames or up to 500) and measure the "
+              "forget-vs-holdout LOSS AUC and the NLLs again after each count (the report's "
+              "relearn block; needs the remain set; under a launcher DeepSpeed ZeRO-2 in "
+              "fp32)")
+    relearn_lr: float = option(relearn.DEFAULT_LR, "relearning probe learning rate (AdamW)")
+    relearn_batch_size: int = option(relearn.DEFAULT_BATCH_SIZE,
+                                     "relearning probe rows per step, all ranks together")
+    shards: Any = option(None, "a TokenShards (or folder) in which the sets may be named as "
+                               "unlearn names them: a split name or a list of source ids")
+
+    def replace(self, **overrides: Any) -> EvalConfig:
+        """A copy with ``overrides``; an unknown name is refused with the known ones."""
+        known = sorted(f.name for f in dataclasses.fields(self))
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise UsageError(f"unknown evaluate option(s) {unknown}; known: {known}")
+        return dataclasses.replace(self, **overrides)
+
+
+def cli_option(name: str) -> dict[str, Any]:
+    """``default`` and ``help`` of a flag that sets the option ``name`` (argparse kwargs)."""
+    f = next(f for f in dataclasses.fields(EvalConfig) if f.name == name)
+    shown = f" (default: {f.default})" if f.default is not None else ""
+    return {"default": f.default, "help": f.metadata["help"] + shown}
