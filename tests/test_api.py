@@ -2,6 +2,7 @@
 README's Python example, run end to end on freshly precomputed shards."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report.to_dict()["verdicts"] == report.verdicts
     assert (tmp_path / "shards" / "conditions" / "index.json").is_file()
     assert (tmp_path / "reports" / "npo" / "report.json").is_file()
+    saved = json.loads((tmp_path / "runs" / "npo" / "config.json").read_text())
+    assert saved["method"] == "npo" and saved["steps"] == 2  # the run's options, all of them
     assert str(report.verdicts) in capsys.readouterr().out
 
 
@@ -76,3 +79,34 @@ def test_sets_are_named_alike_for_unlearn_and_evaluate(tmp_path: Path) -> None:
     by_selection = select_set(shards, shards.select(split="forget"))
     assert by_split.ids == by_ids.ids == by_selection.ids
     assert set_ids(by_selection) == ids and set_ids("forget") == "forget"
+
+
+def test_one_declaration_of_the_options() -> None:
+    """The CLI's flags and the resume check derive from the configs: every option of
+    ``unlearn`` is an ``UnlearnConfig`` field, and the CLI resolves to those fields."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from noencore.commands import unlearn as command
+    from noencore.engine.config import UnlearnConfig, fields_for_run
+
+    fields = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+    assert all(f.metadata["help"] for f in fields.values())
+    assert set(fields_for_run()) == {"lr", "weight_decay", "batch_size", "forget_ratio",
+                                     "frames", "seed"}
+    assert set(inspect.signature(noencore.unlearn).parameters) == {
+        "model", "shards", "config", "progress", "on_step", "overrides"}
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["unlearn", "--model", "tiny", "--shards", "s", "--forget",
+                              "a,b", "--steps", "3", "--resume", "--out", "o"])
+    opts = command.resolve_options(args)
+    assert set(opts) - {"model", "shards"} <= set(fields)
+    assert opts["forget"] == ["a", "b"] and opts["steps"] == 3 and opts["resume"] is True
+    assert UnlearnConfig().replace(**{k: v for k, v in opts.items()
+                                      if k not in ("model", "shards")}).steps == 3
+    with pytest.raises(noencore.UsageError, match="unknown unlearn option"):
+        UnlearnConfig().replace(step=3)
+    with pytest.raises(noencore.UsageError, match="unknown evaluate option"):
+        noencore.EvalConfig().replace(metric=["token"])

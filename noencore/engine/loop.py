@@ -616,7 +616,7 @@ class Trainer:
         if self.out_dir is not None and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out_dir / "config.json",
-                         json.dumps(self.cfg.to_dict(), indent=1).encode())
+                         json.dumps(self.cfg.to_dict(), indent=1, default=str).encode())
 
     def _through_engine(self, fn: Callable[[], Any]) -> Any:
         """Every forward pass under DeepSpeed enters through its module."""
