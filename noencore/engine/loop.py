@@ -32,6 +32,7 @@ from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 from noencore.engine.requests import (
     check_request,
+    held,
     is_opt_out,
     make_request,
     set_ids,
@@ -324,7 +325,7 @@ def _micro_inputs(run: _Run, b: Any, counts: torch.Tensor, step: int) -> tuple:
     return (b.codes.to(dev, non_blocking=True), b.mask.to(dev, non_blocking=True),
             b.forget.to(dev, non_blocking=True), emb.to(dev, non_blocking=True),
             emask.to(dev, non_blocking=True), ref, counts, run.seed * 1_000_003 + step,
-            b.row.to(dev, non_blocking=True))
+            b.row.to(dev, non_blocking=True), b.held.to(dev, non_blocking=True))
 
 
 def _micro_batches(run: _Run, b: Any) -> list:
@@ -553,7 +554,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
     method = get_method(method, **(method_options or {}))
     sets = UnlearningSets(shards, forget, remain, frames)
-    request_ids = None
+    request_ids, kept = None, []
     if is_opt_out(method):  # refused before any work when it contradicts an earlier one
         request_ids = set_ids(sets)
         history = getattr(model, "requests", [])
@@ -562,6 +563,9 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
         loose = unheld_warning(history, request_ids[1])
         if loose and int(os.environ.get("RANK", "0")) == 0:
             warnings.warn(f"{model.spec}: {loose}", stacklevel=2)
+        if method.remain_anchor:  # earlier forget items in the remain set: held both ways
+            kept = held(history, request_ids[1])
+            sets.hold(kept)
     n_f, n_r = sets.split_counts(batch_size, forget_ratio)
     if method.swaps_codes and n_r == 0:
         raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")
@@ -705,7 +709,7 @@ def unlearn(model: Any, shards: Any, *, forget: str | Sequence[str],
     if request_ids is not None:  # the model has served this request: saved with it
         model.requests = [*getattr(model, "requests", []), make_request(
             forget=forget, forget_ids=request_ids[0], remain=remain, method=method.describe(),
-            shards=str(shards.path), steps=step, stopped=stopped)]
+            shards=str(shards.path), steps=step, stopped=stopped, held=kept)]
     model_dir = None
     if save and out_dir is not None:
         model_dir = out_dir / "model"

@@ -50,8 +50,10 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 
 def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method: dict,
-                 shards: str, steps: int, stopped: str) -> dict[str, Any]:
-    """The record of a request the model has just served."""
+                 shards: str, steps: int, stopped: str,
+                 held: Sequence[str] = ()) -> dict[str, Any]:
+    """The record of a request the model has just served (``held``: the earlier requests'
+    forget ids its anchored remain set held)."""
     from noencore import __version__
 
     ids = sorted({str(x) for x in forget_ids})
@@ -62,7 +64,7 @@ def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method:
             "method": method,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "noencore": __version__, "shards": str(shards), "steps": int(steps),
-            "stopped": stopped}
+            "stopped": stopped, "held": sorted({str(x) for x in held})}
 
 
 def _shown(ids: Sequence[str], limit: int = 8) -> str:
@@ -106,6 +108,13 @@ def unheld(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
     them where they were)."""
     done = {x for req in history for x in req.get("forget_ids") or []}
     return sorted(done - {str(x) for x in remain_ids})
+
+
+def held(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
+    """Earlier requests' forget ids that the new remain set holds (an anchored remain set
+    keeps them where those requests left them, from both sides)."""
+    done = {x for req in history for x in req.get("forget_ids") or []}
+    return sorted(done & {str(x) for x in remain_ids})
 
 
 def unheld_warning(history: Sequence[dict], remain_ids: Sequence[str]) -> str | None:
