@@ -24,6 +24,7 @@ A finished directory that the manifest adds nothing to is left untouched.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import signal
 import time
@@ -117,9 +118,11 @@ class _Writer:
             for k, (codes, frames) in enumerate(zip(w.codes, w.frames)):
                 if self.rows and self.rows + frames > self.shard_frames:
                     self._next_shard()
-                self.file.write(codes.tobytes())
+                data = codes.tobytes()
+                self.file.write(data)
                 rec = {"id": w.item.id, "segment": k, "start_s": k * seg_samples / sample_rate,
                        "frames": frames, "shard": self.shard, "offset": self.rows,
+                       "codes_sha256": hashlib.sha256(data).hexdigest(),
                        "caption": w.item.caption, "split": w.item.split, "sha256": w.sha256,
                        "source": w.item.source, "meta": w.item.meta}
                 self.rows += frames
