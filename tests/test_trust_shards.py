@@ -126,3 +126,35 @@ def test_a_run_on_changed_shards_trains_nothing_and_records_no_request(shard_dir
                 frames=25, batch_size=4, progress=False, device="cpu", backend="torch",
                 out=tmp_path / "run")
     assert model.requests == [] and not (tmp_path / "run" / "model").exists()
+
+
+def test_precompute_writes_only_into_a_directory_of_its_own(shard_dir, tmp_path):
+    from noencore.data.precompute import precompute
+
+    manifest = shard_dir.parent / "m.jsonl"
+    opts = dict(codec="tiny", segment_seconds=0.5, batch_size=2, workers=0, progress=False)
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    with pytest.raises(NoencoreError, match=f"{a_file}: exists and is not a directory"):
+        precompute(manifest, a_file, **opts)
+    assert a_file.read_text() == "keep"
+    # shard files some other tool (or an older layout) wrote, with no header: left alone
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "shard-00000.codes").write_bytes(b"\x01\x02" * 64)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(NoencoreError, match=rf"{foreign}: holds shard-00000.codes but no "
+                       r"header.json: not shards this tool wrote"):
+        precompute(manifest, foreign, **opts)
+    assert (foreign / "shard-00000.codes").read_bytes() == b"\x01\x02" * 64
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt", "shard-00000.codes"]
+    # an index whose lines are not segment records: one line naming it, nothing written
+    path = _copy(shard_dir, tmp_path)
+    (path / "index.jsonl").write_text('{"name": "x"}\n')
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    with pytest.raises(NoencoreError, match=rf"{path / 'index.jsonl'}: line 1 is not a segment "
+                       "record"):
+        precompute(manifest, path, **opts)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+    # a directory of its own: resumes (nothing to do)
+    assert not precompute(manifest, _copy(shard_dir, tmp_path / "again"), **opts).changed

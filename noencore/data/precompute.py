@@ -217,6 +217,34 @@ def _segments(pieces: list[np.ndarray], seg_samples: int, hop: int,
     return segs, frames
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an output that is a file, or a directory holding shard files this tool did
+    not write (they would be overwritten or dropped): one line naming it."""
+    if out.exists() and not out.is_dir():
+        raise NoencoreError(f"{out}: exists and is not a directory; give a new or empty "
+                            "directory for the shards")
+    if not out.is_dir() or (out / layout.HEADER).exists():
+        return  # new, or one of ours (the header is checked before anything is written)
+    ours = [layout.INDEX, layout.FAILURES, layout.CHECKSUMS, layout.JOURNAL]
+    found = sorted(p.name for p in out.iterdir()
+                   if p.name in ours or (p.name.startswith("shard-") and p.suffix == ".codes"))
+    if found:
+        raise NoencoreError(f"{out}: holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}"
+                            f" but no {layout.HEADER}: not shards this tool wrote, and precompute "
+                            "would overwrite them; give a new or empty directory")
+
+
+def _records(rows: list[Any], path: Path) -> list[dict[str, Any]]:
+    """Index or journal records, each checked for the fields the writer relies on."""
+    need = ("id", "segment", "frames", "shard", "offset")
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or any(k not in r for k in need):
+            raise NoencoreError(f"{path}: line {n} is not a segment record (needs "
+                                f"{', '.join(need)}); this directory was not written by "
+                                "`noencore precompute`: give a new or empty directory")
+    return rows
+
+
 def _load_state(out: Path) -> list[dict[str, Any]]:
     """Committed index records: the journal of an unfinished run, else the finished index."""
     journal = out / layout.JOURNAL
@@ -232,9 +260,9 @@ def _load_state(out: Path) -> list[dict[str, Any]]:
                 out_records.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-        return out_records
+        return _records(out_records, journal)
     if (out / layout.INDEX).exists():
-        return layout.read_jsonl(out / layout.INDEX)
+        return _records(layout.read_jsonl(out / layout.INDEX), out / layout.INDEX)
     return []
 
 
@@ -289,6 +317,7 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec 
     if strict and manifest_failures:
         raise NoencoreError(f"{manifest_failures[0].reason} (--strict)")
     out = Path(out_dir)
+    _check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     # Lock the directory itself (no lock file left behind) for the whole run.
     lock = os.open(out, os.O_RDONLY)
