@@ -13,6 +13,7 @@ import os
 import sys
 
 from noencore.errors import NoencoreError, UsageError
+from noencore.fileio import trusting
 
 COMMANDS = ["precompute", "info", "verify", "condition", "unlearn", "evaluate", "demo", "plan",
             "convert"]
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a MusicGen model forget opted-out music, fast and measurably.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    trust = dict(action="store_true", help="read checkpoints (codec, CLAP, model folders) that "
+                 "only the full unpickler reads: it runs code from the file, so only for files "
+                 "you trust")
+    parser.add_argument("--trust-pickle", **trust)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -33,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         mod.register(sub)
+    for command in sub.choices.values():  # accepted after the command too
+        command.add_argument("--trust-pickle", **trust, default=argparse.SUPPRESS)
     return parser
 
 
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with trusting(args.trust_pickle):
+            return int(args.func(args) or 0)
     except UsageError as exc:
         if args.debug:
             raise

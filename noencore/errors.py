@@ -13,3 +13,8 @@ class UsageError(NoencoreError):
 class RequestConflict(NoencoreError):
     """An opt-out request that contradicts one the model has already served (its forget
     set was forgotten before, or its remain set holds items forgotten before)."""
+
+
+class UntrustedFileError(NoencoreError):
+    """A file that only the full unpickler reads (it could run code): refused unless the
+    user opts in (``trust_pickle=True``, ``--trust-pickle``)."""

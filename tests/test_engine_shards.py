@@ -87,6 +87,34 @@ def test_sets_windows_cover_forget_and_respect_splits(small_shards):
     assert full.mask[0, :, :ref.shape[1]].all() and not full.mask[0, :, ref.shape[1]:].any()
 
 
+def test_held_remain_windows_are_flagged_on_every_rank(small_shards):
+    """``hold(ids)`` flags the remain rows of those items (never a forget or an empty row),
+    and each rank's share carries the flags of the one-process batch's rows."""
+    from noencore.engine.sets import UnlearningSets
+
+    sets = UnlearningSets(small_shards, "forget", None, frames=10)
+    ids = small_shards.ids
+    n_held = sets.hold(["r1", "r4"])
+    assert n_held == sum(ids[i] in ("r1", "r4") for i in sets.remain_item.tolist()) > 0
+    n_f, n_r = sets.split_counts(7, 0.3)
+    seen = 0
+    for step in range(12):
+        full = sets.step_batch(step, 5, n_f, n_r)
+        want = [not f and ids[int(sets.remain_item[u])] in ("r1", "r4")
+                for f, u in zip(full.forget.tolist(), full.unit.tolist())]
+        assert full.held.tolist() == want
+        seen += sum(want)
+        for rank in range(2):
+            share = sets.step_batch(step, 5, n_f, n_r, rank=rank, world_size=2)
+            real = share.row >= 0
+            assert torch.equal(share.held[real], full.held[share.row[real]])
+            assert not share.held[~real].any()
+            assert torch.equal(share.select(slice(1, 3)).held, share.held[1:3])
+    assert seen > 0  # the draw reached held rows
+    sets.hold([])
+    assert not sets.step_batch(3, 5, n_f, n_r).held.any()
+
+
 def test_sets_bad_input(small_shards):
     from noencore.engine.sets import UnlearningSets
 

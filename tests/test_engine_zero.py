@@ -7,9 +7,10 @@ tests read what the ranks wrote:
   checkpointing): the parameters equal one process's; the model ``unlearn`` returns is
   whole and fp32 on every rank; under ZeRO-3 the fused op sees whole head weights.
 * the membership-inference stop rule with a moving row target, from a memorised model:
-  the same stop step, AUC and bisected fraction as one process (fp32, no DeepSpeed);
+  the same decision (stop step, a crossing bisected to the target) as one process (fp32,
+  no DeepSpeed), and two ranks the same run (NLLs, AUC, bisected fraction) as one rank;
 * target matching (targets fitted once on the non-members) with the "original" stop rule
-  under ZeRO-2: the same targets, steps and decision as one process;
+  under ZeRO-2: the same targets and decision as one process, the same run on two ranks;
 * the head gradients of the first step under ZeRO-3 equal one process's;
 * a run folder the ranks do not share is refused on every rank.
 
@@ -242,6 +243,33 @@ def test_returned_model_is_whole_and_zero3_op_sees_whole_heads(runs):
                 assert seen == [head], (world, stage, rank, seen)  # never an empty partition
 
 
+def _decides_as(got: dict, plain: dict, where: object) -> None:
+    """A DeepSpeed run (bf16 compute weights) against one fp32 process: the same decision.
+
+    Their first step's forget NLL agrees to bf16 rounding; after it the two trajectories
+    part: Adam's first step moves every weight by about lr whatever its gradient's size,
+    so bf16 noise in the small gradients becomes full-size moves (measured: the forget NLL
+    of step 2 between 3.77 and 4.29 nats over AVX2 and AVX-512 arithmetic and 1 to 3
+    threads, the DeepSpeed runs of one machine within 0.1 % of each other). So the
+    trajectories are compared across world sizes (``_same_run``), and here the decision:
+    the same stop step, each run's crossing bisected to within two of the attack's AUC
+    steps of the target (4 x 4 tracks: steps of 1/16)."""
+    assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], (where, got)
+    assert got["forget_nll"][0] == pytest.approx(plain["forget_nll"][0], rel=2e-3), where
+    for run in (got, plain):
+        if run["info"] is not None:
+            assert abs(run["info"]["auc"] - 0.5) <= 2 / 16 + 1e-9, (where, run["info"])
+
+
+def _same_run(two: dict, one: dict, where: object) -> None:
+    """Two ranks under ZeRO against one rank: the same run to bf16 reduction order."""
+    assert two["stopped"] == one["stopped"] and two["steps"] == one["steps"], where
+    assert two["forget_nll"] == pytest.approx(one["forget_nll"], rel=2e-3), where
+    if one["info"] is not None:
+        assert two["info"]["fraction"] == pytest.approx(one["info"]["fraction"], abs=0.07)
+        assert two["info"]["auc"] == pytest.approx(one["info"]["auc"], abs=1 / 16 + 1e-9)
+
+
 @pytest.mark.distributed
 def test_stop_rule_under_zero_decides_as_one_process(runs):
     out, _ = runs
@@ -252,17 +280,13 @@ def test_stop_rule_under_zero_decides_as_one_process(runs):
     for world in (1, 2):
         for stage in STAGES:
             got = json.loads((out / f"stop_w{world}_z{stage}.json").read_text())
-            assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], \
-                (world, stage, got)
-            # bf16 compute weights under DeepSpeed, fp32 in one process
-            assert got["info"]["auc"] == pytest.approx(plain["info"]["auc"], abs=0.07)
-            assert got["info"]["fraction"] == pytest.approx(plain["info"]["fraction"], abs=0.13)
+            _decides_as(got, plain, (world, stage))
             assert got["row_target"] == pytest.approx(plain["row_target"], rel=0.02)
-            assert got["forget_nll"] == pytest.approx(plain["forget_nll"], rel=0.02)
     for stage in STAGES:  # two ranks decide as one rank, to bf16 reduction order
         one = json.loads((out / f"stop_w1_z{stage}.json").read_text())
         two = json.loads((out / f"stop_w2_z{stage}.json").read_text())
-        assert two["info"]["fraction"] == pytest.approx(one["info"]["fraction"], abs=0.07)
+        _same_run(two, one, stage)
+        assert two["row_target"] == pytest.approx(one["row_target"], rel=2e-3)
 
 
 @pytest.mark.distributed
@@ -274,13 +298,13 @@ def test_match_targets_and_original_stop_rule_on_two_ranks_as_one_process(runs):
     assert len(plain["targets"]) > 1 and plain["targets"] == sorted(plain["targets"])
     for world in (1, 2):
         got = json.loads((out / f"match_w{world}_z2.json").read_text())
-        assert got["stopped"] == plain["stopped"] and got["steps"] == plain["steps"], got
+        _decides_as(got, plain, world)
         # the non-members scored with DeepSpeed's bf16 compute weights against fp32 in one
         # process (measured: within 2.4e-4 relative)
         assert got["targets"] == pytest.approx(plain["targets"], rel=1e-3)
-        assert got["forget_nll"] == pytest.approx(plain["forget_nll"], rel=0.02)
-        if plain["info"] is not None:
-            assert got["info"]["auc"] == pytest.approx(plain["info"]["auc"], abs=0.07)
+    one, two = (json.loads((out / f"match_w{w}_z2.json").read_text()) for w in (1, 2))
+    _same_run(two, one, "match")
+    assert two["targets"] == pytest.approx(one["targets"], rel=1e-3)
 
 
 @pytest.mark.distributed

@@ -27,7 +27,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "noencore"
 
 BASE = ("noencore.errors", "noencore.fileio", "noencore.version", "noencore.hfhub",
-        "noencore.thirdparty", "noencore.distributed")
+        "noencore.thirdparty", "noencore.distributed", "noencore.progress", "noencore.outputs")
 EVALUATION = ("noencore.evaluation.evaluate", "noencore.evaluation.relearn",
               "noencore.evaluation.config")
 # (layer, module prefixes), lowest first; the first match of the longest prefix wins

@@ -192,6 +192,73 @@ def test_remain_anchor_descends_only_rows_above_the_reference():
         get_method("npo", remain_weight=0.0, remain_anchor=True)
 
 
+def test_held_rows_are_pulled_back_from_both_sides(env):
+    """Held remain rows (an earlier request's forget items): the fused objective's gradient
+    is the plain formula's, a Huber term of (row NLL - reference) whose quadratic zone is
+    ``hold_tolerance`` nats per token wide; the other remain rows keep the hinge."""
+    from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+    from noencore.models.adapter import token_mask
+
+    model, cache = env
+    method = get_method("bounded_ga", loss_cap=None, row_target=50.0, remain_weight=0.7,
+                        remain_anchor=True)
+    B, K, T = 5, model.n_q, 11
+    codes = torch.randint(0, model.card, (B, K, T))
+    mask = torch.ones(B, K, T, dtype=torch.bool)
+    mask[3, :, 6:] = False
+    forget = torch.tensor([True, False, False, False, False])
+    held = torch.tensor([False, True, True, True, False])
+    emb, emask = cache.batch(CAPTIONS)
+    seq0 = sequence_nll(model, codes, mask, emb, emask)
+    valid_tokens = token_mask(model.lm, mask).sum(dim=(1, 2)).float()
+    zone = valid_tokens * method.hold_tolerance
+    # held row 1 far below its reference, 2 inside the quadratic zone, 3 far above; the
+    # plain remain row 4 below its reference (the hinge: no gradient)
+    ref_nll = seq0 + torch.stack([torch.tensor(0.0), 3 * zone[1], 0.4 * zone[2], -3 * zone[3],
+                                  torch.tensor(2.0)])
+    counts = token_counts(model.lm, mask, forget)
+    obj = UnlearnObjective(model, method, backend="torch")
+    params = [p for p in model.lm.parameters() if p.requires_grad]
+    model.lm.zero_grad(set_to_none=True)
+    loss, stats = obj(codes, token_mask(model.lm, mask), forget, emb, emask, ref_nll, counts,
+                      7, torch.arange(B), held)
+    loss.backward()
+    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    model.lm.zero_grad(set_to_none=True)
+    plain = get_method("ga")  # the forget term of bounded_ga without a cap is GA's
+    ga = _reference(model, codes, mask, forget, emb, emask, plain, None, 7)
+    seq = torch.stack([_reference(model, codes[b:b + 1], mask[b:b + 1], torch.tensor([False]),
+                                  emb[b:b + 1], emask[b:b + 1], get_method(
+                                      "graddiff", forget_weight=0.0, remain_weight=1.0),
+                                  None, 7) for b in range(B)]) * valid_tokens
+    excess = seq - ref_nll
+    huber = torch.where(excess.abs() <= zone, 0.5 * excess ** 2 / zone,
+                        excess.abs() - 0.5 * zone)
+    remain_term = torch.where(held, huber, F.relu(excess)) * ~forget
+    ref = ga + 0.7 * remain_term.sum() / counts[1]
+    ref.backward()
+    want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    model.lm.zero_grad(set_to_none=True)
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4 * scale)
+    r = float(ref.detach())
+    assert abs(float(stats[4]) - r) < 1e-3 * max(1.0, abs(r))
+    # the same rows unheld: the hinge alone, so row 1 (below its reference) has no pull
+    rows_w = method.remain_weights
+    from noencore.methods import Rows
+
+    item = torch.arange(B).repeat_interleave(2)
+    nll = (seq0 / 2).repeat_interleave(2)
+    rows = Rows(targets=torch.zeros(2 * B, dtype=torch.long), item=item, nll=nll, forget=forget,
+                ref_nll=ref_nll, forget_tokens=2, remain_tokens=8, held=held)
+    w_held, _ = rows_w(rows)
+    w_free, _ = rows_w(Rows(**{**rows.__dict__, "held": None}))
+    assert (w_held[2:4] < 0).all() and (w_free[2:4] == 0).all()   # relearned: pushed back up
+    assert (w_held[6:8] > 0).all() and (w_free[6:8] > 0).all()    # pushed too far: pulled down
+
+
 def test_bounded_ga_row_target_switches_off_rows_that_reached_it():
     from noencore.methods import Rows
 

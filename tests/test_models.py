@@ -101,6 +101,11 @@ def test_condition_cache_checks(tiny_env, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(NoencoreError, match="checksum"):
         ConditionCache(folder.folder).get("x y")
+    data[:8] = (10 ** 9).to_bytes(8, "little")  # a header length past the file's end
+    path.write_bytes(bytes(data))
+    for read in (lambda c: c.get("x y"), lambda c: c.length):
+        with pytest.raises(NoencoreError, match=f"{path}: damaged condition-cache entry"):
+            read(ConditionCache(folder.folder))
     with pytest.raises(NoencoreError, match="no cached condition"):
         cache.get("never seen")
     with pytest.raises(NoencoreError, match="index.json missing"):

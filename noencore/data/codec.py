@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from noencore.errors import NoencoreError
+from noencore.fileio import load_torch
 from noencore.thirdparty import quiet_audiocraft
 
 STATE_FILE = "compression_state_dict.bin"
@@ -186,27 +185,14 @@ def _build(cfg: dict[str, Any], device: str) -> torch.nn.Module:
         return builders.get_compression_model(conf)
 
 
-def _load_pkg(file: Path) -> dict[str, Any]:
-    """torch.load an audiocraft checkpoint, safely (weights_only) whenever it allows."""
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "Weights only load failed" not in str(exc):
-                raise
-        # Older exports pickle omegaconf objects; those need the full unpickler, which
-        # runs code from the file: say so rather than doing it silently.
-        warnings.warn(f"{file}: not loadable with weights_only=True; loading it with the "
-                      "full unpickler (only do this for files you trust)", stacklevel=3)
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise NoencoreError(f"cannot read codec checkpoint {file}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                            "re-download or re-export it") from exc
+def _load_pkg(file: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """An audiocraft checkpoint, read without running code from it (``load_torch``);
+    older exports pickle omegaconf objects and are refused unless ``trust_pickle``."""
+    return load_torch(file, what="codec checkpoint", trust_pickle=trust_pickle)
 
 
-def _from_pkg(pkg: dict[str, Any], spec: str, device: str, folder: Path | None = None
-              ) -> Codec:
+def _from_pkg(pkg: dict[str, Any], spec: str, device: str, folder: Path | None = None,
+              trust_pickle: bool = False) -> Codec:
     from omegaconf import OmegaConf
 
     if "pretrained" in pkg:  # MusicGen checkpoints only name the codec they were trained with
@@ -215,7 +201,7 @@ def _from_pkg(pkg: dict[str, Any], spec: str, device: str, folder: Path | None =
         # MusicGen keeps its EnCodec there), so the pair can be moved together
         if folder is not None and not Path(name).is_absolute() and (folder / name).is_dir():
             name = str(folder / name)
-        return load_codec(name, device)
+        return load_codec(name, device, trust_pickle=trust_pickle)
     if "xp.cfg" not in pkg or "best_state" not in pkg:
         raise NoencoreError(f"codec checkpoint {spec} has neither 'pretrained' nor "
                             "'xp.cfg' + 'best_state': not an audiocraft compression model")
@@ -245,8 +231,11 @@ def _from_hf(name_or_dir: str, spec: str, device: str) -> Codec:
     return hf_codec(EncodecModel.from_pretrained(name_or_dir), spec, device)
 
 
-def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
-    """Load the EnCodec compression model named by ``spec`` (see the module doc), in eval mode."""
+def load_codec(spec: str, device: str | torch.device = "cpu", *,
+               trust_pickle: bool = False) -> Codec:
+    """Load the EnCodec compression model named by ``spec`` (see the module doc), in eval
+    mode. A checkpoint that only the full unpickler reads is refused unless
+    ``trust_pickle`` (``noencore.fileio.load_torch``)."""
     device = str(device)
     if spec in BUILTIN_SPECS:
         cfg = _encodec_config(spec)
@@ -258,10 +247,12 @@ def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
         return Codec(model.to(device), spec, cfg)
     path = Path(spec)
     if path.is_file():
-        return _from_pkg(_load_pkg(path), spec, device, path.parent)
+        return _from_pkg(_load_pkg(path, trust_pickle), spec, device, path.parent,
+                         trust_pickle)
     if path.is_dir():
         if (path / STATE_FILE).is_file():
-            return _from_pkg(_load_pkg(path / STATE_FILE), spec, device, path)
+            return _from_pkg(_load_pkg(path / STATE_FILE, trust_pickle), spec, device, path,
+                             trust_pickle)
         if (path / "config.json").is_file():
             return _from_hf(str(path), spec, device)
         raise NoencoreError(f"codec folder {path} holds neither {STATE_FILE} nor a Hugging "
@@ -269,10 +260,10 @@ def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:  # hub ids are "org/name"
         raise NoencoreError(f"codec {spec}: no such file or folder, and not a hub id "
                             f"(org/name) or a built-in spec {BUILTIN_SPECS}")
-    return _from_hub(spec, device)
+    return _from_hub(spec, device, trust_pickle)
 
 
-def _from_hub(repo_id: str, device: str) -> Codec:
+def _from_hub(repo_id: str, device: str, trust_pickle: bool = False) -> Codec:
     """A hub id: an audiocraft repo (MusicGen) ships compression_state_dict.bin; an
     EnCodec repo (facebook/encodec_32khz) is a transformers model."""
     from huggingface_hub import hf_hub_download
@@ -301,4 +292,4 @@ def _from_hub(repo_id: str, device: str) -> Codec:
             raise unreachable(exc) from exc
     except Exception as exc:  # unknown repo, no access, network: one clear line
         raise unreachable(exc) from exc
-    return _from_pkg(_load_pkg(Path(file)), repo_id, device)
+    return _from_pkg(_load_pkg(Path(file), trust_pickle), repo_id, device, None, trust_pickle)

@@ -7,10 +7,17 @@ A finished directory ``OUT/`` holds::
     shard-00000.codes   int16 [frames_total, n_q], row-major (frames-major), so one
                         segment's codes are one contiguous run of bytes
     index.jsonl         one JSON line per segment, in shard order: id, segment,
-                        start_s, frames, shard, offset (first frame row), caption,
+                        start_s, frames, shard, offset (first frame row),
+                        codes_sha256 (of the segment's bytes in its shard), caption,
                         split, sha256 (of the source file), source, meta
     failures.jsonl      one JSON line per manifest item that could not be encoded
     checksums.json      sha256 + size of every file above; written last
+
+A reader checks each segment the first time it reads it (``TokenShards.codes``): its
+bytes against ``codes_sha256`` and its codes against the codebook size, so a shard
+changed in place or swapped with another is named before a run trains on it, at the cost
+of one hash of the bytes the run reads (directories written before ``codes_sha256``
+get the range check alone).
 
 ``checksums.json`` is the commit mark: a directory without it is unfinished (a run
 was interrupted) and no reader accepts it. While precompute runs, committed segments

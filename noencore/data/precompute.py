@@ -24,10 +24,12 @@ A finished directory that the manifest adds nothing to is left untouched.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,9 +118,11 @@ class _Writer:
             for k, (codes, frames) in enumerate(zip(w.codes, w.frames)):
                 if self.rows and self.rows + frames > self.shard_frames:
                     self._next_shard()
-                self.file.write(codes.tobytes())
+                data = codes.tobytes()
+                self.file.write(data)
                 rec = {"id": w.item.id, "segment": k, "start_s": k * seg_samples / sample_rate,
                        "frames": frames, "shard": self.shard, "offset": self.rows,
+                       "codes_sha256": hashlib.sha256(data).hexdigest(),
                        "caption": w.item.caption, "split": w.item.split, "sha256": w.sha256,
                        "source": w.item.source, "meta": w.item.meta}
                 self.rows += frames
@@ -150,10 +154,12 @@ class _Writer:
 class _Encoder:
     """Batches segments of equal length through the codec; keeps items in manifest order."""
 
-    def __init__(self, codec: Any, batch_size: int, dtype: Any):
+    def __init__(self, codec: Any, batch_size: int, dtype: Any,
+                 on_batch: Callable[[int], None] | None = None):
         self.codec, self.batch_size, self.dtype = codec, batch_size, dtype
         self.queue: deque[_Work] = deque()
         self.seconds = 0.0  # time spent inside the codec
+        self.on_batch = on_batch  # called with the frames of each encoded batch
 
     def pending_segments(self) -> int:
         return sum(len(w.codes) for w in self.queue)
@@ -179,6 +185,8 @@ class _Encoder:
                 for (w, k), c in zip(chunk, block):
                     w.codes[k] = c[:w.frames[k]]
                     w.segments[k] = None  # free the audio once encoded
+                if self.on_batch is not None:
+                    self.on_batch(sum(w.frames[k] for w, k in chunk))
 
     def pop_done(self) -> list[_Work]:
         done = []
@@ -209,6 +217,34 @@ def _segments(pieces: list[np.ndarray], seg_samples: int, hop: int,
     return segs, frames
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an output that is a file, or a directory holding shard files this tool did
+    not write (they would be overwritten or dropped): one line naming it."""
+    if out.exists() and not out.is_dir():
+        raise NoencoreError(f"{out}: exists and is not a directory; give a new or empty "
+                            "directory for the shards")
+    if not out.is_dir() or (out / layout.HEADER).exists():
+        return  # new, or one of ours (the header is checked before anything is written)
+    ours = [layout.INDEX, layout.FAILURES, layout.CHECKSUMS, layout.JOURNAL]
+    found = sorted(p.name for p in out.iterdir()
+                   if p.name in ours or (p.name.startswith("shard-") and p.suffix == ".codes"))
+    if found:
+        raise NoencoreError(f"{out}: holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}"
+                            f" but no {layout.HEADER}: not shards this tool wrote, and precompute "
+                            "would overwrite them; give a new or empty directory")
+
+
+def _records(rows: list[Any], path: Path) -> list[dict[str, Any]]:
+    """Index or journal records, each checked for the fields the writer relies on."""
+    need = ("id", "segment", "frames", "shard", "offset")
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or any(k not in r for k in need):
+            raise NoencoreError(f"{path}: line {n} is not a segment record (needs "
+                                f"{', '.join(need)}); this directory was not written by "
+                                "`noencore precompute`: give a new or empty directory")
+    return rows
+
+
 def _load_state(out: Path) -> list[dict[str, Any]]:
     """Committed index records: the journal of an unfinished run, else the finished index."""
     journal = out / layout.JOURNAL
@@ -224,9 +260,9 @@ def _load_state(out: Path) -> list[dict[str, Any]]:
                 out_records.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-        return out_records
+        return _records(out_records, journal)
     if (out / layout.INDEX).exists():
-        return layout.read_jsonl(out / layout.INDEX)
+        return _records(layout.read_jsonl(out / layout.INDEX), out / layout.INDEX)
     return []
 
 
@@ -281,6 +317,7 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec 
     if strict and manifest_failures:
         raise NoencoreError(f"{manifest_failures[0].reason} (--strict)")
     out = Path(out_dir)
+    _check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     # Lock the directory itself (no lock file left behind) for the whole run.
     lock = os.open(out, os.O_RDONLY)
@@ -316,10 +353,58 @@ class _Options:
     decode_timeout: float
 
 
+class _AudioProgress:
+    """precompute's bar, in seconds of audio encoded (moved per encoder batch, so it moves
+    within a long file), with items done and failed beside it. The total is the audio
+    decoded so far plus, for the items not decoded yet, the mean length of those that were
+    (decoding runs ahead of the encoder: a lone file's length is known before its first
+    batch)."""
+
+    def __init__(self, n_items: int, frame_seconds: float, disable: bool):
+        from noencore.progress import progress
+
+        self.n_items, self.frame_seconds = n_items, frame_seconds
+        self.decoded_frames, self.n_decoded, self.n_failed, self.n_done = 0, 0, 0, 0
+        self.bar = progress(total=None, desc="precompute", unit="s", unit_scale=True,
+                            disable=disable,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                       "s of audio [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"items {self.n_done}/{self.n_items}, failed {self.n_failed}",
+                                 refresh=False)
+
+    def _retotal(self) -> None:
+        left = self.n_items - self.n_decoded - self.n_failed
+        seconds = self.decoded_frames * self.frame_seconds
+        self.bar.total = seconds + left * seconds / max(self.n_decoded, 1)
+        self.bar.refresh()
+
+    def decoded(self, frames: int) -> None:
+        self.decoded_frames += frames
+        self.n_decoded += 1
+        self._retotal()
+
+    def failed(self, n_failed: int) -> None:
+        self.n_failed = n_failed
+        self._postfix()
+        self._retotal()
+
+    def encoded(self, frames: int) -> None:
+        self.bar.update(frames * self.frame_seconds)
+
+    def items_done(self, n: int, n_failed: int) -> None:
+        self.n_done, self.n_failed = self.n_done + n, n_failed
+        self._postfix()
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
          opt: _Options, t_start: float) -> PrecomputeReport:
-    from tqdm import tqdm
-
     from noencore.data.codec import load_codec
 
     codec_spec, segment_seconds, batch_size = opt.codec, opt.segment_seconds, opt.batch_size
@@ -358,8 +443,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
     # process's descriptors, so none keeps the directory lock past a killed run.
     decoder = DecodePool(opt.workers, opt.decode_timeout, ahead=2 * opt.workers + 2)
     decoded = decoder.map([(str(it.path), sample_rate, hop, seg_samples) for it in todo])
-    bar = tqdm(total=len(todo), unit="item", desc="precompute", disable=not opt.progress or not todo,
-               dynamic_ncols=True)
+    bar = _AudioProgress(len(todo), hop / sample_rate, disable=not opt.progress or not todo)
 
     def commit() -> None:
         encoder.encode_all()
@@ -368,8 +452,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
             writer.commit(done, segment_seconds, sample_rate)
             report.encoded += len(done)
             report.encoded_hours += sum(sum(w.frames) for w in done) * hop / sample_rate / 3600
-            bar.update(len(done))
-            bar.set_postfix(hours=f"{report.encoded_hours:.3f}", failed=len(failures))
+            bar.items_done(len(done), len(failures))
 
     try:
         for item, result in zip(todo, decoded):
@@ -377,7 +460,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
                 failures.append(Failure(item.id, item.line, item.source, result))
                 if opt.strict:
                     raise NoencoreError(f"item {item.id} ({item.source}): {result} (--strict)")
-                bar.update(1)
+                bar.failed(len(failures))
                 continue
             if writer is None:
                 if codec is None:
@@ -391,9 +474,10 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
                 if not (out / layout.JOURNAL).exists():
                     layout.atomic_write(out / layout.JOURNAL, layout.jsonl_bytes(records))
                 writer = _Writer(out, n_q, records, opt.shard_frames)
-                encoder = _Encoder(codec, batch_size, opt.dtype)
+                encoder = _Encoder(codec, batch_size, opt.dtype, on_batch=bar.encoded)
             pieces, digest = result
             segs, frames = _segments(pieces, seg_samples, hop, int(header["frame_rate"]))
+            bar.decoded(sum(frames))
             encoder.queue.append(_Work(item, digest, segs, frames, [None] * len(segs)))
             # A chunk closes once enough segments wait; its batches depend only on its own
             # items, so a resumed run (which restarts at a chunk boundary) forms the same

@@ -6,6 +6,7 @@ torch view [n_q, frames] (int16) of the memory-mapped shard file.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,8 @@ class _Store:
         self.frames = np.array([r["frames"] for r in records], dtype=np.int64)
         self.offsets = np.array([r["offset"] for r in records], dtype=np.int64)
         self.shard = np.array([r["shard"] for r in records], dtype=np.int64)
+        self.digests = [r.get("codes_sha256") for r in records]
+        self.checked = np.zeros(len(records), dtype=bool)  # segments read and found intact
         shard_names = sorted(n for n in files if n.endswith(".codes"))
         self.maps: list[np.ndarray] = []
         n_q = self.header.n_q
@@ -113,6 +116,25 @@ class _Store:
                 raise NoencoreError(f"{path / layout.shard_name(r['shard'])}: too short for "
                                     f"item {r['id']} segment {r['segment']} (truncated); "
                                     "delete the directory and re-run `noencore precompute`")
+
+    def check_segment(self, r: int, block: np.ndarray) -> None:
+        """The first read of segment ``r`` (int16 [frames, n_q] ``block``): its codes must
+        lie in [0, card) and its bytes hash to the index's ``codes_sha256``."""
+        # one pass: a negative int16 read as uint16 is >= 32768, above any codebook size
+        bad = bool((block.view(np.uint16) >= self.header.card).any())
+        want = self.digests[r]
+        if not bad and (want is None or hashlib.sha256(block).hexdigest() == want):
+            self.checked[r] = True
+            return
+        rec = self.records[r]
+        where = (f"{self.path / layout.shard_name(int(self.shard[r]))}: segment "
+                 f"{rec.get('segment')} of item {rec['id']!r}")
+        fix = ("the shard was changed after precompute; restore it, or re-run `noencore "
+               "precompute` into a new directory (`noencore verify` checks every file)")
+        if bad:
+            raise NoencoreError(f"{where}: codes outside [0, {self.header.card}) "
+                                f"(min {int(block.min())}, max {int(block.max())}); {fix}")
+        raise NoencoreError(f"{where}: its bytes do not match the index's digest; {fix}")
 
     def check_file(self, name: str, full: bool) -> int:
         """Check a listed file's size (always) and sha256 (when ``full``); return its size."""
@@ -190,7 +212,10 @@ class TokenShards:
         r = self._row(i)
         s = self._store
         off, n = int(s.offsets[r]), int(s.frames[r])
-        return torch.from_numpy(s.maps[int(s.shard[r])][off:off + n]).T
+        block = s.maps[int(s.shard[r])][off:off + n]
+        if not s.checked[r]:
+            s.check_segment(r, block)
+        return torch.from_numpy(block).T
 
     def item(self, i: int) -> ShardItem:
         rec = self._store.records[self._row(i)]

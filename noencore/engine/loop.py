@@ -34,6 +34,7 @@ from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 from noencore.engine.requests import (
     check_request,
+    held,
     is_opt_out,
     make_request,
     set_ids,
@@ -303,7 +304,7 @@ def _micro_inputs(run: Trainer, b: Any, counts: torch.Tensor, step: int) -> tupl
     return (b.codes.to(dev, non_blocking=True), b.mask.to(dev, non_blocking=True),
             b.forget.to(dev, non_blocking=True), emb.to(dev, non_blocking=True),
             emask.to(dev, non_blocking=True), ref, counts, run.seed * 1_000_003 + step,
-            b.row.to(dev, non_blocking=True))
+            b.row.to(dev, non_blocking=True), b.held.to(dev, non_blocking=True))
 
 
 def _micro_batches(run: Trainer, b: Any) -> list:
@@ -477,6 +478,7 @@ class Trainer:
         self.ref_forget: torch.Tensor | None = None
         self.ref_remain: torch.Tensor | None = None
         self.request_ids: tuple[list[str], list[str]] | None = None
+        self.held: list[str] = []  # earlier forget ids the anchored remain set holds
         self.out_dir = Path(cfg.out) if cfg.out is not None else None
         self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
 
@@ -554,6 +556,9 @@ class Trainer:
             loose = unheld_warning(history, self.request_ids[1])
             if loose and int(os.environ.get("RANK", "0")) == 0:
                 warnings.warn(f"{model.spec}: {loose}", stacklevel=4)
+            if method.remain_anchor:  # earlier forget items in the remain set: held both ways
+                self.held = held(history, self.request_ids[1])
+                self.sets.hold(self.held)
         self.n_f, self.n_r = self.sets.split_counts(c.batch_size, c.forget_ratio)
         if method.swaps_codes and self.n_r == 0:
             raise UsageError("RL with labels='remain_clip' needs remain rows: forget_ratio < 1")
@@ -728,7 +733,7 @@ class Trainer:
             model.requests = [*getattr(model, "requests", []), make_request(
                 forget=self.forget, forget_ids=self.request_ids[0], remain=self.remain,
                 method=self.method.describe(), shards=str(self.shards.path), steps=step,
-                stopped=stopped)]
+                stopped=stopped, held=self.held)]
         model_dir = None
         if c.save and self.out_dir is not None:
             model_dir = self.out_dir / "model"

@@ -65,7 +65,8 @@ class UnlearnObjective(nn.Module):
     embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3] (forget
     tokens, remain tokens, forget rows of the whole optimizer step, all ranks and
     micro-batches), label_seed int, rows long [B] (each row's index in the step's global
-    batch)) -> (objective scalar, stats float64 [6] on the batch's device: forget NLL sum,
+    batch), held bool [B] or None (remain rows holding an earlier request's forget items))
+    -> (objective scalar, stats float64 [6] on the batch's device: forget NLL sum,
     forget tokens, remain NLL sum, remain tokens, method loss, rows).
 
     A random label (RL) is drawn per token from the documented hash of (label_seed,
@@ -84,7 +85,8 @@ class UnlearnObjective(nn.Module):
                 forget: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
                 embeds_mask: torch.Tensor | None = None, ref_nll: torch.Tensor | None = None,
                 counts: torch.Tensor | None = None, label_seed: int = 0,
-                rows: torch.Tensor | None = None, *, measure: Callable[[], Any] | None = None
+                rows: torch.Tensor | None = None, held: torch.Tensor | None = None, *,
+                measure: Callable[[], Any] | None = None
                 ) -> Any:
         if measure is not None:
             # A no-grad measurement (reference NLLs, the stop rule) run as this module's
@@ -99,7 +101,8 @@ class UnlearnObjective(nn.Module):
         tokens = Rows(targets=torch.cat([p.targets for p, _ in parts]),
                       item=torch.cat([p.item for p, _ in parts]), nll=None, forget=forget,
                       ref_nll=ref_nll, forget_tokens=counts[0], remain_tokens=counts[1],
-                      forget_rows=counts[2], valid=torch.cat([v for _, v in parts]))
+                      forget_rows=counts[2], valid=torch.cat([v for _, v in parts]),
+                      held=held)
         targets = self._op_targets(parts, tokens, label_seed, rows, codes.shape[-1])
         self.backend_used = resolve_backend(parts[0][0].hidden, self.backend)
         if self.method.needs_nll:

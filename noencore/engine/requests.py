@@ -37,7 +37,7 @@ from noencore.models.requests import (
 )
 
 __all__ = ["FORMAT", "REQUESTS_FILE", "VERSION", "check_request", "ids_digest", "is_opt_out",
-           "make_request", "read_requests", "set_ids", "unheld", "unheld_warning",
+           "make_request", "read_requests", "set_ids", "held", "unheld", "unheld_warning",
            "write_requests"]
 
 
@@ -82,6 +82,13 @@ def unheld(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
     them where they were)."""
     done = {x for req in history for x in req.get("forget_ids") or []}
     return sorted(done - {str(x) for x in remain_ids})
+
+
+def held(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
+    """Earlier requests' forget ids that the new remain set holds (an anchored remain set
+    keeps them where those requests left them, from both sides)."""
+    done = {x for req in history for x in req.get("forget_ids") or []}
+    return sorted(done & {str(x) for x in remain_ids})
 
 
 def unheld_warning(history: Sequence[dict], remain_ids: Sequence[str]) -> str | None:

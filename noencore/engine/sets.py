@@ -26,7 +26,8 @@ class StepBatch:
 
     codes long [B, K, T], mask bool [B, K, T], forget bool [B], unit long [B] (index into
     the forget or remain window list, -1 for an empty row), captions list[str], row long
-    [B] (the row's index in the step's global batch, -1 for an empty row).
+    [B] (the row's index in the step's global batch, -1 for an empty row), held bool [B]
+    (a remain row holding an earlier request's forget item: ``UnlearningSets.hold``).
     """
 
     codes: torch.Tensor
@@ -35,11 +36,17 @@ class StepBatch:
     unit: torch.Tensor
     captions: list[str]
     row: torch.Tensor
+    held: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.held is None:
+            self.held = torch.zeros_like(self.forget)
 
     def select(self, rows: slice) -> StepBatch:
         """The rows ``rows`` of this batch (a micro-batch)."""
         return StepBatch(self.codes[rows], self.mask[rows], self.forget[rows],
-                         self.unit[rows], self.captions[rows], self.row[rows])
+                         self.unit[rows], self.captions[rows], self.row[rows],
+                         self.held[rows])
 
 
 def _resolve(shards, spec, name: str) -> np.ndarray:
@@ -96,6 +103,17 @@ class UnlearningSets:
         self.forget_item, self.forget_start = item[fw], start[fw]
         self.remain_item, self.remain_start = item[rw], start[rw]
         self.captions = shards.captions
+        self.remain_held = np.zeros(self.n_remain, dtype=bool)
+
+    def hold(self, ids: Sequence[str]) -> int:
+        """Mark the remain windows of the items ``ids`` as held (an earlier request's forget
+        items kept where that request left them: ``Method.remain_weights``); returns the
+        number of held windows."""
+        wanted = {str(x) for x in ids}
+        item_ids = self.shards.ids
+        self.remain_held = np.array([item_ids[i] in wanted for i in self.remain_item.tolist()],
+                                    dtype=bool)
+        return int(self.remain_held.sum())
 
     @property
     def n_forget(self) -> int:
@@ -165,7 +183,12 @@ class UnlearningSets:
             mask[r, :, :window.shape[1]] = True
         if row is None:
             row = torch.where(unit >= 0, torch.arange(B), -1)
-        return StepBatch(codes, mask, forget.clone(), unit.clone(), captions, row.clone())
+        held = torch.zeros(B, dtype=torch.bool)
+        remain_row = ~forget & (unit >= 0)
+        if self.remain_held.any():
+            held[remain_row] = torch.from_numpy(self.remain_held)[unit[remain_row]]
+        return StepBatch(codes, mask, forget.clone(), unit.clone(), captions, row.clone(),
+                         held)
 
     def step_batch(self, step: int, seed: int, n_f: int, n_r: int, rank: int = 0,
                    world_size: int = 1, swap_codes: bool = False) -> StepBatch:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from noencore.errors import NoencoreError
+from noencore.errors import NoencoreError, UntrustedFileError
+from noencore.fileio import load_torch
 
 #: CLAP works on 48 kHz audio, 10 s windows (laion_clap's ``max_len``).
 CLAP_SAMPLE_RATE = 48000
@@ -37,14 +38,18 @@ _TEXT_WIDTH = 768
 RANDOM_MARKER = "noencore_random_weights"
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_checkpoint(path: Path, trust_pickle: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], bool]:
     if not path.is_file():
         raise NoencoreError(
             f"CLAP checkpoint {path} not found: give the path of a local laion-clap checkpoint "
             "(e.g. music_audioset_epoch_15_esc_90.14.pt, HTSAT-base)")
     try:
-        # laion-clap checkpoints are plain pickles (step counters, optimizer state)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # laion-clap checkpoints hold tensors, step counters and optimizer state (numpy
+        # scalars among them): read without running code from the file
+        ckpt = load_torch(path, what="CLAP checkpoint", trust_pickle=trust_pickle)
+    except UntrustedFileError:
+        raise
     except Exception as exc:
         raise NoencoreError(f"CLAP checkpoint {path} cannot be read ({exc}); "
                             "re-download or rebuild it") from exc
@@ -180,7 +185,8 @@ class Clap:
 
 
 def load_clap(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike = "roberta-base",
-              amodel: str = "HTSAT-base", device: str = "cpu") -> Clap:
+              amodel: str = "HTSAT-base", device: str = "cpu", *,
+              trust_pickle: bool = False) -> Clap:
     """Load a laion-clap checkpoint (non-fusion, RoBERTa text tower) without network access.
 
     Args:
@@ -188,11 +194,13 @@ def load_clap(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike = "rob
         tokenizer: a local tokenizer folder, or a hub id already in the local cache.
         amodel: laion_clap audio architecture (``HTSAT-base`` for the music checkpoint).
         device: torch device string.
+        trust_pickle: read a checkpoint that only the full unpickler reads (it could run
+            code); refused otherwise (``noencore.fileio.load_torch``).
     """
     from noencore.evaluation.clap_compat import import_laion_clap
 
     path = Path(checkpoint)
-    sd, random = _read_checkpoint(path)
+    sd, random = _read_checkpoint(path, trust_pickle)
     config = _text_config(sd, path)
     try:
         from transformers import AutoTokenizer

@@ -47,6 +47,8 @@ class Rows:
                all micro-batches; 0-dim tensors or numbers), the denominators of token means
     forget_rows: global number of forget rows in this step (sequence-level means)
     valid:     bool [N] or None (all valid): tokens that count
+    held:      bool [B] or None (none): remain rows that hold an earlier request's forget
+               item (``Method.remain_weights``)
     """
 
     targets: torch.Tensor
@@ -58,6 +60,7 @@ class Rows:
     remain_tokens: torch.Tensor | float
     forget_rows: torch.Tensor | float = 0.0
     valid: torch.Tensor | None = None
+    held: torch.Tensor | None = None
 
     def __post_init__(self):
         dev = self.targets.device
@@ -66,6 +69,8 @@ class Rows:
                                                 device=dev))
         if self.valid is None:
             self.valid = torch.ones_like(self.targets, dtype=torch.bool)
+        if self.held is None:
+            self.held = torch.zeros_like(self.forget)
 
     @property
     def is_forget(self) -> torch.Tensor:
@@ -141,6 +146,7 @@ class Method:
     loss_cap: float | None = None   # bounded ascent: forget rows above the cap get no gradient
     needs_reference = False         # engine caches the reference model's forget NLL first
     swaps_codes = False             # engine replaces forget rows' codes (RL with remain clips)
+    hold_tolerance = 0.1            # nats per token a held row may drift from its reference
 
     @property
     def needs_nll(self) -> bool:
@@ -171,6 +177,12 @@ class Method:
         remain NLL that keeps falling is a model drifting away from the one users had,
         just as one that rises is a damaged one); the forget term's spill-over is what
         pushes S above S_ref, and that is what the hinge undoes.
+
+        Held rows (``rows.held``: an earlier request's forgotten items, kept where that
+        request left them) are pulled from both sides, as neither relearning them nor
+        pushing them further is allowed: the Huber term ``H(S - S_ref)`` with its
+        quadratic zone ``T * hold_tolerance`` wide (T the row's tokens), whose gradient
+        is the hinge's full weight once the drift is past the tolerance either way.
         """
         remain = rows.is_remain
         scale = self.remain_weight / rows.remain_tokens.clamp_min(1.0)
@@ -182,9 +194,15 @@ class Method:
                              "NLL of the remain rows (ref_nll)")
         excess = rows.seq_nll() - rows.ref_nll.float()                     # [B]
         row_remain = ~rows.forget
-        active = (excess > 0) & row_remain
-        w = torch.where(remain & active[rows.item], scale, 0.0).float()
-        return w, scale * (excess.clamp_min(0) * row_remain).sum()
+        held = rows.held & row_remain
+        zone = rows.seq_tokens() * self.hold_tolerance                    # [B]
+        pull = torch.where(held, (excess / zone.clamp_min(1e-6)).clamp(-1.0, 1.0),
+                           (excess > 0).float())                          # dvalue/dS per row
+        huber = torch.where(excess.abs() <= zone, 0.5 * excess ** 2 / zone.clamp_min(1e-6),
+                            excess.abs() - 0.5 * zone)
+        value = torch.where(held, huber, excess.clamp_min(0))
+        w = torch.where(remain, scale * pull[rows.item], 0.0).float()
+        return w, scale * (value * row_remain).sum()
 
     def targets(self, rows: Rows) -> torch.Tensor:
         return rows.targets

@@ -152,9 +152,12 @@ def text_encoder_name(spec: str) -> str:
 
 def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   *, seed: int = 0, overrides: dict | None = None,
-                  with_codec: bool = True) -> MusicGenModel:
+                  with_codec: bool = True, trust_pickle: bool = False) -> MusicGenModel:
     """Load a MusicGen LM (and its codec) from a hub id, a local folder (audiocraft or
     transformers format) or a named config.
+
+    Files are read without running code from them (``noencore.fileio.load_torch``); a
+    codec checkpoint that needs the full unpickler is refused unless ``trust_pickle``.
 
     ``overrides`` (named configs only) is merged into the audiocraft config, e.g.
     ``{"transformer_lm": {"num_layers": 4}}``. ``dtype`` casts the LM (default float32).
@@ -162,6 +165,12 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
     """
     from noencore.models.requests import read_requests
 
+    if trust_pickle:
+        from noencore.fileio import trusting
+
+        with trusting():
+            return load_musicgen(spec, device, dtype, seed=seed, overrides=overrides,
+                                 with_codec=with_codec)
     fmt, location = model_format(spec)
     if fmt == "hf":
         if overrides:

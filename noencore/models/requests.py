@@ -39,8 +39,10 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 
 def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method: dict,
-                 shards: str, steps: int, stopped: str) -> dict[str, Any]:
-    """The record of a request the model has just served."""
+                 shards: str, steps: int, stopped: str,
+                 held: Sequence[str] = ()) -> dict[str, Any]:
+    """The record of a request the model has just served (``held``: the earlier requests'
+    forget ids its anchored remain set held)."""
     ids = sorted({str(x) for x in forget_ids})
     return {"forget": forget if isinstance(forget, str) else [str(x) for x in forget],
             "forget_ids": ids, "forget_digest": ids_digest(ids),
@@ -49,7 +51,7 @@ def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method:
             "method": method,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "noencore": __version__, "shards": str(shards), "steps": int(steps),
-            "stopped": stopped}
+            "stopped": stopped, "held": sorted({str(x) for x in held})}
 
 
 def _path(folder: str | os.PathLike) -> Path:

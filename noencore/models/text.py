@@ -20,12 +20,14 @@ cache entry that reads as valid.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -213,6 +215,19 @@ def _tensor_digest(embeds: torch.Tensor, mask: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _entry(path: Path) -> Iterator[Any]:
+    """An open cache entry; a damaged one (header, tensors) is one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except (SafetensorError, KeyError) as exc:
+        raise NoencoreError(f"{path}: damaged condition-cache entry ({exc}); delete it and "
+                            "rerun `noencore condition`") from None
+
+
 class ConditionCache:
     """Cached T5 outputs per caption, in a folder (usually ``SHARDS/conditions``).
 
@@ -246,11 +261,9 @@ class ConditionCache:
         make a row's output depend on which captions share its batch, and splitting a
         step over ranks or micro-batches would change the result."""
         if self._length is None:
-            from safetensors import safe_open
-
             longest = 1
             for f in self.folder.glob("*.safetensors"):
-                with safe_open(str(f), framework="pt") as fh:
+                with _entry(f) as fh:
                     longest = max(longest, fh.get_slice("mask").get_shape()[0])
             self._length = longest
         return self._length
@@ -264,13 +277,11 @@ class ConditionCache:
     def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         if caption in self._memo:
             return self._memo[caption]
-        from safetensors import safe_open
-
         path = self.path(caption)
         if not path.exists():
             raise NoencoreError(f"{self.folder}: no cached condition for caption {caption!r}; "
                                 "rerun `noencore condition` on these shards")
-        with safe_open(str(path), framework="pt") as fh:
+        with _entry(path) as fh:
             meta = fh.metadata() or {}
             embeds, mask = fh.get_tensor("embeds"), fh.get_tensor("mask")
         if meta.get("caption") != caption or meta.get("sha256") != _tensor_digest(embeds, mask):

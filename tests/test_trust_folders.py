@@ -1,0 +1,98 @@
+"""Output folders: one writer at a time (a second job is refused at once, a crashed job's
+lock is recovered), and the tool removes only files it listed as its own."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from noencore.errors import NoencoreError
+from noencore.outputs import LISTING, LOCK, claim
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_one_job_at_a_time_and_a_crashed_jobs_lock_is_recovered(tmp_path):
+    out = tmp_path / "run"
+    with claim(out, "unlearn"):
+        assert json.loads((out / LOCK).read_text())["kind"] == "unlearn"
+        with pytest.raises(NoencoreError, match=rf"{out}: another noencore unlearn is writing "
+                           rf"here \(pid {os.getpid()} on {socket.gethostname()}"):
+            claim(out, "unlearn", resume=True).__enter__()
+        assert (out / LOCK).exists()  # the refused claim left the holder's lock alone
+    assert not (out / LOCK).exists()
+    (out / LOCK).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                        "kind": "unlearn", "started": "then"}))
+    with claim(out, "unlearn", resume=True):
+        assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+    (out / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "kind": "evaluate",
+                                        "started": "then"}))
+    with pytest.raises(NoencoreError, match=rf"pid 1 on elsewhere.*remove {out / LOCK} once"):
+        claim(out, "unlearn", resume=True).__enter__()
+
+
+def test_only_listed_files_are_ever_removed(tmp_path):
+    out = tmp_path / "run"
+    with claim(out, "unlearn") as run:
+        (out / "model").mkdir()
+        (out / "model" / "weights.bin").write_bytes(b"w")
+        (out / "metrics.jsonl").write_text("{}\n")
+        run.wrote(out / "model", out / "metrics.jsonl")
+    assert json.loads((out / LISTING).read_text())["files"] == ["metrics.jsonl",
+                                                                "model/weights.bin"]
+    with pytest.raises(NoencoreError, match="holds an earlier unlearn run; continue it with "
+                       "--resume, replace it with --overwrite"):
+        claim(out, "unlearn").__enter__()
+    with pytest.raises(NoencoreError, match="holds a noencore unlearn job's files, not a "
+                       "evaluate's"):
+        claim(out, "evaluate", overwrite=True).__enter__()
+    with claim(out, "unlearn", resume=True) as run:
+        assert (out / "model" / "weights.bin").exists() and len(run.files) == 2
+    # a file someone else put there: refused whatever the flags, nothing removed
+    (out / "notes.txt").write_text("mine")
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(NoencoreError, match=r"holds files this tool did not write "
+                           r"\(notes.txt\)"):
+            claim(out, "unlearn", **flags).__enter__()
+    assert (out / "model" / "weights.bin").exists() and (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
+    with claim(out, "unlearn", overwrite=True) as run:
+        assert sorted(p.name for p in out.iterdir()) == [LISTING, LOCK]
+        assert run.files == []
+    # a listing that names a file outside the folder is refused, and the file kept
+    outside = tmp_path / "keep.txt"
+    outside.write_text("keep")
+    (out / "x").write_text("")  # something in the folder, so the listing is read
+    (out / LISTING).write_text(json.dumps({"kind": "unlearn", "files": ["../keep.txt", "x"]}))
+    with pytest.raises(NoencoreError, match="lists '../keep.txt', outside the folder"):
+        claim(out, "unlearn", overwrite=True).__enter__()
+    assert outside.read_text() == "keep"
+
+
+def test_a_folder_of_someone_elses_files_or_a_file_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(NoencoreError, match=r"holds files this tool did not write "
+                       r"\(model.safetensors\)"):
+        claim(theirs, "unlearn", overwrite=True).__enter__()
+    assert sorted(p.name for p in theirs.iterdir()) == ["model.safetensors"]  # no lock left
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NoencoreError, match="exists and is not a folder"):
+        claim(a_file, "demo").__enter__()
+    with claim(tmp_path / "empty_then_used", "demo"):
+        pass
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / LISTING).write_text("[1, 2]")
+    (tmp_path / "bad" / "y").write_text("")
+    with pytest.raises(NoencoreError, match="not a list of this tool's files"):
+        claim(tmp_path / "bad", "demo").__enter__()
