@@ -8,7 +8,8 @@ manager). It
   first. A lock left by a crashed job on this host (its pid is gone) is taken over; one
   from another host is named, with the file to remove once that job is known to be gone.
 * keeps a list of what the tool wrote (``.noencore-run.json``: the job's kind and the
-  files it wrote, relative to the folder). A folder that holds an earlier job of the same
+  files it wrote, relative to the folder; a job declares up front the names it will
+  write, ``own``, so that one killed midway leaves a folder its resume recognises). A folder that holds an earlier job of the same
   kind is refused unless the job resumes it (``resume``) or replaces it (``overwrite``:
   exactly the listed files are removed, and the folders they leave empty); a folder that
   holds anything else is refused whatever the flags: the tool deletes only what it wrote.
@@ -134,7 +135,11 @@ class RunFolder:
             if root not in path.parents:
                 raise NoencoreError(f"{self.folder / LISTING}: lists {rel!r}, outside the "
                                     "folder; remove the folder's files by hand")
-            if path.is_file() or path.is_symlink():
+            if path.is_dir() and not path.is_symlink():  # a folder the job declared its own
+                for q in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+                    q.rmdir() if q.is_dir() and not q.is_symlink() else q.unlink()
+                dirs.add(path)
+            elif path.is_file() or path.is_symlink():
                 path.unlink()
             dirs.update(p for p in path.parents if root in p.parents)
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
@@ -146,6 +151,12 @@ class RunFolder:
     def _save(self) -> None:
         atomic_write(self.folder / LISTING, json.dumps(
             {"kind": self.kind, "files": sorted(set(self.files))}, indent=1).encode())
+
+    def own(self, names: list[str]) -> None:
+        """Declare, before writing them, the files and folders (relative names) this job
+        will write: a job killed midway leaves a folder the next claim recognises."""
+        self.files += [str(n) for n in names]
+        self._save()
 
     def wrote(self, *paths: str | os.PathLike) -> None:
         """Record files (or every file under folders) this job wrote into the folder."""

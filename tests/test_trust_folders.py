@@ -96,3 +96,60 @@ def test_a_folder_of_someone_elses_files_or_a_file_is_refused(tmp_path):
     (tmp_path / "bad" / "y").write_text("")
     with pytest.raises(NoencoreError, match="not a list of this tool's files"):
         claim(tmp_path / "bad", "demo").__enter__()
+
+
+def test_a_job_killed_midway_leaves_a_folder_its_resume_recognises(tmp_path):
+    out = tmp_path / "run"
+    folder = claim(out, "unlearn").__enter__()
+    folder.own(["checkpoints", "config.json"])
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "checkpoints" / "step-1" / "state.pt").write_bytes(b"s")
+    (out / "config.json").write_text("{}")
+    (out / LOCK).unlink()  # killed: no release, no final listing, and its pid is gone
+    with claim(out, "unlearn", resume=True):
+        assert (out / "checkpoints" / "step-1" / "state.pt").exists()
+    with claim(out, "unlearn", overwrite=True):  # the declared folder goes as a whole
+        assert sorted(p.name for p in out.iterdir()) == [LISTING, LOCK]
+
+
+def test_unlearn_claims_its_run_folder(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_engine_shards import conditioned_shards, random_items
+
+    from noencore import unlearn
+    from noencore.errors import UsageError
+    from noencore.models import load_musicgen
+
+    overrides = {"transformer_lm": {"num_layers": 1}}
+    shards = conditioned_shards(tmp_path / "shards", random_items(2, 3, 12), overrides)
+
+    def run(out, **kw):
+        return unlearn(load_musicgen("tiny", with_codec=False, overrides=overrides), shards,
+                       forget="forget", method="ga", steps=1, batch_size=2, frames=8,
+                       progress=False, device="cpu", backend="torch", out=out, **kw)
+
+    out = tmp_path / "run"
+    first = run(out)
+    assert (first.model_dir / "model.safetensors").exists() and not (out / LOCK).exists()
+    listed = set(json.loads((out / LISTING).read_text())["files"])
+    assert {"config.json", "metrics.jsonl", "model/model.safetensors"} <= listed
+    with pytest.raises(UsageError, match="holds an earlier unlearn run; continue it with "
+                       "--resume, replace it with --overwrite"):
+        run(out)
+    (out / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "kind": "unlearn", "started": "now"}))
+    with pytest.raises(UsageError, match="another noencore unlearn is writing here"):
+        run(out, overwrite=True)
+    (out / LOCK).unlink()
+    assert run(out, overwrite=True).steps == 1
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_bytes(b"w")
+    with pytest.raises(UsageError, match=r"holds files this tool did not write \(weights.bin\)"):
+        run(theirs, overwrite=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["weights.bin"]
+    with pytest.raises(UsageError, match="give one of them"):
+        run(out, resume=True, overwrite=True)

@@ -106,6 +106,8 @@ class UnlearnConfig:
     checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)",
                                    parse=int)
     resume: bool = option(False, "continue from the newest complete checkpoint in --out")
+    overwrite: bool = option(False, "replace an earlier run in --out (only the files this "
+                                    "tool listed there are removed)")
     target_forget_nll: float | None = option(None, "stop when the forget token NLL reaches "
                                                    "this (nats)", parse=float)
     stop_nonmembers: Any = option(None, "stop when membership inference cannot tell the "

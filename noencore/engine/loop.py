@@ -449,6 +449,11 @@ def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
     return Trainer(model, shards, cfg, progress=progress, on_step=on_step).run()
 
 
+# what a run writes into its folder (rank 0 and, for DeepSpeed's partitions, every rank)
+RUN_FILES = ["config.json", "metrics.jsonl", "losses.png", "checkpoints", "model", "adapter",
+             ".ranks-share-this-folder"]
+
+
 class Trainer:
     """One unlearning run (one process, or one rank of a launcher), phase by phase.
 
@@ -478,6 +483,7 @@ class Trainer:
         self.ref_forget: torch.Tensor | None = None
         self.ref_remain: torch.Tensor | None = None
         self.request_ids: tuple[list[str], list[str]] | None = None
+        self.folder: Any = None  # the claimed run folder (rank 0)
         self.held: list[str] = []  # earlier forget ids the anchored remain set holds
         self.out_dir = Path(cfg.out) if cfg.out is not None else None
         self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
@@ -486,10 +492,34 @@ class Trainer:
         self.check_options()
         self.resolve_devices()
         self.build_sets()
-        self.setup_optimizer()
-        self.compute_references()
-        stopped, step, stop_info = self.train()
-        return self.save(stopped, step, stop_info)
+        try:
+            self.setup_optimizer()
+            self.compute_references()
+            stopped, step, stop_info = self.train()
+            return self.save(stopped, step, stop_info)
+        finally:
+            if self.folder is not None:  # rank 0: what the run wrote, and the lock released
+                self.folder.wrote(self.out_dir)
+                self.folder.release()
+
+    def claim_folder(self) -> None:
+        """Rank 0 claims the run folder (``noencore.outputs``: one run at a time; an earlier
+        run only with ``resume`` or ``overwrite``; nobody else's files) before anything is
+        written into it; every rank gets rank 0's answer."""
+        from noencore.outputs import claim
+
+        error = None
+        if self.rank == 0:
+            try:
+                self.folder = claim(self.out_dir, "unlearn", resume=self.cfg.resume,
+                                    overwrite=self.cfg.overwrite).__enter__()
+                self.folder.own(RUN_FILES)
+            except NoencoreError as exc:
+                error = str(exc)
+        if self.distributed:
+            error = dist.broadcast_object(error)
+        if error is not None:
+            raise UsageError(error)
 
     def check_options(self) -> None:
         """Refuse contradictory options before any work."""
@@ -499,6 +529,11 @@ class Trainer:
         if c.steps < 0 or c.batch_size <= 0 or c.frames <= 0:
             raise UsageError(f"steps ({c.steps}) must be >= 0, batch_size ({c.batch_size}) "
                              f"and frames ({c.frames}) > 0")
+        if c.resume and c.overwrite:
+            raise UsageError("resume continues the run in --out and overwrite replaces it: "
+                             "give one of them")
+        if c.overwrite and c.out is None:
+            raise UsageError("overwrite needs the run folder (out=...)")
         if c.resume and c.out is None:
             raise UsageError("resume needs the run folder (out=...)")
         if c.checkpoint_every and c.out is None:
@@ -602,6 +637,8 @@ class Trainer:
             "world": self.world, "precision": c.precision if not self.distributed else "bf16",
             "zero": ds_config["zero_optimization"]["stage"] if self.distributed else None,
             **({"lora": self.adapters.describe()} if self.adapters is not None else {})}
+        if self.out_dir is not None:
+            self.claim_folder()
         if self.distributed and self.out_dir is not None:
             _check_shared_folder(self.out_dir, self.rank, self.world)
         self.start_step, self.resume_from = (
