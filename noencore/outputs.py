@@ -45,9 +45,10 @@ def _alive(pid: int) -> bool:
 class RunFolder:
     """A claimed output folder (see the module docstring)."""
 
-    def __init__(self, folder: Path, kind: str, *, resume: bool, overwrite: bool):
+    def __init__(self, folder: Path, kind: str, *, resume: bool, overwrite: bool,
+                 whole: bool = False):
         self.folder, self.kind = Path(folder), kind
-        self.resume, self.overwrite = resume, overwrite
+        self.resume, self.overwrite, self.whole = resume, overwrite, whole
         self.files: list[str] = []
         self._locked = False
 
@@ -104,7 +105,11 @@ class RunFolder:
         listing = self._listing()
         listed = set(listing["files"]) if listing else set()
         entries = [p for p in self.folder.iterdir() if p.name not in (LOCK, LISTING)]
-        foreign = [p for p in entries if not any(
+        if listing is not None and entries and listing.get("kind") != self.kind:
+            raise NoencoreError(f"{self.folder}: holds a noencore {listing.get('kind')} job's "
+                                f"files, not a {self.kind}'s; give another folder")
+        whole = bool(listing and listing.get("whole"))
+        foreign = [] if whole else [p for p in entries if not any(
             f == p.name or f.startswith(p.name + "/") for f in listed)]
         if foreign:
             names = ", ".join(sorted(p.name for p in foreign)[:3])
@@ -113,9 +118,6 @@ class RunFolder:
                                 "folder (nothing in it is removed)")
         if listing is None or not entries:
             return
-        if listing.get("kind") != self.kind:
-            raise NoencoreError(f"{self.folder}: holds a noencore {listing.get('kind')} job's "
-                                f"files, not a {self.kind}'s; give another folder")
         if self.resume:
             self.files = list(listing["files"])
             return
@@ -150,7 +152,8 @@ class RunFolder:
 
     def _save(self) -> None:
         atomic_write(self.folder / LISTING, json.dumps(
-            {"kind": self.kind, "files": sorted(set(self.files))}, indent=1).encode())
+            {"kind": self.kind, "whole": self.whole, "files": sorted(set(self.files))},
+            indent=1).encode())
 
     def own(self, names: list[str]) -> None:
         """Declare, before writing them, the files and folders (relative names) this job
@@ -193,6 +196,9 @@ class RunFolder:
 
 
 def claim(folder: str | os.PathLike, kind: str, *, resume: bool = False,
-          overwrite: bool = False) -> RunFolder:
-    """Claim ``folder`` for a job of ``kind`` (see the module docstring)."""
-    return RunFolder(Path(folder), kind, resume=resume, overwrite=overwrite)
+          overwrite: bool = False, whole: bool = False) -> RunFolder:
+    """Claim ``folder`` for a job of ``kind`` (see the module docstring). ``whole``: the
+    folder, new or empty at its first claim, is the job's entirely (a job that keeps and
+    replaces its own stages in it, as the demo does); later claims by the same kind take
+    everything in it as the job's."""
+    return RunFolder(Path(folder), kind, resume=resume, overwrite=overwrite, whole=whole)

@@ -153,3 +153,23 @@ def test_unlearn_claims_its_run_folder(tmp_path):
     assert sorted(p.name for p in theirs.iterdir()) == ["weights.bin"]
     with pytest.raises(UsageError, match="give one of them"):
         run(out, resume=True, overwrite=True)
+
+
+def test_the_demo_takes_only_a_new_or_empty_folder_or_its_own(tmp_path):
+    from noencore.demo.pipeline import run_demo
+
+    theirs = tmp_path / "theirs"
+    (theirs / "corpus").mkdir(parents=True)
+    (theirs / "corpus" / "my_song.wav").write_bytes(b"RIFF")
+    with pytest.raises(NoencoreError, match=r"holds files this tool did not write \(corpus\)"):
+        run_demo(theirs)
+    assert (theirs / "corpus" / "my_song.wav").read_bytes() == b"RIFF"  # left intact
+    # the demo's own folder: everything in it is its own on the next claim
+    out = tmp_path / "demo"
+    with claim(out, "demo", resume=True, whole=True):
+        (out / "corpus").mkdir()
+        (out / "corpus" / "a.wav").write_bytes(b"x")
+    with claim(out, "demo", resume=True, whole=True):
+        assert (out / "corpus" / "a.wav").exists()
+    with pytest.raises(NoencoreError, match="holds a noencore demo job's files"):
+        claim(out, "unlearn", overwrite=True).__enter__()

@@ -192,7 +192,11 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
         raise UsageError(f"DemoConfig.stop must be one of {STOP_RULES}, got {cfg.stop!r}")
     if cfg.threads < 1:
         raise UsageError(f"DemoConfig.threads must be at least 1, got {cfg.threads}")
-    with _reproducible_torch(cfg.threads):
+    from noencore.outputs import claim
+
+    # the demo keeps and replaces its own stages in ``out``: a folder that held anything
+    # else at the first claim is refused, and a second demo into it at once too
+    with claim(out, "demo", resume=True, whole=True), _reproducible_torch(cfg.threads):
         return _run_demo(Path(out), cfg, fresh)
 
 
