@@ -128,8 +128,9 @@ def test_unlearn_claims_its_run_folder(tmp_path):
 
     def run(out, **kw):
         return unlearn(load_musicgen("tiny", with_codec=False, overrides=overrides), shards,
-                       forget="forget", method="ga", steps=1, batch_size=2, frames=8,
-                       progress=False, device="cpu", backend="torch", out=out, **kw)
+                       **{"forget": "forget", "method": "ga", "steps": 1, "batch_size": 2,
+                          "frames": 8, "progress": False, "device": "cpu", "backend": "torch",
+                          "out": out, **kw})
 
     out = tmp_path / "run"
     first = run(out)
@@ -153,6 +154,10 @@ def test_unlearn_claims_its_run_folder(tmp_path):
     assert sorted(p.name for p in theirs.iterdir()) == ["weights.bin"]
     with pytest.raises(UsageError, match="give one of them"):
         run(out, resume=True, overwrite=True)
+    # a request is recorded only once training changed the model
+    with pytest.raises(UsageError, match="steps 0 trains nothing.*--steps 1 or more"):
+        run(tmp_path / "zero", steps=0)
+    assert not (tmp_path / "zero").exists()
 
 
 def test_the_demo_takes_only_a_new_or_empty_folder_or_its_own(tmp_path):

@@ -584,6 +584,10 @@ class Trainer:
         self.method = method = get_method(c.method, **(c.method_options or {}))
         self.sets = UnlearningSets(self.shards, self.forget, self.remain, c.frames)
         if is_opt_out(method):  # refused before any work when it contradicts an earlier one
+            if c.steps < 1:
+                raise UsageError(f"steps {c.steps} trains nothing, and an opt-out request is "
+                                 "recorded only once training changed the model: give "
+                                 "--steps 1 or more")
             self.request_ids = set_ids(self.sets)
             history = getattr(model, "requests", [])
             check_request(history, *self.request_ids, model=str(model.spec),
