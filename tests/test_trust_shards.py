@@ -158,3 +158,23 @@ def test_precompute_writes_only_into_a_directory_of_its_own(shard_dir, tmp_path)
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
     # a directory of its own: resumes (nothing to do)
     assert not precompute(manifest, _copy(shard_dir, tmp_path / "again"), **opts).changed
+
+
+def test_an_id_list_holds_one_id_per_line_and_no_comment_syntax(shard_dir, tmp_path):
+    from noencore.data.shards import TokenShards, read_ids
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t0\n#t1\n\n  t2  \n")
+    assert read_ids(ids) == ["t0", "#t1", "t2"]  # "#t1" is an id, not a comment
+    with pytest.raises(NoencoreError, match=r"1 forget id\(s\) not in the shards: #t1"):
+        from noencore.engine.sets import UnlearningSets
+
+        UnlearningSets(TokenShards(shard_dir), read_ids(ids), None, frames=10)
+    ids.write_text("\n \n")
+    with pytest.raises(NoencoreError, match=f"{ids}: the id list is empty"):
+        read_ids(ids)
+    ids.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(NoencoreError, match=f"{ids}: unreadable id list"):
+        read_ids(ids)
+    with pytest.raises(NoencoreError, match="no such id list"):
+        read_ids(tmp_path / "gone.txt")

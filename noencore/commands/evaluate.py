@@ -63,11 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     shards = TokenShards(args.shards)
     if args.forget_ids:
-        path = Path(args.forget_ids)
-        if not path.is_file():
-            raise NoencoreError(f"{path}: no such id list (one source id per line)")
-        ids = [x.strip() for x in path.read_text().splitlines() if x.strip()]
-        forget = shards.select(ids=ids)
+        from noencore.data.shards import read_ids
+
+        forget = shards.select(ids=read_ids(args.forget_ids))
     else:
         forget = shards.select(split=args.forget_split)
     sets = {"forget": forget}

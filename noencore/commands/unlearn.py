@@ -113,8 +113,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if opts.get("forget_ids"):
         if opts.get("forget"):
             raise UsageError("give --forget or --forget-ids, not both")
-        lines = Path(opts.pop("forget_ids")).read_text().splitlines()
-        opts["forget"] = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+        from noencore.data.shards import read_ids
+
+        opts["forget"] = read_ids(opts.pop("forget_ids"))
     else:
         opts.pop("forget_ids", None)
     if opts.get("forget") is None:

@@ -296,3 +296,21 @@ def set_ids(spec: SetSpec) -> str | list[str]:
         return list(dict.fromkeys(spec.ids))
     return spec if isinstance(spec, str) else [str(x) for x in spec]
 
+
+def read_ids(path: str | Path) -> list[str]:
+    """The source ids of an id list: one id per line, exactly (a line that begins with
+    ``#`` is an id like any other: ids are data, not a syntax), blank lines skipped. Every
+    id must then exist in the shards (the set's selection says which do not)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NoencoreError(f"{path}: no such id list (one source id per line)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NoencoreError(f"{path}: unreadable id list ({exc}); give a UTF-8 text file "
+                            "with one source id per line") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise NoencoreError(f"{path}: the id list is empty; give one source id per line")
+    return ids
+
