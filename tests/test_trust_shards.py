@@ -178,3 +178,16 @@ def test_an_id_list_holds_one_id_per_line_and_no_comment_syntax(shard_dir, tmp_p
         read_ids(ids)
     with pytest.raises(NoencoreError, match="no such id list"):
         read_ids(tmp_path / "gone.txt")
+
+
+def test_evaluate_refuses_a_track_in_the_forget_and_another_set(shard_dir):
+    from noencore import evaluate
+    from noencore.data.shards import TokenShards
+    from noencore.errors import UsageError
+
+    shards = TokenShards(shard_dir)
+    for other in ("remain", "holdout"):
+        sets = {"forget": shards.select(split="forget"), other: shards.select(ids=["t1", "t2"])}
+        with pytest.raises(UsageError, match=rf"1 track\(s\) are in both the forget and the "
+                           rf"{other} set \(e.g. 't1'\); make the sets disjoint"):
+            evaluate("tiny", sets, metrics=["token"], progress=False)

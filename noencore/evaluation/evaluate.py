@@ -87,7 +87,22 @@ def _open_sets(sets: Mapping[str, Any], shards: Any = None) -> dict[str, Any]:
             raise NoencoreError(f"{s.path}: the {name} set is empty; check its split name or "
                                 "id list")
         out[name] = s
+    _check_disjoint(out)
     return out
+
+
+def _check_disjoint(sets: Mapping[str, Any]) -> None:
+    """The forget set shares no track with the remain or the holdout set (of the same
+    shards): a track in both would be scored as a member and as a non-member at once."""
+    forget = sets["forget"]
+    for name in ("remain", "holdout"):
+        other = sets.get(name)
+        if other is None or Path(other.path) != Path(forget.path):
+            continue
+        both = sorted(set(forget.ids) & set(other.ids))
+        if both:
+            raise UsageError(f"{forget.path}: {len(both)} track(s) are in both the forget and "
+                             f"the {name} set (e.g. {both[0]!r}); make the sets disjoint")
 
 
 def _load_model(spec: Any, device: torch.device) -> Any:
