@@ -17,7 +17,7 @@ def test_condition_then_unlearn_from_config(tmp_path, capsys):
     shards = write_shards(tmp_path / "shards", random_items(2, 4, 16))
     assert main(["condition", str(shards), "--model", "tiny"]) == 0
     assert (shards / "conditions" / "index.json").exists()
-    (tmp_path / "ids.txt").write_text("# opt-out list\nf0\n")
+    (tmp_path / "ids.txt").write_text("f0\n")  # one id per line; "#" is no comment
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: tiny\nmethod: npo\nsteps: 5\nlr: 0.001\nbatch_size: 3\n"
                    "frames: 10\nmethod_options: {beta: 0.2}\n")

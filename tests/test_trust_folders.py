@@ -178,3 +178,21 @@ def test_the_demo_takes_only_a_new_or_empty_folder_or_its_own(tmp_path):
         assert (out / "corpus" / "a.wav").exists()
     with pytest.raises(NoencoreError, match="holds a noencore demo job's files"):
         claim(out, "unlearn", overwrite=True).__enter__()
+
+
+def test_options_are_checked_for_type_and_range_from_the_one_table():
+    from noencore.engine.config import UnlearnConfig
+    from noencore.errors import UsageError
+
+    UnlearnConfig().check()  # the defaults pass
+    bad = {"steps": ("5", r"option steps \(--steps\): '5' is not a whole number"),
+           "lr": (float("inf"), r"option lr \(--lr\): inf is not a finite number"),
+           "target_forget_nll": (float("nan"), r"\(--target-forget-nll\): nan is not a finite"),
+           "checkpoint_every": (-1, r"\(--checkpoint-every\): -1; it must be >= 0"),
+           "stop_auc": (1.5, r"\(--stop-auc\): 1.5; it must be in \[0, 1\]"),
+           "resume": ("yes", r"\(--resume\): 'yes' is not true or false"),
+           "batch_size": (True, r"\(--batch-size\): True is not a whole number")}
+    for name, (value, message) in bad.items():
+        with pytest.raises(UsageError, match=message):
+            UnlearnConfig().replace(**{name: value}).check()
+    UnlearnConfig().replace(lr=1, grad_clip=None, zero_stage=2).check()  # an int is a number

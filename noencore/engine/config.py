@@ -13,6 +13,7 @@ metadata). What derives from it:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,27 @@ class UnlearnConfig:
                                        "write the adapters as a PEFT adapter to OUT/adapter")
     save: bool = option(True, "save the unlearned model to OUT/model", cli=False)
 
+    def check(self) -> None:
+        """Each option's type and range (``_RANGES``): one line naming the option, its flag
+        and what it takes; a number from a config file is a number, not a string."""
+        for f in dataclasses.fields(self):
+            value, parse = getattr(self, f.name), f.metadata["parse"]
+            flag = "--" + str(f.metadata["cli"] if isinstance(f.metadata["cli"], str)
+                              else f.name).replace("_", "-")
+            if value is None and "None" in str(f.type):
+                continue
+            if parse in (int, float) or str(f.type) == "bool":
+                want = {int: int, float: (int, float)}.get(parse, bool)
+                if isinstance(value, bool) is not (want is bool) or not isinstance(value, want):
+                    kind = {int: "a whole number", float: "a number"}.get(parse, "true or false")
+                    raise UsageError(f"option {f.name} ({flag}): {value!r} is not {kind}")
+                if parse is float and not math.isfinite(value):
+                    raise UsageError(f"option {f.name} ({flag}): {value!r} is not a finite "
+                                     "number")
+            rule = _RANGES.get(f.name)
+            if rule is not None and not rule[0](value):
+                raise UsageError(f"option {f.name} ({flag}): {value!r}; it must be {rule[1]}")
+
     def replace(self, **overrides: Any) -> UnlearnConfig:
         """A copy with ``overrides``; an unknown name is refused with the known ones."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
@@ -164,6 +186,25 @@ class UnlearnConfig:
             out[f.name] = value if isinstance(value, str | int | float | bool | list | dict
                                               | None) else str(value)
         return out
+
+
+# the range of each numeric option that has one (its type is checked for every one)
+_RANGES: dict[str, tuple[Any, str]] = {
+    "steps": (lambda v: v >= 0, ">= 0"),
+    "lr": (lambda v: v > 0, "a positive number"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "accumulation": (lambda v: v >= 1, ">= 1"),
+    "forget_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "frames": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "target_forget_nll": (lambda v: v > 0, "a positive number of nats"),
+    "stop_auc": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "stop_every": (lambda v: v >= 1, ">= 1"),
+    "grad_clip": (lambda v: v > 0, "positive (0 on the command line: no clipping)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+}
 
 
 def fields_for_run() -> list[str]:
