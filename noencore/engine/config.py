@@ -188,21 +188,17 @@ class UnlearnConfig:
         return out
 
 
-# the range of each numeric option that has one (its type is checked for every one)
+# the range of each numeric option that has one (its type is checked for every one; steps,
+# batch_size, frames, accumulation and log_every get the trainer's own messages)
 _RANGES: dict[str, tuple[Any, str]] = {
-    "steps": (lambda v: v >= 0, ">= 0"),
     "lr": (lambda v: v > 0, "a positive number"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "accumulation": (lambda v: v >= 1, ">= 1"),
     "forget_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "frames": (lambda v: v >= 1, ">= 1"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    "target_forget_nll": (lambda v: v > 0, "a positive number of nats"),
+    "target_forget_nll": (lambda v: v >= 0, "a number of nats >= 0"),
     "stop_auc": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "stop_every": (lambda v: v >= 1, ">= 1"),
     "grad_clip": (lambda v: v > 0, "positive (0 on the command line: no clipping)"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
     "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
 }
 
