@@ -76,19 +76,22 @@ def check_request(history: Sequence[dict], forget_ids: Sequence[str],
                 "remain_anchor=true) to hold them where that request left them")
 
 
+def _forgotten(history: Sequence[dict]) -> set[str]:
+    """Every forget id of the earlier requests."""
+    return {x for req in history for x in req.get("forget_ids") or []}
+
+
 def unheld(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
     """Earlier requests' forget ids that the new remain set does not hold: the new ascent
     may push them past a never-trained model (an anchored remain set holding them keeps
     them where they were)."""
-    done = {x for req in history for x in req.get("forget_ids") or []}
-    return sorted(done - {str(x) for x in remain_ids})
+    return sorted(_forgotten(history) - {str(x) for x in remain_ids})
 
 
 def held(history: Sequence[dict], remain_ids: Sequence[str]) -> list[str]:
     """Earlier requests' forget ids that the new remain set holds (an anchored remain set
     keeps them where those requests left them, from both sides)."""
-    done = {x for req in history for x in req.get("forget_ids") or []}
-    return sorted(done & {str(x) for x in remain_ids})
+    return sorted(_forgotten(history) & {str(x) for x in remain_ids})
 
 
 def unheld_warning(history: Sequence[dict], remain_ids: Sequence[str]) -> str | None:
