@@ -46,9 +46,10 @@ class RunFolder:
     """A claimed output folder (see the module docstring)."""
 
     def __init__(self, folder: Path, kind: str, *, resume: bool, overwrite: bool,
-                 whole: bool = False):
+                 whole: bool = False, lock_only: bool = False):
         self.folder, self.kind = Path(folder), kind
         self.resume, self.overwrite, self.whole = resume, overwrite, whole
+        self.lock_only = lock_only
         self.files: list[str] = []
         self._locked = False
 
@@ -178,6 +179,8 @@ class RunFolder:
             raise NoencoreError(f"{self.folder}: exists and is not a folder; give a folder path")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock()
+        if self.lock_only:
+            return self
         try:
             self._check_contents()
             self._save()
@@ -202,3 +205,39 @@ def claim(folder: str | os.PathLike, kind: str, *, resume: bool = False,
     replaces its own stages in it, as the demo does); later claims by the same kind take
     everything in it as the job's."""
     return RunFolder(Path(folder), kind, resume=resume, overwrite=overwrite, whole=whole)
+
+
+def lock(folder: str | os.PathLike, kind: str) -> RunFolder:
+    """Only the lock of ``claim`` (one writer at a time, a crashed job's lock taken over),
+    for a job that adds to a folder and never removes anything, as the condition cache
+    does; a context manager."""
+    return RunFolder(Path(folder), kind, resume=True, overwrite=False, lock_only=True)
+
+
+def _local(thing: Any) -> Path | None:
+    """The local folder or file an input names (a path, a hub id that is not one: None;
+    token shards, a condition cache or a model: where they were read from)."""
+    for attr in ("path", "folder", "spec"):
+        if not isinstance(thing, str | os.PathLike) and hasattr(thing, attr):
+            thing = getattr(thing, attr)
+            break
+    if not isinstance(thing, str | os.PathLike):
+        return None
+    path = Path(thing).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def check_apart(out: str | os.PathLike, inputs: dict[str, Any]) -> None:
+    """Refuse an output folder that is one of the job's inputs, lies inside one, or holds
+    one (``inputs``: role -> a path, a loaded input, or a hub id, which is skipped): a
+    run's own files would replace or bury what it reads."""
+    here = Path(out).expanduser().resolve()
+    for role, thing in inputs.items():
+        path = _local(thing)
+        if path is None:
+            continue
+        how = ("is" if here == path else "lies inside" if path in here.parents
+               else "holds" if here in path.parents else None)
+        if how:
+            raise NoencoreError(f"{out}: the output folder {how} the {role} ({path}); give "
+                                "an output folder apart from every input")

@@ -240,3 +240,24 @@ def test_launcher_local_rank_argument_is_accepted(monkeypatch):
     assert take_local_rank(["info", "--local-rank", "1", "x"]) == ["info", "x"]
     with pytest.raises(SystemExit, match="disagrees with LOCAL_RANK=1"):
         take_local_rank(["info", "--local_rank=3"])
+
+
+def test_resume_names_the_damaged_checkpoint_it_passes_over(data, tmp_path):
+    from noencore import unlearn
+
+    _, shards = data
+    unlearn(_fresh(), shards, **{**RUN, "steps": 2}, out=tmp_path / "run", checkpoint_every=1,
+            save=False)
+    newest = tmp_path / "run" / "checkpoints" / "step_0000002"
+    state = newest / "state.pt"
+    data_bytes = bytearray(state.read_bytes())
+    data_bytes[-100] ^= 0xFF
+    state.write_bytes(bytes(data_bytes))
+    with pytest.warns(UserWarning, match=rf"resume passes over a damaged checkpoint: {state}: "
+                      r"missing or corrupt \(checksum mismatch\)"):
+        res = unlearn(_fresh(), shards, **{**RUN, "steps": 3}, out=tmp_path / "run",
+                      resume=True, save=False)
+    assert res.steps == 3
+    steps = [json.loads(x)["step"]
+             for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [2, 3]  # step 2 again, from step 1's checkpoint

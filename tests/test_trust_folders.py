@@ -196,3 +196,112 @@ def test_options_are_checked_for_type_and_range_from_the_one_table():
         with pytest.raises(UsageError, match=message):
             UnlearnConfig().replace(**{name: value}).check()
     UnlearnConfig().replace(lr=1, grad_clip=None, zero_stage=2).check()  # an int is a number
+
+
+def _tiny_run_setup(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_engine_shards import conditioned_shards, random_items
+
+    overrides = {"transformer_lm": {"num_layers": 1}}
+    return overrides, conditioned_shards(tmp_path / "shards", random_items(2, 3, 12), overrides)
+
+
+def test_an_output_is_never_an_input_nor_inside_or_around_one(tmp_path):
+    from noencore import unlearn
+    from noencore.errors import UsageError
+    from noencore.models import load_musicgen, save_musicgen
+
+    overrides, shards = _tiny_run_setup(tmp_path)
+    model_dir = tmp_path / "base" / "model"
+    save_musicgen(load_musicgen("tiny", overrides=overrides), model_dir)
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    kw = dict(forget="forget", method="ga", steps=1, batch_size=2, frames=8, progress=False,
+              device="cpu", backend="torch")
+    cases = {model_dir: "is the model", model_dir / "run": "lies inside the model",
+             tmp_path / "base": "holds the model", shards.path: "is the token shards",
+             shards.path / "conditions" / "run": "lies inside the token shards"}
+    for out, how in cases.items():
+        with pytest.raises(UsageError, match=rf"{out}: the output folder {how} \("):
+            unlearn(str(model_dir), shards, out=out, **kw)
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
+    assert not (model_dir / "run").exists() and not (shards.path / "conditions" / "run").exists()
+    from noencore import evaluate
+
+    with pytest.raises(UsageError, match=rf"{tmp_path / 'base'}: the output folder holds the "
+                       "model"):
+        evaluate(str(model_dir), {"forget": shards.select(split="forget")}, metrics=["token"],
+                 progress=False, out=tmp_path / "base")
+
+
+def test_evaluate_claims_its_folder(tmp_path):
+    from noencore import evaluate
+    from noencore.errors import UsageError
+    from noencore.models import load_musicgen
+
+    overrides, shards = _tiny_run_setup(tmp_path)
+    model = load_musicgen("tiny", with_codec=False, overrides=overrides)
+    sets = {"forget": shards.select(split="forget")}
+    out = tmp_path / "eval"
+
+    def run(**kw):
+        return evaluate(model, sets, metrics=["token"], progress=False, out=out, **kw)
+
+    run()
+    listed = set(json.loads((out / LISTING).read_text())["files"])
+    assert {"report.json", "report.md", "token_stats.npz"} <= listed
+    assert not (out / LOCK).exists()
+    with pytest.raises(UsageError, match="holds an earlier evaluate run; .* replace it with "
+                       "--overwrite"):
+        run()
+    (out / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "kind": "evaluate", "started": "now"}))
+    with pytest.raises(UsageError, match="another noencore evaluate is writing here"):
+        run(overwrite=True)
+    (out / LOCK).unlink()
+    (out / "report.json").write_text("old")
+    run(overwrite=True)
+    assert json.loads((out / "report.json").read_text())["metrics"] == ["token"]
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(UsageError, match=r"holds files this tool did not write \(mine.txt\)"):
+        run(overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_evaluate_options_are_checked():
+    from noencore.errors import UsageError
+    from noencore.evaluation.config import EvalConfig
+
+    EvalConfig().check()
+    bad = {"batch_size": (0, r"option batch_size \(--batch-size\): 0; it must be a whole "
+                             "number >= 1"),
+           "frames": ("8", r"option frames \(--frames\): '8'"),
+           "relearn_lr": (float("nan"), r"option relearn_lr \(--relearn-lr\): nan"),
+           "min_auc_items": (2.5, r"option min_auc_items \(--min-auc-items\): 2.5"),
+           "precision": ("fp16", r"option precision \(--precision\): 'fp16'; it must be bf16"),
+           "metrics": ("token", r"option metrics \(--metrics\): 'token'; it must be a list")}
+    for name, (value, message) in bad.items():
+        with pytest.raises(UsageError, match=message):
+            EvalConfig().replace(**{name: value}).check()
+
+
+def test_the_condition_cache_is_locked_while_written(tmp_path):
+    from noencore.models import build_condition_cache
+    from noencore.models.text import tiny_t5_folder
+
+    enc = str(tiny_t5_folder())
+    folder = tmp_path / "conditions"
+    folder.mkdir()
+    (folder / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                           "kind": "condition", "started": "now"}))
+    with pytest.raises(NoencoreError, match=rf"{folder}: another noencore condition is "
+                       "writing here"):
+        build_condition_cache(folder, ["a tune"], enc, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK]
+    (folder / LOCK).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                           "kind": "condition", "started": "then"}))
+    cache = build_condition_cache(folder, ["a tune"], enc, progress=False)
+    assert cache.get("a tune") is not None and not (folder / LOCK).exists()
+    (folder / "index.json").write_text('{"not": "ours"}')
+    with pytest.raises(NoencoreError, match=rf"{folder / 'index.json'}: not a noencore "
+                       "text-condition cache index"):
+        build_condition_cache(folder, ["b"], enc, progress=False)

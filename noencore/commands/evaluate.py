@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(several: 5,10) and measure the forget AUC and NLLs again")
     p.add_argument("--relearn-lr", type=float, **cli_option("relearn_lr"))
     p.add_argument("--relearn-batch-size", type=int, **cli_option("relearn_batch_size"))
+    p.add_argument("--overwrite", action="store_true", help=cli_option("overwrite")["help"])
+    p.add_argument("--allow-codec-mismatch", action="store_true",
+                   help=cli_option("allow_codec_mismatch")["help"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -92,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, device=args.device, clap=args.clap,
         clap_tokenizer=args.clap_tokenizer, clap_model=args.clap_model, generation=gen,
         criteria=criteria, min_auc_items=args.min_auc_items or mia.MIN_AUC_ITEMS,
-        progress=not args.quiet, relearn_steps=relearn.parse_steps(args.relearn_steps),
+        progress=not args.quiet, allow_codec_mismatch=args.allow_codec_mismatch,
+        overwrite=args.overwrite,
+        relearn_steps=relearn.parse_steps(args.relearn_steps),
         relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size)
     speaker = distributed.rank() == 0
     distributed.leave()

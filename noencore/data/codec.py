@@ -15,8 +15,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,10 @@ from noencore.fileio import load_torch
 from noencore.thirdparty import quiet_audiocraft
 
 STATE_FILE = "compression_state_dict.bin"
+PROBE_SECONDS = 1.0
+# fewest share of equal probe codes for two codecs to count as one: a codec on another CPU
+# may flip a near-tie code or two, a different codec agrees on about 1 / card of them
+SAME_CODEC_AGREEMENT = 0.9
 BUILTIN_SPECS = ("tiny", "musicgen-32khz")
 
 
@@ -78,10 +86,30 @@ class Codec:
             raise NoencoreError(f"codec {spec}: sample rate {self.sample_rate} is not a "
                                 f"multiple of its frame rate {self.frame_rate}")
         self.hop = self.sample_rate // self.frame_rate
+        self._identity: dict[str, Any] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def identity(self) -> dict[str, Any]:
+        """What token shards record of the codec that made them (``layout.HEADER``'s
+        ``codec_identity``): ``name`` (the spec), ``weights_sha256`` (of every parameter
+        and buffer, in name order) and ``probe_codes`` (the codes of ``PROBE_SECONDS`` of
+        a fixed signal). Two codecs tokenise alike when their probe codes agree
+        (``same_codec``): the same weights saved in audiocraft's and transformers' format
+        have different names but give the same codes. Computed once per codec."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                t = t.detach().to("cpu").contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            with one_thread():  # one summation order: the same codes in every process
+                probe = self.encode(probe_signal(self.sample_rate)[None, None])[0]
+            self._identity = {"name": self.spec, "weights_sha256": h.hexdigest(),
+                              "probe_codes": probe.tolist()}
+        return self._identity
 
     @property
     def transformers_model(self) -> torch.nn.Module | None:
@@ -240,7 +268,8 @@ def load_codec(spec: str, device: str | torch.device = "cpu", *,
     if spec in BUILTIN_SPECS:
         cfg = _encodec_config(spec)
         # A fixed seed, without disturbing the caller's random state.
-        with torch.random.fork_rng(devices=[]):
+        # one thread: weight norm's g is a reduction, the same bits in every process
+        with torch.random.fork_rng(devices=[]), one_thread():
             torch.manual_seed(1234)
             model = _build(cfg, "cpu")
             _spread_codebooks(model)
@@ -293,3 +322,65 @@ def _from_hub(repo_id: str, device: str, trust_pickle: bool = False) -> Codec:
     except Exception as exc:  # unknown repo, no access, network: one clear line
         raise unreachable(exc) from exc
     return _from_pkg(_load_pkg(Path(file), trust_pickle), repo_id, device, None, trust_pickle)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside (a reduction then sums in one order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probe_signal(sample_rate: int) -> torch.Tensor:
+    """``PROBE_SECONDS`` of a fixed signal (float32 [S]): three tones, a chirp and seeded
+    noise at moderate level, the same on every machine."""
+    t = torch.arange(int(PROBE_SECONDS * sample_rate), dtype=torch.float64) / sample_rate
+    tones = sum(torch.sin(2 * math.pi * f * t) for f in (110.0, 440.0, 1760.0)) / 3
+    chirp = torch.sin(2 * math.pi * (200.0 * t + 2000.0 * t * t))
+    noise = torch.rand(t.numel(), generator=torch.Generator().manual_seed(0),
+                       dtype=torch.float64) - 0.5
+    return (0.2 * tones + 0.1 * chirp + 0.05 * noise).float()
+
+
+def same_codec(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, float]:
+    """Whether two ``Codec.identity()`` records name codecs that tokenise alike, and the
+    share of their probe codes that agree (1.0 for equal weights)."""
+    if a.get("weights_sha256") and a.get("weights_sha256") == b.get("weights_sha256"):
+        return True, 1.0
+    pa, pb = a.get("probe_codes"), b.get("probe_codes")
+    try:
+        ta, tb = torch.tensor(pa), torch.tensor(pb)
+    except (TypeError, ValueError):
+        return False, 0.0
+    if ta.shape != tb.shape or ta.numel() == 0:
+        return False, 0.0
+    agree = float((ta == tb).double().mean())
+    return agree >= SAME_CODEC_AGREEMENT, agree
+
+
+def check_shards_codec(codec: Codec | None, header: Any, shards_path: Any, owner: str,
+                       allow_mismatch: bool = False) -> str | None:
+    """Refuse shards (``header``: a ``ShardHeader``) encoded with another codec than
+    ``codec`` (the codec of ``owner``, a model spec), unless ``allow_mismatch``. Returns a
+    note when nothing could be compared (shards without a recorded identity, a model
+    without its codec) or the mismatch was allowed; None when they match."""
+    recorded = getattr(header, "identity", None)
+    if codec is None or not recorded:
+        missing = ("the model has no codec loaded" if codec is None else
+                   f"{shards_path} records no codec identity (written before it was recorded)")
+        return f"codec not compared: {missing}"
+    same, agree = same_codec(recorded, codec.identity())
+    if same:
+        return None
+    text = (f"{shards_path}: shards were encoded with codec {recorded.get('name')!r}, which "
+            f"tokenises differently from {owner!r}'s codec {codec.spec!r} ({agree:.0%} of "
+            f"the probe codes agree, {SAME_CODEC_AGREEMENT:.0%} needed)")
+    if allow_mismatch:
+        return text + "; allowed by --allow-codec-mismatch"
+    raise NoencoreError(text + "; precompute the shards with the model's codec (--codec), or "
+                        "give --allow-codec-mismatch (allow_codec_mismatch=True) if you are "
+                        "sure")

@@ -3,7 +3,9 @@
 A finished directory ``OUT/`` holds::
 
     header.json         format name + version, codec spec, sample_rate, frame_rate,
-                        n_q, card, segment_seconds, dtype and layout of the codes
+                        n_q, card, segment_seconds, dtype and layout of the codes, and
+                        codec_identity (name, sha256 of its weights, the codes of a
+                        fixed probe signal: ``Codec.identity``)
     shard-00000.codes   int16 [frames_total, n_q], row-major (frames-major), so one
                         segment's codes are one contiguous run of bytes
     index.jsonl         one JSON line per segment, in shard order: id, segment,
@@ -55,11 +57,17 @@ def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
 
 
 def make_header(codec_spec: str, sample_rate: int, frame_rate: int, n_q: int, card: int,
-                segment_seconds: float) -> dict[str, Any]:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec_spec,
-            "sample_rate": int(sample_rate), "frame_rate": int(frame_rate), "n_q": int(n_q),
-            "card": int(card), "segment_seconds": float(segment_seconds),
-            "dtype": CODES_DTYPE, "layout": "frames-major [frames, n_q]"}
+                segment_seconds: float, identity: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """``identity``: the codec's ``Codec.identity()`` (name, weights digest, probe codes),
+    which ``unlearn`` and ``evaluate`` compare with the model's codec."""
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec_spec,
+              "sample_rate": int(sample_rate), "frame_rate": int(frame_rate), "n_q": int(n_q),
+              "card": int(card), "segment_seconds": float(segment_seconds),
+              "dtype": CODES_DTYPE, "layout": "frames-major [frames, n_q]"}
+    if identity is not None:
+        header["codec_identity"] = identity
+    return header
 
 
 def check_header(header: Any, path: Path) -> dict[str, Any]:
@@ -76,6 +84,12 @@ def check_header(header: Any, path: Path) -> dict[str, Any]:
         if key not in header:
             raise NoencoreError(f"{path}: header lacks {key!r}; the directory is damaged: "
                                 "delete it and re-run `noencore precompute`")
+    ident = header.get("codec_identity")
+    if ident is not None and not (
+            isinstance(ident, dict) and isinstance(ident.get("weights_sha256"), str)
+            and isinstance(ident.get("probe_codes"), list)):
+        raise NoencoreError(f"{path}: damaged codec_identity; the directory is damaged: "
+                            "delete it and re-run `noencore precompute`")
     return header
 
 

@@ -403,6 +403,18 @@ class _AudioProgress:
         self.bar.close()
 
 
+def _same_codec_as_begun(codec: Codec, header: dict, head_file: Path, shape: tuple) -> None:
+    """Adding to shards begun earlier: the codec loaded now must be the one they were begun
+    with (the same spec can name other weights: a hub repo updated, a folder rewritten)."""
+    if (codec.sample_rate, codec.n_q, codec.hop) != shape:
+        raise NoencoreError(f"codec {codec.spec} does not match {head_file}")
+    begun = header.get("codec_identity")
+    if begun and begun.get("weights_sha256") != codec.identity()["weights_sha256"]:
+        raise NoencoreError(f"{head_file}: these shards were begun with other weights of "
+                            f"codec {codec.spec!r} (the file or hub repo changed since); "
+                            "write into a new directory")
+
+
 def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
          opt: _Options, t_start: float) -> PrecomputeReport:
     from noencore.data.codec import load_codec
@@ -424,7 +436,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
     else:
         codec = get_codec()
         header = layout.make_header(codec_spec, codec.sample_rate, codec.frame_rate,
-                                    codec.n_q, codec.card, segment_seconds)
+                                    codec.n_q, codec.card, segment_seconds, codec.identity())
         layout.atomic_write(head_file, layout.jsonl_bytes([header]))
     sample_rate, n_q = int(header["sample_rate"]), int(header["n_q"])
     hop = sample_rate // int(header["frame_rate"])
@@ -465,8 +477,7 @@ def _run(items: list[ManifestItem], manifest_failures: list[Failure], out: Path,
             if writer is None:
                 if codec is None:
                     codec = get_codec()
-                if (codec.sample_rate, codec.n_q, codec.hop) != (sample_rate, n_q, hop):
-                    raise NoencoreError(f"codec {codec_spec} does not match {head_file}")
+                _same_codec_as_begun(codec, header, head_file, (sample_rate, n_q, hop))
                 # A modifying run: un-finish the directory before touching anything.
                 (out / layout.CHECKSUMS).unlink(missing_ok=True)
                 layout.fsync_dir(out)

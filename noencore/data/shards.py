@@ -29,6 +29,7 @@ class ShardHeader:
     card: int
     segment_seconds: float
     format_version: int
+    identity: dict[str, Any] | None = None  # Codec.identity() of the codec (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class _Store:
             codec=str(header["codec"]), sample_rate=int(header["sample_rate"]),
             frame_rate=int(header["frame_rate"]), n_q=int(header["n_q"]),
             card=int(header["card"]), segment_seconds=float(header["segment_seconds"]),
-            format_version=int(header["format_version"]))
+            format_version=int(header["format_version"]),
+            identity=header.get("codec_identity"))
         records = layout.read_jsonl(path / layout.INDEX)
         self.failures = layout.read_jsonl(path / layout.FAILURES)
         self.records = records

@@ -346,10 +346,12 @@ class _Demo:
         tokens_and_replay = ["token", "mia", *REPLAY_METRICS]
         self.base = base = evaluate(self.reference, sets, metrics=tokens_and_replay,
                                     batch_size=cfg.batch_size, frames=cfg.frames,
-                                    out=self.ref_stats, progress=False, generation=self.gen)
+                                    out=self.ref_stats, overwrite=True, progress=False,
+                                    generation=self.gen)
         self.gold = gold = evaluate(str(self.retrained / "model"), sets,
                                     metrics=tokens_and_replay, batch_size=cfg.batch_size,
-                                    frames=cfg.frames, out=self.retr_stats, progress=False,
+                                    frames=cfg.frames, out=self.retr_stats, overwrite=True,
+                                    progress=False,
                                     generation=self.gen)
         # the validation tracks' token NLL under the memorised model (the same statistic as
         # the report's; the forget set's is in `base` already)
@@ -422,7 +424,8 @@ class _Demo:
             rep_dir = self.out / "reports" / name
             self.reports[name] = evaluate(
                 str(model_dir), self.sets, reference=self.ref_stats, retrained=self.retr_stats,
-                batch_size=cfg.batch_size, out=rep_dir, frames=cfg.frames, generation=self.gen,
+                batch_size=cfg.batch_size, out=rep_dir, overwrite=True, frames=cfg.frames,
+                generation=self.gen,
                 progress=False, metrics=["token", "mia", "privleak", "forget_quality",
                                          *REPLAY_METRICS],
                 relearn_steps=cfg.relearn_steps or None, relearn_lr=cfg.unlearn_lr,

@@ -75,13 +75,17 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def latest_verified(root: Path) -> tuple[Path, dict] | None:
+def latest_verified(root: Path, skipped: list[str] | None = None
+                    ) -> tuple[Path, dict] | None:
     """(folder, manifest) of the newest checkpoint under ``root`` that verifies (each file
-    hashed once), or None."""
+    hashed once), or None; each newer one that did not verify is added to ``skipped`` as
+    the reason it was passed over."""
     for folder in reversed(list_checkpoints(root)):
         try:
             return folder, verify(folder)
-        except NoencoreError:
+        except NoencoreError as exc:
+            if skipped is not None:
+                skipped.append(str(exc))
             continue
     return None
 

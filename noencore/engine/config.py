@@ -126,6 +126,8 @@ class UnlearnConfig:
                                 "the read)", parse=int)
     conditions: Any = option(None, "text-condition cache folder (default: SHARDS/conditions)",
                              cli=False)
+    allow_codec_mismatch: bool = option(False, "train although the shards record another "
+                                               "codec than the model's (not advised)")
     backend: str = option("auto", "fused op backend: auto | triton | cpp | torch")
     zero_stage: int | None = option(None, "train with DeepSpeed ZeRO stage 1, 2 or 3 (bf16)",
                                     parse=int)

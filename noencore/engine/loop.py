@@ -74,7 +74,12 @@ class UnlearnResult:
                 "stop_info": self.stop_info}
 
 
-def _check_codec(model, shards) -> None:
+def _check_codec(model, shards, allow_mismatch: bool = False) -> str | None:
+    """Refuse shards made with another codec than the model's: its shape (codebooks,
+    vocabulary, rates), then its identity (``check_shards_codec``). Returns a note where
+    the identity could not be compared or a mismatch was allowed."""
+    from noencore.data.codec import check_shards_codec
+
     h = shards.header
     have = {"n_q": model.n_q, "card": model.card, "frame_rate": model.frame_rate,
             "sample_rate": model.sample_rate}
@@ -85,6 +90,15 @@ def _check_codec(model, shards) -> None:
         raise NoencoreError(f"{shards.path}: shards (codec {h.codec!r}) do not match model "
                             f"{model.spec!r} ({', '.join(bad)}); precompute the shards with "
                             "the model's codec")
+    return check_shards_codec(getattr(model, "codec", None), h, shards.path, str(model.spec),
+                              allow_mismatch)
+
+
+def _codec_record(header, note: str | None) -> dict[str, Any]:
+    """What a request record says of the codec the run's shards were made with."""
+    ident = header.identity or {}
+    return {"name": header.codec, "weights_sha256": ident.get("weights_sha256"),
+            "matched_model": note is None, **({"note": note} if note else {})}
 
 
 def _check_conditions(cache, model, sets: UnlearningSets) -> None:
@@ -224,7 +238,10 @@ def _resume_point(ckpt_root: Path, config: dict, rank: int) -> tuple[int, Path]:
 
     answer: tuple[int, str | None, str | None] = (0, None, None)  # step, folder, error
     if rank == 0:
-        found = ckpt.latest_verified(ckpt_root)
+        skipped: list[str] = []
+        found = ckpt.latest_verified(ckpt_root, skipped)
+        for why in skipped:  # a damaged newer checkpoint is passed over, never silently
+            warnings.warn(f"resume passes over a damaged checkpoint: {why}", stacklevel=3)
         if found is None:
             answer = (0, None, f"{ckpt_root}: no complete checkpoint to resume from")
         elif found[1].get("run") != config:
@@ -485,6 +502,7 @@ class Trainer:
         self.request_ids: tuple[list[str], list[str]] | None = None
         self.folder: Any = None  # the claimed run folder (rank 0)
         self.held: list[str] = []  # earlier forget ids the anchored remain set holds
+        self.codec_note: str | None = None  # why the shards' codec was not matched, if so
         self.out_dir = Path(cfg.out) if cfg.out is not None else None
         self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
 
@@ -506,11 +524,13 @@ class Trainer:
         """Rank 0 claims the run folder (``noencore.outputs``: one run at a time; an earlier
         run only with ``resume`` or ``overwrite``; nobody else's files) before anything is
         written into it; every rank gets rank 0's answer."""
-        from noencore.outputs import claim
+        from noencore.outputs import check_apart, claim
 
         error = None
         if self.rank == 0:
             try:
+                check_apart(self.out_dir, {"model": self.model, "token shards": self.shards,
+                                           "condition cache": self.cache})
                 self.folder = claim(self.out_dir, "unlearn", resume=self.cfg.resume,
                                     overwrite=self.cfg.overwrite).__enter__()
                 self.folder.own(RUN_FILES)
@@ -572,7 +592,9 @@ class Trainer:
             from noencore.data.shards import TokenShards
 
             self.shards = TokenShards(self.shards)
-        _check_codec(self.model, self.shards)
+        self.codec_note = _check_codec(self.model, self.shards, self.cfg.allow_codec_mismatch)
+        if self.codec_note and int(os.environ.get("RANK", "0")) == 0:
+            warnings.warn(self.codec_note, stacklevel=3)
         if self.cfg.save_adapter and self.cfg.lora is None:
             raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
 
@@ -775,7 +797,8 @@ class Trainer:
             model.requests = [*getattr(model, "requests", []), make_request(
                 forget=self.forget, forget_ids=self.request_ids[0], remain=self.remain,
                 method=self.method.describe(), shards=str(self.shards.path), steps=step,
-                stopped=stopped, held=self.held)]
+                stopped=stopped, held=self.held,
+                codec=_codec_record(self.shards.header, self.codec_note))]
         model_dir = None
         if c.save and self.out_dir is not None:
             model_dir = self.out_dir / "model"

@@ -7,6 +7,7 @@ of ``noencore evaluate`` that set them take their defaults and help from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ class EvalConfig:
     batch_size: int = option(16, "windows per forward pass for token metrics (per rank)")
     out: Any = option(None, "folder for report.json, report.md, nll_hist.png, roc.png, "
                             "token_stats.npz")
+    overwrite: bool = option(False, "replace an earlier evaluation in out (only the files "
+                                    "this tool listed there are removed)")
     retrained: Any = option(
         None, "a model retrained without the forget set (or its cached statistics), for "
               "privleak relative to it, TOFU forget quality, its own membership-inference "
@@ -57,6 +60,9 @@ class EvalConfig:
         None, "where models given as specs are loaded and run (default: cuda:LOCAL_RANK "
               "under a launcher, else the current GPU, else cpu); a model object stays "
               "where it is")
+    allow_codec_mismatch: bool = option(
+        False, "evaluate although the shards record another codec than the model's (the "
+               "numbers then compare unlike tokens; not advised)")
     clap: Any = option(None, "laion-clap checkpoint (.pt), or a loaded Clap")
     clap_tokenizer: str = option("roberta-base", "local RoBERTa tokenizer folder (or a cached "
                                                  "hub id)")
@@ -79,6 +85,26 @@ class EvalConfig:
     shards: Any = option(None, "a TokenShards (or folder) in which the sets may be named as "
                                "unlearn names them: a split name or a list of source ids")
 
+    def check(self) -> None:
+        """Each numeric option's type and range, and the choices: one line naming the
+        option and what it takes."""
+        for name, (kind, ok, want) in _CHECKS.items():
+            value = getattr(self, name)
+            if value is None and name in ("frames",):
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)) \
+                    or not math.isfinite(value) or not ok(value):
+                raise UsageError(f"option {name} (--{name.replace('_', '-')}): {value!r}; it "
+                                 f"must be {want}")
+        if self.precision not in ("bf16", "fp32"):
+            raise UsageError(f"option precision (--precision): {self.precision!r}; it must "
+                             "be bf16 or fp32")
+        if self.metrics is not None and (isinstance(self.metrics, str) or not all(
+                isinstance(m, str) for m in self.metrics)):
+            raise UsageError(f"option metrics (--metrics): {self.metrics!r}; it must be a "
+                             "list of metric names")
+
     def replace(self, **overrides: Any) -> EvalConfig:
         """A copy with ``overrides``; an unknown name is refused with the known ones."""
         known = sorted(f.name for f in dataclasses.fields(self))
@@ -86,6 +112,16 @@ class EvalConfig:
         if unknown:
             raise UsageError(f"unknown evaluate option(s) {unknown}; known: {known}")
         return dataclasses.replace(self, **overrides)
+
+
+# (type, range, what it must be) of each numeric option
+_CHECKS: dict[str, tuple[type, Any, str]] = {
+    "batch_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "frames": (int, lambda v: v >= 1, "a whole number of frames >= 1 (or unset)"),
+    "min_auc_items": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "relearn_lr": (float, lambda v: v > 0, "a positive finite number"),
+    "relearn_batch_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+}
 
 
 def cli_option(name: str) -> dict[str, Any]:

@@ -120,7 +120,13 @@ def _is_cached_stats(ref: Any) -> bool:
     return (p.is_dir() and (p / "token_stats.npz").is_file()) or p.suffix == ".npz"
 
 
-def _check_compatible(model: Any, shards: Any, name: str) -> None:
+def _check_compatible(model: Any, shards: Any, name: str,
+                      allow_mismatch: bool = False) -> str | None:
+    """Refuse ``name`` shards made with another codec than ``model``'s (its shape, then its
+    identity: ``check_shards_codec``); a note where the identity was not compared or a
+    mismatch was allowed."""
+    from noencore.data.codec import check_shards_codec
+
     h = shards.header
     if (h.n_q, h.card) != (model.n_q, model.card):
         raise NoencoreError(
@@ -133,6 +139,7 @@ def _check_compatible(model: Any, shards: Any, name: str) -> None:
             f"{shards.path}: shards are {h.sample_rate} Hz / {h.frame_rate} frames/s, model "
             f"{model.spec!r}'s codec {model.codec.sample_rate} Hz / {model.codec.frame_rate}: "
             "mismatched codec")
+    return check_shards_codec(model.codec, h, shards.path, str(model.spec), allow_mismatch)
 
 
 def _conditions_for(shards: Any, conditions: Any, model: Any) -> Any:
@@ -213,9 +220,38 @@ class Evaluation:
     def run(self) -> EvalResult:
         from noencore import distributed as dist
 
-        self.prepare()
-        self.measure()
-        return EvalResult(dist.on_rank0(self.report))
+        self.folder = None  # the claimed output folder (rank 0)
+        try:
+            self.prepare()
+            self.measure()
+            return EvalResult(dist.on_rank0(self.report))
+        finally:
+            if self.folder is not None:  # what the evaluation wrote, and the lock released
+                self.folder.wrote(self.folder.folder)
+                self.folder.release()
+
+    def claim_folder(self) -> None:
+        """Rank 0 claims ``out`` (``noencore.outputs``: one job at a time, an earlier
+        evaluation replaced only with ``overwrite``, nobody else's files touched, apart
+        from every input); every rank gets rank 0's answer."""
+        from noencore import distributed as dist
+        from noencore.outputs import check_apart, claim
+
+        o, error = self.o, None
+        if dist.rank() == 0:
+            try:
+                check_apart(o.out, {"model": self.model, "reference": o.reference,
+                                    "retrained model": o.retrained, "CLAP checkpoint": o.clap,
+                                    "condition cache": o.conditions,
+                                    **{f"{n} set's shards": s for n, s in
+                                       self.shard_sets.items()}})
+                self.folder = claim(o.out, "evaluate", overwrite=o.overwrite).__enter__()
+                self.folder.own(EVAL_FILES)
+            except NoencoreError as exc:
+                error = str(exc)
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise UsageError(error)
 
     def prepare(self) -> None:
         from noencore import distributed as dist
@@ -229,8 +265,7 @@ class Evaluation:
             metrics = list(TOKEN_METRICS) + (list(GENERATION_METRICS) if o.clap is not None
                                              else [])
         self.metrics = metrics
-        if o.batch_size <= 0:
-            raise UsageError(f"batch_size must be positive, got {o.batch_size}")
+        o.check()
         self.shard_sets = _open_sets(self.sets, o.shards)
         self.relearn_counts = relearn.parse_steps(o.relearn_steps)
         if self.relearn_counts:
@@ -242,10 +277,12 @@ class Evaluation:
         self.dev = self.model.device if given and o.device is None else \
             dist.rank_device(o.device)
         self.rank, self.world = dist.join(self.dev)
+        if o.out is not None:
+            self.claim_folder()
         self.progress = o.progress and self.rank == 0  # one set of bars, not one per rank
         self.model = model = _load_model(self.model, self.dev)
-        for name, s in self.shard_sets.items():
-            _check_compatible(model, s, name)
+        self.codec_notes = sorted({note for name, s in self.shard_sets.items() if (
+            note := _check_compatible(model, s, name, o.allow_codec_mismatch))})
         self.gen_cfg = o.generation or GenerationConfig()
         self.caches = {name: _conditions_for(s, o.conditions, model)
                        for name, s in self.shard_sets.items()}
@@ -305,7 +342,7 @@ class Evaluation:
                                 "compare models that share the codec (retrain from the same "
                                 "base model)")
         for name, s in self.shard_sets.items():
-            _check_compatible(m, s, name)
+            _check_compatible(m, s, name, self.o.allow_codec_mismatch)
         return self.stats_of(m, role), m, str(getattr(m, "spec", spec))
 
     def measure(self) -> None:
@@ -371,7 +408,7 @@ class Evaluation:
 
     def generation_and_notes(self, results: dict[str, Any]) -> list[str]:
         """Fill the "generation" and "relearn" blocks of ``results``; return the notes."""
-        o, notes = self.o, []
+        o, notes = self.o, list(self.codec_notes)
         if self.gen_items is not None:
             from noencore.evaluation.generation_metrics import generation_report
 
@@ -421,6 +458,9 @@ class EvalResult(dict):
 
 
 _CODEC_KEYS = ("n_q", "card", "sample_rate", "frame_rate")
+# what an evaluation writes into its folder (the relearning probe's run is a folder)
+EVAL_FILES = ["report.json", "report.md", "nll_hist.png", "roc.png", "token_stats.npz",
+              "relearn"]
 
 
 def _codec_of(model: Any) -> dict[str, int]:

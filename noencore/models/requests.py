@@ -40,9 +40,10 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method: dict,
                  shards: str, steps: int, stopped: str,
-                 held: Sequence[str] = ()) -> dict[str, Any]:
+                 held: Sequence[str] = (), codec: dict | None = None) -> dict[str, Any]:
     """The record of a request the model has just served (``held``: the earlier requests'
-    forget ids its anchored remain set held)."""
+    forget ids its anchored remain set held; ``codec``: the shards' codec and whether it
+    was matched with the model's)."""
     ids = sorted({str(x) for x in forget_ids})
     return {"forget": forget if isinstance(forget, str) else [str(x) for x in forget],
             "forget_ids": ids, "forget_digest": ids_digest(ids),
@@ -51,7 +52,8 @@ def make_request(*, forget: Any, forget_ids: Sequence[str], remain: Any, method:
             "method": method,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "noencore": __version__, "shards": str(shards), "steps": int(steps),
-            "stopped": stopped, "held": sorted({str(x) for x in held})}
+            "stopped": stopped, "held": sorted({str(x) for x in held}),
+            **({"codec": codec} if codec is not None else {})}
 
 
 def _path(folder: str | os.PathLike) -> Path:

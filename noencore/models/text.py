@@ -317,16 +317,31 @@ def build_condition_cache(folder: str | os.PathLike, captions: Iterable[str], en
     """Run the frozen T5 ``encoder`` once per distinct caption and store its outputs.
 
     Captions already cached are skipped (the job resumes after a crash). A cache built by
-    another encoder is refused: mixing encoders would silently feed wrong conditions.
+    another encoder is refused: mixing encoders would silently feed wrong conditions. The
+    folder is locked while the job writes (``noencore.outputs.lock``).
     """
-    from safetensors.torch import save
+    from noencore.outputs import lock
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with lock(folder, "condition"):  # one writer at a time; it only adds files
+        return _fill_cache(folder, captions, encoder, batch_size, device, progress)
+
+
+def _fill_cache(folder: Path, captions: Iterable[str], encoder: str, batch_size: int,
+                device: str, progress: bool) -> ConditionCache:
+    from safetensors.torch import save
+
     index = folder / "index.json"
     enc = TextEncoder(encoder, device=device)
     if index.exists():
-        meta = json.loads(index.read_text())
+        try:
+            meta = json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            raise NoencoreError(f"{index}: unreadable ({exc}); not a text-condition cache: "
+                                "give another folder") from None
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+            raise NoencoreError(f"{index}: not a noencore text-condition cache index; give "
+                                "another folder (nothing in it is changed)")
         if meta.get("fingerprint") != encoder_fingerprint(encoder) or \
                 int(meta.get("dim", -1)) != enc.dim:
             raise NoencoreError(f"{index}: cache was built with encoder {meta.get('encoder')!r} "
