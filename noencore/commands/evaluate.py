@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(several: 5,10) and measure the forget AUC and NLLs again")
     p.add_argument("--relearn-lr", type=float, **cli_option("relearn_lr"))
     p.add_argument("--relearn-batch-size", type=int, **cli_option("relearn_batch_size"))
+    p.add_argument("--report-to", **cli_option("report_to"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         clap_tokenizer=args.clap_tokenizer, clap_model=args.clap_model, generation=gen,
         criteria=criteria, min_auc_items=args.min_auc_items or mia.MIN_AUC_ITEMS,
         progress=not args.quiet, relearn_steps=relearn.parse_steps(args.relearn_steps),
-        relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size)
+        relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size,
+        report_to=args.report_to)
     speaker = distributed.rank() == 0
     distributed.leave()
     if not speaker:
