@@ -101,5 +101,7 @@ setup(
     # torch, audiocraft, torchaudio and laion-clap are installed by scripts/setup_env.sh
     # (they need --no-deps and a torch pin); the rest are ordinary requirements.
     install_requires=["numpy", "soundfile", "tqdm", "pyyaml", "safetensors"],
+    # the experiment trackers of `--report-to` (noencore/trackers.py)
+    extras_require={"trackers": ["tensorboard", "wandb"]},
     entry_points={"console_scripts": ["noencore=noencore.cli:main"]},
 )

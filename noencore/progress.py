@@ -4,6 +4,9 @@
 a pipe), a bar's redraws would pile up on one line or vanish, so it prints a plain line
 every ``NOENCORE_PROGRESS_SECONDS`` seconds (default 30) and one at the end, so the log
 shows how far the job is.
+
+Under a launcher only rank 0 draws: every bar of a process whose ``RANK`` is not 0 is
+silent, so that a job of N ranks shows one set of bars.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def progress(iterable: Any = None, *, total: float | None = None, desc: str = ""
              unit: str = "it", disable: bool = False, **kw: Any) -> tqdm:
     """A progress bar over ``iterable`` or ``total`` units (see the module docstring)."""
     stream = kw.pop("file", None) or sys.stderr
-    if disable:
+    if disable or int(os.environ.get("RANK", "0")) != 0:
         return tqdm(iterable, total=total, disable=True)
     if stream.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream,

@@ -5,7 +5,8 @@ imports inside functions too, which load later but tie the modules all the same)
 checked: no cycle between modules, and no module importing one of a higher layer. The
 layers, lowest first (a module may import its own layer and those below it):
 
-    base        errors, file I/O, version, the hub and launcher helpers
+    base        errors, file I/O, version, the hub and launcher helpers, progress bars,
+                output folders, experiment trackers
     ops         the fused op and its backends
     data        manifest -> audio -> codec -> shards -> batches
     models      the MusicGen adapter, load/save, the condition cache, request records
@@ -27,7 +28,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "noencore"
 
 BASE = ("noencore.errors", "noencore.fileio", "noencore.version", "noencore.hfhub",
-        "noencore.thirdparty", "noencore.distributed", "noencore.progress", "noencore.outputs")
+        "noencore.thirdparty", "noencore.distributed", "noencore.progress", "noencore.outputs",
+        "noencore.trackers")
 EVALUATION = ("noencore.evaluation.evaluate", "noencore.evaluation.relearn",
               "noencore.evaluation.config")
 # (layer, module prefixes), lowest first; the first match of the longest prefix wins

@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="cache folder (default: SHARDS/conditions)")
     p.add_argument("--batch-size", type=int, default=32, help="captions per T5 batch")
     p.add_argument("--device", default="cpu", help="device for T5 (cpu, cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -28,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
 
     shards = TokenShards(args.shards)
     cache = condition(shards, args.model, out=args.out, batch_size=args.batch_size,
-                      device=args.device)
+                      device=args.device, progress=not args.quiet)
     print(f"{len(set(shards.captions))} captions cached in {cache.folder} (encoder {cache.encoder})")
     return 0

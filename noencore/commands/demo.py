@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of every stage, whatever the machine (default: 2, "
                         "as the README's table; another count gives other figures)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars inside the stages")
     p.set_defaults(func=run)
 
 
@@ -42,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise UsageError(f"unknown demo method(s) {bad}; choose from {sorted(known)}")
         cfg.methods = tuple((n, o) for n, o in cfg.methods if n in wanted)
-    run_demo(args.out, cfg, fresh=args.fresh)
+    run_demo(args.out, cfg, fresh=args.fresh, progress=not args.quiet)
     return 0

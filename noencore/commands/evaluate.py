@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help=cli_option("overwrite")["help"])
     p.add_argument("--allow-codec-mismatch", action="store_true",
                    help=cli_option("allow_codec_mismatch")["help"])
+    p.add_argument("--report-to", **cli_option("report_to"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet, allow_codec_mismatch=args.allow_codec_mismatch,
         overwrite=args.overwrite,
         relearn_steps=relearn.parse_steps(args.relearn_steps),
-        relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size)
+        relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size,
+        report_to=args.report_to)
     speaker = distributed.rank() == 0
     distributed.leave()
     if not speaker:

@@ -61,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name in FLAGS:
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None,
                        help=_FIELDS[name].metadata["help"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = resolve_options(args)
     model, shards = opts.pop("model"), opts.pop("shards")
-    res = unlearn(model, shards, progress=not args.no_progress, **opts)
+    res = unlearn(model, shards, progress=not args.quiet, **opts)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under a launcher rank 0 speaks for the run
     last = res.metrics[-1] if res.metrics else {}

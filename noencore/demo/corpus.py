@@ -471,7 +471,7 @@ def make_demo_corpus(
             ``"broken": kind`` (see :func:`broken_ids`).
         progress: show a progress bar.
     """
-    from tqdm import tqdm
+    from noencore.progress import progress as progress_bar
 
     unknown = [f for f in formats if f not in _FORMAT_ARGS]
     if unknown or not formats:
@@ -486,7 +486,8 @@ def make_demo_corpus(
     records: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     plan = _assign_clips(n_clips, forget_fraction, optout_holdout, optout_valid)
-    for i, (style, split) in enumerate(tqdm(plan, desc="demo corpus", unit="clip", disable=not progress)):
+    for i, (style, split) in enumerate(progress_bar(plan, desc="demo corpus", unit="clip",
+                                                      disable=not progress)):
         rng = np.random.default_rng([seed, i])
         sr = sample_rate if i % 2 == 0 else OTHER_RATES[(i // 2) % len(OTHER_RATES)]
         # not i % 3: the opt-out splits interleave with period 3 and must each get both kinds

@@ -183,8 +183,10 @@ def _claim(folder: Path, settings: dict, fresh: bool) -> bool:
 
 
 def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = None,
-             *, fresh: bool = False) -> Path:
-    """Run the whole opt-out pipeline on a synthetic corpus; return the path of report.md."""
+             *, fresh: bool = False, progress: bool = True) -> Path:
+    """Run the whole opt-out pipeline on a synthetic corpus; return the path of report.md.
+    ``progress``: progress bars inside the stages (corpus, precompute, text conditions,
+    training); the stages' own lines are printed either way."""
     from noencore.errors import UsageError
 
     cfg = config or DemoConfig()
@@ -197,17 +199,17 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     # the demo keeps and replaces its own stages in ``out``: a folder that held anything
     # else at the first claim is refused, and a second demo into it at once too
     with claim(out, "demo", resume=True, whole=True), _reproducible_torch(cfg.threads):
-        return _run_demo(Path(out), cfg, fresh)
+        return _run_demo(Path(out), cfg, fresh, progress)
 
 
-def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
+def _run_demo(out: Path, cfg: DemoConfig, fresh: bool, progress: bool = True) -> Path:
     """The stages in order (``_Demo``'s methods), each reusing what an earlier run with
     the same settings finished."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    demo = _Demo(out, cfg, fresh)
+    demo = _Demo(out, cfg, fresh, progress)
     demo.corpus()
     demo.shards()
     demo.conditions()
@@ -222,8 +224,8 @@ def _run_demo(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
 class _Demo:
     """The demo's stages and what they hand on to the next ones."""
 
-    def __init__(self, out: Path, cfg: DemoConfig, fresh: bool):
-        self.out, self.cfg, self.fresh = out, cfg, fresh
+    def __init__(self, out: Path, cfg: DemoConfig, fresh: bool, progress: bool = True):
+        self.out, self.cfg, self.fresh, self.progress = out, cfg, fresh, progress
         self.t_all = time.perf_counter()
 
     def corpus(self) -> None:
@@ -242,7 +244,8 @@ class _Demo:
                                         seconds=cfg.seconds, seed=cfg.seed,
                                         forget_fraction=cfg.forget_fraction,
                                         optout_holdout=cfg.optout_holdout,
-                                        optout_valid=cfg.optout_valid)
+                                        optout_valid=cfg.optout_valid,
+                                        progress=self.progress)
         self.manifest = manifest
         _done(t0, f"manifest: {manifest}")
 
@@ -257,7 +260,7 @@ class _Demo:
         _claim(shards_dir, {"corpus": self.corpus_key, "frames": cfg.frames,
                             "threads": cfg.threads}, self.fresh or not self.corpus_kept)
         precompute(self.manifest, shards_dir, codec="tiny", segment_seconds=cfg.frames / 50,
-                   batch_size=8, workers=1)
+                   batch_size=8, workers=1, progress=self.progress)
         self.token_shards = shards = TokenShards(shards_dir)
         self.counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT,
                                                                  VALID)}
@@ -271,7 +274,8 @@ class _Demo:
         t0 = _stage("3/7 text-condition cache")
         captions = self.token_shards.captions
         self.cache = build_condition_cache(self.shards_dir / "conditions", captions,
-                                           text_encoder_name("tiny"))
+                                           text_encoder_name("tiny"),
+                                           progress=self.progress)
         _done(t0, f"{len(set(captions))} captions in {self.cache.folder}")
 
     def memorise(self) -> None:
@@ -315,7 +319,7 @@ class _Demo:
                 forget_ratio=forget_ratio, frames=cfg.frames, seed=cfg.seed, out=run_dir,
                 checkpoint_every=100,
                 resume=ckpt.latest_checkpoint(run_dir / "checkpoints") is not None,
-                grad_clip=1.0)
+                grad_clip=1.0, progress=self.progress)
 
     def references(self) -> None:
         """The memorised and the retrained model evaluated once (their cached statistics
@@ -402,7 +406,7 @@ class _Demo:
                   lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                   forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
                   weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
-                  grad_clip=1.0)
+                  grad_clip=1.0, progress=self.progress)
         if cfg.stop == "fixed" and stop_rule is None:
             unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
                     target_forget_nll=self.target_nll, **kw)

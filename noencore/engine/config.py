@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from noencore import trackers
 from noencore.errors import UsageError
 
 
@@ -82,6 +83,9 @@ class UnlearnConfig:
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
     (``RequestConflict``) before training; a finished run appends its own request, which
     the saved model folder keeps (``noencore.engine.requests``).
+    report_to (``noencore.trackers``): "tensorboard", "wandb", "csv" or several
+    (comma-separated or a list); rank 0 reports every step's metrics, each stop-rule
+    check, a summary table and the loss plot.
     """
 
     forget: Any = option(None, "forget set: a split name, or comma-separated source ids",
@@ -143,6 +147,10 @@ class UnlearnConfig:
     save_adapter: bool = option(False, "with --lora-rank, transformers-format models: also "
                                        "write the adapters as a PEFT adapter to OUT/adapter")
     save: bool = option(True, "save the unlearned model to OUT/model", cli=False)
+    report_to: Any = option(None, "experiment trackers for the step metrics, the stop rule's "
+                                  "checks and the loss plot: comma-separated tensorboard, "
+                                  "wandb, csv (written to OUT/trackers; wandb follows its "
+                                  "WANDB_* variables)", parse=trackers.parse)
 
     def check(self) -> None:
         """Each option's type and range (``_RANGES``): one line naming the option, its flag

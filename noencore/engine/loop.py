@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from noencore import distributed as dist
+from noencore import trackers
 from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.config import UnlearnConfig, fields_for_run
@@ -46,6 +47,7 @@ from noencore.fileio import atomic_write
 from noencore.methods import get_method
 from noencore.models.adapter import token_mask
 from noencore.planner.shape import StepShape
+from noencore.progress import progress as progress_bar
 
 
 class DivergenceError(NoencoreError):
@@ -134,12 +136,9 @@ def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
     out = torch.zeros(n, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    chunks = range(0, n, world * batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc=f"reference NLL ({'forget' if forget else 'remain'})",
-                      unit="batch", leave=False)
+    chunks = progress_bar(range(0, n, world * batch_size), disable=not progress,
+                          desc=f"reference NLL ({'forget' if forget else 'remain'})",
+                          unit="batch", leave=False)
     for chunk in chunks:
         first = chunk + rank * batch_size
         unit = torch.arange(first, first + batch_size)
@@ -406,14 +405,16 @@ def _read(pending: list[_StepNumbers], seconds: float) -> list[dict]:
 
 class _Numbers:
     """Where a run's numbers go: steps wait on the device, are read in batches (``read``)
-    and then written to metrics.jsonl, shown on the progress bar and handed to
-    ``on_step`` (rank 0's)."""
+    and then written to metrics.jsonl and the trackers, shown on the progress bar and
+    handed to ``on_step`` (rank 0's); so are the stop rule's checks (``checked``)."""
 
-    def __init__(self, log: MetricsLog | None, bar: Any, on_step: Callable | None):
-        self.log, self.bar, self.on_step = log, bar, on_step
+    def __init__(self, log: MetricsLog | None, bar: Any, on_step: Callable | None,
+                 trackers: trackers.Trackers):
+        self.log, self.bar, self.on_step, self.trackers = log, bar, on_step, trackers
         self.pending: list[_StepNumbers] = []
         self.records: list[dict] = []
         self.since = time.perf_counter()
+        self.shown: dict[str, str] = {}  # the bar's postfix
 
     def add(self, step: _StepNumbers) -> None:
         self.pending.append(step)
@@ -429,14 +430,31 @@ class _Numbers:
             self.records.append(rec)
             if self.log is not None:
                 self.log.write(rec)
+            self.trackers.log(rec["step"], {f"train/{k}": v for k, v in rec.items()
+                                            if k != "step"})
             if self.on_step is not None:
                 self.on_step(rec["step"], rec)
-        if self.bar is not None and new:
+        if new:
             rec = new[-1]
-            self.bar.set_postfix(forget=f"{rec['forget_nll'] or float('nan'):.3f}",
-                                 remain=f"{rec['remain_nll'] or float('nan'):.3f}",
-                                 tok_s=f"{rec['tokens_per_s']:.0f}")
+            self.show(forget=f"{rec['forget_nll'] or float('nan'):.3f}",
+                      remain=f"{rec['remain_nll'] or float('nan'):.3f}",
+                      tok_s=f"{rec['tokens_per_s']:.0f}")
         return new[-1] if new else {}
+
+    def checked(self, last: dict, stop: dict | None) -> None:
+        """A stop-rule check: its measurement ``last`` (step, auc, forget_nll,
+        nonmember_nll) and, when it stops the run, the stop's (bisected AUC, fraction
+        of the last step kept)."""
+        values = {f"stop/{k}": v for k, v in last.items() if k != "step"}
+        if stop is not None:
+            values.update({"stop/stop_auc": stop["auc"], "stop/fraction": stop["fraction"]})
+        self.trackers.log(last["step"], values)
+        self.show(auc=f"{last['auc']:.3f}")
+
+    def show(self, **postfix: str) -> None:
+        self.shown.update(postfix)
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown)
 
     def note(self, text: str) -> None:
         if self.bar is not None:
@@ -468,7 +486,7 @@ def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
 
 # what a run writes into its folder (rank 0 and, for DeepSpeed's partitions, every rank)
 RUN_FILES = ["config.json", "metrics.jsonl", "losses.png", "checkpoints", "model", "adapter",
-             ".ranks-share-this-folder"]
+             ".ranks-share-this-folder", trackers.FOLDER]
 
 
 class Trainer:
@@ -487,6 +505,9 @@ class Trainer:
                  on_step: Callable[[int, dict], None] | None = None):
         from noencore.data.shards import set_ids as named
 
+        self.report_to = trackers.parse(cfg.report_to)
+        if cfg.report_to is not None:  # config.json and the trackers' config: the names
+            cfg = cfg.replace(report_to=list(self.report_to))
         self.cfg, self.progress, self.on_step = cfg, progress, on_step
         self.model, self.shards = model, shards
         self.forget = named(cfg.forget) if cfg.forget is not None else None
@@ -497,6 +518,7 @@ class Trainer:
         self.distributed = cfg.zero_stage is not None or cfg.deepspeed is not None
         self.rank, self.world = 0, 1
         self.engine = self.stopper = self.adapters = self.frozen = self.runner = None
+        self.trackers = trackers.Trackers([])  # opened once the run folder is claimed (rank 0)
         self.ref_forget: torch.Tensor | None = None
         self.ref_remain: torch.Tensor | None = None
         self.request_ids: tuple[list[str], list[str]] | None = None
@@ -516,6 +538,7 @@ class Trainer:
             stopped, step, stop_info = self.train()
             return self.save(stopped, step, stop_info)
         finally:
+            self.trackers.close()
             if self.folder is not None:  # rank 0: what the run wrote, and the lock released
                 self.folder.wrote(self.out_dir)
                 self.folder.release()
@@ -559,6 +582,7 @@ class Trainer:
             raise UsageError("resume needs the run folder (out=...)")
         if c.checkpoint_every and c.out is None:
             raise UsageError("checkpoint_every needs a run folder (out=...)")
+        trackers.check(self.report_to, c.out)
         if c.precision not in ("fp32", "bf16"):
             raise UsageError(f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
         world = int(os.environ.get("WORLD_SIZE", "1")) if self.distributed else 1
@@ -686,6 +710,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out_dir / "config.json",
                          json.dumps(self.cfg.to_dict(), indent=1, default=str).encode())
+        self.trackers = trackers.open_trackers(
+            self.report_to, self.out_dir, self.cfg.to_dict(), self.rank, kind="unlearn",
+            resume_step=self.start_step if c.resume else None)
 
     def _through_engine(self, fn: Callable[[], Any]) -> Any:
         """Every forward pass under DeepSpeed enters through its module."""
@@ -723,11 +750,10 @@ class Trainer:
             if self.out_dir is not None and self.rank == 0 else None
         bar = None
         if self.progress and self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=c.steps, initial=self.start_step,
-                       desc=f"unlearn ({self.method.name})", unit="step")
-        self.numbers = _Numbers(log, bar, self.on_step if self.rank == 0 else None)
+            bar = progress_bar(total=c.steps, initial=self.start_step,
+                               desc=f"unlearn ({self.method.name})", unit="step")
+        self.numbers = _Numbers(log, bar, self.on_step if self.rank == 0 else None,
+                                self.trackers)
         stopped, step, stop_info = "max_steps", self.start_step, None
         try:
             while step < c.steps:
@@ -745,7 +771,13 @@ class Trainer:
         finally:
             self.numbers.close()
             if log is not None and log.path.exists() and log.path.stat().st_size:
-                plot_losses(log.path, self.out_dir / "losses.png")
+                self.trackers.figure("train/losses", plot_losses(
+                    log.path, self.out_dir / "losses.png"), step)
+        last = self.numbers.records[-1] if self.numbers.records else {}
+        self.trackers.table("unlearn/summary", [{
+            "method": self.method.name, "steps": step, "stopped": stopped,
+            "forget_nll": last.get("forget_nll"), "remain_nll": last.get("remain_nll"),
+            **({"stop_auc": stop_info["auc"]} if stop_info else {})}], step)
         return stopped, step, stop_info
 
     def check(self, step: int) -> tuple[str | None, dict | None]:
@@ -767,6 +799,8 @@ class Trainer:
                 why, done, checkpoint = "target_forget_nll", True, self.ckpt_root is not None
         if stop_check and not done:
             info = stopper.check(step, self.method)
+            if stopper.last is not None and stopper.last["step"] == step:
+                self.numbers.checked(stopper.last, info)
             if info is not None:
                 why, checkpoint = f"nonmember_{c.stop_rule}", self.ckpt_root is not None
                 self.numbers.note(

@@ -101,7 +101,9 @@ class NonmemberStop:
     """See the module docstring. ``check(step, method)`` returns None to go on, or a dict
     (step, auc, forget_nll, nonmember_nll, fraction of the last step kept) to stop.
     ``start()`` measures the non-members under the starting weights once (``original``:
-    float64 [n tracks] mean token NLLs, or None), before the first step.
+    float64 [n tracks] mean token NLLs, or None), before the first step. ``last``: the
+    latest check's measurement (step, auc, forget_nll, nonmember_nll), whether or not it
+    stopped the run; None before the first check.
 
     ``sets`` (``UnlearningSets``) are the run's forget and remain windows; ``forget`` the
     spec that selected the forget set. Non-members that are also trained on (forget or
@@ -141,6 +143,7 @@ class NonmemberStop:
         self.rank, self.world = 0, 1
         self.runner: Callable[[Callable[[], Any]], Any] = _call
         self._last: Any = None
+        self.last: dict | None = None
         self.original: np.ndarray | None = None
 
     def attach(self, weights: Any, rank: int, world: int,
@@ -213,6 +216,7 @@ class NonmemberStop:
         if step % self.every:
             return None
         auc, nll_f, nll_n = self.measure()
+        self.last = {"step": step, "auc": auc, "forget_nll": nll_f, "nonmember_nll": nll_n}
         ready = True
         if method is not None:  # the method follows the measurement and may hold the stop
             ready = method.on_check(Check(step, nll_n, self._nonmembers_now))

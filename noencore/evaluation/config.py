@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from noencore import trackers
 from noencore.errors import UsageError
 from noencore.evaluation import relearn
 from noencore.evaluation.mia import MIN_AUC_ITEMS
@@ -84,6 +85,26 @@ class EvalConfig:
                                      "relearning probe rows per step, all ranks together")
     shards: Any = option(None, "a TokenShards (or folder) in which the sets may be named as "
                                "unlearn names them: a split name or a list of source ids")
+    report_to: Any = option(None, "experiment trackers for the report's numbers, its goal "
+                                  "table and plots: comma-separated tensorboard, wandb, csv "
+                                  "(written to OUT/trackers; wandb follows its WANDB_* "
+                                  "variables)")
+
+    def tracker_names(self) -> tuple[str, ...]:
+        """``report_to`` as tracker names (``noencore.trackers.parse``)."""
+        return trackers.parse(self.report_to)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (others as their text), for a tracker's run
+        config."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                value = list(value)
+            out[f.name] = value if isinstance(value, str | int | float | bool | list | None) \
+                else str(value)
+        return out
 
     def check(self) -> None:
         """Each numeric option's type and range, and the choices: one line naming the

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from noencore import trackers
 from noencore.errors import NoencoreError, UsageError
 from noencore.evaluation import mia, relearn
 from noencore.evaluation.config import EvalConfig
@@ -266,6 +267,8 @@ class Evaluation:
                                              else [])
         self.metrics = metrics
         o.check()
+        self.report_to = o.tracker_names()
+        trackers.check(self.report_to, o.out)
         self.shard_sets = _open_sets(self.sets, o.shards)
         self.relearn_counts = relearn.parse_steps(o.relearn_steps)
         if self.relearn_counts:
@@ -404,7 +407,28 @@ class Evaluation:
             item_nll = {r: {n: mia.mean_nll(s.tokens()) for n, s in st.items()}
                         for r, st in roles.items()}
             write_report(folder, results, item_nll, curves)
+        self.track(results)
         return results
+
+    def track(self, results: dict[str, Any]) -> None:
+        """The report to the trackers of ``report_to`` (rank 0): its numbers, the goal
+        table (the verdicts) and the plots."""
+        if not self.report_to:
+            return
+        report = trackers.open_trackers(self.report_to, self.o.out, self.o.to_dict(),
+                                        self.rank, kind="evaluate")
+        try:
+            report.log(0, trackers.flatten({k: results[k] for k in _TRACKED if k in results},
+                                           "eval"))
+            report.table("eval/goals", [{k: v.get(k) for k in ("criterion", "value",
+                                                                "threshold", "pass", "detail")}
+                                        for v in results["verdicts"]])
+            for plot in ("nll_hist", "roc"):
+                path = Path(self.o.out or "") / f"{plot}.png"
+                if self.o.out is not None and path.exists():
+                    report.figure(f"eval/{plot}", path)
+        finally:
+            report.close()
 
     def generation_and_notes(self, results: dict[str, Any]) -> list[str]:
         """Fill the "generation" and "relearn" blocks of ``results``; return the notes."""
@@ -458,9 +482,13 @@ class EvalResult(dict):
 
 
 _CODEC_KEYS = ("n_q", "card", "sample_rate", "frame_rate")
-# what an evaluation writes into its folder (the relearning probe's run is a folder)
+# what an evaluation writes into its folder (the relearning probe's run, the trackers' files:
+# folders)
 EVAL_FILES = ["report.json", "report.md", "nll_hist.png", "roc.png", "token_stats.npz",
-              "relearn"]
+              "relearn", "trackers"]
+#: the report's blocks whose numbers go to the trackers
+_TRACKED = ("token", "mia", "privleak", "privleak_variants", "forget_quality", "generation",
+            "relearn")
 
 
 def _codec_of(model: Any) -> dict[str, int]:

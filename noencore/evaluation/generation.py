@@ -136,7 +136,7 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
     rank (up to the float rounding of its batch's forward pass). ``ids`` name the items
     in errors.
     """
-    from tqdm import tqdm
+    from noencore.progress import progress as progress_bar
 
     items = list(range(len(captions))) if items is None else [int(i) for i in items]
     if len(items) != len(captions):
@@ -144,8 +144,9 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
     check_captions(model, captions, ids)
     text_tokens = text_tokens or caption_tokens(model, captions)
     out = []
-    starts = range(0, len(captions), cfg.batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+    bar = progress_bar(total=len(captions), desc=desc, unit="clip", disable=not progress,
+                       leave=False)
+    for s in range(0, len(captions), cfg.batch_size):
         chunk = captions[s:s + cfg.batch_size]
         gens = [torch.Generator(device=model.device).manual_seed(item_seed(cfg.seed, i))
                 for i in items[s:s + cfg.batch_size]]
@@ -155,6 +156,8 @@ def generate_codes(model: Any, captions: list[str], cfg: GenerationConfig,
                                       use_sampling=True, temp=cfg.temperature, top_k=cfg.top_k,
                                       cfg_coef=cfg.cfg_coef)
         out.append(codes.cpu())
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(out) if out else torch.zeros(0, model.n_q, cfg.frames, dtype=torch.long)
 
 

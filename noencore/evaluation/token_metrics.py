@@ -153,10 +153,9 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
             from one cache is padded alike); sets from different caches that are compared
             with each other (members, non-members) need the same.
     """
-    from tqdm import tqdm
-
     from noencore.data.batches import iter_batches
     from noencore.ops import token_stats
+    from noencore.progress import progress as progress_bar
 
     n = len(shards)
     if n == 0:
@@ -171,10 +170,10 @@ def collect_set_stats(model: Any, shards: Any, conditions: Any, *, batch_size: i
     cond_length = cond_length or conditions.length
     parts: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
     n_windows = -(-int(np.maximum(1, -(-all_frames // frames)).sum()) // world)
-    bar = tqdm(iter_batches(shards, batch_size, frames, seed=0, shuffle=False, rank=rank,
-                            world_size=world),
-               total=-(-n_windows // batch_size), desc=desc, unit="batch",
-               disable=not progress, leave=False)
+    batches = iter_batches(shards, batch_size, frames, seed=0, shuffle=False, rank=rank,
+                           world_size=world)
+    bar = progress_bar(batches, total=-(-n_windows // batch_size), desc=desc, unit="batch",
+                       disable=not progress, leave=False)
     for batch in bar:
         cond = _pad_conditions(conditions.batch(batch.captions,
                                                 present=(batch.index >= 0).tolist()), cond_length)

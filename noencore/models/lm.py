@@ -186,4 +186,7 @@ def build_lm(cfg: dict) -> nn.Module:
     if t5 and os.path.isdir(t5):
         conf = json.loads((Path(t5) / "config.json").read_text())
         register_t5(t5, conf["d_model"])
-    return builders.get_lm_model(OmegaConf.create(cfg))
+    from noencore.hfhub import quiet_transformers
+
+    with quiet_transformers():  # the T5 conditioner's loading bar and report
+        return builders.get_lm_model(OmegaConf.create(cfg))

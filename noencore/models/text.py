@@ -352,14 +352,17 @@ def _fill_cache(folder: Path, captions: Iterable[str], encoder: str, batch_size:
             {"format": CACHE_FORMAT, "encoder": encoder, "dim": enc.dim,
              "fingerprint": encoder_fingerprint(encoder)}).encode())
     todo = sorted({c for c in captions if not (folder / f"{caption_key(c)}.safetensors").exists()})
-    from tqdm import tqdm
+    from noencore.progress import progress as progress_bar
 
-    for start in tqdm(range(0, len(todo), batch_size), desc="text conditions", unit="batch",
-                      disable=not progress or not todo):
+    bar = progress_bar(total=len(todo), desc="text conditions", unit="caption",
+                       disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
         chunk = todo[start: start + batch_size]
         for cap, (embeds, mask) in zip(chunk, enc.encode(chunk)):
             blob = save({"embeds": embeds, "mask": mask},
                         metadata={"caption": cap, "encoder": encoder,
                                   "sha256": _tensor_digest(embeds, mask)})
             atomic_write(folder / f"{caption_key(cap)}.safetensors", blob)
+        bar.update(len(chunk))
+    bar.close()
     return ConditionCache(folder)
