@@ -121,8 +121,8 @@ class EvalConfig:
         if self.precision not in ("bf16", "fp32"):
             raise UsageError(f"option precision (--precision): {self.precision!r}; it must "
                              "be bf16 or fp32")
-        if self.metrics is not None and (isinstance(self.metrics, str) or not all(
-                isinstance(m, str) for m in self.metrics)):
+        if self.metrics is not None and (not isinstance(self.metrics, Sequence) or isinstance(
+                self.metrics, str) or not all(isinstance(m, str) for m in self.metrics)):
             raise UsageError(f"option metrics (--metrics): {self.metrics!r}; it must be a "
                              "list of metric names")
 

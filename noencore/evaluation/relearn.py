@@ -49,7 +49,11 @@ def parse_steps(text: str | int | Sequence[int] | None) -> list[int]:
             raise UsageError(f"--relearn-steps {text!r}: expected step counts such as 5 or "
                              "5,10") from None
     else:
-        values = [int(text)] if isinstance(text, numbers.Integral) else [int(x) for x in text]
+        items = [text] if not isinstance(text, Sequence) else list(text)
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in items):
+            raise UsageError(f"relearn steps {text!r}: expected whole step counts such as 5 "
+                             "or [5, 10]")
+        values = [int(x) for x in items]
     if not values or min(values) <= 0:
         raise UsageError(f"relearn steps {text!r}: every step count must be a positive integer")
     return sorted(set(values))

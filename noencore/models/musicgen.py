@@ -18,8 +18,9 @@
 Whatever the format, the engine sees the same ``MusicGenModel``; ``save_musicgen`` writes
 it back in the format it came in (or the one asked for).
 
-Checkpoints are read with ``torch.load(weights_only=True)``: the audiocraft format holds
-only a config string and tensors, so no pickled code is ever executed.
+Checkpoints are read with ``noencore.fileio.load_torch`` (the restricted unpickler, numpy's
+plain types allowed): the audiocraft format holds only a config string and tensors, so
+no pickled code is ever executed; a file that needs more is refused unless trusted.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from noencore.errors import NoencoreError
+from noencore.fileio import load_torch
 from noencore.models.lm import (
     BASE_CFG,
     NAMED_CONFIGS,
@@ -80,6 +82,16 @@ def _read_checkpoint(spec: str, filename: str) -> Path:
     except Exception as exc:
         raise NoencoreError(f"model {spec!r}: could not fetch {filename} ({exc}); check the hub "
                             "id, the network, or pass a local folder") from exc
+
+
+def _read_lm_pkg(path: Path, *, mmap: bool = False, trust_pickle: bool = False) -> dict:
+    """An audiocraft LM checkpoint (``state_dict.bin``), read without running code from it
+    (``noencore.fileio.load_torch``): a dict with ``xp.cfg`` and ``best_state``."""
+    pkg = load_torch(path, what="audiocraft LM checkpoint", mmap=mmap, trust_pickle=trust_pickle)
+    if not isinstance(pkg, dict) or "xp.cfg" not in pkg or "best_state" not in pkg:
+        raise NoencoreError(f"{path}: not an audiocraft LM checkpoint (no 'xp.cfg' and "
+                            "'best_state'); pass a folder written by audiocraft or save_musicgen")
+    return pkg
 
 
 def model_format(spec: str) -> tuple[str, str]:
@@ -137,10 +149,7 @@ def text_encoder_name(spec: str) -> str:
 
         return hf_text_encoder(spec)
     path = _read_checkpoint(spec, "state_dict.bin")
-    try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise NoencoreError(f"{path}: not a readable audiocraft LM checkpoint ({exc})") from exc
+    pkg = _read_lm_pkg(path, mmap=True)
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
@@ -193,10 +202,7 @@ def load_musicgen(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
         if overrides:
             raise NoencoreError("overrides apply to named configs only, not to checkpoints")
         path = _read_checkpoint(spec, "state_dict.bin")
-        try:
-            pkg = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise NoencoreError(f"{path}: not a readable audiocraft LM checkpoint ({exc})") from exc
+        pkg = _read_lm_pkg(path, trust_pickle=trust_pickle)
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)

@@ -292,8 +292,10 @@ def arch_from_checkpoint(path: str | os.PathLike[str]) -> MusicGenArch:
     variant is one the planner does not model, and it says so). The file is memory-mapped:
     nothing is read beyond the config and the tensor headers.
     """
-    import torch
     from omegaconf import OmegaConf
+
+    from noencore.errors import UntrustedFileError
+    from noencore.fileio import load_torch
 
     file = Path(path)
     if file.is_dir():
@@ -301,9 +303,11 @@ def arch_from_checkpoint(path: str | os.PathLike[str]) -> MusicGenArch:
     if not file.is_file():
         raise ValueError(f"{file}: no audiocraft LM checkpoint here (expected a folder with state_dict.bin)")
     try:
-        pkg = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        pkg = load_torch(file, what="audiocraft LM checkpoint", mmap=True)
         cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]), resolve=True)
         state = pkg["best_state"]
+    except UntrustedFileError:
+        raise
     except Exception as exc:
         raise ValueError(f"{file}: not a readable audiocraft LM checkpoint ({exc}); "
                          "pass a folder written by audiocraft or noencore's save_musicgen") from exc
