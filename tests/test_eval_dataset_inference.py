@@ -1,7 +1,7 @@
 """Artist-level dataset inference (``noencore.evaluation.dataset_inference``) on synthetic
 per-item attack scores, fresh each run: a shifted suspect set is found, two sets of one
 distribution are not (false-positive rate), the result follows the seed alone, and
-small sets get a note."""
+small sets get a note; the report's verdicts against the retrained model."""
 from __future__ import annotations
 
 import numpy as np
@@ -102,3 +102,39 @@ def test_bad_input_is_named():
         dataset_inference(suspect, validation)
     with pytest.raises(ValueError, match="splits"):
         dataset_inference(validation, validation, splits=0)
+
+
+def test_verdicts_against_the_retrained_model():
+    """The strongest attack's gap decides the AUC verdict; the dataset-inference verdict
+    asks p_after >= min(0.05, p_retrained)."""
+    from noencore.evaluation.mia import vs_retrained_block
+    from noencore.evaluation.report import Criteria, verdicts
+
+    after = {"forget": {"loss": 0.52, "mink": 0.61, "minkpp": 0.70, "ref_before": 0.1}}
+    retr = {"forget": {"loss": 0.50, "mink": 0.55, "minkpp": 0.52}}
+    vs = vs_retrained_block(after, retr)
+    assert vs["worst_attack"] == "minkpp" and vs["gap"] == pytest.approx(0.18)
+    assert set(vs["per_attack"]) == {"loss", "mink", "minkpp"}  # attacks both models have
+    assert "note" in vs_retrained_block({"forget": {"note": "too small"}}, retr)
+
+    def di(p_after, p_retr):
+        out = {"after": {"p_value": p_after, "n_suspect": 20, "n_validation": 20}}
+        if p_retr is not None:
+            out["retrained"] = {"p_value": p_retr}
+        return {"mia": {"after": after, "vs_retrained": vs}, "dataset_inference": out}
+
+    def verdict(results, crit=None):
+        return {v["criterion"].split(" (")[0].split(",")[0]: v["pass"]
+                for v in verdicts(results, crit or Criteria())}
+
+    v = verdict(di(0.5, 0.3))
+    assert v["forget MIA AUC near the retrained model's"] is False
+    assert v["dataset inference"] is True
+    assert verdict(di(0.5, 0.3), Criteria(retrained_auc_tol=0.2))[
+        "forget MIA AUC near the retrained model's"] is True
+    assert verdict(di(0.01, 0.3))["dataset inference"] is False
+    assert verdict(di(0.01, 0.005))["dataset inference"] is True  # retrained as detectable
+    assert verdict(di(0.01, None))["dataset inference"] is False
+    assert verdict(di(0.01, None), Criteria(dataset_inference_min=0.01))[
+        "dataset inference"] is True
+    assert "dataset inference" not in verdict(di(None, 0.3))
