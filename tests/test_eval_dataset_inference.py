@@ -23,7 +23,7 @@ def _scores(rng: np.random.Generator, n_suspect: int, n_validation: int,
     n = n_suspect + n_validation
     x = rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, len(ATTACKS)))
     x *= rng.uniform(0.01, 100.0, size=len(ATTACKS))  # attacks on unlike scales
-    x[:n_suspect] += shift * np.abs(x[n_suspect:]).std(axis=0)
+    x[:n_suspect] += shift * x[n_suspect:].std(axis=0)
     return ({a: x[:n_suspect, i] for i, a in enumerate(ATTACKS)},
             {a: x[n_suspect:, i] for i, a in enumerate(ATTACKS)})
 
