@@ -29,8 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     methods = tuple(m for m in DEFAULT_METHODS if m[0] == DEFAULT_METHOD)
     lines = ["| seed | " + " | ".join(
-        ["forget NLL", "unseen NLL [retrained]", "remain Δ%", "AUC [retrained]", "KS p",
-         "replay [retrained]", "goals met", "run (s)"]) + " |", "|---" * 9 + "|"]
+        ["forget NLL", "unseen NLL [retrained]", "remain Δ%", "LOSS AUC [retrained]",
+         "strongest attack ΔAUC", "KS p", "DI p [retrained]", "replay [retrained]",
+         "goals met", "run (s)"]) + " |", "|---" * 11 + "|"]
     for seed in args.seeds:
         t0 = time.perf_counter()
         out = Path(args.out) / f"seed{seed}"
@@ -45,7 +46,10 @@ def main() -> None:
             f"[{r['holdout_nll_retrained']:.3f}] | "
             f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.2f} | "
             f"{_f(r['forget_mia_auc_after'])} [{_f(r['forget_mia_auc_retrained'])}] | "
-            f"{_f(r['forget_quality'])} | {_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
+            f"{r.get('forget_auc_worst_attack')} {_f(r.get('forget_auc_gap'))} | "
+            f"{_f(r['forget_quality'])} | "
+            f"{_p(r.get('di_p_after'))} [{_p(r.get('di_p_retrained'))}] | "
+            f"{_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
             f"{sum(v is True for v in goals.values())}/{len(goals)}"
             + (f" (not: {', '.join(failed)})" if failed else "") + f" | {seconds:.0f} |")
     print("\n".join(lines))
@@ -53,6 +57,10 @@ def main() -> None:
 
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ def _assert_close(got, want, tol: tuple[float, float], path: str = "") -> float:
 
 def _assert_equal_to_one_process(two: dict, one: dict) -> None:
     one = json.loads(json.dumps(one))
-    token = [b for b in ("token", "mia", "privleak", "privleak_variants", "forget_quality")
-             if b in one]
+    token = [b for b in ("token", "mia", "privleak", "privleak_variants", "forget_quality",
+                         "dataset_inference") if b in one]
     worst = {b: _assert_close(two[b], one[b], TOKEN_TOL) for b in token}
     worst["all"] = _assert_close(two, one, GENERATION_TOL)
     print("largest absolute differences, 2 ranks vs 1 process:",
@@ -308,6 +308,7 @@ def test_torchrun_api_two_ranks_equal_one_process(data, tmp_path):
     from noencore.evaluation.clap import build_random_clap
     from noencore.evaluation.evaluate import evaluate
     from noencore.evaluation.generation import GenerationConfig
+    from noencore.outputs import LISTING
 
     root = data["root"]
     ckpt, tok = build_random_clap(tmp_path / "clap")
@@ -340,6 +341,10 @@ def test_torchrun_api_two_ranks_equal_one_process(data, tmp_path):
     assert [p.name for p in (work / "two").glob(".*")] == [".noencore-run.json"]
     assert two[0]["generation"]["random_clap"] is True
     assert 0.0 <= two[0]["continuation"]["before"]["remain"] <= 1.0
+    # blocks computed from the gathered statistics alone: dataset inference (seeded
+    # splits), the strongest attack against the retrained model
+    assert one["dataset_inference"]["after"]["n_suspect"] == N_PER_SET
+    assert "worst_attack" in one["mia"]["vs_retrained"]
     _assert_equal_to_one_process(two[0], one)
     errors = [(work / f"error_rank{r}.txt").read_text() for r in (0, 1)]
     # refused when rank 0 claims the folder, before any work; every rank gets its answer

@@ -133,6 +133,47 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
     assert f"(n = {N_PER_SET} vs {N_PER_SET} items)" in md  # beside the KS p-value
 
 
+def test_dataset_inference_and_strongest_attack_against_the_retrained_model(env, tmp_path):
+    """Dataset inference for every role (after, before, retrained: one test, one split of
+    the items, on each model's statistics), the strongest attack's AUC gap to the
+    retrained model, their verdicts and report.md lines."""
+    from noencore.evaluation.evaluate import evaluate
+
+    sets = env["sets"]
+    gold = evaluate(env["ref"], sets, out=tmp_path / "gold", progress=False, min_auc_items=3)
+    r = evaluate(env["model"], sets, reference=env["ref"], retrained=tmp_path / "gold",
+                 out=tmp_path / "after", progress=False, min_auc_items=3)
+    di = r["dataset_inference"]
+    assert di["features"] == ["loss", "mink", "mink_muse", "minkpp", "zlib"]
+    for role in ("after", "before", "retrained"):
+        assert 0.0 <= di[role]["p_value"] <= 1.0, role
+        assert (di[role]["n_suspect"], di[role]["n_validation"]) == (N_PER_SET, N_PER_SET)
+    # the retrained model's entry is the test of its own evaluation (here: the reference)
+    assert di["retrained"] == di["before"] == gold["dataset_inference"]["after"]
+    vs = r["mia"]["vs_retrained"]
+    after, retr = r["mia"]["after"]["forget"], r["mia"]["retrained"]["forget"]
+    gaps = {a: abs(after[a] - retr[a]) for a in di["features"]}
+    assert vs["per_attack"] == pytest.approx(gaps)
+    assert vs["gap"] == pytest.approx(max(gaps.values())) and vs["worst_attack"] in gaps
+    assert gaps[vs["worst_attack"]] == pytest.approx(vs["gap"])
+    criteria = {v["criterion"]: v for v in r["verdicts"]}
+    auc = criteria["forget MIA AUC near the retrained model's, every attack"]
+    assert auc["value"] == pytest.approx(vs["gap"]) and auc["pass"] == (vs["gap"] <= 0.05)
+    dv = criteria["dataset inference (forget set as a whole vs holdout)"]
+    assert dv["value"] == di["after"]["p_value"]
+    assert dv["pass"] == (di["after"]["p_value"] >= min(0.05, di["retrained"]["p_value"]))
+    md = (tmp_path / "after" / "report.md").read_text()
+    assert "| attack | AUC after | AUC retrained | gap |" in md
+    assert "dataset inference (the forget set as a whole vs the holdout" in md
+    assert f"retrained {di['retrained']['p_value']:.4f} (n = 6 vs 6" in md
+    # too few items per half: a note, no number, no verdict
+    small = evaluate(env["model"], sets, progress=False)  # halves of 3 < 5
+    assert "too small for dataset inference" in small["dataset_inference"]["after"]["note"]
+    assert not any(v["criterion"].startswith("dataset inference") for v in small["verdicts"])
+    nodi = evaluate(env["model"], sets, metrics=["token", "mia"], progress=False)
+    assert "dataset_inference" not in nodi
+
+
 def test_cached_stats_checked(env, tmp_path):
     from noencore.evaluation.evaluate import evaluate
 

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-split", default="holdout", help="'' to leave the holdout set out")
     p.add_argument("--forget-ids", help="file with one source id per line (instead of a split)")
     p.add_argument("--metrics", help="comma-separated subset of: token, mia, privleak, "
-                                     "forget_quality, clap, fad, memorization, continuation")
+                                     "forget_quality, dataset_inference, clap, fad, "
+                                     "memorization, continuation, ngram")
     p.add_argument("--batch-size", type=int, **cli_option("batch_size"))
     p.add_argument("--frames", type=int, **cli_option("frames"))
     p.add_argument("--precision", choices=("bf16", "fp32"), **cli_option("precision"))

@@ -71,7 +71,9 @@ class EvalConfig:
     generation: Any = option(None, "sampling settings for generation metrics "
                                    "(GenerationConfig)")
     criteria: Any = option(None, "verdict thresholds (Criteria)")
-    min_auc_items: int = option(MIN_AUC_ITEMS, "fewest items per side for an AUC")
+    min_auc_items: int = option(MIN_AUC_ITEMS, "fewest items per side for an AUC, and per "
+                                                "half of the forget and the holdout set for "
+                                                "dataset inference")
     progress: bool = option(True, "progress bars (rank 0)")
     relearn_steps: Any = option(
         None, "relearning probe: a step count or several ([5, 10], '5,10'): fine-tune a "

@@ -10,8 +10,10 @@ forget, remain and holdout sets of token shards:
   ``mia.ATTACKS`` (LOSS, Min-K%, MUSE's Min-K%, Min-K%++, compression, reference ratio
   against the model before unlearning and against the retrained model); ROC AUC each;
   MUSE's privleak and the same formula on the project's attacks (``privleak_<attack>``);
-  forget quality (KS test on per-item mean NLL) when a model retrained without the forget
-  set is given (docs/metrics.md defines each);
+  forget quality (KS test on per-item mean NLL) and the strongest attack against the
+  retrained model (the largest AUC gap) when a model retrained without the forget set is
+  given; dataset inference, the forget set as a whole against the holdout, for every
+  model (docs/metrics.md defines each);
 - generation level (when a CLAP checkpoint is given): CLAP text-audio score, FAD on
   CLAP embeddings, CLAP memorisation similarity; and, without CLAP, verbatim replay
   (exact-token continuation match from a prompt of the true track, n-gram overlap of
@@ -36,7 +38,7 @@ import torch
 
 from noencore import trackers
 from noencore.errors import NoencoreError, UsageError
-from noencore.evaluation import mia, relearn
+from noencore.evaluation import dataset_inference, mia, relearn
 from noencore.evaluation.config import EvalConfig
 from noencore.evaluation.generation import GenerationConfig
 from noencore.evaluation.report import Criteria, verdicts, write_report
@@ -48,7 +50,7 @@ from noencore.evaluation.token_metrics import (
     save_stats,
 )
 
-TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality")
+TOKEN_METRICS = ("token", "mia", "privleak", "forget_quality", "dataset_inference")
 GENERATION_METRICS = ("clap", "fad", "memorization", "continuation", "ngram")
 ALL_METRICS = TOKEN_METRICS + GENERATION_METRICS
 SET_NAMES = ("forget", "remain", "holdout")
@@ -392,6 +394,10 @@ class Evaluation:
         curves = _mia_results(results, self.metrics, roles, retr, o.min_auc_items)
         if "forget_quality" in self.metrics:
             results["forget_quality"] = _forget_quality(roles, retr)
+        if "dataset_inference" in self.metrics:
+            results["dataset_inference"] = _dataset_inference(
+                roles | ({"retrained": retr} if retr is not None else {}), o.min_auc_items,
+                self.gen_cfg.seed)
         results["notes"] = self.generation_and_notes(results)
         crit = o.criteria or Criteria()
         results["verdicts"] = verdicts(results, crit)
@@ -458,9 +464,9 @@ class Evaluation:
 
 class EvalResult(dict):
     """What ``evaluate`` measured: report.json's content, a dict (blocks "token", "mia",
-    "privleak", "forget_quality", "generation", "relearn", "verdicts", ...; the metrics
-    not asked for are absent), with the blocks a caller reads most as attributes and
-    ``to_dict()`` for a plain, JSON-ready copy."""
+    "privleak", "forget_quality", "dataset_inference", "generation", "relearn",
+    "verdicts", ...; the metrics not asked for are absent), with the blocks a caller reads
+    most as attributes and ``to_dict()`` for a plain, JSON-ready copy."""
 
     @property
     def verdicts(self) -> dict[str, Any]:
@@ -487,8 +493,8 @@ _CODEC_KEYS = ("n_q", "card", "sample_rate", "frame_rate")
 EVAL_FILES = ["report.json", "report.md", "nll_hist.png", "roc.png", "token_stats.npz",
               "relearn", "trackers"]
 #: the report's blocks whose numbers go to the trackers
-_TRACKED = ("token", "mia", "privleak", "privleak_variants", "forget_quality", "generation",
-            "relearn")
+_TRACKED = ("token", "mia", "privleak", "privleak_variants", "forget_quality",
+            "dataset_inference", "generation", "relearn")
 
 
 def _codec_of(model: Any) -> dict[str, int]:
@@ -499,8 +505,9 @@ def _codec_of(model: Any) -> dict[str, int]:
 def _mia_results(results: dict[str, Any], metrics: list[str],
                  roles: dict[str, dict[str, SetStats]], retr: dict[str, SetStats] | None,
                  min_auc_items: int) -> dict[str, dict[str, tuple]]:
-    """Fill the "mia", "privleak" and "privleak_variants" blocks of ``results``; return
-    the forget ROC curves per role and attack, (fpr, tpr, auc)."""
+    """Fill the "mia" (with "vs_retrained", the strongest attack against the retrained
+    model, where one is given), "privleak" and "privleak_variants" blocks of ``results``;
+    return the forget ROC curves per role and attack, (fpr, tpr, auc)."""
     curves: dict[str, dict[str, tuple]] = {}
     if "mia" not in metrics and "privleak" not in metrics:
         return curves
@@ -518,6 +525,8 @@ def _mia_results(results: dict[str, Any], metrics: list[str],
                                 block["forget"][a]) for a in _MIA_ATTACKS}
     if retr_mia is not None:  # the level a model that never saw the forget set is at
         results["mia"]["retrained"] = retr_mia
+        results["mia"]["vs_retrained"] = mia.vs_retrained_block(results["mia"]["after"],
+                                                                retr_mia)
     if "privleak" in metrics:
         results.update(mia.privleak_blocks(results["mia"], list(roles), retr_mia))
     if "mia" not in metrics:
@@ -532,6 +541,33 @@ def _forget_quality(roles: dict[str, dict[str, SetStats]],
     return mia.forget_quality_block(
         {role: mia.mean_nll(st["forget"].tokens()) for role, st in roles.items()},
         None if retr is None else mia.mean_nll(retr["forget"].tokens()))
+
+
+def _dataset_inference(roles: dict[str, dict[str, SetStats]], min_half: int,
+                       seed: int) -> dict[str, Any]:
+    """The "dataset_inference" block: for each role (after, before, retrained), the forget
+    set as a whole tested against the holdout (``dataset_inference.dataset_inference``).
+
+    The features are the attacks that read no other model, the same for every role, so
+    that the unlearned model's p-value and the retrained model's are one test on two
+    models. The reference attacks stay out: the ratio to the model before unlearning
+    separates the forget set from the holdout for any model that forgot it, the retrained
+    model included (the model before had memorised the forget set), and the ratio to the
+    retrained model is 0 for the retrained model itself. Every role is split alike (one
+    seed, sets of the same sizes).
+    """
+    if any("holdout" not in st for st in roles.values()):
+        return {"note": "no holdout set: dataset inference needs known non-members"}
+    block: dict[str, Any] = {
+        "suspect": "forget", "validation": "holdout", "features": list(_MIA_ATTACKS),
+        "test": dataset_inference.TEST, "splits": dataset_inference.SPLITS, "seed": seed,
+        "aggregation": dataset_inference.AGGREGATION}
+    for role, st in roles.items():
+        forget, holdout = (mia.attack_scores(st[s].tokens(), st[s].sizes)
+                           for s in ("forget", "holdout"))
+        block[role] = dataset_inference.dataset_inference(
+            forget, holdout, _MIA_ATTACKS, seed=seed, min_half=min_half)
+    return block
 
 
 def _op_backend() -> str | None:

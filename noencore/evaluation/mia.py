@@ -420,6 +420,23 @@ def privleak_blocks(mia_results: Mapping[str, Any], roles: Sequence[str],
     return out
 
 
+def vs_retrained_block(unlearned: Mapping[str, Any],
+                       retrained: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's "mia.vs_retrained" block: for each attack both models' MIA blocks hold
+    (``{"forget": {attack: auc}}``; the retrained model's holds the attacks that read no
+    other model), the forget-vs-holdout AUC gap ``|AUC_unlearned - AUC_retrained|``, and
+    the strongest attack: the one with the largest gap (the first in :data:`ATTACKS`'
+    order on a tie). A note instead where no attack has both AUCs."""
+    u, r = unlearned.get("forget", {}), retrained.get("forget", {})
+    gaps = {a: abs(u[a] - r[a]) for a in ATTACKS
+            if u.get(a) is not None and r.get(a) is not None}
+    if not gaps:
+        return {"note": u.get("note") or r.get("note") or "no attack has both AUCs"}
+    worst = max(gaps, key=lambda a: gaps[a])
+    return {"set": "forget vs holdout", "worst_attack": worst, "gap": gaps[worst],
+            "auc": u[worst], "auc_retrained": r[worst], "per_attack": gaps}
+
+
 def forget_quality_block(item_nll: Mapping[str, np.ndarray],
                          retrained_nll: np.ndarray | None) -> dict[str, Any]:
     """The report's "forget_quality" block: for each role of ``item_nll`` (its forget

@@ -32,6 +32,11 @@ class Criteria:
         project's privleak_minkpp (the same formula on Min-K%++ at k = 0.2).
     forget_quality_min: KS p-value at least this (needs a retrained model).
     clap_remain_rel: remain CLAP score within this fraction of the reference's.
+    retrained_auc_tol: every attack's forget MIA AUC within this of the retrained model's
+        AUC of the same attack (the strongest attack decides; needs a retrained model).
+    dataset_inference_min: the dataset-inference p-value of the unlearned model at least
+        ``min(dataset_inference_min, the retrained model's p-value)``
+        (:func:`dataset_inference_verdict`).
     """
 
     forget_auc_tol: float = 0.05
@@ -39,6 +44,8 @@ class Criteria:
     privleak_tol: float = 10.0
     forget_quality_min: float = 0.05
     clap_remain_rel: float = 0.10
+    retrained_auc_tol: float = 0.05
+    dataset_inference_min: float = 0.05
 
     @classmethod
     def parse(cls, text: str | None) -> Criteria:
@@ -102,6 +109,7 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "detail": f"{fq['statistic']}, unlearned vs retrained, {_n_items(fq, 'after')}",
                     "threshold": f">= {crit.forget_quality_min}",
                     "pass": fq["after"] >= crit.forget_quality_min})
+    out += _retrained_verdicts(results, crit)
     gen = results.get("generation", {})
     ca = gen.get("after", {}).get("clap_score", {}).get("remain")
     cb = gen.get("before", {}).get("clap_score", {}).get("remain")
@@ -113,6 +121,46 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "threshold": f"within {crit.clap_remain_rel:.0%} of reference",
                     "pass": abs(rel) <= crit.clap_remain_rel})
     return out
+
+
+def _retrained_verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
+    """The verdicts against the retrained model: the strongest attack's AUC gap and the
+    dataset-inference p-value (each where the report holds it)."""
+    out = []
+    vs = results.get("mia", {}).get("vs_retrained", {})
+    if vs.get("gap") is not None:
+        out.append({"criterion": "forget MIA AUC near the retrained model's, every attack",
+                    "value": vs["gap"],
+                    "detail": f"strongest attack {ATTACK_NAMES[vs['worst_attack']]}: AUC "
+                              f"{vs['auc']:.3f}, retrained {vs['auc_retrained']:.3f}",
+                    "threshold": f"max |AUC - AUC_retrained| <= {crit.retrained_auc_tol}",
+                    "pass": vs["gap"] <= crit.retrained_auc_tol})
+    di = results.get("dataset_inference", {})
+    if (di.get("after") or {}).get("p_value") is not None:
+        out.append(dataset_inference_verdict(di, crit.dataset_inference_min))
+    return out
+
+
+def dataset_inference_verdict(di: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """The dataset-inference verdict: pass when the unlearned model's p-value is at least
+    ``min(alpha, p_retrained)``.
+
+    A p-value at or above ``alpha`` means the forget set is not detected as a member set.
+    Below it, the unlearned model still passes if the retrained model's own p-value is no
+    larger: then the forget tracks differ from the holdout for a model that never saw
+    them too (a corpus whose forget and holdout tracks are not exchangeable), and the
+    unlearned model is held to that level, not to one no model could reach. Without a
+    retrained model the threshold is ``alpha``.
+    """
+    p = di["after"]["p_value"]
+    p_retr = (di.get("retrained") or {}).get("p_value")
+    floor = alpha if p_retr is None else min(alpha, p_retr)
+    n = f"n = {di['after']['n_suspect']} vs {di['after']['n_validation']} items"
+    return {"criterion": "dataset inference (forget set as a whole vs holdout)", "value": p,
+            "detail": n + ("" if p_retr is None else f", retrained p {p_retr:.3g}"),
+            "threshold": f">= min({alpha}, p_retrained)" if p_retr is not None
+            else f">= {alpha}",
+            "pass": p >= floor}
 
 
 def _n_items(fq: dict[str, Any], role: str) -> str:
@@ -192,6 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
                      + (f" ({fq['note']})" if fq.get("note") else ""))
     elif "note" in fq:
         lines.append(f"forget quality (KS p-value): n/a ({fq['note']})")
+    lines += _vs_retrained_lines(mia)
+    lines += _dataset_inference_lines(results.get("dataset_inference"))
     if gen.get("skipped"):
         lines.append(f"Generation metrics skipped: {gen['skipped']}")
     lines += _relearn_lines(results.get("relearn"))
@@ -223,6 +273,43 @@ def _privleak_lines(results: dict[str, Any]) -> list[str]:
     if pl.get("note"):
         lines.append(f"> **Note:** {pl['note']}")
     return lines + [""]
+
+
+def _vs_retrained_lines(mia: dict[str, Any]) -> list[str]:
+    """Each attack's forget AUC beside the retrained model's, the strongest attack (the
+    largest gap) first."""
+    vs = mia.get("vs_retrained")
+    if not vs:
+        return []
+    if "per_attack" not in vs:
+        return ["", f"MIA AUC against the retrained model's: n/a ({vs.get('note')})"]
+    after, retr = mia["after"]["forget"], mia["retrained"]["forget"]
+    lines = ["", "Forget-vs-holdout MIA AUC against the retrained model's, per attack, "
+             "strongest first (goal: every gap small):", "",
+             "| attack | AUC after | AUC retrained | gap |", "|---|---|---|---|"]
+    for a, gap in sorted(vs["per_attack"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {ATTACK_NAMES[a]} | {_fmt(after[a])} | {_fmt(retr[a])} | "
+                     f"{_fmt(gap)} |")
+    return lines + [""]
+
+
+def _dataset_inference_lines(di: dict[str, Any] | None) -> list[str]:
+    """The dataset-inference p-value of each role, the retrained model's beside the
+    unlearned model's."""
+    if not di:
+        return []
+    if "note" in di:
+        return [f"dataset inference: n/a ({di['note']})"]
+    roles = [r for r in ("after", "before", "retrained") if r in di]
+    cells = []
+    for r in roles:
+        v = di[r]
+        cells.append(f"{r} {_fmt(v['p_value'], 4)}" + (f" ({v['note']})" if v.get("note") else
+                     f" (n = {v['n_suspect']} vs {v['n_validation']}, score gap "
+                     f"{_fmt(v['score_gap'])})"))
+    return [f"dataset inference (the forget set as a whole vs the holdout, "
+            f"{len(di['features'])} attacks as features, {di['splits']} splits; p-value, "
+            "small = still a member set; docs/metrics.md): " + ", ".join(cells), ""]
 
 
 def _relearn_lines(block: dict[str, Any] | None) -> list[str]:
