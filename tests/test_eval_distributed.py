@@ -308,7 +308,6 @@ def test_torchrun_api_two_ranks_equal_one_process(data, tmp_path):
     from noencore.evaluation.clap import build_random_clap
     from noencore.evaluation.evaluate import evaluate
     from noencore.evaluation.generation import GenerationConfig
-    from noencore.outputs import LISTING
 
     root = data["root"]
     ckpt, tok = build_random_clap(tmp_path / "clap")
