@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,3 +45,14 @@ def test_condition_then_unlearn_from_config(tmp_path, capsys):
     assert main(["unlearn", "--model", "tiny", "--shards", str(shards), "--forget", "f0,zz",
                  "--steps", "1"]) == 1
     assert "not in the shards: zz" in capsys.readouterr().err
+
+
+def test_unlearn_help_lists_every_method(capsys):
+    from noencore.cli import build_parser
+    from noencore.methods import METHODS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["unlearn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("--method METHOD ")[-1].split("(default")[0]
+    assert {m.strip() for m in listed.split("(noencore")[0].split("|")} == set(METHODS)

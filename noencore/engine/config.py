@@ -20,6 +20,7 @@ from typing import Any
 
 from noencore import trackers
 from noencore.errors import UsageError
+from noencore.methods import METHODS
 
 
 def option(default: Any, help: str, *, cli: str | bool = True, run: bool = False,
@@ -92,7 +93,8 @@ class UnlearnConfig:
                          parse=_set_spec)
     remain: Any = option(None, "remain set: split name or comma-separated ids (default: all "
                                "other items outside held-out splits)", parse=_set_spec)
-    method: Any = option("ga", "ga | bounded_ga | graddiff | rl | npo | simnpo")
+    method: Any = option("ga", " | ".join(METHODS) + " (noencore.methods; README: which to "
+                                                      "use)")
     method_options: dict | None = option(None, "options of the method (--method-option "
                                                "KEY=VALUE, repeatable)", cli=False)
     steps: int = option(100, "maximum optimizer steps", parse=int)
