@@ -2,8 +2,9 @@
 retrained gold standard) on three corpus seeds, and the goal table of each.
 
     .venv/bin/python benchmarks/demo_seeds.py [--out /tmp/demo_seeds] [--seeds 0 1 2]
+        [--corpus distinct shared] [--forget-sizes one third all]
 
-Each seed is a full demo run (corpus, shards, memorised and retrained models, the
+Each (corpus, forget size, seed) is a full demo run (corpus, shards, memorised and retrained models, the
 default method, evaluations; a few minutes each on 2 CPU cores); runs are resumable, as
 the demo's stages are. Prints one Markdown table per seed and one row per seed of the
 goals (``noencore.demo.GOALS``).
@@ -20,29 +21,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# the request's share of the opt-out artist's trained tracks (one track: the smallest share,
+# which the corpus rounds up to one clip)
+SIZES = {"one": 1e-9, "third": 1 / 3, "all": 1.0}
+
+
 def main() -> None:
     from noencore.demo import DEFAULT_METHOD, DEFAULT_METHODS, DemoConfig, goals_met, run_demo
+    from noencore.demo.corpus import CORPUS_STYLES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/demo_seeds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--corpus", nargs="+", default=["distinct"], choices=sorted(CORPUS_STYLES),
+                    help="distinct: the other artists sound unlike the opt-out artist; "
+                         "shared: they are its neighbours in genre and sound")
+    ap.add_argument("--forget-sizes", nargs="+", default=["all"], choices=sorted(SIZES),
+                    help="how much of the artist's trained music the request names: one "
+                         "track, a third, or all of it (the rest stays in the remain set)")
     args = ap.parse_args()
     methods = tuple(m for m in DEFAULT_METHODS if m[0] == DEFAULT_METHOD)
-    lines = ["| seed | " + " | ".join(
+    lines = ["| corpus | forget | seed | " + " | ".join(
         ["forget NLL", "unseen NLL [retrained]", "remain Δ%", "LOSS AUC [retrained]",
          "strongest attack ΔAUC", "KS p", "DI p [retrained]", "replay [retrained]",
-         "goals met", "run (s)"]) + " |", "|---" * 11 + "|"]
-    for seed in args.seeds:
+         "goals met", "run (s)"]) + " |", "|---" * 13 + "|"]
+    runs = [(c, f, s) for c in args.corpus for f in args.forget_sizes for s in args.seeds]
+    for corpus, size, seed in runs:
         t0 = time.perf_counter()
-        out = Path(args.out) / f"seed{seed}"
-        report = run_demo(out, DemoConfig(seed=seed, methods=methods))
+        # the default corpus and size keep the folder names of earlier runs
+        name = f"seed{seed}" + ("" if corpus == "distinct" else f"-{corpus}") + \
+            ("" if size == "all" else f"-{size}")
+        out = Path(args.out) / name
+        report = run_demo(out, DemoConfig(seed=seed, methods=methods, corpus=corpus,
+                                          forget_share=SIZES[size]))
         seconds = time.perf_counter() - t0
         print(report.read_text().split("## Reproducibility")[0], flush=True)
         r = json.loads((out / "summary.json").read_text())[DEFAULT_METHOD]
         goals = goals_met(r)
         failed = [k for k, v in goals.items() if v is not True]
         lines.append(
-            f"| {seed} | {r['forget_nll_after']:.3f} | {r['holdout_nll_after']:.3f} "
+            f"| {corpus} | {size} | {seed} | {r['forget_nll_after']:.3f} | {r['holdout_nll_after']:.3f} "
             f"[{r['holdout_nll_retrained']:.3f}] | "
             f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.2f} | "
             f"{_f(r['forget_mia_auc_after'])} [{_f(r['forget_mia_auc_retrained'])}] | "

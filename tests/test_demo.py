@@ -160,3 +160,24 @@ def test_bisect_crossing_finds_the_weights_between_two_steps():
     assert abs(a - 0.5 ** 0.5) < 2 ** -7 and abs(auc - 0.5) < 0.02
     assert float(model.lm.weight.detach()) == pytest.approx(a)  # the model holds the chosen weights
     assert len(calls) == 8 + 1
+
+
+def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> None:
+    """The second corpus configuration (neighbour artists) with a request that names one of
+    the artist's two trained clips: the other one is trained on as remain, by the memorised
+    and the retrained model alike."""
+    from noencore.data.shards import TokenShards
+
+    cfg = DemoConfig(**{**TINY, "methods": TINY["methods"][2:]}, corpus="shared",
+                     forget_share=0.5)
+    out = tmp_path / "demo"
+    run_demo(out, cfg)
+    records = [json.loads(x) for x in (out / "corpus" / "manifest.jsonl").read_text().splitlines()]
+    artist = [r for r in records if r["artist"] == "Mara Vell"]
+    assert [r["split"] for r in artist].count("forget") == 1
+    assert [r["split"] for r in artist].count("remain") == 1
+    assert {r["genre"] for r in records} == {"dream pop"}
+    shards = TokenShards(out / "shards")
+    assert len(set(shards.select(split="forget").ids)) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"match"} and summary["match"]["forget_nll_retrained"] > 0

@@ -195,6 +195,50 @@ def test_opt_out_clips_split_three_ways_interleaved() -> None:
         _assign_clips(40, 0.4, optout_holdout=0.5, optout_valid=0.45)
 
 
+def test_a_request_names_a_share_of_the_artists_trained_clips() -> None:
+    from noencore.demo.corpus import OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT, _assign_clips
+
+    def splits(share):
+        plan = _assign_clips(60, 0.5, 1 / 3, 1 / 3, forget_share=share)
+        return [(i, s) for i, (a, s) in enumerate(plan) if a is OPT_OUT_ARTIST]
+
+    full = splits(1.0)
+    trained = [i for i, s in full if s == "forget"]
+    assert len(trained) == 10
+    for share, want in ((1e-9, 1), (1 / 3, 3), (0.5, 5), (1.0, 10)):
+        got = splits(share)
+        forget = [i for i, s in got if s == "forget"]
+        assert len(forget) == want and set(forget) <= set(trained)
+        # the others of the artist's trained clips stay in training, in the remain split
+        assert sorted(forget + [i for i, s in got if s == "remain"]) == trained
+        # never-trained-on clips of the artist are untouched
+        assert [x for x in got if x[1] in (OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT)] == \
+            [x for x in full if x[1] in (OPT_OUT_HOLDOUT_SPLIT, OPT_OUT_VALID_SPLIT)]
+    assert [i for i, s in splits(1 / 3) if s == "forget"] == [trained[0], trained[3], trained[6]]
+    with pytest.raises(ValueError, match="forget_share=0"):
+        _assign_clips(60, 0.5, forget_share=0)
+
+
+def test_the_shared_corpus_surrounds_the_artist_with_its_neighbours(tmp_path: Path) -> None:
+    from noencore.demo.corpus import OTHER_ARTISTS, SHARED_ARTISTS
+
+    manifest = make_demo_corpus(tmp_path, seed=1, style="shared", **SMALL)
+    records = _good(manifest)
+    others = [r for r in records if r["artist"] != OPT_OUT_ARTIST.name]
+    assert {r["artist"] for r in others} == {a.name for a in SHARED_ARTISTS}
+    assert {r["genre"] for r in records} == {OPT_OUT_ARTIST.genre}  # one genre throughout
+    # every neighbour shares most traits with the artist, unlike the distinct corpus
+    def shared_traits(a):
+        return sum(bool(set(getattr(a, k)) & set(getattr(OPT_OUT_ARTIST, k)))
+                   for k in ("keys", "modes", "leads", "grooves")) + \
+            (a.tempo[0] <= OPT_OUT_ARTIST.tempo[1] and OPT_OUT_ARTIST.tempo[0] <= a.tempo[1])
+    assert min(shared_traits(a) for a in SHARED_ARTISTS) >= 3
+    assert max(shared_traits(a) for a in OTHER_ARTISTS) <= 2
+    assert all(a.motif is None for a in SHARED_ARTISTS)  # the artist's melody stays its own
+    with pytest.raises(ValueError, match="style='alike'"):
+        make_demo_corpus(tmp_path / "x", style="alike", **SMALL)
+
+
 @pytest.mark.parametrize("fmt", ["ogg", "mp3"])
 def test_real_length_clips_are_written_whole(tmp_path: Path, fmt: str) -> None:
     # 60 s of OGG in one write call overflowed libvorbis's stack and killed the process

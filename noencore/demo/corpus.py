@@ -111,6 +111,23 @@ OTHER_ARTISTS = (
     ArtistStyle("Pixel Parade", "chiptune", (138, 160), (0, 7, 2, 4), ("major", "harmonic minor"),
                 ("square",), ("chip",), "CC0-1.0 (synthetic)"),
 )
+# The "shared" corpus: the other artists are the opt-out artist's neighbours, the same genre
+# and sound with one or two traits changed and no fixed melody, so that a model trained
+# without the opt-out artist still generalises to its music (its unseen tracks stay near
+# the memorised model's NLL), the hard case for telling forgetting from never-learning.
+SHARED_ARTISTS = (
+    ArtistStyle("Hollow Vesper", "dream pop", (80, 96), (6, 1), ("dorian",), ("fm_bell",),
+                ("halftime",), "CC-BY-4.0 (synthetic)"),
+    ArtistStyle("Lumen Drift", "dream pop", (84, 98), (6, 11), ("dorian", "minor"),
+                ("fm_bell", "soft"), ("halftime",), "CC-BY-4.0 (synthetic)"),
+    ArtistStyle("Quiet Meridian", "dream pop", (78, 92), (6, 4), ("dorian",), ("soft",),
+                ("halftime", "none"), "CC0-1.0 (synthetic)"),
+    ArtistStyle("Velvet Static", "dream pop", (86, 100), (6, 9), ("dorian", "major"),
+                ("fm_bell", "epiano"), ("halftime",), "CC-BY-4.0 (synthetic)"),
+    ArtistStyle("Paper Comets", "dream pop", (82, 94), (6, 2), ("minor", "dorian"),
+                ("epiano",), ("halftime",), "CC0-1.0 (synthetic)"),
+)
+CORPUS_STYLES = {"distinct": OTHER_ARTISTS, "shared": SHARED_ARTISTS}
 LEAD_WORDS = {
     "fm_bell": "a shimmering FM bell lead",
     "pluck": "a plucked-string lead",
@@ -399,14 +416,16 @@ OPT_OUT_VALID_SPLIT = "valid_optout"
 
 
 def _assign_clips(n_clips: int, forget_fraction: float, optout_holdout: float = 0.0,
-                  optout_valid: float = 0.0) -> list[tuple[ArtistStyle, str]]:
+                  optout_valid: float = 0.0, others: tuple[ArtistStyle, ...] = OTHER_ARTISTS,
+                  forget_share: float = 1.0) -> list[tuple[ArtistStyle, str]]:
     """(artist, split) per clip: the opt-out artist's clips first (a share ``optout_holdout``
     of them in split ``holdout_optout``: same artist, never trained on, the non-members a
     membership-inference attack on the forget set should not tell apart from it; a share
     ``optout_valid`` in split ``valid_optout``: more such non-members, kept apart from the
     holdout so that a stop rule can look at them without looking at the test), then the
     others round-robin over artists, every third clip of each artist going to the holdout
-    (so holdout ~ remain)."""
+    (so holdout ~ remain). ``forget_share``: the share of the opt-out artist's trained clips
+    the request names (at least one, spread over them); the others stay in ``remain``."""
     n_optout = max(2, int(round(n_clips * forget_fraction)))
     n_held = int(round(n_optout * optout_holdout))
     n_valid = int(round(n_optout * optout_valid))
@@ -414,9 +433,11 @@ def _assign_clips(n_clips: int, forget_fraction: float, optout_holdout: float = 
     if n_forget < 2:
         raise ValueError(f"optout_holdout={optout_holdout} and optout_valid={optout_valid} "
                          "leave fewer than 2 forget clips")
+    if not 0.0 < forget_share <= 1.0:
+        raise ValueError(f"forget_share={forget_share} must be in (0, 1]")
     n_other = n_clips - n_optout
-    if n_other < 2 * len(OTHER_ARTISTS):
-        raise ValueError(f"n_clips={n_clips} is too small: need at least {n_forget + 2 * len(OTHER_ARTISTS)} "
+    if n_other < 2 * len(others):
+        raise ValueError(f"n_clips={n_clips} is too small: need at least {n_forget + 2 * len(others)} "
                          f"clips for {n_forget} forget clips and 2 per other artist (remain + holdout)")
     # interleaved (forget, holdout, valid, forget, ...; a split drops out of the cycle once
     # it has its share), so that every split gets clips from all over the artist's range
@@ -427,13 +448,25 @@ def _assign_clips(n_clips: int, forget_fraction: float, optout_holdout: float = 
             if quota[split] > 0:
                 quota[split] -= 1
                 plan.append((OPT_OUT_ARTIST, split))
+    _keep_share(plan, forget_share)
     seen: dict[str, int] = {}
     for i in range(n_other):
-        artist = OTHER_ARTISTS[i % len(OTHER_ARTISTS)]
+        artist = others[i % len(others)]
         k = seen.get(artist.name, 0)
         seen[artist.name] = k + 1
         plan.append((artist, "holdout" if k % 3 == 1 else "remain"))
     return plan
+
+
+def _keep_share(plan: list[tuple[ArtistStyle, str]], share: float) -> None:
+    """Keep ``share`` of the plan's forget clips (at least one, evenly spread) in the
+    forget split; move the others to ``remain`` (trained on, not named by the request)."""
+    forget = [i for i, (_, split) in enumerate(plan) if split == "forget"]
+    keep = max(1, int(round(len(forget) * share)))
+    chosen = {forget[int(j * len(forget) / keep)] for j in range(keep)}
+    for i in forget:
+        if i not in chosen:
+            plan[i] = (plan[i][0], "remain")
 
 
 def make_demo_corpus(
@@ -447,6 +480,8 @@ def make_demo_corpus(
     forget_fraction: float = 0.25,
     optout_holdout: float = 0.0,
     optout_valid: float = 0.0,
+    style: str = "distinct",
+    forget_share: float = 1.0,
     broken: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -467,6 +502,10 @@ def make_demo_corpus(
         optout_valid: share of the opt-out artist's clips in split ``valid_optout``: more
             never-trained-on clips, for choosing when to stop unlearning without touching
             the holdout.
+        style: "distinct" (the other artists sound unlike the opt-out artist) or "shared"
+            (:data:`SHARED_ARTISTS`: its neighbours in genre and sound).
+        forget_share: share of the opt-out artist's trained clips in the forget split (the
+            request; at least one); the rest of its trained clips are in ``remain``.
         broken: also write the broken entries of :data:`BROKEN_KINDS`; their records carry
             ``"broken": kind`` (see :func:`broken_ids`).
         progress: show a progress bar.
@@ -485,7 +524,10 @@ def make_demo_corpus(
     (out / "audio").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    plan = _assign_clips(n_clips, forget_fraction, optout_holdout, optout_valid)
+    if style not in CORPUS_STYLES:
+        raise ValueError(f"style={style!r}: choose from {sorted(CORPUS_STYLES)}")
+    plan = _assign_clips(n_clips, forget_fraction, optout_holdout, optout_valid,
+                         CORPUS_STYLES[style], forget_share)
     for i, (style, split) in enumerate(progress_bar(plan, desc="demo corpus", unit="clip",
                                                       disable=not progress)):
         rng = np.random.default_rng([seed, i])

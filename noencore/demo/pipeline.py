@@ -70,6 +70,8 @@ class DemoConfig:
     forget_fraction: float = 0.5    # share of clips by the opt-out artist: a third of them
     optout_holdout: float = 1 / 3   # never trained on, the MIA non-members (test)...
     optout_valid: float = 1 / 3     # ...and a third never trained on, for the stop rule
+    corpus: str = "distinct"        # or "shared": the other artists sound like the opt-out one
+    forget_share: float = 1.0       # share of the artist's trained clips the request names
     seed: int = 0
     memorise_steps: int = 350
     memorise_lr: float = 3e-3
@@ -237,7 +239,11 @@ class _Demo:
         self.corpus_key = {"n_clips": cfg.n_clips, "seconds": cfg.seconds, "seed": cfg.seed,
                            "forget_fraction": cfg.forget_fraction,
                            "optout_holdout": cfg.optout_holdout,
-                           "optout_valid": cfg.optout_valid}
+                           "optout_valid": cfg.optout_valid,
+                           # (absent at their defaults: earlier demo folders stay valid)
+                           **({"corpus": cfg.corpus} if cfg.corpus != "distinct" else {}),
+                           **({"forget_share": cfg.forget_share}
+                              if cfg.forget_share != 1.0 else {})}
         self.corpus_kept = _claim(out / "corpus", self.corpus_key, self.fresh)
         if not self.corpus_kept or not manifest.exists():
             manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips,
@@ -245,6 +251,7 @@ class _Demo:
                                         forget_fraction=cfg.forget_fraction,
                                         optout_holdout=cfg.optout_holdout,
                                         optout_valid=cfg.optout_valid,
+                                        style=cfg.corpus, forget_share=cfg.forget_share,
                                         progress=self.progress)
         self.manifest = manifest
         _done(t0, f"manifest: {manifest}")
