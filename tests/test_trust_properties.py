@@ -102,6 +102,22 @@ def test_any_manifest_gives_shards_or_one_line_and_writes_only_into_out(lines, g
         assert _snapshot(root, out) == before
 
 
+def test_a_named_pipe_in_a_manifest_is_a_failure_not_a_hang(good_wav, tmp_path):
+    """Inline decoding (workers=0) has no time limit: a path that is not a regular file is
+    refused before it is opened (opening a named pipe waits for a writer forever)."""
+    from noencore.data.precompute import precompute
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "good.wav").write_bytes(good_wav.read_bytes())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "p", "path": "fifo"}) + "\n"
+                                      + json.dumps({"id": "g", "path": "good.wav"}) + "\n")
+    report = precompute(tmp_path / "m.jsonl", tmp_path / "out", codec="tiny",
+                        segment_seconds=0.5, batch_size=2, workers=0, progress=False)
+    assert report.encoded == 1
+    assert [f["id"] for f in report.failures] == ["p"]
+    assert "not a regular file (a named pipe" in report.failures[0]["reason"]
+
+
 # -- id files ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):

@@ -13,6 +13,8 @@ soundfile (libsndfile) reads wav, flac, ogg and mp3.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from math import gcd
@@ -188,6 +190,11 @@ class AudioStream:
 
         path = self.path
         try:
+            # a named pipe or a device would block (or never end) on open and read: only a
+            # regular file (or a link to one) is audio
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                raise AudioError(f"not a regular file (a named pipe, socket or device): {path}")
             f = open(path, "rb")  # noqa: SIM115 (closed below, after the generator's last yield)
         except FileNotFoundError:
             raise AudioError(f"file not found: {path}") from None

@@ -301,7 +301,7 @@ def precompute(manifest: str | Path, out_dir: str | Path, *, codec: str | Codec 
     autocast; the RVQ stays fp32). decode_timeout: seconds a worker may decode one file
     without producing audio before the file is recorded as failed ("decode timed out")
     and its worker replaced (a named pipe, a stalled mount); with workers=0 decoding
-    has no time limit. Resumes an interrupted run; encodes only items that are not in
+    has no time limit (a path that is not a regular file is refused before it is opened). Resumes an interrupted run; encodes only items that are not in
     the shards yet. Returns a ``PrecomputeReport``.
     """
     import torch

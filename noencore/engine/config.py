@@ -121,6 +121,14 @@ class UnlearnConfig:
                                         "forget set from these never-trained tracks (split "
                                         "or comma-separated ids; not the tracks you evaluate "
                                         "on)", parse=_set_spec)
+    anchor_unseen: Any = option(None, "the artist's unseen tracks (split or comma-separated "
+                                      "ids, never the tracks you evaluate on): trained as "
+                                      "remain rows held at the level the forget rows are sent "
+                                      "to (the stop-rule non-members' mean NLL under the "
+                                      "starting weights), so that unlearning the forget set "
+                                      "does not push the artist's other music past it; needs a "
+                                      "method that fits its targets to non-members",
+                                parse=_set_spec, run=True)
     stop_rule: str = option("auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= "
                                    "--stop-auc), nll (forget NLL reaches theirs) or original "
                                    "(the AUC against their NLLs under the starting model)")

@@ -157,13 +157,15 @@ def _reference_nll(model, sets: UnlearningSets, cache, batch_size: int,
     return dist.all_reduce_sum(out)
 
 
-def _window_tokens(lm: torch.nn.Module, sets: UnlearningSets, chunk: int = 64) -> torch.Tensor:
-    """float32 [n forget windows]: the tokens of each forget window that count (under the
-    delay pattern), computed on the host from the windows' lengths."""
+def _window_tokens(lm: torch.nn.Module, sets: UnlearningSets, chunk: int = 64,
+                   forget: bool = True) -> torch.Tensor:
+    """float32 [n forget (or remain) windows]: the tokens of each window that count (under
+    the delay pattern), computed on the host from the windows' lengths."""
     out = []
-    for first in range(0, sets.n_forget, chunk):
-        unit = torch.arange(first, min(first + chunk, sets.n_forget))
-        b = sets.gather(torch.ones(unit.numel(), dtype=torch.bool), unit)
+    n = sets.n_forget if forget else sets.n_remain
+    for first in range(0, n, chunk):
+        unit = torch.arange(first, min(first + chunk, n))
+        b = sets.gather(torch.full((unit.numel(),), forget, dtype=torch.bool), unit)
         out.append(token_mask(lm, b.mask).sum(dim=(1, 2)).float())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -176,6 +178,18 @@ def _fit_targets(run: Trainer, stopper: Any) -> None:
     nonmember = torch.as_tensor(stopper.original, dtype=torch.float32, device=run.dev)
     run.method.fit_targets(run.ref_forget / tokens.clamp_min(1.0),
                            nonmember[torch.isfinite(nonmember)])
+
+
+def _anchor_unseen(run: Trainer, stopper: Any) -> None:
+    """The anchored unseen windows' reference: the stop rule's non-members' mean NLL per
+    token under the starting weights (the level the forget rows are sent to) times each
+    window's tokens, in place of the window's own NLL; their held rows are then pulled to
+    it from both sides."""
+    nonmember = torch.as_tensor(stopper.original, dtype=torch.float64)
+    level = float(nonmember[torch.isfinite(nonmember)].mean())
+    tokens = _window_tokens(run.model.lm, run.sets, forget=False).to(run.dev)
+    mask = torch.from_numpy(run.unseen_mask).to(run.dev)
+    run.ref_remain = torch.where(mask, level * tokens, run.ref_remain)
 
 
 def _row_reference(ref_forget: torch.Tensor | None, ref_remain: torch.Tensor | None,
@@ -525,6 +539,8 @@ class Trainer:
         self.folder: Any = None  # the claimed run folder (rank 0)
         self.held: list[str] = []  # earlier forget ids the anchored remain set holds
         self.codec_note: str | None = None  # why the shards' codec was not matched, if so
+        self.unseen_ids: list[str] = []  # anchor_unseen's tracks
+        self.unseen_mask: Any = None  # bool [n_remain]: their remain windows
         self.out_dir = Path(cfg.out) if cfg.out is not None else None
         self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
 
@@ -629,7 +645,7 @@ class Trainer:
 
         c, model = self.cfg, self.model
         self.method = method = get_method(c.method, **(c.method_options or {}))
-        self.sets = UnlearningSets(self.shards, self.forget, self.remain, c.frames)
+        self.sets = UnlearningSets(self.shards, self.forget, self._remain_spec(), c.frames)
         if is_opt_out(method):  # refused before any work when it contradicts an earlier one
             if c.steps < 1:
                 raise UsageError(f"steps {c.steps} trains nothing, and an opt-out request is "
@@ -662,6 +678,42 @@ class Trainer:
                              "tracks under the starting model: give them (--stop-nonmembers "
                              "SPLIT|IDS, stop_nonmembers=...) or a fixed target "
                              "(--method-option target=NATS)")
+        self._mark_unseen()
+
+    def _remain_spec(self) -> Any:
+        """The remain set, with the ``anchor_unseen`` tracks added to it."""
+        if self.cfg.anchor_unseen is None:
+            return self.remain
+        from noencore.data.shards import select_set
+
+        self.unseen_ids = list(dict.fromkeys(select_set(self.shards, self.cfg.anchor_unseen).ids))
+        if self.nonmembers is not None:
+            theirs = set(select_set(self.shards, self.nonmembers).ids)
+            both = sorted(theirs & set(self.unseen_ids))
+            if both:
+                raise UsageError(f"{len(both)} track(s) are both anchored unseen tracks and "
+                                 f"the stop rule's non-members (e.g. {both[0]!r}): give two "
+                                 "disjoint sets")
+        if self.remain is None:
+            return None  # every other item outside the held-out splits: they are in it
+        base = select_set(self.shards, self.remain).ids
+        return list(dict.fromkeys([*base, *self.unseen_ids]))
+
+    def _mark_unseen(self) -> None:
+        """Hold the ``anchor_unseen`` tracks' remain windows (both ways, at the forget
+        target level set in ``compute_references``)."""
+        if self.cfg.anchor_unseen is None:
+            return
+        m = self.method
+        if not (m.remain_anchor and m.needs_nonmember_targets and self.stopper is not None):
+            raise UsageError("anchor_unseen holds the artist's unseen tracks at the level the "
+                             "forget rows are sent to: it needs an anchored method that fits "
+                             "its targets to the stop rule's non-members (e.g. --method match "
+                             "--method-option remain_anchor=true, with --stop-nonmembers)")
+        self.unseen_mask = self.sets.remain_windows_of(self.unseen_ids)
+        if not self.unseen_mask.any():
+            raise UsageError("none of the anchor_unseen tracks has a window in the remain set")
+        self.sets.remain_held = self.sets.remain_held | self.unseen_mask
 
     def setup_optimizer(self) -> None:
         """AdamW on the trainable weights (LoRA's adapters only, with ``lora``), or
@@ -741,6 +793,8 @@ class Trainer:
             stopper.start(original=method.needs_nonmember_targets)
             if method.needs_nonmember_targets:
                 _fit_targets(self, stopper)
+            if self.unseen_mask is not None:
+                _anchor_unseen(self, stopper)
 
     def train(self) -> tuple[str, int, dict | None]:
         """Steps until ``steps`` or the stop rule; returns (why it stopped, steps done, the

@@ -115,6 +115,12 @@ class UnlearningSets:
                                     dtype=bool)
         return int(self.remain_held.sum())
 
+    def remain_windows_of(self, ids: Sequence[str]) -> np.ndarray:
+        """bool [n_remain]: the remain windows of the items ``ids``."""
+        wanted = {str(x) for x in ids}
+        item_ids = self.shards.ids
+        return np.array([item_ids[i] in wanted for i in self.remain_item.tolist()], dtype=bool)
+
     @property
     def n_forget(self) -> int:
         return int(self.forget_item.size)
