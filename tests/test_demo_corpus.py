@@ -247,3 +247,17 @@ def test_real_length_clips_are_written_whole(tmp_path: Path, fmt: str) -> None:
     info = sf.info(str(path))
     assert info.channels == 2 and info.samplerate == 48000 and meta["lead"] == "fm_bell"
     assert abs(info.duration - 60.0) < 0.1
+
+
+def test_unknown_artists_come_after_and_change_nothing_before(tmp_path: Path) -> None:
+    from noencore.demo.corpus import UNKNOWN_ARTISTS, UNKNOWN_SPLIT
+
+    plain = make_demo_corpus(tmp_path / "a", seed=2, **SMALL)
+    more = make_demo_corpus(tmp_path / "b", seed=2, unknown_clips=5, **SMALL)
+    a, b = _good(plain), _good(more)
+    assert b[:len(a)] == a  # the same clips, byte for byte (their sha256), in the same order
+    extra = b[len(a):]
+    assert [r["split"] for r in extra] == [UNKNOWN_SPLIT] * 5
+    assert {r["artist"] for r in extra} == {x.name for x in UNKNOWN_ARTISTS["distinct"]}
+    trained = {r["artist"] for r in b if r["split"] in ("forget", "remain")}
+    assert not trained & {r["artist"] for r in extra}  # nothing trains on them

@@ -128,6 +128,24 @@ SHARED_ARTISTS = (
                 ("epiano",), ("halftime",), "CC0-1.0 (synthetic)"),
 )
 CORPUS_STYLES = {"distinct": OTHER_ARTISTS, "shared": SHARED_ARTISTS}
+# Artists no model of the demo trains on (split "unknown"), from each corpus's style family:
+# how a model treats music it never met, the level a forgotten artist should return to.
+UNKNOWN_ARTISTS = {
+    "distinct": (
+        ArtistStyle("Brass Orchard", "jazz-funk", (100, 118), (2, 7, 10),
+                    ("mixolydian", "dorian"), ("epiano", "saw"), ("boom_bap", "four_on_floor"),
+                    "CC-BY-4.0 (synthetic)"),
+        ArtistStyle("Glass Meadow", "new age", (66, 84), (4, 9, 1), ("major", "minor"),
+                    ("soft", "pluck"), ("none", "folk"), "CC0-1.0 (synthetic)"),
+    ),
+    "shared": (
+        ArtistStyle("Saltwater Choir", "dream pop", (80, 94), (6, 3), ("dorian",),
+                    ("soft", "fm_bell"), ("halftime",), "CC-BY-4.0 (synthetic)"),
+        ArtistStyle("Amber Satellite", "dream pop", (84, 96), (6, 8), ("dorian", "minor"),
+                    ("epiano", "fm_bell"), ("halftime", "none"), "CC0-1.0 (synthetic)"),
+    ),
+}
+UNKNOWN_SPLIT = "unknown"
 LEAD_WORDS = {
     "fm_bell": "a shimmering FM bell lead",
     "pluck": "a plucked-string lead",
@@ -482,6 +500,7 @@ def make_demo_corpus(
     optout_valid: float = 0.0,
     style: str = "distinct",
     forget_share: float = 1.0,
+    unknown_clips: int = 0,
     broken: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -506,6 +525,9 @@ def make_demo_corpus(
             (:data:`SHARED_ARTISTS`: its neighbours in genre and sound).
         forget_share: share of the opt-out artist's trained clips in the forget split (the
             request; at least one); the rest of its trained clips are in ``remain``.
+        unknown_clips: clips by artists nothing trains on (split ``unknown``,
+            :data:`UNKNOWN_ARTISTS` of the style), after the others: the clips before them
+            are the same with or without them.
         broken: also write the broken entries of :data:`BROKEN_KINDS`; their records carry
             ``"broken": kind`` (see :func:`broken_ids`).
         progress: show a progress bar.
@@ -528,6 +550,8 @@ def make_demo_corpus(
         raise ValueError(f"style={style!r}: choose from {sorted(CORPUS_STYLES)}")
     plan = _assign_clips(n_clips, forget_fraction, optout_holdout, optout_valid,
                          CORPUS_STYLES[style], forget_share)
+    unknown = UNKNOWN_ARTISTS[style]
+    plan += [(unknown[i % len(unknown)], UNKNOWN_SPLIT) for i in range(int(unknown_clips))]
     for i, (style, split) in enumerate(progress_bar(plan, desc="demo corpus", unit="clip",
                                                       disable=not progress)):
         rng = np.random.default_rng([seed, i])

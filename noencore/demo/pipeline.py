@@ -72,6 +72,7 @@ class DemoConfig:
     optout_valid: float = 1 / 3     # ...and a third never trained on, for the stop rule
     corpus: str = "distinct"        # or "shared": the other artists sound like the opt-out one
     forget_share: float = 1.0       # share of the artist's trained clips the request names
+    unknown_clips: int = 0          # clips by artists nothing trains on (split "unknown")
     seed: int = 0
     memorise_steps: int = 350
     memorise_lr: float = 3e-3
@@ -243,7 +244,9 @@ class _Demo:
                            # (absent at their defaults: earlier demo folders stay valid)
                            **({"corpus": cfg.corpus} if cfg.corpus != "distinct" else {}),
                            **({"forget_share": cfg.forget_share}
-                              if cfg.forget_share != 1.0 else {})}
+                              if cfg.forget_share != 1.0 else {}),
+                           **({"unknown_clips": cfg.unknown_clips}
+                              if cfg.unknown_clips else {})}
         self.corpus_kept = _claim(out / "corpus", self.corpus_key, self.fresh)
         if not self.corpus_kept or not manifest.exists():
             manifest = make_demo_corpus(out / "corpus", n_clips=cfg.n_clips,
@@ -252,6 +255,7 @@ class _Demo:
                                         optout_holdout=cfg.optout_holdout,
                                         optout_valid=cfg.optout_valid,
                                         style=cfg.corpus, forget_share=cfg.forget_share,
+                                        unknown_clips=cfg.unknown_clips,
                                         progress=self.progress)
         self.manifest = manifest
         _done(t0, f"manifest: {manifest}")
