@@ -33,6 +33,7 @@ from noencore.engine import checkpoint as ckpt
 from noencore.engine.config import UnlearnConfig, fields_for_run
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+from noencore.engine.optim import adamw
 from noencore.engine.requests import (
     check_request,
     held,
@@ -335,6 +336,7 @@ class _StepNumbers:
     step: int
     values: torch.Tensor  # float64 [9]: stats [6], objective, grad norm, all finite (0/1)
     backend: str | None
+    optimizer: str  # the AdamW that ran (``noencore.engine.optim``), or "deepspeed"
 
 
 def _train_step(run: Trainer, step: int) -> _StepNumbers:
@@ -342,7 +344,8 @@ def _train_step(run: Trainer, step: int) -> _StepNumbers:
     the rows, the device does the rest (``_device_step``) without the host waiting."""
     b, counts = _step_rows(run, step)
     micro = [_micro_inputs(run, m, counts, step) for m in _micro_batches(run, b)]
-    return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used)
+    return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used,
+                        run.optimizer_impl)
 
 
 def _device_step(run: Trainer, micro: list[tuple]) -> torch.Tensor:
@@ -399,7 +402,7 @@ def _read(pending: list[_StepNumbers], seconds: float) -> list[dict]:
                     "objective": v[6],
                     "method_loss": v[4] if math.isfinite(v[4]) else None,
                     "grad_norm": v[7], "tokens": tokens, "tokens_per_s": tokens / dt,
-                    "step_s": dt, "backend": p.backend})
+                    "step_s": dt, "backend": p.backend, "optimizer": p.optimizer})
     return out
 
 
@@ -696,7 +699,12 @@ class Trainer:
             _resume_point(self.ckpt_root, self.run_config, self.rank) if c.resume else (0, None))
         self.objective = UnlearnObjective(model, self.method, backend=c.backend)
         self.params = [p for p in model.lm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        if self.distributed:  # DeepSpeed runs the update on its own fp32 partitions
+            self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+            self.optimizer_impl = "deepspeed"
+        else:
+            self.optimizer, self.optimizer_impl = adamw(self.params, lr=c.lr,
+                                                        weight_decay=c.weight_decay)
         self.objective.train()
         model.activation_checkpointing(c.checkpointing)
         if self.distributed:
