@@ -30,7 +30,7 @@ from noencore import distributed as dist
 from noencore import trackers
 from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
-from noencore.engine.config import UnlearnConfig, fields_for_run
+from noencore.engine.config import UnlearnConfig, fields_for_run, select_blocks
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
 from noencore.engine.optim import adamw
@@ -521,6 +521,9 @@ class Trainer:
         self.distributed = cfg.zero_stage is not None or cfg.deepspeed is not None
         self.rank, self.world = 0, 1
         self.engine = self.stopper = self.adapters = self.frozen = self.runner = None
+        self.blocks: tuple[int, ...] | None = None  # train_layers' blocks (None: everything)
+        self.frozen_layers: Any = None  # what train_layers froze (restored at the end)
+        self.optimizer_impl = ""  # the AdamW that runs (``noencore.engine.optim``)
         self.trackers = trackers.Trackers([])  # opened once the run folder is claimed (rank 0)
         self.ref_forget: torch.Tensor | None = None
         self.ref_remain: torch.Tensor | None = None
@@ -585,6 +588,10 @@ class Trainer:
             raise UsageError("resume needs the run folder (out=...)")
         if c.checkpoint_every and c.out is None:
             raise UsageError("checkpoint_every needs a run folder (out=...)")
+        if c.lora is not None and str(c.train_layers).replace(" ", "") not in ("None", "all"):
+            raise UsageError("train_layers (--train-layers) and lora (--lora-rank) both choose "
+                             "what trains: give one (LoRA targets can name blocks, e.g. "
+                             "--lora-targets layers.22,layers.23,heads)")
         trackers.check(self.report_to, c.out)
         if c.precision not in ("fp32", "bf16"):
             raise UsageError(f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
@@ -624,6 +631,7 @@ class Trainer:
             warnings.warn(self.codec_note, stacklevel=3)
         if self.cfg.save_adapter and self.cfg.lora is None:
             raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
+        self.blocks = select_blocks(self.cfg.train_layers, len(self.model.lm.transformer.layers))
 
     def build_sets(self) -> None:
         """The method, the forget and remain windows (refused when they contradict an
@@ -667,8 +675,9 @@ class Trainer:
                              "(--method-option target=NATS)")
 
     def setup_optimizer(self) -> None:
-        """AdamW on the trainable weights (LoRA's adapters only, with ``lora``), or
-        DeepSpeed ZeRO around it; the run's identity for checkpoints, the run folder and
+        """AdamW on the trainable weights (LoRA's adapters only, with ``lora``; the
+        selected blocks, output norm and heads, with ``train_layers``), or DeepSpeed ZeRO
+        around it; the run's identity for checkpoints, the run folder and
         the checkpoint a resumed run starts from."""
         c, model = self.cfg, self.model
         if self.distributed:
@@ -686,11 +695,18 @@ class Trainer:
             from noencore.models.lora import apply_lora
 
             self.adapters = apply_lora(model, c.lora, seed=c.seed, save_adapter=c.save_adapter)
+        if self.blocks is not None:  # before the optimizer: only the selected blocks train
+            from noencore.models.train_layers import freeze_outside
+
+            self.frozen_layers = freeze_outside(model.lm, self.blocks)
         self.run_config = {
             "method": self.method.describe(), **{k: getattr(c, k) for k in fields_for_run()},
             "world": self.world, "precision": c.precision if not self.distributed else "bf16",
             "zero": ds_config["zero_optimization"]["stage"] if self.distributed else None,
+            "train_layers": None if self.blocks is None else list(self.blocks),
             **({"lora": self.adapters.describe()} if self.adapters is not None else {})}
+        if self.blocks is None:  # as checkpoints made before the option record it
+            del self.run_config["train_layers"]
         if self.out_dir is not None:
             self.claim_folder()
         if self.distributed and self.out_dir is not None:
@@ -833,6 +849,8 @@ class Trainer:
             if c.save_adapter and self.out_dir is not None and self.rank == 0:
                 self.adapters.save_adapter(self.out_dir / "adapter")
             self.adapters.merge()
+        if self.frozen_layers is not None:
+            self.frozen_layers.restore()
         model.activation_checkpointing(False)
         model.lm.eval()
         if self.request_ids is not None:  # the model has served this request: saved with it
