@@ -2,7 +2,12 @@
 
 The same code runs on GPUs (nccl) and on CPU (gloo), with a launcher (``deepspeed``,
 ``torchrun``) or as one process. The optimizer is a torch AdamW handed to DeepSpeed (no
-FusedAdam build); with ``offload_optimizer`` its state lives in CPU memory.
+FusedAdam build); with ``offload_optimizer`` its state lives in CPU memory. DeepSpeed's
+FusedAdam would only run from an ``optimizer`` section of the config, which
+``build_config`` refuses; on GPUs the torch AdamW runs its multi-tensor (foreach) update
+over ZeRO's flat fp32 partitions, torch's default for CUDA tensors. Frozen parameters
+(LoRA's base weights, the blocks ``train_layers`` leaves out) are not in the optimizer, so
+not in its partitions; ZeRO-3 still partitions and gathers them for the forward pass.
 """
 from __future__ import annotations
 
