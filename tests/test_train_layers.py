@@ -243,15 +243,22 @@ def work(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
     from safetensors.torch import save_file
-    from noencore import unlearn
+    from noencore.engine import Trainer, UnlearnConfig
+    from noencore.engine.zero import MasterWeights
     from noencore.models import load_musicgen
 
+    run = {{k: v for k, v in RUN.items() if k != "progress"}}
     for stage in (2, 3):
         model = load_musicgen("tiny", with_codec=False, overrides=OVERRIDES)
-        unlearn(model, SHARDS, **RUN, train_layers="top:1", zero_stage=stage, device="cpu",
-                save=False, checkpointing=True)
+        cfg = UnlearnConfig().replace(**run, train_layers="top:1", zero_stage=stage,
+                                      device="cpu", save=False, checkpointing=True)
+        trainer = Trainer(model, SHARDS, cfg, progress=False)
+        trainer.run()
         state = {{k: v.contiguous() for k, v in model.lm.state_dict().items()}}
         save_file(state, f"{{OUT}}/z{{stage}}_rank{{rank}}.safetensors")
+        owned = sum(t.numel() for t in MasterWeights(trainer.engine)._flat)
+        with open(f"{{OUT}}/z{{stage}}_rank{{rank}}_partition.json", "w") as fh:
+            json.dump(owned, fh)  # this rank's fp32 master elements in ZeRO's partition
     if rank == 0:
         open(f"{{OUT}}/DONE", "w").write("ok")
 
@@ -287,8 +294,11 @@ def test_two_zero_ranks_train_the_blocks_as_one_process(data, tmp_path):
                           timeout=900, cwd=ROOT)
     if not (tmp_path / "DONE").exists():  # only an abort *after* the results is tolerated
         pytest.fail(f"2 ranks failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    numel = {n: p.numel() for n, p in _fresh().lm.named_parameters()}
     for stage in (2, 3):
-        for rank in (0, 1):
+        for rank in (0, 1):  # ZeRO's fp32 partitions: half the trained parameters each
+            owned = json.loads((tmp_path / f"z{stage}_rank{rank}_partition.json").read_text())
+            assert abs(owned - sum(numel[k] for k in trained) / 2) <= 64, (stage, owned)
             got = load_file(tmp_path / f"z{stage}_rank{rank}.safetensors")
             assert got.keys() == start.keys()
             for k in start:
