@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,45 @@ def option(default: Any, help: str, *, cli: str | bool = True, run: bool = False
     of the configuration a resumed run must share; ``parse``: the CLI's type."""
     return field(default=default,
                  metadata={"help": help, "cli": cli, "run": run, "parse": parse})
+
+
+LAYER_FORMS = "'all', 'top:N' (N >= 1) or block indices (e.g. 20,21,22,23)"
+
+
+def _layers_form_ok(value: Any) -> bool:
+    """Whether ``value`` is a ``train_layers`` value of one of the ``LAYER_FORMS`` (None
+    too); the blocks are checked against the model by ``select_blocks``."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return re.fullmatch(r"all|top:[1-9]\d*|\d+(,\d+)*", value.replace(" ", "")) is not None
+    items = list(value) if isinstance(value, Sequence) else [value]
+    return bool(items) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                               for i in items)
+
+
+def select_blocks(value: Any, n_layers: int) -> tuple[int, ...] | None:
+    """The sorted transformer blocks ``train_layers`` = ``value`` selects in a model of
+    ``n_layers`` blocks, or None for every parameter ("all", None). Raises ``UsageError``
+    (one line naming the option) for a malformed value or a block the model lacks."""
+    where = "option train_layers (--train-layers)"
+    if not _layers_form_ok(value):
+        raise UsageError(f"{where}: {value!r}; it must be {LAYER_FORMS}")
+    text = value.replace(" ", "") if isinstance(value, str) else None
+    if value is None or text == "all":
+        return None
+    if text is not None and text.startswith("top:"):
+        if int(text[4:]) > n_layers:
+            raise UsageError(f"{where}: {value!r} asks for {text[4:]} blocks; the model has "
+                             f"{n_layers} (use top:1 to top:{n_layers})")
+        return tuple(range(n_layers - int(text[4:]), n_layers))
+    blocks = ({int(x) for x in text.split(",")} if text is not None
+              else set(value) if isinstance(value, Sequence) else {value})
+    outside = sorted(b for b in blocks if b >= n_layers)
+    if outside:
+        raise UsageError(f"{where}: block(s) {outside} do not exist; the model has {n_layers} "
+                         f"blocks, numbered 0 to {n_layers - 1}")
+    return tuple(sorted(blocks))
 
 
 def _set_spec(text: str | list | None) -> str | list[str] | None:
@@ -79,6 +119,13 @@ class UnlearnConfig:
     targets): train only low-rank adapters of the targeted weights, the model frozen;
     the returned and saved model has them merged. save_adapter (transformers-format
     models): also write them as a PEFT adapter to ``out/adapter``.
+    train_layers: "top:N", block indices (a list or "20,21,22,23") or "all" (None, the
+    default: every parameter trains): only those transformer blocks, the output norm and
+    the K codebook heads train; the code embeddings, the text-condition projection and the
+    other blocks are frozen (no gradient, no optimizer state, no ZeRO partition of the
+    optimizer; backward stops at the lowest trained block: ``noencore.models.train_layers``).
+    A resumed run must select the same blocks. Not with ``lora`` (LoRA targets can name
+    blocks: ``layers.22``).
     A model loaded from a folder remembers the opt-outs it has served
     (``model.requests``, the folder's requests.json): a request whose forget set overlaps
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
@@ -154,6 +201,11 @@ class UnlearnConfig:
                                         "(less memory, about a third more compute)")
     lora: Any = option(None, "train only LoRA adapters (a LoraSpec or a dict: rank, alpha, "
                              "targets); the saved model has them merged", cli=False)
+    train_layers: str | list[int] | None = option(
+        None, "train only these transformer blocks, plus the output norm and the codebook "
+              "heads (the embeddings and the text projection freeze): top:N (the N highest "
+              "blocks), comma-separated block indices (20,21,22,23) or all (the default: "
+              "every parameter trains); not with LoRA", run=True)
     save_adapter: bool = option(False, "with --lora-rank, transformers-format models: also "
                                        "write the adapters as a PEFT adapter to OUT/adapter")
     save: bool = option(True, "save the unlearned model to OUT/model", cli=False)
@@ -220,6 +272,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "stop_every": (lambda v: v >= 1, ">= 1"),
     "grad_clip": (lambda v: v > 0, "positive (0 on the command line: no clipping)"),
     "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "train_layers": (_layers_form_ok, LAYER_FORMS),
 }
 
 

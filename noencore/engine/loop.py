@@ -30,9 +30,10 @@ from noencore import distributed as dist
 from noencore import trackers
 from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
-from noencore.engine.config import UnlearnConfig, fields_for_run
+from noencore.engine.config import UnlearnConfig, fields_for_run, select_blocks
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
 from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+from noencore.engine.optim import adamw
 from noencore.engine.requests import (
     check_request,
     held,
@@ -349,6 +350,7 @@ class _StepNumbers:
     step: int
     values: torch.Tensor  # float64 [9]: stats [6], objective, grad norm, all finite (0/1)
     backend: str | None
+    optimizer: str  # the AdamW that ran (``noencore.engine.optim``), or "deepspeed"
 
 
 def _train_step(run: Trainer, step: int) -> _StepNumbers:
@@ -356,7 +358,8 @@ def _train_step(run: Trainer, step: int) -> _StepNumbers:
     the rows, the device does the rest (``_device_step``) without the host waiting."""
     b, counts = _step_rows(run, step)
     micro = [_micro_inputs(run, m, counts, step) for m in _micro_batches(run, b)]
-    return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used)
+    return _StepNumbers(step + 1, _device_step(run, micro), run.objective.backend_used,
+                        run.optimizer_impl)
 
 
 def _device_step(run: Trainer, micro: list[tuple]) -> torch.Tensor:
@@ -413,7 +416,7 @@ def _read(pending: list[_StepNumbers], seconds: float) -> list[dict]:
                     "objective": v[6],
                     "method_loss": v[4] if math.isfinite(v[4]) else None,
                     "grad_norm": v[7], "tokens": tokens, "tokens_per_s": tokens / dt,
-                    "step_s": dt, "backend": p.backend})
+                    "step_s": dt, "backend": p.backend, "optimizer": p.optimizer})
     return out
 
 
@@ -532,6 +535,9 @@ class Trainer:
         self.distributed = cfg.zero_stage is not None or cfg.deepspeed is not None
         self.rank, self.world = 0, 1
         self.engine = self.stopper = self.adapters = self.frozen = self.runner = None
+        self.blocks: tuple[int, ...] | None = None  # train_layers' blocks (None: everything)
+        self.frozen_layers: Any = None  # what train_layers froze (restored at the end)
+        self.optimizer_impl = ""  # the AdamW that runs (``noencore.engine.optim``)
         self.trackers = trackers.Trackers([])  # opened once the run folder is claimed (rank 0)
         self.ref_forget: torch.Tensor | None = None
         self.ref_remain: torch.Tensor | None = None
@@ -598,6 +604,10 @@ class Trainer:
             raise UsageError("resume needs the run folder (out=...)")
         if c.checkpoint_every and c.out is None:
             raise UsageError("checkpoint_every needs a run folder (out=...)")
+        if c.lora is not None and str(c.train_layers).replace(" ", "") not in ("None", "all"):
+            raise UsageError("train_layers (--train-layers) and lora (--lora-rank) both choose "
+                             "what trains: give one (LoRA targets can name blocks, e.g. "
+                             "--lora-targets layers.22,layers.23,heads)")
         trackers.check(self.report_to, c.out)
         if c.precision not in ("fp32", "bf16"):
             raise UsageError(f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
@@ -637,6 +647,7 @@ class Trainer:
             warnings.warn(self.codec_note, stacklevel=3)
         if self.cfg.save_adapter and self.cfg.lora is None:
             raise UsageError("save_adapter needs LoRA (lora=... / --lora-rank)")
+        self.blocks = select_blocks(self.cfg.train_layers, len(self.model.lm.transformer.layers))
 
     def build_sets(self) -> None:
         """The method, the forget and remain windows (refused when they contradict an
@@ -716,8 +727,9 @@ class Trainer:
         self.sets.remain_held = self.sets.remain_held | self.unseen_mask
 
     def setup_optimizer(self) -> None:
-        """AdamW on the trainable weights (LoRA's adapters only, with ``lora``), or
-        DeepSpeed ZeRO around it; the run's identity for checkpoints, the run folder and
+        """AdamW on the trainable weights (LoRA's adapters only, with ``lora``; the
+        selected blocks, output norm and heads, with ``train_layers``), or DeepSpeed ZeRO
+        around it; the run's identity for checkpoints, the run folder and
         the checkpoint a resumed run starts from."""
         c, model = self.cfg, self.model
         if self.distributed:
@@ -735,11 +747,18 @@ class Trainer:
             from noencore.models.lora import apply_lora
 
             self.adapters = apply_lora(model, c.lora, seed=c.seed, save_adapter=c.save_adapter)
+        if self.blocks is not None:  # before the optimizer: only the selected blocks train
+            from noencore.models.train_layers import freeze_outside
+
+            self.frozen_layers = freeze_outside(model.lm, self.blocks)
         self.run_config = {
             "method": self.method.describe(), **{k: getattr(c, k) for k in fields_for_run()},
             "world": self.world, "precision": c.precision if not self.distributed else "bf16",
             "zero": ds_config["zero_optimization"]["stage"] if self.distributed else None,
+            "train_layers": None if self.blocks is None else list(self.blocks),
             **({"lora": self.adapters.describe()} if self.adapters is not None else {})}
+        if self.blocks is None:  # as checkpoints made before the option record it
+            del self.run_config["train_layers"]
         if self.out_dir is not None:
             self.claim_folder()
         if self.distributed and self.out_dir is not None:
@@ -748,7 +767,12 @@ class Trainer:
             _resume_point(self.ckpt_root, self.run_config, self.rank) if c.resume else (0, None))
         self.objective = UnlearnObjective(model, self.method, backend=c.backend)
         self.params = [p for p in model.lm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        if self.distributed:  # DeepSpeed runs the update on its own fp32 partitions
+            self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+            self.optimizer_impl = "deepspeed"
+        else:
+            self.optimizer, self.optimizer_impl = adamw(self.params, lr=c.lr,
+                                                        weight_decay=c.weight_decay)
         self.objective.train()
         model.activation_checkpointing(c.checkpointing)
         if self.distributed:
@@ -879,6 +903,8 @@ class Trainer:
             if c.save_adapter and self.out_dir is not None and self.rank == 0:
                 self.adapters.save_adapter(self.out_dir / "adapter")
             self.adapters.merge()
+        if self.frozen_layers is not None:
+            self.frozen_layers.restore()
         model.activation_checkpointing(False)
         model.lm.eval()
         if self.request_ids is not None:  # the model has served this request: saved with it

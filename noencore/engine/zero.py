@@ -2,7 +2,12 @@
 
 The same code runs on GPUs (nccl) and on CPU (gloo), with a launcher (``deepspeed``,
 ``torchrun``) or as one process. The optimizer is a torch AdamW handed to DeepSpeed (no
-FusedAdam build); with ``offload_optimizer`` its state lives in CPU memory.
+FusedAdam build); with ``offload_optimizer`` its state lives in CPU memory. DeepSpeed's
+FusedAdam would only run from an ``optimizer`` section of the config, which
+``build_config`` refuses; on GPUs the torch AdamW runs its multi-tensor (foreach) update
+over ZeRO's flat fp32 partitions, torch's default for CUDA tensors. Frozen parameters
+(LoRA's base weights, the blocks ``train_layers`` leaves out) are not in the optimizer, so
+not in its partitions; ZeRO-3 still partitions and gathers them for the forward pass.
 """
 from __future__ import annotations
 
@@ -130,12 +135,29 @@ def initialize(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
         for layer in objective.model.lm.transformer.layers:
             if not any(parametrize.is_parametrized(m) for m in layer.modules()):
                 set_z3_leaf_module(layer, True)
+                layer.register_forward_pre_hook(_input_requires_grad)
             elif getattr(layer.self_attn, "memory_efficient", False):
                 raise UsageError("LoRA under ZeRO-3 needs plain attention, and this model "
                                  "uses audiocraft's memory-efficient attention; use "
                                  "--zero-stage 1 or 2 with LoRA (its trained state is small)")
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
     return engine
+
+
+def _input_requires_grad(layer: torch.nn.Module, args: tuple) -> tuple | None:
+    """A ZeRO-3 leaf layer that trains gets an input that requires gradients.
+
+    ZeRO-3 reduces a leaf module's gradients from a full backward hook, and such a hook
+    fires as soon as the output's gradient arrives when no input requires gradients: before
+    the layer's own backward, which then adds its weight gradients to released partitions.
+    That is the lowest trained block under ``train_layers`` (frozen below it); its input
+    becomes a new leaf that requires gradients, which costs the input gradient of that one
+    block and reaches nothing below it."""
+    x = args[0] if args else None
+    if (not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.requires_grad
+            or not any(p.requires_grad for p in layer.parameters())):
+        return None
+    return (x.detach().requires_grad_(), *args[1:])
 
 
 def frozen_copies(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
