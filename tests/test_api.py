@@ -94,7 +94,7 @@ def test_one_declaration_of_the_options() -> None:
     fields = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
     assert all(f.metadata["help"] for f in fields.values())
     assert set(fields_for_run()) == {"lr", "weight_decay", "batch_size", "forget_ratio",
-                                     "frames", "seed", "train_layers"}
+                                     "frames", "seed", "train_layers", "anchor_unseen"}
     assert set(inspect.signature(noencore.unlearn).parameters) == {
         "model", "shards", "config", "progress", "on_step", "overrides"}
     parser = argparse.ArgumentParser()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_shards import random_items, write_shards  # noqa: E402
