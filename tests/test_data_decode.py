@@ -100,16 +100,21 @@ def test_workers_are_fresh_interpreters_without_torch(tmp_path):
         pool.close()
 
 
-def test_a_hanging_file_times_out_and_the_rest_is_encoded(tmp_path, capsys):
-    """A named pipe nobody writes blocks its reader forever; the run must not."""
+def test_a_hanging_file_times_out_and_the_rest_is_encoded(tmp_path, capsys, monkeypatch):
+    """A decoder that never returns (a stalled mount: the worker is made to stall on one
+    file by fault injection) must not stop the run; a named pipe is refused before it is
+    opened (opening one waits for a writer forever)."""
     manifest = make_corpus(tmp_path, broken=False)
-    os.mkfifo(tmp_path / "hang.wav")
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "hang.wav").write_bytes((tmp_path / GOOD[0][0]).read_bytes())
     lines = manifest.read_text().splitlines(True)
-    lines.insert(2, json.dumps({"id": "hang", "path": "hang.wav", "caption": "pipe"}) + "\n")
+    lines.insert(2, json.dumps({"id": "hang", "path": "hang.wav", "caption": "stall"}) + "\n")
+    lines.insert(3, json.dumps({"id": "pipe", "path": "pipe.wav", "caption": "pipe"}) + "\n")
     manifest.write_text("".join(lines))
-    # If the timeout failed to fire, a writer opening the pipe would end the wait (as an
-    # empty file), so that a broken implementation fails this test instead of hanging it.
-    guard = threading.Timer(300, lambda: os.close(os.open(tmp_path / "hang.wav", os.O_RDWR)))
+    monkeypatch.setenv("NOENCORE_FAULT", "stall:hang.wav")
+    # If the refusal failed, a writer opening the pipe would end the wait (as an empty
+    # file), so that a broken implementation fails this test instead of hanging it.
+    guard = threading.Timer(300, lambda: os.close(os.open(tmp_path / "pipe.wav", os.O_RDWR)))
     guard.start()
     try:
         out = tmp_path / "out"
@@ -119,9 +124,11 @@ def test_a_hanging_file_times_out_and_the_rest_is_encoded(tmp_path, capsys):
     finally:
         guard.cancel()
     assert code == 0
-    failures = [json.loads(x) for x in (out / layout.FAILURES).read_text().splitlines()]
-    assert [f["id"] for f in failures] == ["hang"]
-    assert failures[0]["reason"].startswith("decode timed out after 2 s")
+    failures = {json.loads(x)["id"]: json.loads(x)["reason"]
+                for x in (out / layout.FAILURES).read_text().splitlines()}
+    assert sorted(failures) == ["hang", "pipe"]
+    assert failures["hang"].startswith("decode timed out after 2 s")
+    assert failures["pipe"].startswith("not a regular file (a named pipe")
     assert "hang: decode timed out after 2 s" in capsys.readouterr().err
     assert sorted(set(TokenShards(out, verify=True).ids)) == [f"song{i}" for i in range(len(GOOD))]
 

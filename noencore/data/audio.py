@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from math import gcd
@@ -284,6 +285,8 @@ def decode_job(path: str, sample_rate: int, min_samples: int,
     Failures are messages rather than exceptions, so that every outcome crosses the
     process boundary the same way.
     """
+    if os.environ.get("NOENCORE_FAULT") == f"stall:{Path(path).name}":
+        time.sleep(3600)  # fault injection for the decode-timeout test: a stalled mount
     stream = AudioStream(path, sample_rate, min_samples, segment_samples)
     try:
         for piece in stream:
