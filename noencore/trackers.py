@@ -48,6 +48,10 @@ def parse(value: Any) -> tuple[str, ...]:
     string or a list. Unknown names are refused, naming the option."""
     if value is None:
         return ()
+    if not isinstance(value, str | list | tuple) or not all(
+            isinstance(x, str) for x in ([] if isinstance(value, str) else value)):
+        raise UsageError(f"option report_to (--report-to): {value!r}; give a comma-separated "
+                         f"list of {', '.join(KNOWN)} (or none)")
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(x).strip().lower() for x in items if str(x).strip()]
     if names in ([], ["none"]):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from noencore.errors import NoencoreError  # noqa: E402
@@ -168,6 +168,11 @@ def _unlearn_keys() -> list[str]:
 @SLOW
 @given(config=st.dictionaries(st.sampled_from(_unlearn_keys()), _values, max_size=4),
        as_json=st.booleans())
+# cases the property found (each was a traceback of another kind)
+@example(config={"remain": False}, as_json=False)
+@example(config={"out": False}, as_json=True)
+@example(config={"lora_rank": False, "lora_targets": False}, as_json=False)
+@example(config={"method_options": [1]}, as_json=True)
 def test_any_unlearn_config_is_taken_or_refused_in_one_line(config, as_json, code_shards,
                                                             tmp_path):
     """The CLI's path up to training: the config file read, flags merged, every option
@@ -210,6 +215,9 @@ def _eval_keys() -> list[str]:
 
 @SLOW
 @given(options=st.dictionaries(st.sampled_from(_eval_keys()), _values, max_size=3))
+@example(options={"report_to": False})
+@example(options={"relearn_steps": 0.0})
+@example(options={"metrics": False})
 def test_any_evaluate_options_are_taken_or_refused_in_one_line(options):
     from noencore.evaluation import relearn
     from noencore.evaluation.config import EvalConfig

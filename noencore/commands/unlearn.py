@@ -83,6 +83,18 @@ def _read_config(path: str) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    for name, (kind, _, _) in _CLI_ONLY.items():  # the others: UnlearnConfig.check
+        value = data.get(name)
+        ok = value is None or (isinstance(value, bool) is False and (
+            isinstance(value, kind) or (kind is float and isinstance(value, int))
+            or (name == "lora_targets" and isinstance(value, list)
+                and all(isinstance(x, str) for x in value))))
+        if not ok:
+            want = {str: "a string", int: "a whole number", float: "a number"}[kind]
+            raise UsageError(f"{path}: option {name}: {value!r} is not {want}")
+    if not isinstance(data.get("method_options") or {}, dict):
+        raise UsageError(f"{path}: option method_options: {data['method_options']!r} is not "
+                         "a mapping of method options")
     return data
 
 
@@ -123,7 +135,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise UsageError("--forget (split or ids) or --forget-ids is required")
     for name, f in _FIELDS.items():  # the parsing a flag's text needs beyond its type
         if f.metadata["parse"] not in (None, int, float):
-            opts[name] = f.metadata["parse"](opts.get(name))
+            try:
+                opts[name] = f.metadata["parse"](opts.get(name))
+            except UsageError as exc:
+                raise UsageError(f"option {name} (--{name.replace('_', '-')}): {exc}") from None
     if opts.get("grad_clip") == 0:
         opts["grad_clip"] = None
     opts["deepspeed"] = opts.pop("deepspeed_config")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,10 +73,20 @@ def select_blocks(value: Any, n_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(blocks))
 
 
-def _set_spec(text: str | list | None) -> str | list[str] | None:
+def _is_set(value: Any) -> bool:
+    """A split name, a list of source ids, or a selection of the shards (``TokenShards``)."""
+    if isinstance(value, list | tuple):
+        return all(isinstance(x, str | int) and not isinstance(x, bool) for x in value)
+    return isinstance(value, str) or hasattr(value, "ids")
+
+
+def _set_spec(text: Any) -> Any:
     """A split name stays a string; a comma-separated value is a list of source ids."""
-    if text is None or isinstance(text, list):
+    if text is None or (_is_set(text) and not isinstance(text, str)):
         return text
+    if not isinstance(text, str):
+        raise UsageError(f"{text!r} is not a set: give a split name, or source ids (a "
+                         "comma-separated string or a list)")
     return [x.strip() for x in text.split(",") if x.strip()] if "," in text else text
 
 
@@ -223,6 +234,10 @@ class UnlearnConfig:
                               else f.name).replace("_", "-")
             if value is None and "None" in str(f.type):
                 continue
+            if parse is _set_spec and value is not None and not _is_set(value):
+                raise UsageError(f"option {f.name} ({flag}): {value!r} is not a set: give a "
+                                 "split name, or source ids (a comma-separated string or a "
+                                 "list)")
             if parse in (int, float) or str(f.type) == "bool":
                 want = {int: int, float: (int, float)}.get(parse, bool)
                 if isinstance(value, bool) is not (want is bool) or not isinstance(value, want):
@@ -231,6 +246,8 @@ class UnlearnConfig:
                 if parse is float and not math.isfinite(value):
                     raise UsageError(f"option {f.name} ({flag}): {value!r} is not a finite "
                                      "number")
+            if f.name in _PATHS and value is not None and not isinstance(value, _PATHS[f.name]):
+                raise UsageError(f"option {f.name} ({flag}): {value!r} is not a path")
             rule = _RANGES.get(f.name)
             if rule is not None and not rule[0](value):
                 raise UsageError(f"option {f.name} ({flag}): {value!r}; it must be {rule[1]}")
@@ -259,6 +276,11 @@ class UnlearnConfig:
                                               | None) else str(value)
         return out
 
+
+# the options that name a file or folder (a config given as a dict, or a condition cache
+# object, where those are taken too), by what each takes
+_PATHS: dict[str, tuple[type, ...]] = {"out": (str, os.PathLike),
+                                       "deepspeed": (str, os.PathLike, dict)}
 
 # the range of each numeric option that has one (its type is checked for every one; steps,
 # batch_size, frames, accumulation and log_every get the trainer's own messages)

@@ -522,6 +522,7 @@ class Trainer:
                  on_step: Callable[[int, dict], None] | None = None):
         from noencore.data.shards import set_ids as named
 
+        cfg.check()  # every option's type and range before any is read
         self.report_to = trackers.parse(cfg.report_to)
         if cfg.report_to is not None:  # config.json and the trackers' config: the names
             cfg = cfg.replace(report_to=list(self.report_to))
