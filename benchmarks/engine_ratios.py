@@ -231,6 +231,21 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def best_step_times(states: dict[str, dict], reps: int) -> dict[str, float]:
+    """The fastest of ``reps`` engine steps (fp32) of each set-up in ``states``, the set-ups
+    interleaved in this process after one warm-up step each: the machine's load moves
+    between subprocesses, and the minimum is the least disturbed run."""
+    best = dict.fromkeys(states, float("inf"))
+    for st in states.values():
+        engine_step(st, False)
+    for _ in range(reps):
+        for v, st in states.items():
+            t = time.perf_counter()
+            engine_step(st, False)
+            best[v] = min(best[v], time.perf_counter() - t)
+    return best
+
+
 def peak_rss(fn) -> tuple[int, int]:
     """(RSS before, peak RSS while ``fn()`` runs), in bytes, sampled every millisecond."""
     before, peak, stop = _rss(), [0], threading.Event()

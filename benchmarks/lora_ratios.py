@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_ratios import engine_step, peak_rss, setup  # noqa: E402
+from engine_ratios import best_step_times, engine_step, peak_rss, setup  # noqa: E402
 
 TARGETS = ("attention", "heads")
 VARIANTS = ("full", "lora")
@@ -76,15 +76,8 @@ def step_table(a: argparse.Namespace) -> None:
         rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
     # times in one process, interleaved (the minimum is the least disturbed run), as the
     # machine's load moves between subprocesses
-    states = {v: step_state(v, a.layers, a.batch, a.seconds, a.rank) for v in VARIANTS}
-    best = dict.fromkeys(VARIANTS, float("inf"))
-    for v in VARIANTS:
-        engine_step(states[v], False)
-    for _ in range(a.reps):
-        for v in VARIANTS:
-            t = time.perf_counter()
-            engine_step(states[v], False)
-            best[v] = min(best[v], time.perf_counter() - t)
+    best = best_step_times({v: step_state(v, a.layers, a.batch, a.seconds, a.rank)
+                            for v in VARIANTS}, a.reps)
     full, lora = rows["full"], rows["lora"]
     print(f"### One step (GradDiff, fp32, AdamW): dim 1024, {a.layers} layers, "
           f"{full['total'] / 1e6:.1f} M LM params, B={a.batch}, {a.seconds:g} s\n")

@@ -24,12 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_ratios import engine_step, peak_rss, setup  # noqa: E402
+from engine_ratios import best_step_times, engine_step, peak_rss, setup  # noqa: E402
 
 
 def variants(tops: list[int]) -> list[str]:
@@ -69,16 +68,8 @@ def measure_memory(variant: str, layers: int, batch: int, seconds: float) -> dic
 def step_times(names: list[str], a: argparse.Namespace) -> dict[str, float]:
     """Best step time of each variant, interleaved in one process (the machine's load
     moves between subprocesses; the minimum is the least disturbed run)."""
-    states = {v: step_state(v, a.layers, a.batch, a.seconds) for v in names}
-    best = dict.fromkeys(names, float("inf"))
-    for v in names:
-        engine_step(states[v], False)
-    for _ in range(a.reps):
-        for v in names:
-            t = time.perf_counter()
-            engine_step(states[v], False)
-            best[v] = min(best[v], time.perf_counter() - t)
-    return best
+    return best_step_times({v: step_state(v, a.layers, a.batch, a.seconds) for v in names},
+                           a.reps)
 
 
 def table(a: argparse.Namespace) -> None:
