@@ -589,8 +589,7 @@ class Trainer:
 
     def check_options(self) -> None:
         """Refuse contradictory options before any work."""
-        c = self.cfg
-        c.check()
+        c = self.cfg  # its types and ranges were checked when the trainer was made
         if self.forget is None:
             raise UsageError("the forget set is required (forget=SPLIT|IDS, --forget)")
         if c.steps < 0 or c.batch_size <= 0 or c.frames <= 0:

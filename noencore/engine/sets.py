@@ -109,10 +109,7 @@ class UnlearningSets:
         """Mark the remain windows of the items ``ids`` as held (an earlier request's forget
         items kept where that request left them: ``Method.remain_weights``); returns the
         number of held windows."""
-        wanted = {str(x) for x in ids}
-        item_ids = self.shards.ids
-        self.remain_held = np.array([item_ids[i] in wanted for i in self.remain_item.tolist()],
-                                    dtype=bool)
+        self.remain_held = self.remain_windows_of(ids)
         return int(self.remain_held.sum())
 
     def remain_windows_of(self, ids: Sequence[str]) -> np.ndarray:
