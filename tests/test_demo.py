@@ -19,8 +19,9 @@ TINY = dict(n_clips=14, seconds=(1.0, 1.2), forget_fraction=0.3, memorise_steps=
             methods=(("ga", {}), ("bounded_ga", {"loss_cap": None, "row_target": "unseen",
                                                  "remain_weight": 3.0, "remain_anchor": True,
                                                  "steps": 2}),
-                     ("match", {"remain_weight": 3.0, "remain_anchor": True,
-                                "stop_rule": "original", "steps": 2})))
+                     ("match", {"stop_nonmembers": "unknown", "anchor_unseen": "valid_optout",
+                                "steps": 2})),
+            unknown_clips=4)
 METHODS = ["ga", "bounded_ga", "match"]
 
 

@@ -89,8 +89,8 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
          ("simnpo", {"beta": 2.5, "remain_anchor": True}),
          # the random model's rows sit near log(card) nats: a target 7 nats away from it
          # with a narrow width is the linear (GA-strength) branch, a wide one the quadratic
-         ("match", {"target": 0.5, "width": 0.3, "remain_weight": 0.7}),
-         ("match", {"target": 7.0, "width": 50.0, "remain_weight": 0.7}),
+         ("match", {"target": 0.5, "width": 0.3, "remain_weight": 0.7, "remain_anchor": False}),
+         ("match", {"target": 7.0, "width": 50.0, "remain_weight": 0.7, "remain_anchor": False}),
          ("match", {"target": 7.0, "width": 50.0, "remain_anchor": True})]
 
 
@@ -317,7 +317,8 @@ def test_match_targets_by_quantile_map():
 
 
 def test_match_pulls_rows_to_the_target_from_both_sides():
-    m = get_method("match", target=5.0, width=1.0, remain_weight=0.0)
+    m = get_method("match", target=5.0, width=1.0, remain_weight=0.0,
+                   remain_anchor=False)
     # rows far below (GA strength), just below, at, just above and far above the target
     rows = _rows([1.0, 4.5, 5.0, 5.5, 9.0], [0.0] * 5)
     w, loss = m.weights(rows)

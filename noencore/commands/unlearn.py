@@ -172,4 +172,6 @@ def run(args: argparse.Namespace) -> int:
                       "forget_nll": last.get("forget_nll"), "remain_nll": last.get("remain_nll"),
                       "model_dir": str(res.model_dir) if res.model_dir else None,
                       "stop": res.stop_info}))
+    if res.report is not None:  # --audit: the report a rights holder reads
+        print(f"report: {res.out / 'report' / 'report.md'}\n{res.report['verdict']}")
     return 0

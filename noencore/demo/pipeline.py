@@ -34,30 +34,37 @@ from typing import Any
 
 HOLDOUT = "holdout_optout"  # splits of the demo corpus (noencore.demo.corpus)
 VALID = "valid_optout"
+UNKNOWN_SPLIT = "unknown"  # tracks by artists nothing trains on (noencore.demo.corpus)
 STOP_RULES = ("auc", "matched", "fixed")
 
 # (method, options): the study's two methods; GA bounded per row at the level of the
 # artist's unseen tracks (row_target "unseen": moved with that level at every check),
-# which over-unlearns (kept for comparison); then the engine's default, target matching:
-# each forget row pulled to a target fitted, under the memorised model, by a quantile map
-# onto the artist's validation tracks, re-fitted once (step 40) to where those tracks
-# settled as the artist's sound was unlearned, the remain set anchored at the memorised
-# model's NLL. Stop rule "original" at AUC 0: once every forget track is less likely than
-# every validation track was under the memorised model (bisected), or after 90 steps.
+# which over-unlearns (kept for comparison); then the engine's default method, target
+# matching with its default options: each forget row pulled onto a target fitted, under
+# the memorised model, by a quantile map onto the tracks of artists nothing trained on
+# (split "unknown": the level at which the model treats music it never met), the artist's
+# validation tracks trained as remain rows held at that level (so that the artist's other
+# music does not follow the forget set past it), the remain set anchored at the memorised
+# model's NLL; 150 steps (the engine's stop rule for it is a guard: "original" at AUC 0,
+# once the forget set went past every unknown artist's track as the memorised model
+# scored them).
 # Options the demo reads itself: "steps" (this method's step budget), "stop_rule" and
-# "stop_auc" (the engine's stop rule for this method, instead of DemoConfig's), "method"
-# (the engine's method when the entry's name is a label of its own, e.g.
+# "stop_auc" (the engine's stop rule for this method, instead of DemoConfig's; a method
+# that fits its targets to the non-members gets the engine's own by default),
+# "stop_nonmembers" (the split its stop rule and targets read: default the artist's
+# validation tracks), "anchor_unseen" (a split held as the engine's anchor_unseen),
+# "method" (the engine's method when the entry's name is a label of its own, e.g.
 # "bounded_ga_lora") and "lora" (unlearn's LoRA option).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),
     ("bounded_ga", {"loss_cap": None, "row_target": "unseen", "remain_weight": 3.0,
                     "remain_anchor": True}),
-    ("match", {"width": 1.0, "remain_weight": 3.0, "remain_anchor": True, "refit_at": [40],
-               "stop_rule": "original", "stop_auc": 0.0, "steps": 90}),
+    ("match", {"stop_nonmembers": UNKNOWN_SPLIT, "anchor_unseen": VALID, "steps": 150}),
 )
 DEFAULT_METHOD = "match"  # the engine's default: the one the goals are checked for
-_DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc", "method", "lora")
+_DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc", "stop_nonmembers", "anchor_unseen",
+                 "method", "lora")
 REPLAY_METRICS = ("continuation", "ngram")
 
 
@@ -72,7 +79,9 @@ class DemoConfig:
     optout_valid: float = 1 / 3     # ...and a third never trained on, for the stop rule
     corpus: str = "distinct"        # or "shared": the other artists sound like the opt-out one
     forget_share: float = 1.0       # share of the artist's trained clips the request names
-    unknown_clips: int = 0          # clips by artists nothing trains on (split "unknown")
+    # clips by artists nothing trains on (split "unknown"): the default method's reference
+    # for music the model never met (a real request brings such tracks)
+    unknown_clips: int = 24
     seed: int = 0
     memorise_steps: int = 350
     memorise_lr: float = 3e-3
@@ -274,7 +283,7 @@ class _Demo:
                    batch_size=8, workers=1, progress=self.progress)
         self.token_shards = shards = TokenShards(shards_dir)
         self.counts = {s: len(shards.select(split=s)) for s in ("forget", "remain", HOLDOUT,
-                                                                 VALID)}
+                                                                 VALID, UNKNOWN_SPLIT)}
         _done(t0, f"shards: {shards_dir} {self.counts}")
 
     def conditions(self) -> None:
@@ -398,6 +407,8 @@ class _Demo:
 
     def _unlearn_one(self, name: str, options: dict[str, Any], run_dir: Path) -> None:
         from noencore.engine.loop import unlearn
+        from noencore.errors import UsageError
+        from noencore.methods import get_method
 
         cfg = self.cfg
         stop_rule = options.get("stop_rule")
@@ -418,15 +429,28 @@ class _Demo:
                   forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
                   weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
                   grad_clip=1.0, progress=self.progress)
-        if cfg.stop == "fixed" and stop_rule is None:
+        fits = get_method(kw["method"], **method_options).needs_nonmember_targets
+        if cfg.stop == "fixed" and stop_rule is None and not fits:
             unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
                     target_forget_nll=self.target_nll, **kw)
-        else:  # the engine's membership-inference stop rule, on the validation tracks
-            unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
-                    stop_nonmembers=VALID if self.counts[VALID] else HOLDOUT,
-                    stop_rule=stop_rule or ("auc" if cfg.stop == "auc" else "nll"),
-                    stop_auc=options.get("stop_auc", cfg.stop_auc),
-                    stop_every=cfg.check_every, **kw)
+            return
+        # the engine's membership-inference stop rule, on the validation tracks or the
+        # entry's own non-members; a method that fits its targets to them stops by the
+        # engine's rule for it unless the entry names one
+        nonmembers = options.get("stop_nonmembers") or (VALID if self.counts[VALID]
+                                                        else HOLDOUT)
+        for split in (nonmembers, options.get("anchor_unseen")):
+            if split is not None and not self.counts.get(split):
+                raise UsageError(f"demo method {name!r} reads split {split!r}, which the "
+                                 f"corpus does not have (counts: {self.counts}); for "
+                                 f"{UNKNOWN_SPLIT!r} set DemoConfig.unknown_clips > 0")
+        if stop_rule is None and not fits:
+            stop_rule = "auc" if cfg.stop == "auc" else "nll"
+        unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
+                stop_nonmembers=nonmembers, anchor_unseen=options.get("anchor_unseen"),
+                stop_rule=stop_rule,
+                stop_auc=options.get("stop_auc", None if fits else cfg.stop_auc),
+                stop_every=cfg.check_every, **kw)
 
     def evaluate_all(self) -> None:
         """Each model against the memorised model and the retrained one."""

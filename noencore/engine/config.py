@@ -142,6 +142,12 @@ class UnlearnConfig:
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
     (``RequestConflict``) before training; a finished run appends its own request, which
     the saved model folder keeps (``noencore.engine.requests``).
+    audit (``noencore.engine.audit``): tracks like the forget set that the model never
+    trained on and the run reads nowhere else (checked before training); after training
+    the unlearned model is evaluated against the starting model on them (every attack's
+    AUC, dataset inference, replay, remain change, the relearning probe), the report and
+    its plots are written to ``out/report`` and the result's ``report`` holds it, with a
+    one-line ``verdict``. Needs ``out`` and the starting model as a spec (hub id, folder).
     report_to (``noencore.trackers``): "tensorboard", "wandb", "csv" or several
     (comma-separated or a list); rank 0 reports every step's metrics, each stop-rule
     check, a summary table and the loss plot.
@@ -151,8 +157,9 @@ class UnlearnConfig:
                          parse=_set_spec)
     remain: Any = option(None, "remain set: split name or comma-separated ids (default: all "
                                "other items outside held-out splits)", parse=_set_spec)
-    method: Any = option("ga", " | ".join(METHODS) + " (noencore.methods; README: which to "
-                                                      "use)")
+    method: Any = option("match", " | ".join(METHODS) + " (noencore.methods; README: which "
+                                                         "to use). The default, match, needs "
+                                                         "--stop-nonmembers")
     method_options: dict | None = option(None, "options of the method (--method-option "
                                                "KEY=VALUE, repeatable)", cli=False)
     steps: int = option(100, "maximum optimizer steps", parse=int)
@@ -187,10 +194,23 @@ class UnlearnConfig:
                                       "does not push the artist's other music past it; needs a "
                                       "method that fits its targets to non-members",
                                 parse=_set_spec, run=True)
-    stop_rule: str = option("auc", "with --stop-nonmembers: auc (LOSS-attack AUC <= "
-                                   "--stop-auc), nll (forget NLL reaches theirs) or original "
-                                   "(the AUC against their NLLs under the starting model)")
-    stop_auc: float = option(0.5, "with --stop-nonmembers: the AUC to stop at", parse=float)
+    audit: Any = option(None, "after training, audit the unlearned model against the "
+                              "starting model on these tracks (split or comma-separated ids): "
+                              "music like the forget set that the model never trained on and "
+                              "the run reads nowhere else; writes OUT/report (every attack's "
+                              "AUC, dataset inference, replay, remain change, relearning, "
+                              "plots) and prints the verdict", parse=_set_spec)
+    stop_rule: str | None = option(None, "with --stop-nonmembers: auc (LOSS-attack AUC <= "
+                                         "--stop-auc), nll (forget NLL reaches theirs) or "
+                                         "original (the AUC against their NLLs under the "
+                                         "starting model; the default for a method that fits "
+                                         "its targets to them, match; auc for the others)")
+    stop_auc: float | None = option(None, "with --stop-nonmembers: the AUC to stop at "
+                                          "(default 0.5; 0 for a method that fits its targets "
+                                          "to them, match: it stops only once the whole forget "
+                                          "set went past where they were, a guard against "
+                                          "over-unlearning, and else runs its --steps)",
+                                    parse=float)
     stop_every: int = option(1, "with --stop-nonmembers: check every N steps", parse=int)
     grad_clip: float | None = option(1.0, "gradient norm clip (0: none)", parse=float)
     log_every: int = option(10, "read the step numbers from the device every N steps "

@@ -68,13 +68,15 @@ class UnlearnResult:
     out: Path | None = None
     model_dir: Path | None = None
     stop_info: dict | None = None
+    report: dict | None = None  # the audit's evaluation (``audit``), with its "verdict"
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the model, JSON-ready (paths as strings)."""
+        """Everything but the model and the report, JSON-ready (paths as strings)."""
         return {"steps": self.steps, "stopped": self.stopped, "metrics": list(self.metrics),
                 "out": None if self.out is None else str(self.out),
                 "model_dir": None if self.model_dir is None else str(self.model_dir),
-                "stop_info": self.stop_info}
+                "stop_info": self.stop_info,
+                "verdict": None if self.report is None else self.report.get("verdict")}
 
 
 def _check_codec(model, shards, allow_mismatch: bool = False) -> str | None:
@@ -498,7 +500,16 @@ def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
     Raises NoencoreError on bad input (before training) and DivergenceError on NaN/inf.
     """
     cfg = (config or UnlearnConfig()).replace(**overrides)
-    return Trainer(model, shards, cfg, progress=progress, on_step=on_step).run()
+    trainer = Trainer(model, shards, cfg, progress=progress, on_step=on_step)
+    result = trainer.run()
+    if cfg.audit is not None:
+        from noencore.engine.audit import audit_run
+
+        forget, remain = trainer.audit_sets
+        result.report = audit_run(result.model, model, trainer.shards, forget, remain,
+                                  cfg.audit, result.out, lr=cfg.lr, batch_size=cfg.batch_size,
+                                  frames=cfg.frames, progress=progress)
+    return result
 
 
 # what a run writes into its folder (rank 0 and, for DeepSpeed's partitions, every rank)
@@ -618,6 +629,11 @@ class Trainer:
                              f"--batch-size {world} or more")
         if c.log_every < 1:
             raise UsageError(f"log_every must be >= 1 step, got {c.log_every}")
+        if c.audit is not None and (c.out is None or not isinstance(self.model, str | os.PathLike)):
+            raise UsageError("audit writes its report into the run folder and reloads the "
+                             "starting model to compare with: give out=... and the model as a "
+                             "spec (hub id, folder or 'tiny'), or run noencore.evaluate "
+                             "yourself")
         if c.accumulation < 1:
             raise UsageError(f"accumulation must be >= 1 micro-batch per step, got "
                              f"{c.accumulation}")
@@ -656,6 +672,14 @@ class Trainer:
 
         c, model = self.cfg, self.model
         self.method = method = get_method(c.method, **(c.method_options or {}))
+        # a method that fits its targets to the non-members under the starting weights stops
+        # where they were (its targets); the others chase them under the current weights
+        # a method that fits its targets to the non-members under the starting weights
+        # holds the forget rows on them: its stop rule is a guard against running past
+        # every one of them (original, AUC 0); the others stop where they cross them
+        fits = method.needs_nonmember_targets
+        self.stop_rule = c.stop_rule or ("original" if fits else "auc")
+        self.stop_auc = c.stop_auc if c.stop_auc is not None else 0.0 if fits else 0.5
         self.sets = UnlearningSets(self.shards, self.forget, self._remain_spec(), c.frames)
         if is_opt_out(method):  # refused before any work when it contradicts an earlier one
             if c.steps < 1:
@@ -681,15 +705,37 @@ class Trainer:
             from noencore.engine.stopping import NonmemberStop
 
             self.stopper = NonmemberStop(model, self.sets, self.forget, self.nonmembers,
-                                         self.cache, rule=c.stop_rule, target_auc=c.stop_auc,
+                                         self.cache, rule=self.stop_rule, target_auc=self.stop_auc,
                                          every=c.stop_every,
                                          batch_size=self.shape.scoring_batch, frames=c.frames)
         if method.needs_nonmember_targets and self.stopper is None:
-            raise UsageError(f"method {method.name!r} measures its targets on non-member "
-                             "tracks under the starting model: give them (--stop-nonmembers "
-                             "SPLIT|IDS, stop_nonmembers=...) or a fixed target "
-                             "(--method-option target=NATS)")
+            raise UsageError(f"method {method.name!r} (the default) sends the forget set "
+                             "to where the model puts music it never trained on: name such "
+                             "tracks with --stop-nonmembers SPLIT|IDS (stop_nonmembers=...): "
+                             "tracks by artists absent from training, in the opt-out artist's "
+                             "style, or the artist's unreleased tracks; never the tracks you "
+                             "evaluate on. Or give a fixed target (--method-option "
+                             "target=NATS), or another --method")
         self._mark_unseen()
+        self._check_audit()
+
+    def _check_audit(self) -> None:
+        """The audit's tracks are none the run reads (``audit.check_disjoint``); keeps the
+        forget and remain ids the audit evaluates (the remain set without the anchored
+        unseen tracks: those are the artist's)."""
+        if self.cfg.audit is None:
+            return
+        from noencore.data.shards import select_set
+        from noencore.engine.audit import check_disjoint
+
+        forget, remain = set_ids(self.sets)
+        unseen = set(self.unseen_ids)
+        remain = [i for i in remain if i not in unseen]
+        read = {"forget set": forget, "anchored unseen tracks": unseen, "remain set": remain}
+        if self.nonmembers is not None:
+            read["stop rule's non-members"] = select_set(self.shards, self.nonmembers).ids
+        check_disjoint(select_set(self.shards, self.cfg.audit).ids, read)
+        self.audit_sets = (forget, remain)
 
     def _remain_spec(self) -> Any:
         """The remain set, with the ``anchor_unseen`` tracks added to it."""
@@ -880,10 +926,10 @@ class Trainer:
             if stopper.last is not None and stopper.last["step"] == step:
                 self.numbers.checked(stopper.last, info)
             if info is not None:
-                why, checkpoint = f"nonmember_{c.stop_rule}", self.ckpt_root is not None
+                why, checkpoint = f"nonmember_{self.stop_rule}", self.ckpt_root is not None
                 self.numbers.note(
                     f"step {step}: forget vs non-members: AUC {info['auc']:.3f}, NLL "
-                    f"{info['forget_nll']:.3f} vs {info['nonmember_nll']:.3f} ({c.stop_rule} "
+                    f"{info['forget_nll']:.3f} vs {info['nonmember_nll']:.3f} ({self.stop_rule} "
                     f"rule; {info['fraction']:.2f} of the last step kept): stop")
         if checkpoint:
             _save_checkpoint(self, step, stopper.original if stopper is not None else None)

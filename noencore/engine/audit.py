@@ -1,0 +1,103 @@
+"""The report a rights holder reads at the end of a run (``unlearn(..., audit=SPLIT|IDS)``,
+``noencore unlearn --audit``).
+
+The unlearned model is evaluated against the starting model (``noencore.evaluate``) on
+the forget set, the remain set and the audit tracks: music like the forget set that the
+model never trained on (e.g. a share of the artist's unreleased tracks), which the run
+reads nowhere else. The report holds the forget-vs-audit AUC of every membership-inference
+attack, the artist-level dataset-inference p-value, verbatim replay, the remain set's
+change, the relearning probe (the unlearned model fine-tuned on the remain set for
+``RELEARN_STEPS`` steps, then the forget AUC again) and one verdict line over all of them,
+with the plots (per-item NLL histograms, ROC curves) in ``OUT/report``.
+
+The audit tracks must be disjoint from every set the run reads (forget, remain, the stop
+rule's non-members, the anchored unseen tracks): a membership test on tracks the method
+was fitted to would grade its own homework. ``check_disjoint`` refuses that before any
+training.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from noencore.errors import UsageError
+
+RELEARN_STEPS = 10    # the relearning probe's fine-tuning steps on the remain set
+REPORT_FOLDER = "report"
+AUDIT_METRICS = ("token", "mia", "privleak", "dataset_inference", "continuation")
+# the relearned forget AUC (LOSS attack) may sit this far from chance
+RELEARN_AUC_TOL = 0.1
+# the remain set's NLL may move this far from the starting model's (the evaluation's own
+# default, 10 %, is a loose bound for a model users keep using)
+REMAIN_NLL_REL = 0.02
+
+
+def check_disjoint(audit_ids: Sequence[str], read: Mapping[str, Sequence[str]]) -> None:
+    """Refuse audit tracks that the run reads as any of ``read`` (set name -> source ids),
+    naming the set and an example; refuse an empty audit set."""
+    if not audit_ids:
+        raise UsageError("the audit set (--audit) selects no track: give a split or ids of "
+                         "tracks like the forget set that the model never trained on")
+    mine = set(audit_ids)
+    for name, ids in read.items():
+        both = sorted(mine & set(ids))
+        if both:
+            raise UsageError(f"{len(both)} audit track(s) are also the run's {name} (e.g. "
+                             f"{both[0]!r}): the audit scores tracks the run never reads; "
+                             "give disjoint sets")
+
+
+def audit_run(model: Any, start: Any, shards: Any, forget: Any, remain: Any, audit: Any,
+              out: Path, *, lr: float, batch_size: int, frames: int,
+              progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` (the unlearned model) against ``start`` (the starting model's
+    spec) and write ``out / report``; returns the evaluation's result with ``verdict``
+    (one line) added. Every rank calls it (the evaluation splits its work over them)."""
+    from noencore.evaluation.evaluate import evaluate
+    from noencore.evaluation.report import Criteria
+
+    result = evaluate(model, {"forget": forget, "remain": remain, "holdout": audit},
+                      shards=shards, reference=start, metrics=list(AUDIT_METRICS),
+                      batch_size=batch_size, frames=frames, out=out / REPORT_FOLDER,
+                      overwrite=True, relearn_steps=RELEARN_STEPS, relearn_lr=lr,
+                      relearn_batch_size=batch_size, progress=progress,
+                      criteria=Criteria(remain_nll_rel=REMAIN_NLL_REL))
+    result["verdict"] = verdict_line(result)
+    return result
+
+
+def relearn_verdict(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The relearning probe's verdict: the forget AUC after the last probe step within
+    ``RELEARN_AUC_TOL`` of chance (None where the probe did not run)."""
+    points = (result.get("relearn") or {}).get("checkpoints") or []
+    last = points[-1] if points else {}
+    auc = last.get("forget_auc_loss")
+    if auc is None:
+        return None
+    return {"criterion": f"forgetting lasts: forget AUC after {last['steps']} relearning "
+                         "steps on the remain set", "value": auc,
+            "threshold": f"|AUC - 0.5| <= {RELEARN_AUC_TOL}",
+            "pass": abs(auc - 0.5) <= RELEARN_AUC_TOL}
+
+
+def verdict_line(result: Mapping[str, Any]) -> str:
+    """One line over the report's verdicts and the relearning probe's: 'forgotten' when
+    every criterion that could be decided passes, else what failed, with its value."""
+    checks = [v for v in result.get("verdicts", []) if v.get("pass") is not None]
+    extra = relearn_verdict(result)
+    if extra is not None:
+        checks.append(extra)
+    if not checks:
+        return "verdict: undecided (no criterion could be measured; see the report's notes)"
+    failed = [v for v in checks if not v["pass"]]
+    if not failed:
+        return f"verdict: forgotten ({len(checks)} of {len(checks)} criteria pass)"
+    what = "; ".join(f"{v['criterion']}: {_value(v['value'])} (needs {v['threshold']})"
+                     for v in failed)
+    return (f"verdict: NOT forgotten ({len(checks) - len(failed)} of {len(checks)} criteria "
+            f"pass): {what}")
+
+
+def _value(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
