@@ -108,7 +108,8 @@ def test_lora_targets_and_flags(env, tmp_path, capsys):
         apply_lora(load_musicgen("tiny", with_codec=False), {}, save_adapter=True)
 
     base = ["unlearn", "--model", str(folder), "--shards", str(shards), "--forget", "forget",
-            "--steps", "1", "--batch-size", "2", "--frames", "8", "--no-progress"]
+            "--method", "ga", "--steps", "1", "--batch-size", "2", "--frames", "8",
+            "--no-progress"]
     assert main(base + ["--lora-targets", "heads"]) == 2
     assert "--lora-alpha / --lora-targets need --lora-rank" in capsys.readouterr().err
     assert main(base + ["--save-adapter"]) == 2

@@ -193,7 +193,7 @@ def test_quiet_draws_no_bar_and_a_log_gets_plain_lines(shards, tmp_path, capsys,
 
     monkeypatch.setenv("NOENCORE_PROGRESS_SECONDS", "1e-6")  # a line per refresh
     flags = ["unlearn", "--model", "tiny", "--shards", str(shards.path), "--forget", "forget",
-             "--remain", ",".join(REMAIN), "--stop-nonmembers", ",".join(NONMEMBERS),
+             "--method", "ga", "--remain", ",".join(REMAIN), "--stop-nonmembers", ",".join(NONMEMBERS),
              "--stop-auc", "0", "--steps", "3", "--lr", "1e-6", "--batch-size", "4",
              "--frames", "12",
              "--log-every", "1", "--backend", "torch", "--device", "cpu"]

@@ -205,7 +205,7 @@ def test_the_flag_and_config_key(data, tmp_path, capsys):
 
     _, shards = data
     base = ["unlearn", "--model", "tiny", "--shards", str(shards.path), "--forget", "forget",
-            "--steps", "1", "--batch-size", "4", "--frames", "12", "--quiet"]
+            "--method", "ga", "--steps", "1", "--batch-size", "4", "--frames", "12", "--quiet"]
     assert main(base + ["--train-layers", "top:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "train_layers (--train-layers)" in err and "has 2" in err
