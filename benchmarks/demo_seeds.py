@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# threads that sleep at a barrier instead of spinning (as `noencore demo` sets): beside
+# another job on the same cores, spinning threads ran 20x slower per step
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

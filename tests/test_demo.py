@@ -76,6 +76,29 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
     assert all(f"`{d[:16]}`" in digest_table for d in digests.values())
 
 
+def test_the_default_method_reads_no_set_the_evaluation_scores(tiny_demo: Path) -> None:
+    """What the default method's run read (its config.json: forget, remain, the stop rule's
+    non-members, the anchored unseen tracks, the starting model) against what the
+    evaluation scores as non-members (the holdout) and the gold standard (the retrained
+    model): disjoint sets, and the retrained model never read."""
+    from noencore.data.shards import TokenShards
+    from noencore.demo.pipeline import HOLDOUT, UNKNOWN_SPLIT, VALID
+
+    shards = TokenShards(tiny_demo / "shards")
+    run = json.loads((tiny_demo / "models" / "match" / "config.json").read_text())
+    assert (run["stop_nonmembers"], run["anchor_unseen"]) == (UNKNOWN_SPLIT, VALID)
+    read = {name: set(shards.select(split=run[name]).ids)
+            for name in ("forget", "remain", "stop_nonmembers", "anchor_unseen")}
+    assert all(read.values())  # each set holds tracks (the disjointness is not vacuous)
+    scored = json.loads((tiny_demo / "reports" / "match" / "report.json").read_text())
+    holdout = set(shards.select(split=HOLDOUT).ids)
+    assert holdout and scored["token"]["after"]["holdout"]["items"] == len(
+        shards.select(split=HOLDOUT))
+    for name, ids in read.items():
+        assert not ids & holdout, f"the method read holdout tracks as its {name}"
+    assert "retrained" not in json.dumps(run)
+
+
 def test_demo_reproduces_under_other_threads_and_hash_seed(tiny_demo: Path,
                                                            tmp_path: Path) -> None:
     """A fresh process with another OpenMP/MKL thread count and another hash seed gives
