@@ -47,7 +47,7 @@ def main() -> None:
     lines = ["| corpus | forget | seed | " + " | ".join(
         ["forget NLL", "unseen NLL [retrained]", "remain Δ%", "LOSS AUC [retrained]",
          "strongest attack ΔAUC", "KS p", "DI p [retrained]", "replay [retrained]",
-         "goals met", "run (s)"]) + " |", "|---" * 13 + "|"]
+         "relearned AUC", "goals met", "run (s)"]) + " |", "|---" * 14 + "|"]
     runs = [(c, f, s) for c in args.corpus for f in args.forget_sizes for s in args.seeds]
     for corpus, size, seed in runs:
         t0 = time.perf_counter()
@@ -71,6 +71,7 @@ def main() -> None:
             f"{_f(r['forget_quality'])} | "
             f"{_p(r.get('di_p_after'))} [{_p(r.get('di_p_retrained'))}] | "
             f"{_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
+            f"{_f(r.get('relearn_auc'))} | "
             f"{sum(v is True for v in goals.values())}/{len(goals)}"
             + (f" (not: {', '.join(failed)})" if failed else "") + f" | {seconds:.0f} |")
     print("\n".join(lines))

@@ -15,6 +15,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # what a real run names, and this test's tiny stand-ins (a hub model and its codec ->
 # the tiny random ones; the demo corpus's split of unseen opt-out tracks; fewer steps)
 STAND_INS = {'"facebook/musicgen-small"': '"tiny"', '"validation"': '"valid_optout"',
+             '"unknown_artists"': '"unknown"', '"artist_unreleased_a"': '"valid_optout"',
+             '"artist_unreleased_b"': '"holdout_optout"', "steps=150": "steps=2",
              "steps=500": "steps=2", "batch_size=16": "batch_size=4"}
 
 
@@ -43,7 +45,7 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         code = code.replace(real, tiny)
     manifest = make_demo_corpus(tmp_path / "corpus", n_clips=18, seconds=1.0,
                                 formats=("wav",), forget_fraction=0.35, optout_valid=0.35,
-                                progress=False)
+                                optout_holdout=0.3, unknown_clips=3, progress=False)
     (tmp_path / "manifest.jsonl").write_text(Path(manifest).read_text().replace(
         '"path": "', f'"path": "{Path(manifest).parent}/'))
     forget = [r["id"] for r in read_demo_manifest(manifest) if r["split"] == "forget"]
@@ -52,6 +54,12 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     scope: dict = {}
     exec(compile(code, "README.md (Python API)", "exec"), scope)
 
+    # the default method's run ended with its report and the verdict, printed
+    assert (tmp_path / "runs" / "optout" / "report" / "report.md").is_file()
+    first = json.loads((tmp_path / "runs" / "optout" / "config.json").read_text())
+    assert first["method"] == "match" and first["audit"] == "holdout_optout"
+    printed = capsys.readouterr().out
+    assert re.search(r"^verdict: (forgotten|NOT forgotten|undecided)", printed, re.M), printed
     result, report = scope["result"], scope["report"]
     assert isinstance(result, noencore.UnlearnResult) and 1 <= result.steps <= 2
     assert result.to_dict()["model_dir"] == str(Path("runs/npo/model"))
@@ -61,7 +69,7 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (tmp_path / "reports" / "npo" / "report.json").is_file()
     saved = json.loads((tmp_path / "runs" / "npo" / "config.json").read_text())
     assert saved["method"] == "npo" and saved["steps"] == 2  # the run's options, all of them
-    assert str(report.verdicts) in capsys.readouterr().out
+    assert str(report.verdicts) in printed
 
 
 def test_sets_are_named_alike_for_unlearn_and_evaluate(tmp_path: Path) -> None:

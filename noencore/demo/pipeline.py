@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noencore.demo.corpus import UNKNOWN_SPLIT  # tracks by artists nothing trains on
+
 HOLDOUT = "holdout_optout"  # splits of the demo corpus (noencore.demo.corpus)
 VALID = "valid_optout"
-UNKNOWN_SPLIT = "unknown"  # tracks by artists nothing trains on (noencore.demo.corpus)
 STOP_RULES = ("auc", "matched", "fixed")
 
 # (method, options): the study's two methods; GA bounded per row at the level of the
