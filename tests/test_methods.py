@@ -316,6 +316,19 @@ def test_match_targets_by_quantile_map():
         unfitted.row_targets(rows)
 
 
+def test_match_with_one_forget_window_sends_it_to_the_median():
+    """A request for one track of one window: the map has one point, and every row of
+    that window (a batch repeats it) gets the non-members' median."""
+    m = get_method("match")
+    nonmembers = torch.randn(9, dtype=torch.float64) + 7
+    m.fit_targets(torch.tensor([1.5]), nonmembers)
+    got = m.row_targets(_rows([2.0] * 5, [1.5] * 5))
+    torch.testing.assert_close(got, torch.full((5,), float(nonmembers.median()),
+                                                dtype=torch.float32))
+    w, loss = m.weights(_rows([2.0] * 5, [1.5] * 5))
+    assert torch.isfinite(w).all() and (w < 0).all() and torch.isfinite(loss)  # ascent
+
+
 def test_match_pulls_rows_to_the_target_from_both_sides():
     m = get_method("match", target=5.0, width=1.0, remain_weight=0.0,
                    remain_anchor=False)
