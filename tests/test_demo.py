@@ -118,6 +118,23 @@ def test_demo_reproduces_under_other_threads_and_hash_seed(tiny_demo: Path,
     assert stage_digests(out, METHODS) == stage_digests(tiny_demo, METHODS)
 
 
+def test_a_method_stopped_before_saving_is_run_again(tiny_demo: Path, tmp_path: Path) -> None:
+    """A demo whose unlearning stage died after the run folder was written (its config,
+    its step log, no model) runs that method again on the next start, to the same
+    weights, and reuses everything else."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_demo, out)
+    shutil.rmtree(out / "models" / "match" / "model")
+    assert (out / "models" / "match" / "config.json").exists()
+    memorised = (out / "models" / "memorised" / "model" / "model.safetensors").stat().st_mtime
+    run_demo(out, DemoConfig(**TINY))
+    assert stage_digests(out, METHODS) == stage_digests(tiny_demo, METHODS)
+    assert (out / "models" / "memorised" / "model" / "model.safetensors").stat().st_mtime \
+        == memorised  # the earlier stages were kept
+
+
 def _report(auc: dict[str, float], di_p: float, retrained_auc: dict[str, float] | None = None
             ) -> dict:
     """A synthetic evaluation report: the blocks the demo's table reads."""

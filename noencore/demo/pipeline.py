@@ -429,7 +429,10 @@ class _Demo:
                   lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                   forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
                   weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
-                  grad_clip=1.0, progress=self.progress)
+                  grad_clip=1.0, progress=self.progress,
+                  # a run of these settings that stopped before saving its model (the
+                  # folder is the demo's: _claim emptied it for any other settings)
+                  overwrite=(run_dir / "config.json").exists())
         fits = get_method(kw["method"], **method_options).needs_nonmember_targets
         if cfg.stop == "fixed" and stop_rule is None and not fits:
             unlearn(self.reference, self.token_shards, forget="forget", remain="remain",
