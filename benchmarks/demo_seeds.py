@@ -61,7 +61,8 @@ def main() -> None:
         print(report.read_text().split("## Reproducibility")[0], flush=True)
         r = json.loads((out / "summary.json").read_text())[DEFAULT_METHOD]
         goals = goals_met(r)
-        failed = [k for k, v in goals.items() if v is not True]
+        failed = [k for k, v in goals.items() if v is False]
+        unknown = [k for k, v in goals.items() if v is None]  # too few tracks to measure
         lines.append(
             f"| {corpus} | {size} | {seed} | {r['forget_nll_after']:.3f} | {r['holdout_nll_after']:.3f} "
             f"[{r['holdout_nll_retrained']:.3f}] | "
@@ -73,7 +74,8 @@ def main() -> None:
             f"{_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
             f"{_f(r.get('relearn_auc'))} | "
             f"{sum(v is True for v in goals.values())}/{len(goals)}"
-            + (f" (not: {', '.join(failed)})" if failed else "") + f" | {seconds:.0f} |")
+            + (f" (not: {', '.join(failed)})" if failed else "")
+            + (f" (n/a: {', '.join(unknown)})" if unknown else "") + f" | {seconds:.0f} |")
     print("\n".join(lines))
 
 
