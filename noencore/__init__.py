@@ -34,7 +34,7 @@ _LAZY = {
     "load_musicgen": "noencore.models.musicgen",
     "save_musicgen": "noencore.models.musicgen",
     "MusicGenModel": "noencore.models.lm",
-    "unlearn": "noencore.engine.loop",
+    "unlearn": "noencore.audit",  # the engine's, then the audit (with ``audit``)
     "UnlearnConfig": "noencore.engine.config",
     "evaluate": "noencore.evaluation.evaluate",
     "EvalConfig": "noencore.evaluation.config",

@@ -128,12 +128,12 @@ def work(rank):
         if stage is None and WORLD > 1:
             continue
         # two of the remain tracks anchored at the non-members' level (anchor_unseen)
-        method = get_method("match", remain_weight=1.0, remain_anchor=True)
+        method = get_method("match", width=1.0, remain_weight=1.0, remain_anchor=True)
         res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
                       "method": method, "lr": 3e-3, "remain": REMAIN[:2], "steps": 8,
                       "anchor_unseen": REMAIN[2:],
                       "zero_stage": stage, "stop_nonmembers": NONMEMBERS,
-                      "stop_rule": "original", "save": False}})
+                      "stop_rule": "original", "stop_auc": 0.5, "save": False}})
         result(f"match_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
                "info": res.stop_info, "targets": method.target_map[1].tolist(),
                "forget_nll": [m["forget_nll"] for m in res.metrics]}})

@@ -160,7 +160,7 @@ def _lora(rank: int | None, alpha: float | None, targets: str | list | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from noencore.engine import unlearn
+    from noencore.audit import unlearn
 
     opts = resolve_options(args)
     model, shards = opts.pop("model"), opts.pop("shards")

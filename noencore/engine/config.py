@@ -142,7 +142,7 @@ class UnlearnConfig:
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
     (``RequestConflict``) before training; a finished run appends its own request, which
     the saved model folder keeps (``noencore.engine.requests``).
-    audit (``noencore.engine.audit``): tracks like the forget set that the model never
+    audit (``noencore.audit``; the public ``noencore.unlearn`` and the CLI): tracks like the forget set that the model never
     trained on and the run reads nowhere else (checked before training); after training
     the unlearned model is evaluated against the starting model on them (every attack's
     AUC, dataset inference, replay, remain change, the relearning probe), the report and

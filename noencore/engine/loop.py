@@ -69,6 +69,8 @@ class UnlearnResult:
     model_dir: Path | None = None
     stop_info: dict | None = None
     report: dict | None = None  # the audit's evaluation (``audit``), with its "verdict"
+    # (forget ids, remain ids) the audit evaluates (``audit``; set by the engine)
+    audit_sets: tuple[list[str], list[str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model and the report, JSON-ready (paths as strings)."""
@@ -502,13 +504,7 @@ def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
     cfg = (config or UnlearnConfig()).replace(**overrides)
     trainer = Trainer(model, shards, cfg, progress=progress, on_step=on_step)
     result = trainer.run()
-    if cfg.audit is not None:
-        from noencore.engine.audit import audit_run
-
-        forget, remain = trainer.audit_sets
-        result.report = audit_run(result.model, model, trainer.shards, forget, remain,
-                                  cfg.audit, result.out, lr=cfg.lr, batch_size=cfg.batch_size,
-                                  frames=cfg.frames, progress=progress)
+    result.audit_sets = trainer.audit_sets  # ``audit``: what noencore.unlearn evaluates
     return result
 
 
@@ -558,6 +554,7 @@ class Trainer:
         self.held: list[str] = []  # earlier forget ids the anchored remain set holds
         self.codec_note: str | None = None  # why the shards' codec was not matched, if so
         self.unseen_ids: list[str] = []  # anchor_unseen's tracks
+        self.audit_sets: tuple[list[str], list[str]] | None = None  # (forget, remain) ids
         self.unseen_mask: Any = None  # bool [n_remain]: their remain windows
         self.out_dir = Path(cfg.out) if cfg.out is not None else None
         self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
@@ -629,7 +626,8 @@ class Trainer:
                              f"--batch-size {world} or more")
         if c.log_every < 1:
             raise UsageError(f"log_every must be >= 1 step, got {c.log_every}")
-        if c.audit is not None and (c.out is None or not isinstance(self.model, str | os.PathLike)):
+        spec = isinstance(self.model, str | os.PathLike)
+        if c.audit is not None and (c.out is None or not spec):
             raise UsageError("audit writes its report into the run folder and reloads the "
                              "starting model to compare with: give out=... and the model as a "
                              "spec (hub id, folder or 'tiny'), or run noencore.evaluate "
@@ -672,8 +670,6 @@ class Trainer:
 
         c, model = self.cfg, self.model
         self.method = method = get_method(c.method, **(c.method_options or {}))
-        # a method that fits its targets to the non-members under the starting weights stops
-        # where they were (its targets); the others chase them under the current weights
         # a method that fits its targets to the non-members under the starting weights
         # holds the forget rows on them: its stop rule is a guard against running past
         # every one of them (original, AUC 0); the others stop where they cross them
@@ -705,7 +701,8 @@ class Trainer:
             from noencore.engine.stopping import NonmemberStop
 
             self.stopper = NonmemberStop(model, self.sets, self.forget, self.nonmembers,
-                                         self.cache, rule=self.stop_rule, target_auc=self.stop_auc,
+                                         self.cache, rule=self.stop_rule,
+                                         target_auc=self.stop_auc,
                                          every=c.stop_every,
                                          batch_size=self.shape.scoring_batch, frames=c.frames)
         if method.needs_nonmember_targets and self.stopper is None:
@@ -726,7 +723,7 @@ class Trainer:
         if self.cfg.audit is None:
             return
         from noencore.data.shards import select_set
-        from noencore.engine.audit import check_disjoint
+        from noencore.engine.sets import check_disjoint
 
         forget, remain = set_ids(self.sets)
         unseen = set(self.unseen_ids)
@@ -929,8 +926,8 @@ class Trainer:
                 why, checkpoint = f"nonmember_{self.stop_rule}", self.ckpt_root is not None
                 self.numbers.note(
                     f"step {step}: forget vs non-members: AUC {info['auc']:.3f}, NLL "
-                    f"{info['forget_nll']:.3f} vs {info['nonmember_nll']:.3f} ({self.stop_rule} "
-                    f"rule; {info['fraction']:.2f} of the last step kept): stop")
+                    f"{info['forget_nll']:.3f} vs {info['nonmember_nll']:.3f} "
+                    f"({self.stop_rule} rule; {info['fraction']:.2f} of the last step kept): stop")
         if checkpoint:
             _save_checkpoint(self, step, stopper.original if stopper is not None else None)
         return why, info

@@ -8,13 +8,13 @@ data-parallel run agrees on the global batch (rank r keeps rows r, r + world, ..
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from noencore.errors import NoencoreError
+from noencore.errors import NoencoreError, UsageError
 
 # the splits a remain set never takes by default: evaluation's held-out data
 HELD_OUT_SPLITS = ("holdout", "test", "eval", "validation")
@@ -216,3 +216,18 @@ class UnlearningSets:
         empty = row < 0
         return self.gather(forget[take] & ~empty, torch.where(empty, -1, unit[take]),
                            source=(src_forget[take], src_unit[take]), row=row)
+
+
+def check_disjoint(audit_ids: Sequence[str], read: Mapping[str, Sequence[str]]) -> None:
+    """Refuse audit tracks that the run reads as any of ``read`` (set name -> source ids),
+    naming the set and an example; refuse an empty audit set (``noencore.audit``)."""
+    if not audit_ids:
+        raise UsageError("the audit set (--audit) selects no track: give a split or ids of "
+                         "tracks like the forget set that the model never trained on")
+    mine = set(audit_ids)
+    for name, ids in read.items():
+        both = sorted(mine & set(ids))
+        if both:
+            raise UsageError(f"{len(both)} audit track(s) are also the run's {name} (e.g. "
+                             f"{both[0]!r}): the audit scores tracks the run never reads; "
+                             "give disjoint sets")

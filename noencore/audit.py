@@ -1,5 +1,6 @@
-"""The report a rights holder reads at the end of a run (``unlearn(..., audit=SPLIT|IDS)``,
-``noencore unlearn --audit``).
+"""The report a rights holder reads at the end of a run (``noencore.unlearn(...,
+audit=SPLIT|IDS)``, ``noencore unlearn --audit``): the public ``unlearn``, which trains
+through the engine (``noencore.engine.unlearn``) and then audits.
 
 The unlearned model is evaluated against the starting model (``noencore.evaluate``) on
 the forget set, the remain set and the audit tracks: music like the forget set that the
@@ -12,16 +13,18 @@ with the plots (per-item NLL histograms, ROC curves) in ``OUT/report``.
 
 The audit tracks must be disjoint from every set the run reads (forget, remain, the stop
 rule's non-members, the anchored unseen tracks): a membership test on tracks the method
-was fitted to would grade its own homework. ``check_disjoint`` refuses that before any
-training.
+was fitted to would grade its own homework. The engine refuses that before any training
+(``noencore.engine.sets.check_disjoint``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from noencore.errors import UsageError
+from noencore.engine.config import UnlearnConfig
+from noencore.engine.loop import UnlearnResult
+from noencore.engine.loop import unlearn as train
 
 RELEARN_STEPS = 10    # the relearning probe's fine-tuning steps on the remain set
 REPORT_FOLDER = "report"
@@ -33,19 +36,20 @@ RELEARN_AUC_TOL = 0.1
 REMAIN_NLL_REL = 0.02
 
 
-def check_disjoint(audit_ids: Sequence[str], read: Mapping[str, Sequence[str]]) -> None:
-    """Refuse audit tracks that the run reads as any of ``read`` (set name -> source ids),
-    naming the set and an example; refuse an empty audit set."""
-    if not audit_ids:
-        raise UsageError("the audit set (--audit) selects no track: give a split or ids of "
-                         "tracks like the forget set that the model never trained on")
-    mine = set(audit_ids)
-    for name, ids in read.items():
-        both = sorted(mine & set(ids))
-        if both:
-            raise UsageError(f"{len(both)} audit track(s) are also the run's {name} (e.g. "
-                             f"{both[0]!r}): the audit scores tracks the run never reads; "
-                             "give disjoint sets")
+def unlearn(model: Any, shards: Any, config: UnlearnConfig | None = None, *,
+            progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+            **overrides: Any) -> UnlearnResult:
+    """``noencore.engine.unlearn`` (every option: ``UnlearnConfig``), then, with ``audit``,
+    the audit of the unlearned model against the starting model (``audit_run``), its
+    report in the result's ``report``."""
+    cfg = (config or UnlearnConfig()).replace(**overrides)
+    result = train(model, shards, cfg, progress=progress, on_step=on_step)
+    if cfg.audit is not None:
+        forget, remain = result.audit_sets
+        result.report = audit_run(result.model, model, shards, forget, remain, cfg.audit,
+                                  result.out, lr=cfg.lr, batch_size=cfg.batch_size,
+                                  frames=cfg.frames, progress=progress)
+    return result
 
 
 def audit_run(model: Any, start: Any, shards: Any, forget: Any, remain: Any, audit: Any,

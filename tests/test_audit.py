@@ -127,7 +127,7 @@ def test_the_default_method_says_what_a_request_needs(start, tmp_path):
     ([], None, "verdict: undecided (no criterion could be measured; see the report's notes)"),
 ])
 def test_the_verdict_line(verdicts, relearn, want):
-    from noencore.engine.audit import verdict_line
+    from noencore.audit import verdict_line
 
     result = {"verdicts": verdicts, **({"relearn": {"checkpoints": relearn}} if relearn else {})}
     assert verdict_line(result) == want
