@@ -93,25 +93,23 @@ def read_steps(path: Path) -> list[dict]:
     if not path.is_file():
         raise ServeError(f"{path}: no metrics.jsonl (the run's step records); is this a "
                          "finished run folder?")
+    from noencore.engine.metrics import read_metrics
+
+    try:
+        lines = read_metrics(path)
+    except NoencoreError as exc:
+        raise ServeError(str(exc)) from None
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise ServeError(f"{path}: line {i} is not JSON ({exc})") from None
-        if not isinstance(rec, dict):
-            raise ServeError(f"{path}: line {i} is not a JSON object")
+    for i, rec in enumerate(lines, start=1):
         for key in ("step", "tokens", "step_s"):
             value = rec.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not math.isfinite(value) or value < 0:
-                raise ServeError(f"{path}: line {i}: {key!r} is {value!r}, expected a "
+                raise ServeError(f"{path}: step record {i}: {key!r} is {value!r}, expected a "
                                  "finite number >= 0")
         if rec["step"] != len(records) + 1:
-            raise ServeError(f"{path}: line {i} records step {rec['step']}, expected step "
-                             f"{len(records) + 1} (one line per step, in order)")
+            raise ServeError(f"{path}: step record {i} records step {rec['step']}, "
+                             f"expected step {len(records) + 1} (one line per step, in order)")
         records.append(rec)
     if not records:
         raise ServeError(f"{path}: no step recorded")

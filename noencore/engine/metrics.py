@@ -37,7 +37,22 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The step records of a ``metrics.jsonl``, one JSON object per line (blank lines
+    skipped); a line that is not one is refused with the file and the line named."""
+    from noencore.errors import NoencoreError
+
+    records = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise NoencoreError(f"{path}: line {i} is not JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise NoencoreError(f"{path}: line {i} is not a JSON object")
+        records.append(rec)
+    return records
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path:
