@@ -18,7 +18,7 @@ was fitted to would grade its own homework. The engine refuses that before any t
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ from noencore.engine.loop import unlearn as train
 RELEARN_STEPS = 10    # the relearning probe's fine-tuning steps on the remain set
 REPORT_FOLDER = "report"
 AUDIT_METRICS = ("token", "mia", "privleak", "dataset_inference", "continuation")
-# the relearned forget AUC (LOSS attack) may sit this far from chance
-RELEARN_AUC_TOL = 0.1
 # the remain set's NLL may move this far from the starting model's (the evaluation's own
 # default, 10 %, is a loose bound for a model users keep using)
 REMAIN_NLL_REL = 0.02
@@ -59,7 +57,7 @@ def audit_run(model: Any, start: Any, shards: Any, forget: Any, remain: Any, aud
     spec) and write ``out / report``; returns the evaluation's result with ``verdict``
     (one line) added. Every rank calls it (the evaluation splits its work over them)."""
     from noencore.evaluation.evaluate import evaluate
-    from noencore.evaluation.report import Criteria
+    from noencore.evaluation.report import Criteria, verdict_line
 
     result = evaluate(model, {"forget": forget, "remain": remain, "holdout": audit},
                       shards=shards, reference=start, metrics=list(AUDIT_METRICS),
@@ -69,39 +67,3 @@ def audit_run(model: Any, start: Any, shards: Any, forget: Any, remain: Any, aud
                       criteria=Criteria(remain_nll_rel=REMAIN_NLL_REL))
     result["verdict"] = verdict_line(result)
     return result
-
-
-def relearn_verdict(result: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The relearning probe's verdict: the forget AUC after the last probe step within
-    ``RELEARN_AUC_TOL`` of chance (None where the probe did not run)."""
-    points = (result.get("relearn") or {}).get("checkpoints") or []
-    last = points[-1] if points else {}
-    auc = last.get("forget_auc_loss")
-    if auc is None:
-        return None
-    return {"criterion": f"forgetting lasts: forget AUC after {last['steps']} relearning "
-                         "steps on the remain set", "value": auc,
-            "threshold": f"|AUC - 0.5| <= {RELEARN_AUC_TOL}",
-            "pass": abs(auc - 0.5) <= RELEARN_AUC_TOL}
-
-
-def verdict_line(result: Mapping[str, Any]) -> str:
-    """One line over the report's verdicts and the relearning probe's: 'forgotten' when
-    every criterion that could be decided passes, else what failed, with its value."""
-    checks = [v for v in result.get("verdicts", []) if v.get("pass") is not None]
-    extra = relearn_verdict(result)
-    if extra is not None:
-        checks.append(extra)
-    if not checks:
-        return "verdict: undecided (no criterion could be measured; see the report's notes)"
-    failed = [v for v in checks if not v["pass"]]
-    if not failed:
-        return f"verdict: forgotten ({len(checks)} of {len(checks)} criteria pass)"
-    what = "; ".join(f"{v['criterion']}: {_value(v['value'])} (needs {v['threshold']})"
-                     for v in failed)
-    return (f"verdict: NOT forgotten ({len(checks) - len(failed)} of {len(checks)} criteria "
-            f"pass): {what}")
-
-
-def _value(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)

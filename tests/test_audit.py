@@ -69,11 +69,14 @@ def test_the_run_ends_with_the_report_and_its_verdict(start, tmp_path):
     assert rep["token"]["before"]["forget"]["nll"] != rep["token"]["after"]["forget"]["nll"]
     assert [c["steps"] for c in rep["relearn"]["checkpoints"]] == [0, 10]
     assert set(rep["continuation"]["after"]) == {"forget", "remain", "holdout"}  # replay
-    # the remain criterion is the goal's 2 %, not the evaluation's default 10 %
+    # the remain criterion is the goal's 2 %, not the evaluation's default 10 %; the
+    # relearning probe has its verdict; the report shows the verdict line
     assert "within 2% of reference" in json.dumps(rep["verdicts"])
+    assert any("relearning" in v["criterion"] for v in rep["verdicts"])
     report = tmp_path / "run" / "report"
     text = (report / "report.md").read_text()
     assert "Relearning probe" in text and "dataset inference" in text.lower()
+    assert f"**{rep['verdict']}**" in text
     assert (report / "roc.png").stat().st_size > 0 and (report / "nll_hist.png").exists()
 
 
@@ -112,25 +115,40 @@ def test_the_default_method_says_what_a_request_needs(start, tmp_path):
                 batch_size=4, device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("verdicts,relearn,want", [
-    ([{"criterion": "a", "value": 0.5, "threshold": "t", "pass": True}],
-     [{"steps": 0, "forget_auc_loss": 0.5}, {"steps": 10, "forget_auc_loss": 0.58}],
-     "verdict: forgotten (2 of 2 criteria pass)"),
-    ([{"criterion": "a", "value": 0.5, "threshold": "t", "pass": True},
-      {"criterion": "b", "value": None, "threshold": "t", "pass": None}],
-     [{"steps": 10, "forget_auc_loss": 0.9}],
-     "verdict: NOT forgotten (1 of 2 criteria pass): forgetting lasts: forget AUC after 10 "
-     "relearning steps on the remain set: 0.9 (needs |AUC - 0.5| <= 0.1)"),
-    ([{"criterion": "remain NLL kept", "value": 3.25, "threshold": "within 10%",
-       "pass": False}], None,
-     "verdict: NOT forgotten (0 of 1 criteria pass): remain NLL kept: 3.25 (needs within 10%)"),
-    ([], None, "verdict: undecided (no criterion could be measured; see the report's notes)"),
-])
-def test_the_verdict_line(verdicts, relearn, want):
-    from noencore.audit import verdict_line
+V_PASS = {"criterion": "a", "value": 0.5, "threshold": "t", "pass": True}
 
-    result = {"verdicts": verdicts, **({"relearn": {"checkpoints": relearn}} if relearn else {})}
-    assert verdict_line(result) == want
+
+@pytest.mark.parametrize("verdicts,want", [
+    ([V_PASS, {"criterion": "b", "value": 0.55, "threshold": "t", "pass": True}],
+     "verdict: forgotten (2 of 2 criteria pass)"),
+    ([V_PASS, {"criterion": "b", "value": None, "threshold": "t", "pass": None},
+      {"criterion": "forgetting lasts (relearning probe)", "value": 0.9,
+       "threshold": "|AUC - 0.5| <= 0.1", "pass": False}],
+     "verdict: NOT forgotten (1 of 2 criteria pass): forgetting lasts (relearning probe): "
+     "0.900 (needs |AUC - 0.5| <= 0.1)"),
+    ([{"criterion": "remain NLL kept", "value": 3.25, "threshold": "within 2%", "pass": False}],
+     "verdict: NOT forgotten (0 of 1 criteria pass): remain NLL kept: 3.250 (needs within 2%)"),
+    ([], "verdict: undecided (no criterion could be measured; see the report's notes)"),
+])
+def test_the_verdict_line(verdicts, want):
+    from noencore.evaluation.report import verdict_line
+
+    assert verdict_line({"verdicts": verdicts}) == want
+
+
+@pytest.mark.parametrize("auc,passes", [(0.5, True), (0.59, True), (0.41, True), (0.61, False),
+                                        (0.38, False), (None, None)])
+def test_the_relearning_probe_has_a_verdict(auc, passes):
+    from noencore.evaluation.report import Criteria, verdicts
+
+    results = {"relearn": {"checkpoints": [{"steps": 0, "forget_auc_loss": 0.5},
+                                           {"steps": 10, "forget_auc_loss": auc}]}}
+    got = [v for v in verdicts(results, Criteria()) if "relearning" in v["criterion"]]
+    if passes is None:  # no AUC measured: no verdict
+        assert got == []
+    else:
+        assert [v["pass"] for v in got] == [passes] and "after 10 steps" in got[0]["detail"]
+    assert not [v for v in verdicts({}, Criteria()) if "relearning" in v["criterion"]]
 
 
 def test_two_ranks_give_the_report_one_process_gives(start, tmp_path):

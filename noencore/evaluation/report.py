@@ -37,6 +37,8 @@ class Criteria:
     dataset_inference_min: the dataset-inference p-value of the unlearned model at least
         ``min(dataset_inference_min, the retrained model's p-value)``
         (:func:`dataset_inference_verdict`).
+    relearn_auc_tol: after the relearning probe's last step, the forget AUC (LOSS) within
+        this of chance: forgetting that lasts (needs the probe).
     """
 
     forget_auc_tol: float = 0.05
@@ -46,6 +48,7 @@ class Criteria:
     clap_remain_rel: float = 0.10
     retrained_auc_tol: float = 0.05
     dataset_inference_min: float = 0.05
+    relearn_auc_tol: float = 0.10
 
     @classmethod
     def parse(cls, text: str | None) -> Criteria:
@@ -110,6 +113,7 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "threshold": f">= {crit.forget_quality_min}",
                     "pass": fq["after"] >= crit.forget_quality_min})
     out += _retrained_verdicts(results, crit)
+    out += _relearn_verdict(results, crit)
     gen = results.get("generation", {})
     ca = gen.get("after", {}).get("clap_score", {}).get("remain")
     cb = gen.get("before", {}).get("clap_score", {}).get("remain")
@@ -121,6 +125,36 @@ def verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
                     "threshold": f"within {crit.clap_remain_rel:.0%} of reference",
                     "pass": abs(rel) <= crit.clap_remain_rel})
     return out
+
+
+def _relearn_verdict(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
+    """The relearning probe's verdict (none where the probe did not run or measured no
+    AUC): the forget AUC after its last step within ``relearn_auc_tol`` of chance."""
+    points = (results.get("relearn") or {}).get("checkpoints") or []
+    last = points[-1] if points else {}
+    auc = last.get("forget_auc_loss")
+    if auc is None:
+        return []
+    return [{"criterion": "forgetting lasts (relearning probe)", "value": auc,
+             "detail": f"forget AUC (LOSS) after {last['steps']} steps of fine-tuning on "
+                       "the remain set",
+             "threshold": f"|AUC - 0.5| <= {crit.relearn_auc_tol}",
+             "pass": abs(auc - 0.5) <= crit.relearn_auc_tol}]
+
+
+def verdict_line(results: dict[str, Any]) -> str:
+    """One line over the report's verdicts: 'forgotten' when every criterion that could be
+    decided passes, else what failed, with its value and threshold."""
+    checks = [v for v in results.get("verdicts", []) if v.get("pass") is not None]
+    if not checks:
+        return "verdict: undecided (no criterion could be measured; see the report's notes)"
+    failed = [v for v in checks if not v["pass"]]
+    if not failed:
+        return f"verdict: forgotten ({len(checks)} of {len(checks)} criteria pass)"
+    what = "; ".join(f"{v['criterion']}: {_fmt(v['value'])} (needs {v['threshold']})"
+                     for v in failed)
+    return (f"verdict: NOT forgotten ({len(checks) - len(failed)} of {len(checks)} criteria "
+            f"pass): {what}")
 
 
 def _retrained_verdicts(results: dict[str, Any], crit: Criteria) -> list[dict[str, Any]]:
@@ -245,7 +279,7 @@ def markdown(results: dict[str, Any]) -> str:
     if gen.get("skipped"):
         lines.append(f"Generation metrics skipped: {gen['skipped']}")
     lines += _relearn_lines(results.get("relearn"))
-    lines += ["", "## Verdicts", ""]
+    lines += ["", "## Verdicts", "", f"**{verdict_line(results)}**", ""]
     for v in results.get("verdicts", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[v["pass"]]
         lines.append(f"- **{mark}** {v['criterion']}: {_fmt(v['value'], 4)} "
