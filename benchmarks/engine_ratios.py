@@ -280,22 +280,29 @@ def step_memory(variant: str, st: dict) -> dict:
     return {"step_extra_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20}
 
 
+def memory_in_children(script: str, variants: list[str], a: argparse.Namespace
+                       ) -> dict[str, dict]:
+    """Each variant's ``script --memory-child VARIANT`` (same layers, batch and seconds) in
+    a fresh process: its last stdout line, JSON. Freed blocks go back to the system at
+    once, so that the peak of the measured step is not hidden in pools the warm-up step
+    left behind."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = {}
+    for v in variants:
+        proc = subprocess.run([sys.executable, script, "--memory-child", v, "--layers",
+                               str(a.layers), "--batch", str(a.batch), "--seconds",
+                               str(a.seconds)], capture_output=True, text=True, check=True,
+                              env=env)
+        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def memory(variants: list[str], a: argparse.Namespace) -> dict[str, dict]:
     """:func:`step_memory` of each variant with only its own model in memory: CPU, in a
     fresh process each; GPU, one set-up per kind (the allocator's peak needs no fresh
     process)."""
     if a.device != "cuda":
-        # Freed blocks go back to the system at once, so that the peak of the measured step
-        # is not hidden in pools the warm-up step left behind.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        out = {}
-        for v in variants:
-            proc = subprocess.run([sys.executable, __file__, "--memory-child", v, "--layers",
-                                   str(a.layers), "--batch", str(a.batch), "--seconds",
-                                   str(a.seconds)], capture_output=True, text=True, check=True,
-                                  env=env)
-            out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
-        return out
+        return memory_in_children(__file__, variants, a)
     out = {}
     for kind in sorted({v.split("-")[0] for v in variants}):
         st = setup(a.layers, a.batch, a.seconds, kind, a.device)

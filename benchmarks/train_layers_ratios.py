@@ -22,13 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_ratios import best_step_times, engine_step, peak_rss, setup  # noqa: E402
+from engine_ratios import (  # noqa: E402
+    best_step_times,
+    engine_step,
+    memory_in_children,
+    peak_rss,
+    setup,
+)
 
 
 def variants(tops: list[int]) -> list[str]:
@@ -74,14 +79,7 @@ def step_times(names: list[str], a: argparse.Namespace) -> dict[str, float]:
 
 def table(a: argparse.Namespace) -> None:
     names = variants(a.top)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    rows = {}
-    for v in names:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", v, "--layers",
-                              str(a.layers), "--batch", str(a.batch), "--seconds",
-                              str(a.seconds)], capture_output=True, text=True, check=True,
-                             env=env)
-        rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = memory_in_children(__file__, names, a)
     best = step_times(names, a)
     tokens = a.batch * 4 * int(a.seconds * 50)
     full = rows["full"]
