@@ -19,6 +19,10 @@ and the engine do), fp32 parameters, fp32 and bf16 autocast:
 * engine: ``UnlearnObjective`` (GradDiff: ascent on half the rows, descent on the other
   half) on the cached codes and cached T5 outputs: the LM to the hidden states, the fused
   op per codebook head; backward; clip; AdamW, as ``noencore.unlearn`` steps.
+* compiled: the engine's step with ``--compile``'s transformer block
+  (``noencore.models.block``: one function with torch's scaled-dot-product attention,
+  compiled once by ``torch.compile`` for every layer); the compile (forward and backward,
+  fp32 and bf16 autocast) runs in the set-up, and its seconds are printed apart.
 
 Prints tokens/s (tokens = B x K x T codes) and the ratio to the cached solver step,
 the peak memory of a step (CPU: peak RSS of a fresh process, sampled every ms; GPU:
@@ -50,7 +54,8 @@ CAPTIONS = ["an energetic rock song with electric guitar", "a calm piano piece, 
             "jazz saxophone solo over walking bass", "lofi hip hop beat with vinyl crackle"]
 BASELINES = ("cached", "codec")
 VARIANTS = tuple(f"{kind}-{prec}" for prec in ("fp32", "bf16")
-                 for kind in ("cached", "engine", "codec"))
+                 for kind in ("cached", "engine", "compiled", "codec"))
+ENGINES = ("engine", "compiled")  # the engine's step: eager, and with --compile's block
 GRAD_CLIP = 1.0  # audiocraft's solver/musicgen/default.yaml optim.max_norm; unlearn()'s default
 # Goals against the cached solver step.
 SPEED_GOAL, MEMORY_GOAL, FLOOR_GOAL = 1.5, 0.8, 1.2
@@ -108,7 +113,7 @@ def setup(layers: int, batch: int, seconds: float, kind: str, device: str = "cpu
 
         st["codec"] = load_codec("musicgen-32khz", device)
         st["wav"] = (torch.randn(batch, 1, frames * 640, generator=g) * 0.1).to(device)
-    elif kind == "engine":  # the condition cache: T5 outputs computed once, before training
+    elif kind in ENGINES:  # the condition cache: T5 outputs computed once, before training
         from noencore.engine.objective import UnlearnObjective
         from noencore.methods import get_method
 
@@ -117,6 +122,18 @@ def setup(layers: int, batch: int, seconds: float, kind: str, device: str = "cpu
             st["emb"] = cond.t5(**tok).last_hidden_state.to(device)
             st["emask"] = tok["attention_mask"].bool().to(device)
         st["objective"] = UnlearnObjective(model, get_method("graddiff"))
+    if kind == "compiled":
+        from noencore.models.block import install, warm_up_inputs
+
+        fused = install(model.lm, compile=True)
+        x, cond_x = warm_up_inputs(model.lm, batch, frames, device, torch.float32)
+        st["compile_s"] = 0.0
+        for autocast in (False, True):
+            with _autocast(st, autocast):
+                fused.warm_up(x, cond_x)
+            if not fused.compiled:
+                raise RuntimeError(f"the block did not compile: {fused.failed}")
+            st["compile_s"] += fused.compile_s
     return st
 
 
@@ -186,7 +203,7 @@ def engine_step(st: dict, autocast: bool) -> None:
 
 def run_step(variant: str, st: dict) -> None:
     kind, prec = variant.split("-")
-    (engine_step if kind == "engine" else solver_step)(st, prec == "bf16")
+    (engine_step if kind in ENGINES else solver_step)(st, prec == "bf16")
     if st["device"] == "cuda":
         torch.cuda.synchronize()
 
@@ -319,7 +336,7 @@ def _mark(ok: bool) -> str:
 
 
 def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: dict,
-           tokens: int, params: float) -> list[str]:
+           tokens: int, params: float, compile_s: float | None = None) -> list[str]:
     """The Markdown table and the goal lines."""
     lines = [f"### Engine step vs audiocraft's MusicGen solver step ({a.device}; dim 1024, "
              f"16 heads, {a.layers} layers, {params / 1e6:.1f} M LM params; B={a.batch} x "
@@ -336,12 +353,12 @@ def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: d
                      f"{times[v] / floor:.2f}x | {m.get('peak_mb', float('nan')):.0f} | "
                      f"{m.get('step_extra_mb', float('nan')):.0f} |")
     lines.append("")
-    for prec in ("fp32", "bf16"):
-        e, c = f"engine-{prec}", f"cached-{prec}"
+    for prec, kind in [(p, k) for p in ("fp32", "bf16") for k in ENGINES]:
+        e, c = f"{kind}-{prec}", f"cached-{prec}"
         if e not in times or c not in times:
             continue
         sp = times[c] / times[e]
-        line = f"- {prec}: engine {sp:.2f}x the cached solver's tokens/s (>= {SPEED_GOAL}: " \
+        line = f"- {prec}: {kind} {sp:.2f}x the cached solver's tokens/s (>= {SPEED_GOAL}: " \
                f"{_mark(sp >= SPEED_GOAL)})"
         if e in mem and c in mem:
             r = mem[e]["peak_mb"] / mem[c]["peak_mb"]
@@ -350,11 +367,15 @@ def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: d
                      f"step extra memory {x:.2f}x")
         if prec == "fp32":
             fl = times[e] / (flops / rates[prec])
-            line += f"; engine step {fl:.2f}x its FLOP floor (<= {FLOOR_GOAL}: " \
+            line += f"; {kind} step {fl:.2f}x its FLOP floor (<= {FLOOR_GOAL}: " \
                     f"{_mark(fl <= FLOOR_GOAL)})"
         if f"codec-{prec}" in times:
             line += f"; vs the codec-in-step solver {times[f'codec-{prec}'] / times[e]:.2f}x"
         lines.append(line)
+    if compile_s is not None:
+        lines.append(f"- compiled: the transformer block compiled in {compile_s:.1f} s "
+                     "(forward and backward, fp32 and bf16; once per process, torch's cache "
+                     "shortens it in the next), not in the step times")
     lines.append(f"\nFLOP floor: {flops / 1e9:.1f} GFLOP of matmuls per LM forward+backward "
                  f"(torch's counter) at {rates['fp32'] / 1e9:.0f} GFLOP/s fp32, "
                  f"{rates['bf16'] / 1e9:.0f} GFLOP/s bf16 (a large matmul, this run).")
@@ -401,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[v].append(time.perf_counter() - t)
     pick = statistics.median if a.device == "cuda" else min  # CPU: the least disturbed run
     times = {v: pick(s) for v, s in samples.items()}
+    compile_s = states["compiled"]["compile_s"] if "compiled" in states else None
     st = next(iter(states.values()))
     model = st["model"]
     tokens = a.batch * model.n_q * st["frames"]
@@ -412,12 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda":
         torch.cuda.empty_cache()
     mem = {} if a.skip_memory else memory(variants, a)
-    print("\n".join(report(a, times, mem, flops, rates, tokens, params)))
+    print("\n".join(report(a, times, mem, flops, rates, tokens, params, compile_s)))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": a.device, "layers": a.layers, "batch": a.batch,
                        "seconds": a.seconds, "tokens": tokens, "step_s": times,
-                       "memory_mb": mem, "lm_flops": flops, "matmul_flops_per_s": rates},
+                       "memory_mb": mem, "lm_flops": flops, "matmul_flops_per_s": rates,
+                       "compile_s": compile_s},
                       fh, indent=1)
     return 0
 

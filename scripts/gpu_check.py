@@ -14,7 +14,8 @@ ops_bench      benchmarks/ops_ratios.py --device cuda --only linear: MusicGen sm
                heads, eager PyTorch / Liger-Kernel's fused linear CE / ours, bf16 and fp32
 ce_bandwidth   benchmarks/ops_ratios.py --device cuda --only ce: CE on logits against a
                device copy (fraction of the copy's bandwidth)
-engine_step    benchmarks/engine_ratios.py --device cuda: the engine's step and audiocraft's
+engine_step    benchmarks/engine_ratios.py --device cuda: the engine's step (eager, and bf16
+               with --compile's block, its compile seconds apart) and audiocraft's
                cached-token solver step (MusicGen-small: 24 layers), bf16 and fp32
 zero2_step     noencore.unlearn(..., zero_stage=2, steps=2) in bf16 on a tiny corpus it writes
 =============  ==============================================================================
@@ -76,7 +77,8 @@ STEPS = (
                           "--B", "8", "--reps", "20"), 60, json=True),
     Step("engine_step", (PY, "benchmarks/engine_ratios.py", "--device", "cuda", "--layers", "24",
                          "--batch", "4", "--seconds", "30", "--reps", "5", "--variants",
-                         "cached-bf16,engine-bf16,cached-fp32,engine-fp32"), 150, json=True),
+                         "cached-bf16,engine-bf16,compiled-bf16,cached-fp32,engine-fp32"), 210,
+         json=True),
     Step("zero2_step", (PY, "scripts/gpu_check.py", "--zero2-worker"), 150, json=True),
 )
 
@@ -167,9 +169,12 @@ def headline(rec: dict) -> str:
                          for r in data.get("ce", []))
     if name == "engine_step":
         t = data.get("step_s", {})
-        return "; ".join(f"{p}: engine {t[f'cached-{p}'] / t[f'engine-{p}']:.2f}x the cached "
-                         f"solver's tokens/s" for p in ("bf16", "fp32")
-                         if f"engine-{p}" in t and f"cached-{p}" in t)
+        parts = [f"{p}: {k} {t[f'cached-{p}'] / t[f'{k}-{p}']:.2f}x the cached solver's "
+                 "tokens/s" for p in ("bf16", "fp32") for k in ("engine", "compiled")
+                 if f"{k}-{p}" in t and f"cached-{p}" in t]
+        if data.get("compile_s") is not None:
+            parts.append(f"block compiled in {data['compile_s']:.0f} s")
+        return "; ".join(parts)
     if name == "zero2_step" and data:
         return f"{data['steps']} steps, objective {data['objectives']}, {data['seconds']:.1f} s"
     return ""

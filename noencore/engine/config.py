@@ -137,6 +137,13 @@ class UnlearnConfig:
     optimizer; backward stops at the lowest trained block: ``noencore.models.train_layers``).
     A resumed run must select the same blocks. Not with ``lora`` (LoRA targets can name
     blocks: ``layers.22``).
+    compile (``noencore.models.block``): every transformer layer computes through one
+    function of its tensors (the same block: pre-norm self-attention with torch's
+    scaled-dot-product attention, cross-attention, feed-forward), compiled once by
+    ``torch.compile`` and reused by every layer, in one process and under ZeRO 1-3, with
+    activation checkpointing; compiled before the first step (``UnlearnResult.compile``
+    holds the seconds); a failed compile is named in a warning and the same function runs
+    eager. audiocraft's forward is back on the returned model.
     A model loaded from a folder remembers the opt-outs it has served
     (``model.requests``, the folder's requests.json): a request whose forget set overlaps
     an earlier one's, or whose remain set holds an earlier one's forget items, is refused
@@ -230,6 +237,11 @@ class UnlearnConfig:
     precision: str = option("fp32", "one process: fp32, or bf16 (autocast on fp32 weights)")
     checkpointing: bool = option(False, "activation checkpointing per transformer layer "
                                         "(less memory, about a third more compute)")
+    compile: bool = option(False, "run every transformer block as one function (torch's "
+                                  "scaled-dot-product attention) compiled once with "
+                                  "torch.compile and reused by each layer; the compile time "
+                                  "is reported apart (a failed compile is named and the run "
+                                  "goes on eager); not with LoRA")
     lora: Any = option(None, "train only LoRA adapters (a LoraSpec or a dict: rank, alpha, "
                              "targets); the saved model has them merged", cli=False)
     train_layers: str | list[int] | None = option(

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -71,13 +72,15 @@ class UnlearnResult:
     report: dict | None = None  # the audit's evaluation (``audit``), with its "verdict"
     # (forget ids, remain ids) the audit evaluates (``audit``; set by the engine)
     audit_sets: tuple[list[str], list[str]] | None = None
+    # with ``compile``: compiled or not, the backend, the compile seconds, why it failed
+    compile: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model and the report, JSON-ready (paths as strings)."""
         return {"steps": self.steps, "stopped": self.stopped, "metrics": list(self.metrics),
                 "out": None if self.out is None else str(self.out),
                 "model_dir": None if self.model_dir is None else str(self.model_dir),
-                "stop_info": self.stop_info,
+                "stop_info": self.stop_info, "compile": self.compile,
                 "verdict": None if self.report is None else self.report.get("verdict")}
 
 
@@ -543,6 +546,7 @@ class Trainer:
         self.distributed = cfg.zero_stage is not None or cfg.deepspeed is not None
         self.rank, self.world = 0, 1
         self.engine = self.stopper = self.adapters = self.frozen = self.runner = None
+        self.fused: Any = None  # with ``compile``: noencore.models.block.FusedBlocks
         self.blocks: tuple[int, ...] | None = None  # train_layers' blocks (None: everything)
         self.frozen_layers: Any = None  # what train_layers froze (restored at the end)
         self.optimizer_impl = ""  # the AdamW that runs (``noencore.engine.optim``)
@@ -569,6 +573,8 @@ class Trainer:
             stopped, step, stop_info = self.train()
             return self.save(stopped, step, stop_info)
         finally:
+            if self.fused is not None:  # audiocraft's forward back, whatever happened
+                self.fused.restore()
             self.trackers.close()
             if self.folder is not None:  # rank 0: what the run wrote, and the lock released
                 self.folder.wrote(self.out_dir)
@@ -612,6 +618,10 @@ class Trainer:
             raise UsageError("resume needs the run folder (out=...)")
         if c.checkpoint_every and c.out is None:
             raise UsageError("checkpoint_every needs a run folder (out=...)")
+        if c.lora is not None and c.compile:
+            raise UsageError("compile (--compile) runs each transformer block as one function "
+                             "of its weights, and LoRA (--lora-rank) parametrizes them: give "
+                             "one of them")
         if c.lora is not None and str(c.train_layers).replace(" ", "") not in ("None", "all"):
             raise UsageError("train_layers (--train-layers) and lora (--lora-rank) both choose "
                              "what trains: give one (LoRA targets can name blocks, e.g. "
@@ -818,6 +828,10 @@ class Trainer:
                                                         weight_decay=c.weight_decay)
         self.objective.train()
         model.activation_checkpointing(c.checkpointing)
+        if c.compile:
+            from noencore.models.block import install
+
+            self.fused = install(model.lm, compile=True)
         if self.distributed:
             self.frozen = zero.frozen_copies(model.lm)
             self.engine = zero.initialize(self.objective, self.optimizer, ds_config)
@@ -825,6 +839,8 @@ class Trainer:
             if self.stopper is not None:
                 self.stopper.attach(zero.MasterWeights(self.engine), self.rank, self.world,
                                     runner=self.runner)
+        if self.fused is not None:
+            self._compile_blocks()
         if self.out_dir is not None and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out_dir / "config.json",
@@ -832,6 +848,22 @@ class Trainer:
         self.trackers = trackers.open_trackers(
             self.report_to, self.out_dir, self.cfg.to_dict(), self.rank, kind="unlearn",
             resume_step=self.start_step if c.resume else None)
+
+    def _compile_blocks(self) -> None:
+        """Compile the transformer block before the first step, on stand-ins of a
+        micro-batch (in the weights' dtype, under the run's autocast), so that the steps'
+        times hold no compile; the seconds go to the result and the progress bar."""
+        from noencore.models.block import warm_up_inputs
+
+        lm = self.model.lm
+        dtype = next(lm.parameters()).dtype
+        x, cross = warm_up_inputs(lm, self.shape.micro_batch, self.cfg.frames, self.dev, dtype)
+        autocast = self.precision == "bf16" and not self.distributed
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=autocast):
+            self.fused.warm_up(x, cross)
+        if self.rank == 0 and self.fused.compile_s is not None and self.progress:
+            print(f"compiled the transformer block ({self.fused.backend}) in "
+                  f"{self.fused.compile_s:.1f} s", file=sys.stderr)
 
     def _through_engine(self, fn: Callable[[], Any]) -> Any:
         """Every forward pass under DeepSpeed enters through its module."""
@@ -967,4 +999,5 @@ class Trainer:
         if self.out_dir is not None and self.rank == 0:
             records = read_metrics(self.out_dir / "metrics.jsonl")
         return UnlearnResult(model=model, steps=step, stopped=stopped, metrics=records,
-                             out=self.out_dir, model_dir=model_dir, stop_info=stop_info)
+                             out=self.out_dir, model_dir=model_dir, stop_info=stop_info,
+                             compile=None if self.fused is None else self.fused.describe())
