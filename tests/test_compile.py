@@ -228,7 +228,7 @@ def work(rank):
         cfg = UnlearnConfig().replace(**RUN, zero_stage=stage, device="cpu", compile=True,
                                       checkpointing=stage == 3)
         result = Trainer(model, SHARDS, cfg, progress=False).run()
-        assert result.compile["compiled"], result.compile
+        assert result.compile["compiled"] and result.compile["backend"] == "aot_eager"
         assert all("forward" not in l.__dict__ for l in model.lm.transformer.layers)
         state = {{k: v.contiguous() for k, v in model.lm.state_dict().items()}}
         save_file(state, f"{{OUT}}/z{{stage}}_rank{{rank}}.safetensors")
@@ -260,8 +260,13 @@ def test_two_zero_ranks_with_the_compiled_block_train_as_one_process(data, tmp_p
     script = tmp_path / "driver.py"  # a file: spawned ranks re-import it
     ranks_run = {k: v for k, v in run.items() if k != "progress"}
     script.write_text(_DRIVER.format(run=ranks_run, overrides=OVERRIDES))
+    # the ranks trace and differentiate the block as inductor does (dynamo, AOTAutograd:
+    # what meets ZeRO's hooks and the checkpoint), without generating C++ for it: the
+    # generated code is checked in one process above, and two ranks compiling it take
+    # minutes on 2 cores
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "NOENCORE_COMPILE_BACKEND": "aot_eager",
            "TORCH_EXTENSIONS_DIR": os.environ.get(
                "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     proc = subprocess.run([sys.executable, str(script), str(free_port()), str(shards.path),

@@ -55,7 +55,7 @@ STOP_RULES = ("auc", "matched", "fixed")
 # "stop_nonmembers" (the split its stop rule and targets read: default the artist's
 # validation tracks), "anchor_unseen" (a split held as the engine's anchor_unseen),
 # "method" (the engine's method when the entry's name is a label of its own, e.g.
-# "bounded_ga_lora") and "lora" (unlearn's LoRA option).
+# "bounded_ga_lora"), "lora" and "train_layers" (unlearn's options of those names).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),
@@ -65,7 +65,7 @@ DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 DEFAULT_METHOD = "match"  # the engine's default: the one the goals are checked for
 _DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc", "stop_nonmembers", "anchor_unseen",
-                 "method", "lora")
+                 "method", "lora", "train_layers")
 REPLAY_METRICS = ("continuation", "ngram")
 
 
@@ -425,7 +425,8 @@ class _Demo:
         if method_options.get("row_target") == "unseen":
             method_options["row_target"] = self.target_nll  # moved at every check
         kw = dict(method=options.get("method", name), method_options=method_options,
-                  lora=options.get("lora"), steps=int(options.get("steps", cfg.unlearn_steps)),
+                  lora=options.get("lora"), train_layers=options.get("train_layers"),
+                  steps=int(options.get("steps", cfg.unlearn_steps)),
                   lr=cfg.unlearn_lr, batch_size=cfg.batch_size,
                   forget_ratio=cfg.unlearn_forget_ratio, frames=cfg.frames,
                   weight_decay=cfg.unlearn_weight_decay, seed=cfg.seed, out=run_dir,
