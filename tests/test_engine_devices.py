@@ -261,3 +261,28 @@ def test_resume_names_the_damaged_checkpoint_it_passes_over(data, tmp_path):
     steps = [json.loads(x)["step"]
              for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [2, 3]  # step 2 again, from step 1's checkpoint
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(tmp_path, monkeypatch):
+    """A bf16 run on a CPU whose flags lack avx512_bf16 and amx_bf16 gets one warning that
+    says why it is slow and what to use; with either flag, or on a GPU, or in fp32, none."""
+    import torch
+
+    from noencore.engine import loop
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert loop.cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "fma"}
+    assert loop.cpu_flags(str(tmp_path / "absent")) is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "cpu_flags", lambda: {"avx2", "fma"})
+    msg = loop._slow_bf16(cpu, "bf16", False)
+    assert "precision bf16" in msg and "--precision fp32" in msg
+    assert "DeepSpeed" in loop._slow_bf16(cpu, "fp32", True)
+    assert loop._slow_bf16(cpu, "fp32", False) is None
+    assert loop._slow_bf16(torch.device("cuda", 0), "bf16", False) is None
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(loop, "cpu_flags", lambda f=flag: {"avx2", f})
+        assert loop._slow_bf16(cpu, "bf16", False) is None
+    monkeypatch.setattr(loop, "cpu_flags", lambda: None)
+    assert loop._slow_bf16(cpu, "bf16", False) is None

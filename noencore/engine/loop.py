@@ -84,6 +84,33 @@ class UnlearnResult:
                 "verdict": None if self.report is None else self.report.get("verdict")}
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def _slow_bf16(dev: torch.device, precision: str, distributed: bool) -> str | None:
+    """Why bf16 on this CPU is slow, or None: without bf16 matrix instructions (AVX-512-BF16
+    or AMX) torch runs bf16 matmuls in software, measured at 0.36 GFLOP/s against 131 in
+    fp32 on an AVX2 EPYC (benchmarks/RESULTS.md), a step tens of times slower."""
+    if dev.type != "cpu" or (precision != "bf16" and not distributed):
+        return None
+    flags = cpu_flags()
+    if flags is None or flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    what = "DeepSpeed trains in bf16" if distributed else "precision bf16"
+    return (f"{what} on a CPU without bf16 matrix instructions (no avx512_bf16 or amx_bf16 "
+            "in /proc/cpuinfo): torch runs bf16 matmuls in software here, tens of times "
+            "slower than fp32; use --precision fp32 in one process, or a GPU")
+
+
 def _check_codec(model, shards, allow_mismatch: bool = False) -> str | None:
     """Refuse shards made with another codec than the model's: its shape (codebooks,
     vocabulary, rates), then its identity (``check_shards_codec``). Returns a note where
@@ -660,6 +687,9 @@ class Trainer:
         from noencore.models import load_musicgen
 
         self.dev = rank_device(self.cfg.device)
+        slow = _slow_bf16(self.dev, self.cfg.precision, self.distributed)
+        if slow and int(os.environ.get("RANK", "0")) == 0:
+            warnings.warn(slow, stacklevel=3)
         if isinstance(self.model, (str, os.PathLike)):
             self.model = load_musicgen(str(self.model), device=self.dev)
         if isinstance(self.shards, (str, os.PathLike)):
