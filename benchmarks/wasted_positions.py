@@ -41,13 +41,10 @@ FRAME_RATE = 50
 
 def _pattern(lm: torch.nn.Module, frames: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(seq_step int [K, T], valid bool [K, T], S) of the delay pattern at ``frames``."""
-    from noencore.models.adapter import pattern_index
+    from noencore.models.adapter import pattern_index, pattern_steps
 
     seq, valid = pattern_index(lm, frames)
-    probe = torch.zeros(1, lm.num_codebooks, frames, dtype=torch.long)
-    steps = lm.pattern_provider.get_pattern(frames).build_pattern_sequence(
-        probe, lm.special_token_id, keep_only_valid_steps=True)[0].shape[-1]
-    return seq.numpy(), valid.numpy(), int(steps)
+    return seq.numpy(), valid.numpy(), pattern_steps(lm, frames)
 
 
 def shares(lm: torch.nn.Module, lengths: np.ndarray, frames: int) -> dict:

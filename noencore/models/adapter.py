@@ -35,6 +35,14 @@ class CodebookRows:
     time: torch.Tensor
 
 
+def pattern_steps(lm: nn.Module, frames: int) -> int:
+    """S: the steps of the interleaved sequence the transformer runs over for ``frames``
+    frames (audiocraft's pattern with ``keep_only_valid_steps``)."""
+    probe = torch.zeros(1, lm.num_codebooks, frames, dtype=torch.long)
+    return int(lm.pattern_provider.get_pattern(frames).build_pattern_sequence(
+        probe, lm.special_token_id, keep_only_valid_steps=True)[0].shape[-1])
+
+
 def pattern_index(lm: nn.Module, frames: int, device: torch.device | str = "cpu"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the prediction of each code sits in the interleaved sequence.
@@ -46,9 +54,7 @@ def pattern_index(lm: nn.Module, frames: int, device: torch.device | str = "cpu"
     """
     pattern = lm.pattern_provider.get_pattern(frames)
     K = lm.num_codebooks
-    steps = pattern.build_pattern_sequence(
-        torch.zeros(1, K, frames, dtype=torch.long), lm.special_token_id,
-        keep_only_valid_steps=True)[0].shape[-1]
+    steps = pattern_steps(lm, frames)
     probe = torch.arange(steps, dtype=torch.float64).expand(1, 1, K, steps).contiguous()
     reverted, _, valid = pattern.revert_pattern_logits(probe, float("nan"),
                                                        keep_only_valid_steps=True)

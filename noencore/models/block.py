@@ -3,7 +3,7 @@
 audiocraft's ``StreamingTransformerLayer`` carries what generation needs (streaming
 state, xFormers' ``LowerTriangularMask`` on the memory-efficient path, a profiler probe):
 ``torch.compile`` breaks its graph there (every released MusicGen), and compiling each
-layer module compiles each layer. ``block_forward`` is the same training-time computation
+layer module compiles each layer. ``block_math`` is the same training-time computation
 (pre-norm self-attention, cross-attention to the text condition, feed-forward, optional
 layer scale) written as one function of the layer's tensors: torch's scaled-dot-product
 attention with ``is_causal`` for the self-attention (flash / memory-efficient kernels on
@@ -32,8 +32,9 @@ import os
 import time
 import types
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,9 +153,14 @@ def unsupported(layer: nn.Module) -> str | None:
 _COMPILED: dict[str, Callable] = {}
 
 
+def compile_backend(backend: str | None = None) -> str:
+    """``backend``, else ``NOENCORE_COMPILE_BACKEND``, else "inductor"."""
+    return backend or os.environ.get("NOENCORE_COMPILE_BACKEND", "inductor")
+
+
 def compiled_math(backend: str | None = None) -> Callable:
     """``block_math`` under ``torch.compile`` (one per backend per process)."""
-    backend = backend or os.environ.get("NOENCORE_COMPILE_BACKEND", "inductor")
+    backend = compile_backend(backend)
     if backend not in _COMPILED:
         _COMPILED[backend] = torch.compile(block_math, backend=backend)
     return _COMPILED[backend]
@@ -184,7 +190,6 @@ class FusedBlocks:
     backend: str = ""
     compile_s: float | None = None
     failed: str | None = None
-    _math: dict[int, Callable] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {"compiled": self.compiled, "backend": self.backend or None,
@@ -198,8 +203,8 @@ class FusedBlocks:
     def warm_up(self, x: torch.Tensor, cross: torch.Tensor | None) -> None:
         """Compile now, forward and backward, on stand-ins of the training shapes (the
         layers' parameter shapes, ``x`` [B, S, D] and ``cross`` [B, L, D]; batch and text
-        length dynamic): the time is reported as ``compile_s``, apart from the steps'. A failure is named in a warning, and every
-        layer goes on with the function eager."""
+        length dynamic): the time is reported as ``compile_s``, apart from the steps'. A
+        failure is named in a warning, and every layer goes on with the function eager."""
         if not self.compiled:
             return
         # one layer of each kind the run has (trained or frozen: their graphs differ)
@@ -250,9 +255,9 @@ def warm_up_inputs(lm: nn.Module, batch: int, frames: int, device: Any, dtype: t
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stand-ins of a training micro-batch's transformer input [B, S, D] (S: ``frames``
     under the delay pattern) and text condition [B, 8, D]."""
-    probe = torch.zeros(1, lm.num_codebooks, frames, dtype=torch.long)
-    steps = lm.pattern_provider.get_pattern(frames).build_pattern_sequence(
-        probe, lm.special_token_id, keep_only_valid_steps=True)[0].shape[-1]
+    from noencore.models.adapter import pattern_steps
+
+    steps = pattern_steps(lm, frames)
     dim = lm.transformer.layers[0].norm1.normalized_shape[0]
     b = max(2, batch)  # a size-1 batch would be specialised, and recompiled for 2
     x = torch.randn(b, steps, dim, device=device, dtype=dtype)
@@ -271,8 +276,7 @@ def install(lm: nn.Module, *, compile: bool, backend: str | None = None) -> Fuse
         if why is not None:
             raise UsageError(f"the fused transformer block (--compile) does not compute "
                              f"layer {i}'s {why}; train without --compile")
-    backend = (backend or os.environ.get("NOENCORE_COMPILE_BACKEND", "inductor")) \
-        if compile else ""
+    backend = compile_backend(backend) if compile else ""
     fn = compiled_math(backend) if compile else block_math
     blocks = FusedBlocks(layers, compile, backend)
     for layer in layers:
