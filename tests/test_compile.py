@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch
 from noencore.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import conditioned_shards, free_port, random_items  # noqa: E402
+from test_engine_shards import conditioned_shards, random_items, run_two_ranks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {"transformer_lm": {"num_layers": 3}}
 RUN = dict(forget="forget", method="graddiff", steps=3, lr=1e-3, batch_size=4,
            forget_ratio=0.5, frames=12, seed=5, progress=False, backend="torch", save=False)
@@ -257,23 +255,14 @@ def test_two_zero_ranks_with_the_compiled_block_train_as_one_process(data, tmp_p
     want = unlearn(_fresh(), shards, **run).model.lm.state_dict()
     moved = [k for k in start if not torch.equal(want[k], start[k])]
     ref = torch.cat([(want[k] - start[k]).flatten() for k in moved])
-    script = tmp_path / "driver.py"  # a file: spawned ranks re-import it
     ranks_run = {k: v for k, v in run.items() if k != "progress"}
-    script.write_text(_DRIVER.format(run=ranks_run, overrides=OVERRIDES))
     # the ranks trace and differentiate the block as inductor does (dynamo, AOTAutograd:
     # what meets ZeRO's hooks and the checkpoint), without generating C++ for it: the
     # generated code is checked in one process above, and two ranks compiling it take
     # minutes on 2 cores
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "NOENCORE_COMPILE_BACKEND": "aot_eager",
-           "TORCH_EXTENSIONS_DIR": os.environ.get(
-               "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
-    proc = subprocess.run([sys.executable, str(script), str(free_port()), str(shards.path),
-                           str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=1200, cwd=ROOT)
-    if not (tmp_path / "DONE").exists():  # only an abort *after* the results is tolerated
-        pytest.fail(f"2 ranks failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    run_two_ranks(_DRIVER.format(run=ranks_run, overrides=OVERRIDES),
+                  [str(shards.path), str(tmp_path)], tmp_path, timeout=1200,
+                  env={"NOENCORE_COMPILE_BACKEND": "aot_eager"})
     for stage in (1, 2, 3):
         for rank in (0, 1):
             got = load_file(tmp_path / f"z{stage}_rank{rank}.safetensors")

@@ -187,3 +187,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_two_ranks(driver: str, args: list[str], out: Path, *, timeout: float = 900,
+                  env: dict[str, str] | None = None) -> None:
+    """Run ``driver`` (a script that spawns 2 gloo ranks and writes ``out/DONE`` once they
+    finished) as ``out/driver.py PORT *args`` from the repository root, on the CPU with one
+    OpenMP thread per rank (and ``env`` on top); fails the test with the end of its stderr
+    unless DONE was written (an abort *after* the results is tolerated)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = out / "driver.py"  # a file: spawned ranks re-import it
+    script.write_text(driver)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                "TORCH_EXTENSIONS_DIR": os.environ.get(
+                    "TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions")),
+                **(env or {})}
+    proc = subprocess.run([sys.executable, str(script), str(free_port()), *args],
+                          capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=root)
+    if not (out / "DONE").exists():
+        pytest.fail(f"2 ranks failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,10 +17,9 @@ import torch
 from noencore.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import random_items, write_shards  # noqa: E402
+from test_engine_shards import random_items, run_two_ranks, write_shards  # noqa: E402
 from tiny_hf import build_tiny_hf  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = (2, 3)
 LORA = {"rank": 4, "alpha": 8, "targets": ("attention", "heads")}
 RUN = dict(forget="forget", method="graddiff", steps=3, lr=1e-2, batch_size=4, frames=12,
@@ -159,12 +156,6 @@ if __name__ == "__main__":
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_lora_on_two_zero_ranks_matches_one_process(env, tmp_path):
     """ZeRO-2 and ZeRO-3 (bf16) on 2 gloo ranks: the adapted weights move as in one fp32
@@ -184,17 +175,8 @@ def test_lora_on_two_zero_ranks_matches_one_process(env, tmp_path):
     adapted = {k.replace(".mha.", ".") for k in
                _adapted(len(one.lm.transformer.layers), one.n_q)}
 
-    script = tmp_path / "driver.py"  # a file: spawned ranks re-import it
-    script.write_text(_DRIVER.format(run=RUN, lora=LORA, stages=list(STAGES)))
-    env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                "TORCH_EXTENSIONS_DIR": os.environ.get(
-                    "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
-    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(folder),
-                           str(shards), str(tmp_path)], capture_output=True, text=True,
-                          env=env_vars, timeout=900, cwd=ROOT)
-    if not (tmp_path / "DONE").exists():  # only an abort *after* the results is tolerated
-        pytest.fail(f"2 ranks failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    run_two_ranks(_DRIVER.format(run=RUN, lora=LORA, stages=list(STAGES)),
+                  [str(folder), str(shards), str(tmp_path)], tmp_path)
     head = [one.card, one.lm.dim]
     moved = torch.cat([(want[k] - start[k]).flatten() for k in sorted(adapted)])
     for stage in STAGES:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import torch
 from noencore.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import conditioned_shards, free_port, random_items  # noqa: E402
+from test_engine_shards import conditioned_shards, random_items, run_two_ranks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {"transformer_lm": {"num_layers": 3}}
 RUN = dict(forget="forget", method="graddiff", steps=3, lr=1e-3, batch_size=4,
            forget_ratio=0.5, frames=12, seed=5, progress=False, backend="torch")
@@ -283,17 +281,8 @@ def test_two_zero_ranks_train_the_blocks_as_one_process(data, tmp_path):
     want = want.state_dict()
     trained = sorted(_trained_names(_fresh().lm, (2,)))
     moved = torch.cat([(want[k] - start[k]).flatten() for k in trained])
-    script = tmp_path / "driver.py"  # a file: spawned ranks re-import it
-    script.write_text(_DRIVER.format(run=run, overrides=OVERRIDES))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get(
-               "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
-    proc = subprocess.run([sys.executable, str(script), str(free_port()), str(shards.path),
-                           str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=ROOT)
-    if not (tmp_path / "DONE").exists():  # only an abort *after* the results is tolerated
-        pytest.fail(f"2 ranks failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    run_two_ranks(_DRIVER.format(run=run, overrides=OVERRIDES),
+                  [str(shards.path), str(tmp_path)], tmp_path)
     numel = {n: p.numel() for n, p in _fresh().lm.named_parameters()}
     for stage in (2, 3):
         for rank in (0, 1):  # ZeRO's fp32 partitions: half the trained parameters each
