@@ -184,20 +184,33 @@ def solver_step(st: dict, autocast: bool) -> None:
 def engine_step(st: dict, autocast: bool) -> None:
     """The engine's step (``noencore.unlearn`` in one process): cached codes and T5
     outputs, the objective (LM to the hidden states, fused op per head), the update. The
-    token mask and counts are computed on the host, as the engine's loop does before moving
-    a batch to its device."""
-    from noencore.engine.objective import token_counts
+    token mask, counts and layout (``counted_layout``: the batch cut after its last counted
+    frame, the heads given the counted positions) are computed on the host, as the engine's
+    loop does before moving a batch to its device. ``st["lengths"]`` (optional): each
+    row's real frames (the rest padding); ``st["layout"] == "dense"``: every position a
+    head row and no cut, the layout before the counted one (for comparison)."""
+    from noencore.engine.objective import counted_layout, token_counts
     from noencore.models.adapter import token_mask
 
     codes = st["codes"]
     lm = st["model"].lm
-    host_mask = token_mask(lm, torch.ones(codes.shape, dtype=torch.bool))
-    forget = torch.arange(codes.shape[0]) % 2 == 0
+    B, K, T = codes.shape
+    lengths = st.get("lengths", torch.full((B,), T))
+    real = (torch.arange(T)[None, :] < lengths[:, None])[:, None, :].expand(B, K, T)
+    host_mask = token_mask(lm, real.contiguous())
+    forget = torch.arange(B) % 2 == 0
     counts = token_counts(lm, host_mask, forget).to(codes.device)
+    if st.get("layout") == "dense":
+        positions = (torch.arange(B * T).repeat(K), (B * T,) * K)
+        window = T
+    else:
+        codes, host_mask, positions, window = counted_layout(lm, codes, host_mask)
+    positions = (positions[0].to(codes.device), positions[1])
     mask, forget = host_mask.to(codes.device), forget.to(codes.device)
     with _autocast(st, autocast):
         loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,
-                                  torch.arange(codes.shape[0], device=codes.device))
+                                  torch.arange(B, device=codes.device), None, positions,
+                                  window)
     _update(st, loss)
 
 

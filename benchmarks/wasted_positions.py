@@ -12,13 +12,22 @@ work no loss reads:
 * special tokens: inputs, not outputs; the steps that hold them still predict real codes
   (counted with the pattern).
 
-The heads: the training step hands the fused op every (k, t) row of the batch, the rows
-no loss reads marked ignored (``dense_codebook_rows``: shapes that depend only on the
-batch's shape); the op skips their loss but computes their logits, as audiocraft's solver
-step computes every (k, t) logit. Evaluation (``codebook_rows``) computes only the rows
-it reads.
+What the training step does about it (``noencore.engine.objective.counted_layout``, on
+the host before a micro-batch moves): it cuts the micro-batch after its last counted frame
+(the transformer runs S(n) steps for the longest row's n frames, not S(T)), and hands the
+heads only the counted (k, t) positions. audiocraft's solver step computes every step and
+every (k, t) logit of the padded batch. The "after the cut" columns are the steps still
+computed for no loss, for micro-batches of 1, 2 and 8 windows drawn at random (the
+longest window of each sets its length); the heads compute no row no loss reads (one
+uncounted row for a codebook with no counted token, so that its head takes part in the
+backward).
+
+``--time``: the engine's step at MusicGen-small width, the counted layout against every
+position computed (the layout before it), over the same micro-batches of demo windows and
+of 30 s windows, interleaved, best of ``--reps``.
 
     python benchmarks/wasted_positions.py [--shards DIR --frames 250] [--track-seconds 120,300]
+                                          [--time --layers 2 --reps 3]
 
 Without ``--shards``: the demo's corpus (144 clips of 3.5-5 s in 5 s windows, as
 ``noencore demo`` precomputes it) is built in a temporary folder. ``--track-seconds A,B``
@@ -73,6 +82,55 @@ def shares(lm: torch.nn.Module, lengths: np.ndarray, frames: int) -> dict:
             "head_waste": 1 - read_rows / (n * k * frames)}
 
 
+def cut_share(lm: torch.nn.Module, lengths: np.ndarray, frames: int, micro: int,
+              seed: int = 0) -> float:
+    """The share of transformer steps computed for no loss when windows of real lengths
+    ``lengths`` are drawn at random into micro-batches of ``micro`` and each micro-batch is
+    cut after its longest window (``adapter.trim_frames``)."""
+    from noencore.models.adapter import pattern_steps
+
+    order = np.random.default_rng(seed).permutation(lengths)
+    read = shares(lm, lengths, frames)["read_steps"]
+    steps = {}
+    computed = 0
+    for i in range(0, order.size, micro):
+        chunk = order[i:i + micro]
+        n = max(int(chunk.max()), 1)
+        if n not in steps:
+            steps[n] = pattern_steps(lm, n)
+        computed += chunk.size * steps[n]
+    return 1 - read / computed
+
+
+def step_times(lengths: np.ndarray, frames: int, micro: int, layers: int, reps: int,
+               batches: int = 6, seed: int = 0) -> dict:
+    """Seconds per micro-batch of the engine's step (fp32) with the counted layout and
+    with every position computed, over the same ``batches`` micro-batches of ``micro``
+    windows drawn from ``lengths``, interleaved, best of ``reps``."""
+    import time
+
+    from engine_ratios import engine_step, setup
+
+    rng = np.random.default_rng(seed)
+    draws = [torch.as_tensor(rng.choice(lengths, micro)) for _ in range(batches)]
+    states = {}
+    for layout in ("dense", "counted"):
+        states[layout] = setup(layers, micro, frames / FRAME_RATE, "engine")
+        states[layout]["layout"] = layout
+    best = dict.fromkeys(states, float("inf"))
+    for st in states.values():  # warm-up
+        engine_step(st, False)
+    for _ in range(reps):
+        for layout, st in states.items():
+            t = time.perf_counter()
+            for d in draws:
+                st["lengths"] = d
+                engine_step(st, False)
+            best[layout] = min(best[layout], (time.perf_counter() - t) / batches)
+    return {"dense_s": best["dense"], "counted_s": best["counted"],
+            "speedup": best["dense"] / best["counted"]}
+
+
 def window_lengths(track_frames: np.ndarray, frames: int) -> np.ndarray:
     """Real frames of every window the engine cuts from tracks of ``track_frames`` frames
     (``noencore.data.batches.windows``: tiled from frame 0, the last one padded)."""
@@ -93,15 +151,30 @@ def demo_shards(folder: Path) -> Path:
     return demo.shards_dir
 
 
+MICRO = (1, 2, 8)  # micro-batch sizes of the "after the cut" columns
+
+
 def table(rows: dict[str, dict]) -> list[str]:
+    cut = " | ".join(f"after the cut, {m} per micro-batch" for m in MICRO)
     lines = ["| windows | n | frames (T) | steps S | real frames | computed steps no loss "
-             "reads | of which: delay pattern | padding | head rows no loss reads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"reads, uncut | of which: delay pattern | padding | {cut} | head rows no loss "
+             "reads, uncut |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(MICRO) + "---|"]
     for name, r in rows.items():
+        after = " | ".join(f"{r['cut'][m]:.1%}" for m in MICRO)
         lines.append(f"| {name} | {r['windows']} | {r['frames']} | {r['steps_per_window']} | "
                      f"{r['real_frames_share']:.1%} | {r['wasted_share']:.1%} | "
-                     f"{r['pattern_share']:.2%} | {r['padding_share']:.1%} | "
+                     f"{r['pattern_share']:.2%} | {r['padding_share']:.1%} | {after} | "
                      f"{r['head_waste']:.1%} |")
+    return lines
+
+
+def time_table(times: dict[str, dict]) -> list[str]:
+    lines = ["| windows | micro-batch | every position computed (s) | counted layout (s) | "
+             "speed-up |", "|---|---|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t['micro']} | {t['dense_s']:.3f} | {t['counted_s']:.3f} | "
+                     f"{t['speedup']:.2f}x |")
     return lines
 
 
@@ -111,26 +184,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=250, help="window of --shards (the demo's)")
     ap.add_argument("--track-seconds", default="120,300",
                     help="A,B: also 30 s windows over tracks of A..B s ('' to skip)")
+    ap.add_argument("--time", action="store_true",
+                    help="also time the engine's step, counted layout against dense")
+    ap.add_argument("--layers", type=int, default=2, help="--time: transformer layers")
+    ap.add_argument("--reps", type=int, default=3, help="--time: best of")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from noencore.data.shards import TokenShards
     from noencore.models import load_musicgen
 
     lm = load_musicgen("tiny", with_codec=False).lm  # MusicGen's delay pattern, K = 4
-    rows: dict[str, dict] = {}
+    sets: dict[str, tuple[np.ndarray, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = a.shards or demo_shards(Path(tmp) / "demo")
         shards = TokenShards(path)
         name = "demo shards" if a.shards is None else str(path)
-        rows[f"{name}, {a.frames / FRAME_RATE:g} s"] = shares(
-            lm, window_lengths(np.asarray(shards.frames), a.frames), a.frames)
+        sets[f"{name}, {a.frames / FRAME_RATE:g} s"] = (
+            window_lengths(np.asarray(shards.frames), a.frames), a.frames)
     if a.track_seconds:
         lo, hi = (float(x) for x in a.track_seconds.split(","))
         tracks = np.round(np.linspace(lo, hi, 200) * FRAME_RATE).astype(np.int64)
-        rows[f"tracks of {lo:g}-{hi:g} s, 30 s"] = shares(
-            lm, window_lengths(tracks, 30 * FRAME_RATE), 30 * FRAME_RATE)
-        rows["full 30 s windows"] = shares(lm, np.full(200, 30 * FRAME_RATE), 30 * FRAME_RATE)
+        sets[f"tracks of {lo:g}-{hi:g} s, 30 s"] = (window_lengths(tracks, 30 * FRAME_RATE),
+                                                     30 * FRAME_RATE)
+        sets["full 30 s windows"] = (np.full(200, 30 * FRAME_RATE), 30 * FRAME_RATE)
+    rows = {}
+    for name, (lengths, frames) in sets.items():
+        rows[name] = shares(lm, lengths, frames)
+        rows[name]["cut"] = {m: cut_share(lm, lengths, frames, m) for m in MICRO}
     print("\n".join(table(rows)))
+    if a.time:
+        times = {}
+        for name, (lengths, frames) in list(sets.items())[:2]:
+            for micro in ((4, 1) if frames < 1000 else (1,)):
+                times[f"{name} ({micro})"] = {"micro": micro, **step_times(
+                    lengths, frames, micro, a.layers, a.reps)}
+                print(f"{name}, micro-batch {micro}: {times[f'{name} ({micro})']}",
+                      file=sys.stderr, flush=True)
+        print()
+        print("\n".join(time_table(times)))
     return 0
 
 

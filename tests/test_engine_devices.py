@@ -152,13 +152,16 @@ def test_reference_nll_is_shared_between_ranks(data):
     torch.testing.assert_close(sum(parts), whole)
 
 
+@pytest.mark.parametrize("layout", ["dense", "counted"])
 @pytest.mark.parametrize("frames", [0, 2], ids=["padding-only", "two-frame-row"])
-def test_every_parameter_gets_a_gradient_on_every_rank(data, frames):
+def test_every_parameter_gets_a_gradient_on_every_rank(data, frames, layout):
     """DeepSpeed ZeRO-2/3 reduce gradients in buckets filled by hooks that fire during
     backward: every rank must give every parameter a gradient in every micro-batch, also
     a rank whose rows are all padding (frames=0) and one whose only row is too short to
-    reach the delayed codebooks (frames=2: no token for codebooks 2 and 3)."""
-    from noencore.engine.objective import UnlearnObjective, token_counts
+    reach the delayed codebooks (frames=2: no token for codebooks 2 and 3); with every
+    position a head row (dense) and as the training step lays it out (counted: the batch
+    cut after its last counted frame, the heads given the counted positions only)."""
+    from noencore.engine.objective import UnlearnObjective, counted_layout, token_counts
     from noencore.methods import get_method
     from noencore.models.adapter import token_mask
     from noencore.models.text import ConditionCache
@@ -175,8 +178,14 @@ def test_every_parameter_gets_a_gradient_on_every_rank(data, frames):
     counts = token_counts(model.lm, mask, forget) + torch.tensor([5.0, 5.0, 1.0],
                                                                  dtype=torch.float64)
     obj = UnlearnObjective(model, get_method("graddiff"), backend="torch")
-    loss, stats = obj(codes, token_mask(model.lm, mask), forget, emb, emask, None, counts, 7,
-                      torch.tensor([0 if frames else -1]))
+    keep, extra = token_mask(model.lm, mask), ()
+    if layout == "counted":
+        codes, keep, positions, window = counted_layout(model.lm, codes, keep)
+        assert codes.shape[-1] == max(frames, 1)
+        assert positions[1] == tuple(max(1, int(n)) for n in keep.sum(dim=(0, 2)))
+        extra = (None, positions, window)
+    loss, stats = obj(codes, keep, forget, emb, emask, None, counts, 7,
+                      torch.tensor([0 if frames else -1]), *extra)
     assert loss.requires_grad
     loss.backward()
     missing = [n for n, p in model.lm.named_parameters() if p.requires_grad and p.grad is None]

@@ -98,8 +98,17 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
                          ids=[c[0] + ("-anchored" if c[1].get("remain_anchor") else "")
                               + (f"-w{c[1]['width']:g}" if "width" in c[1] else "")
                               for c in CASES])
-def test_objective_gradient_matches_plain_formula(env, name, opts):
-    from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+@pytest.mark.parametrize("layout", ["dense", "counted"])
+def test_objective_gradient_matches_plain_formula(env, name, opts, layout):
+    """``dense``: every position a head row, the ones that do not count marked; ``counted``:
+    the training step's layout (frames after the last counted one cut, the heads given only
+    the counted positions), on a batch whose every row is padded."""
+    from noencore.engine.objective import (
+        UnlearnObjective,
+        counted_layout,
+        sequence_nll,
+        token_counts,
+    )
     from noencore.models.adapter import token_mask
 
     model, cache = env
@@ -109,6 +118,8 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     mask = torch.ones(B, K, T, dtype=torch.bool)
     mask[1, :, 8:] = False
     mask[4, :, 5:] = False
+    if layout == "counted":
+        mask[:, :, 9:] = False
     forget = torch.tensor([True, True, False, False, False])
     emb, emask = cache.batch(CAPTIONS)
     ref_nll = None
@@ -120,8 +131,16 @@ def test_objective_gradient_matches_plain_formula(env, name, opts):
     params = [p for p in model.lm.parameters() if p.requires_grad]
 
     model.lm.zero_grad(set_to_none=True)
-    loss, stats = obj(codes, token_mask(model.lm, mask), forget, emb, emask, ref_nll, counts,
-                      12345, torch.arange(B))
+    keep = token_mask(model.lm, mask)
+    if layout == "dense":
+        loss, stats = obj(codes, keep, forget, emb, emask, ref_nll, counts, 12345,
+                          torch.arange(B))
+    else:
+        cut, keep_cut, positions, window = counted_layout(model.lm, codes, keep)
+        assert cut.shape[-1] == 9 and window == T
+        assert positions[1] == tuple(int(n) for n in keep.sum(dim=(0, 2)))
+        loss, stats = obj(cut, keep_cut, forget, emb, emask, ref_nll, counts, 12345,
+                          torch.arange(B), None, positions, window)
     loss.backward()
     got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 

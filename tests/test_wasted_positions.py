@@ -55,3 +55,22 @@ def test_window_lengths_tile_each_track_from_its_start():
     wp = _script()
     got = wp.window_lengths(np.array([10, 25, 3]), 10)
     assert got.tolist() == [10, 10, 10, 5, 3]
+
+
+def test_cut_share_counts_the_steps_of_each_micro_batch_longest_window():
+    """After the cut, a micro-batch computes S(n) steps per window for its longest window's
+    n frames: one window per micro-batch leaves only the delay pattern's steps; one
+    micro-batch holding a full window computes what the uncut batch computes."""
+    from noencore.models import load_musicgen
+    from noencore.models.adapter import pattern_steps
+
+    wp = _script()
+    lm = load_musicgen("tiny", with_codec=False).lm
+    T, lengths = 23, np.array([23, 14, 5, 1, 23, 9, 17])
+    got = wp.shares(lm, lengths, T)
+    alone = sum(pattern_steps(lm, int(n)) for n in lengths)
+    assert abs(wp.cut_share(lm, lengths, T, 1) - (1 - got["read_steps"] / alone)) < 1e-12
+    assert abs(wp.cut_share(lm, lengths, T, lengths.size) - got["wasted_share"]) < 1e-12
+    shares = [wp.cut_share(lm, lengths, T, m) for m in (1, 2, 3, lengths.size)]
+    assert shares[0] < got["wasted_share"] and all(0 <= s <= got["wasted_share"]
+                                                   for s in shares)

@@ -33,7 +33,12 @@ from noencore.distributed import rank_device
 from noencore.engine import checkpoint as ckpt
 from noencore.engine.config import UnlearnConfig, fields_for_run, select_blocks
 from noencore.engine.metrics import MetricsLog, plot_losses, read_metrics
-from noencore.engine.objective import UnlearnObjective, sequence_nll, token_counts
+from noencore.engine.objective import (
+    UnlearnObjective,
+    counted_layout,
+    sequence_nll,
+    token_counts,
+)
 from noencore.engine.optim import adamw
 from noencore.engine.requests import (
     check_request,
@@ -362,14 +367,18 @@ def _step_rows(run: Trainer, step: int) -> Any:
 
 
 def _micro_inputs(run: Trainer, b: Any, counts: torch.Tensor, step: int) -> tuple:
-    """A micro-batch's rows on this rank's device, as the objective takes them."""
+    """A micro-batch's rows on this rank's device, as the objective takes them: cut after
+    the last frame a loss reads, with the positions the heads compute (found here, on the
+    host: the device is never asked how many there are)."""
     emb, emask = run.cache.batch(b.captions, present=(b.unit >= 0).tolist())
     ref = _row_reference(run.ref_forget, run.ref_remain, b.forget, b.unit)
+    codes, mask, (index, sizes), window = counted_layout(run.model.lm, b.codes, b.mask)
     dev = run.dev
-    return (b.codes.to(dev, non_blocking=True), b.mask.to(dev, non_blocking=True),
+    return (codes.to(dev, non_blocking=True), mask.to(dev, non_blocking=True),
             b.forget.to(dev, non_blocking=True), emb.to(dev, non_blocking=True),
             emask.to(dev, non_blocking=True), ref, counts, run.seed * 1_000_003 + step,
-            b.row.to(dev, non_blocking=True), b.held.to(dev, non_blocking=True))
+            b.row.to(dev, non_blocking=True), b.held.to(dev, non_blocking=True),
+            (index.to(dev, non_blocking=True), sizes), window)
 
 
 def _micro_batches(run: Trainer, b: Any) -> list:

@@ -2,9 +2,11 @@
 
 ``UnlearnObjective`` is the module the optimizer (or DeepSpeed) trains. Its forward:
 
-1. runs the LM to the hidden states before the K heads and lays out every position of
-   the batch as rows, the tokens that count marked (``dense_codebook_rows``: shapes that
-   depend only on the batch's shape, so nothing is read back from the device);
+1. runs the LM to the hidden states before the K heads and lays out as rows the
+   positions a loss reads (``dense_codebook_rows``; the training step finds them on the
+   host, ``counted_positions``, and cuts frames no row needs, ``trim_frames``, before the
+   batch moves, so nothing is read back from the device and no head computes a row that
+   only padding or the delay pattern put there);
 2. asks the method for targets (RL: random codes drawn per token);
 3. calls the fused op once per codebook; the op hands back each row's log-sum-exp from
    the same pass, from which the NLL of the true code is one dot product per row
@@ -36,8 +38,10 @@ from noencore.methods import Method, Rows
 from noencore.models.adapter import (
     CodebookRows,
     codebook_rows,
+    counted_positions,
     dense_codebook_rows,
     token_mask,
+    trim_frames,
 )
 
 IGNORE = -100  # target of a row that does not count
@@ -57,6 +61,21 @@ def token_counts(lm: nn.Module, mask: torch.Tensor, forget: torch.Tensor) -> tor
                         torch.where(forget, 0.0, per_row).sum(), rows])
 
 
+def counted_layout(lm: nn.Module, codes: torch.Tensor, keep: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, tuple[int, ...]],
+                              int]:
+    """A micro-batch as the training step hands it to the objective, laid out on the host:
+    (codes, keep) cut after the last frame a loss reads (``trim_frames``), the positions
+    the heads compute (``counted_positions``), and the window's frames before the cut.
+
+    codes long [B, K, T], keep bool [B, K, T] (``token_mask``), both on the host.
+    """
+    window = codes.shape[-1]
+    n = trim_frames(lm, keep)
+    codes, keep = codes[..., :n], keep[..., :n]
+    return codes, keep, counted_positions(keep), window
+
+
 class UnlearnObjective(nn.Module):
     """Wraps a ``MusicGenModel`` (its ``lm`` holds every trainable parameter).
 
@@ -65,7 +84,11 @@ class UnlearnObjective(nn.Module):
     embeds_mask bool [B,L], ref_nll float32 [B] or None, counts float64 [3] (forget
     tokens, remain tokens, forget rows of the whole optimizer step, all ranks and
     micro-batches), label_seed int, rows long [B] (each row's index in the step's global
-    batch), held bool [B] or None (remain rows holding an earlier request's forget items))
+    batch), held bool [B] or None (remain rows holding an earlier request's forget items),
+    positions (``adapter.counted_positions`` of ``mask``, its index on the device) or None
+    (every position a row, the ones that do not count marked), window int or None (the
+    frames of the windows before ``trim_frames`` cut the batch: the random labels' hash
+    reads it; default T)
     -> (objective scalar, stats float64 [6] on the batch's device: forget NLL sum,
     forget tokens, remain NLL sum, remain tokens, method loss, rows).
 
@@ -85,8 +108,9 @@ class UnlearnObjective(nn.Module):
                 forget: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
                 embeds_mask: torch.Tensor | None = None, ref_nll: torch.Tensor | None = None,
                 counts: torch.Tensor | None = None, label_seed: int = 0,
-                rows: torch.Tensor | None = None, held: torch.Tensor | None = None, *,
-                measure: Callable[[], Any] | None = None
+                rows: torch.Tensor | None = None, held: torch.Tensor | None = None,
+                positions: tuple[torch.Tensor, tuple[int, ...]] | None = None,
+                window: int | None = None, *, measure: Callable[[], Any] | None = None
                 ) -> Any:
         if measure is not None:
             # A no-grad measurement (reference NLLs, the stop rule) run as this module's
@@ -97,13 +121,13 @@ class UnlearnObjective(nn.Module):
         from noencore.ops import resolve_backend
 
         conds = self.model.condition_tensors(embeds, embeds_mask)
-        parts = dense_codebook_rows(self.model.lm, codes, mask, conds)
+        parts = dense_codebook_rows(self.model.lm, codes, mask, conds, positions)
         tokens = Rows(targets=torch.cat([p.targets for p, _ in parts]),
                       item=torch.cat([p.item for p, _ in parts]), nll=None, forget=forget,
                       ref_nll=ref_nll, forget_tokens=counts[0], remain_tokens=counts[1],
                       forget_rows=counts[2], valid=torch.cat([v for _, v in parts]),
                       held=held)
-        targets = self._op_targets(parts, tokens, label_seed, rows, codes.shape[-1])
+        targets = self._op_targets(parts, tokens, label_seed, rows, window or codes.shape[-1])
         self.backend_used = resolve_backend(parts[0][0].hidden, self.backend)
         if self.method.needs_nll:
             objective, nll, tokens, loss = self._weighted_after(parts, targets, tokens)
@@ -119,7 +143,7 @@ class UnlearnObjective(nn.Module):
 
     def _op_targets(self, parts: list[tuple[CodebookRows, torch.Tensor]], tokens: Rows,
                     label_seed: int, rows: torch.Tensor, frames: int) -> list[torch.Tensor]:
-        """Per codebook: the op's targets, long [B x T]: the method's, random codes drawn
+        """Per codebook: the op's targets, long [N_k]: the method's, random codes drawn
         where it asks for them, ``IGNORE`` where a token does not count."""
         from noencore.ops import RANDOM_LABEL, random_label
 

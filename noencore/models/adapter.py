@@ -155,25 +155,72 @@ def codebook_rows(lm: nn.Module, codes: torch.Tensor, mask: torch.Tensor | None,
     return rows
 
 
+def counted_positions(keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The positions a loss reads, per codebook, found on the host before a batch moves.
+
+    keep: bool [B, K, T] (``token_mask``). Returns ``index`` long [N_0 + ... + N_{K-1}]:
+    for each codebook k in turn, the flat positions ``b * T + t`` of its counted tokens in
+    (item, time) order, and ``sizes`` (N_0, ..., N_{K-1}). A codebook with no counted token
+    keeps position 0 (not valid, so no loss reads it): every head still takes part in the
+    backward, as DeepSpeed needs a gradient for every trained parameter on every rank.
+    """
+    per = []
+    for k in range(keep.shape[1]):
+        idx = keep[:, k].reshape(-1).nonzero().squeeze(1)
+        per.append(idx if idx.numel() else idx.new_zeros(1))
+    return torch.cat(per), tuple(int(p.numel()) for p in per)
+
+
+def trim_frames(lm: nn.Module, keep: torch.Tensor) -> int:
+    """How many frames of a batch its counted tokens need: one past the last counted frame
+    (at least 1), or T where the delay pattern of that length would place a counted token
+    on another step. keep: bool [B, K, T] on the host.
+
+    Padding sits at the end of a row; when every row of a batch ends before T, the steps
+    after the last counted one feed no loss (self-attention is causal), so the transformer
+    can run over the shorter sequence and give the counted positions the same states.
+    """
+    T = keep.shape[-1]
+    frames = keep.any(dim=(0, 1)).nonzero()
+    n = int(frames.max()) + 1 if frames.numel() else 1
+    if n >= T:
+        return T
+    seq_n, valid_n = pattern_index(lm, n)
+    seq_t, _ = pattern_index(lm, T)
+    used = keep[:, :, :n].any(dim=0)  # [K, n]
+    same = (seq_n == seq_t[:, :n]) & valid_n
+    return n if bool(same[used].all()) else T
+
+
 def dense_codebook_rows(lm: nn.Module, codes: torch.Tensor, keep: torch.Tensor,
-                        condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                        condition_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        positions: tuple[torch.Tensor, tuple[int, ...]] | None = None
                         ) -> list[tuple[CodebookRows, torch.Tensor]]:
-    """Every position of a batch as per-codebook rows, with the tokens that count marked.
+    """A batch as per-codebook rows, with the tokens that count marked.
 
     codes: long [B, K, T]; keep: bool [B, K, T], the tokens that count (``token_mask``).
-    Returns, per codebook, the ``CodebookRows`` of all B x T positions (ordered by item,
-    then time) and ``valid`` bool [B x T] (= keep[:, k]). The shapes depend only on the
-    batch's shape, so nothing is read back from the device (the training step's rows; a
-    loss skips the rows that are not valid).
+    Returns, per codebook, ``CodebookRows`` ordered by item, then time, and ``valid`` bool
+    [N_k] (keep at those rows). The rows are the B x T positions of each codebook, or with
+    ``positions`` (``counted_positions`` of ``keep``, its index on the batch's device) only
+    those. Neither reads anything back from the device: the training step passes the
+    positions it found on the host, so the heads compute no row that no loss reads.
     """
     B, K, T = codes.shape
     out = hidden_states(lm, codes, condition_tensors)  # [B, S, D]
+    S = out.shape[1]
+    flat = out.reshape(B * S, out.shape[-1])
     seq, _ = pattern_index(lm, T, codes.device)
-    item = torch.arange(B, device=codes.device).repeat_interleave(T)
-    time = torch.arange(T, device=codes.device).repeat(B)
+    if positions is None:
+        everywhere = torch.arange(B * T, device=codes.device)
+        per_codebook = [everywhere] * K
+    else:
+        index, sizes = positions
+        per_codebook = index.split(list(sizes))
     rows = []
-    for k in range(K):
-        hidden, weight = head_weight(lm.linears[k], out[:, seq[k]].reshape(B * T, -1))
-        rows.append((CodebookRows(hidden=hidden, weight=weight, targets=codes[:, k].reshape(-1),
-                                  item=item, time=time), keep[:, k].reshape(-1)))
+    for k, pos in enumerate(per_codebook):
+        item, time = pos // T, pos % T
+        hidden, weight = head_weight(lm.linears[k], flat.index_select(0, item * S + seq[k, time]))
+        rows.append((CodebookRows(hidden=hidden, weight=weight,
+                                  targets=codes[:, k].reshape(-1)[pos], item=item, time=time),
+                     keep[:, k].reshape(-1)[pos]))
     return rows
