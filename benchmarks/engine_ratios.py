@@ -1,7 +1,7 @@
 """One unlearning step of the engine against audiocraft's MusicGen solver step, in one run.
 
-Same LM (MusicGen-small's width: dim 1024, 16 heads, card 2048, K=4; ``--layers``
-layers), same batch (B windows of ``--seconds`` s, the same codes and captions), same
+Same LM (MusicGen-small's width unless ``--width``: dim 1024, 16 heads, card 2048, K=4;
+``--layers`` layers), same batch (B windows of ``--seconds`` s, the same codes and captions), same
 optimizer (AdamW, gradient norm clipped at 1.0 as audiocraft's MusicGen solver config
 and the engine do), fp32 parameters, fp32 and bf16 autocast:
 
@@ -29,9 +29,13 @@ the peak memory of a step (CPU: peak RSS of a fresh process, sampled every ms; G
 peak allocated) and its extra over the memory before the step, and each step against
 its FLOP floor: the matmul FLOPs of one LM forward+backward (torch's FLOP counter on the
 LM alone, without T5 or the codec; attention products are not counted by it on CPU),
-over the matmul rate of this machine in that precision, measured in this run.
+over the matmul rate of this machine in that precision, measured in this run. Then the
+model-FLOPs utilisation of each step: those FLOPs / (step time x the peak FLOP/s of its
+precision), with the peak it assumed (a GPU's datasheet figure, ``PEAKS``; elsewhere the
+measured matmul rate). ``--width medium``: MusicGen-medium's width (1536, 24 heads).
 
     python benchmarks/engine_ratios.py [--layers 2 --batch 2 --seconds 30 --reps 3]
+                                       [--width small|medium]
                                        [--device cpu|cuda] [--variants ...] [--json f]
 """
 from __future__ import annotations
@@ -84,14 +88,19 @@ def base_t5_folder() -> Path:
     return folder
 
 
-def setup(layers: int, batch: int, seconds: float, kind: str, device: str = "cpu") -> dict:
+WIDTHS = {"small": "small-width", "medium": "medium-width"}  # --width: MusicGen's sizes
+
+
+def setup(layers: int, batch: int, seconds: float, kind: str, device: str = "cpu",
+          width: str = "small") -> dict:
     """Model, optimizer and the inputs a step of ``kind`` (cached, codec, engine) starts
-    from; every kind gets the same codes (seed 0) and captions."""
+    from; every kind gets the same codes (seed 0) and captions. ``width``: MusicGen-small's
+    (1024, 16 heads) or MusicGen-medium's (1536, 24 heads)."""
     from noencore.models import load_musicgen, register_t5
 
     t5 = str(base_t5_folder())
     register_t5(t5, 768)
-    model = load_musicgen("small-width", device=device, with_codec=False, overrides={
+    model = load_musicgen(WIDTHS[width], device=device, with_codec=False, overrides={
         "transformer_lm": {"num_layers": layers},
         "conditioners": {"description": {"t5": {"name": t5}}}})
     model.lm.train()
@@ -321,8 +330,8 @@ def memory_in_children(script: str, variants: list[str], a: argparse.Namespace
     for v in variants:
         proc = subprocess.run([sys.executable, script, "--memory-child", v, "--layers",
                                str(a.layers), "--batch", str(a.batch), "--seconds",
-                               str(a.seconds)], capture_output=True, text=True, check=True,
-                              env=env)
+                               str(a.seconds), *(("--width", a.width) if "width" in a else ())],
+                              capture_output=True, text=True, check=True, env=env)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -344,15 +353,42 @@ def memory(variants: list[str], a: argparse.Namespace) -> dict[str, dict]:
     return out
 
 
+# Dense peak FLOP/s by GPU name (vendors' datasheets, without sparsity): (name contains,
+# bf16 tensor cores, fp32 without tensor cores: torch's fp32 matmuls do not use TF32 by
+# default). The first match wins: the more specific names come first.
+PEAKS = (("H200", 989e12, 67e12), ("H100 NVL", 835e12, 60e12), ("H100 PCIe", 756e12, 51e12),
+         ("H100", 989e12, 67e12), ("A100", 312e12, 19.5e12))
+
+
+def assumed_peak(device: str, rates: dict[str, float]) -> tuple[dict[str, float], str]:
+    """The peak FLOP/s per precision that model-FLOPs utilisation divides by, and where it
+    comes from: the datasheet's for a GPU in ``PEAKS``, else the matmul rate measured in
+    this run (a CPU, or an unknown GPU)."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, bf16, fp32 in PEAKS:
+            if key in name:
+                return {"bf16": bf16, "fp32": fp32}, f"{name}: {key} datasheet, dense"
+    return dict(rates), "the matmul rate measured in this run"
+
+
+def mfu(times: dict[str, float], flops: float, peaks: dict[str, float]) -> dict[str, float]:
+    """Model-FLOPs utilisation of each variant: the LM's forward+backward matmul FLOPs per
+    step / (step seconds x the peak of its precision)."""
+    return {v: flops / (t * peaks[v.split("-")[1]]) for v, t in times.items()}
+
+
 def _mark(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
 def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: dict,
-           tokens: int, params: float, compile_s: float | None = None) -> list[str]:
+           tokens: int, params: float, compile_s: float | None = None,
+           peaks: tuple[dict[str, float], str] | None = None) -> list[str]:
     """The Markdown table and the goal lines."""
-    lines = [f"### Engine step vs audiocraft's MusicGen solver step ({a.device}; dim 1024, "
-             f"16 heads, {a.layers} layers, {params / 1e6:.1f} M LM params; B={a.batch} x "
+    dim, heads = {"small": (1024, 16), "medium": (1536, 24)}[getattr(a, "width", "small")]
+    lines = [f"### Engine step vs audiocraft's MusicGen solver step ({a.device}; dim {dim}, "
+             f"{heads} heads, {a.layers} layers, {params / 1e6:.1f} M LM params; B={a.batch} x "
              f"{a.seconds:g} s = {tokens} tokens)\n",
              "| variant | step s | tokens/s | vs cached solver | FLOP floor s | step / floor | "
              "peak MB | step extra MB |", "|---|---|---|---|---|---|---|---|"]
@@ -389,6 +425,11 @@ def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: d
         lines.append(f"- compiled: the transformer block compiled in {compile_s:.1f} s "
                      "(forward and backward, fp32 and bf16; once per process, torch's cache "
                      "shortens it in the next), not in the step times")
+    if peaks is not None:
+        util = mfu(times, flops, peaks[0])
+        lines.append("- model-FLOPs utilisation: " + "; ".join(
+            f"{v} {u:.1%} of {peaks[0][v.split('-')[1]] / 1e12:.1f} TFLOP/s"
+            for v, u in util.items()) + f" (peak: {peaks[1]})")
     lines.append(f"\nFLOP floor: {flops / 1e9:.1f} GFLOP of matmuls per LM forward+backward "
                  f"(torch's counter) at {rates['fp32'] / 1e9:.0f} GFLOP/s fp32, "
                  f"{rates['bf16'] / 1e9:.0f} GFLOP/s bf16 (a large matmul, this run).")
@@ -398,6 +439,8 @@ def report(a: argparse.Namespace, times: dict, mem: dict, flops: float, rates: d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", choices=sorted(WIDTHS), default="small",
+                    help="MusicGen-small's width (1024) or MusicGen-medium's (1536)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--reps", type=int, default=3)
@@ -416,14 +459,16 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     if a.memory_child:
-        st = setup(a.layers, a.batch, a.seconds, a.memory_child.split("-")[0], a.device)
+        st = setup(a.layers, a.batch, a.seconds, a.memory_child.split("-")[0], a.device,
+                   a.width)
         print(json.dumps(step_memory(a.memory_child, st)))
         return 0
     variants = [v for v in a.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         ap.error(f"unknown variants {sorted(unknown)}")
     kinds = {v.split("-")[0] for v in variants}
-    states = {k: setup(a.layers, a.batch, a.seconds, k, a.device) for k in sorted(kinds)}
+    states = {k: setup(a.layers, a.batch, a.seconds, k, a.device, a.width)
+              for k in sorted(kinds)}
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(a.reps + 1):  # interleaved, after a warm-up round
         for v in variants:
@@ -446,14 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     del states, st, model
     if a.device == "cuda":
         torch.cuda.empty_cache()
+    peaks = assumed_peak(a.device, rates)
     mem = {} if a.skip_memory else memory(variants, a)
-    print("\n".join(report(a, times, mem, flops, rates, tokens, params, compile_s)))
+    print("\n".join(report(a, times, mem, flops, rates, tokens, params, compile_s, peaks)))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"device": a.device, "layers": a.layers, "batch": a.batch,
-                       "seconds": a.seconds, "tokens": tokens, "step_s": times,
-                       "memory_mb": mem, "lm_flops": flops, "matmul_flops_per_s": rates,
-                       "compile_s": compile_s},
+            json.dump({"device": a.device, "width": a.width, "layers": a.layers,
+                       "batch": a.batch, "seconds": a.seconds, "tokens": tokens,
+                       "step_s": times, "memory_mb": mem, "lm_flops": flops,
+                       "matmul_flops_per_s": rates, "compile_s": compile_s,
+                       "peak_flops_per_s": peaks[0], "peak_source": peaks[1],
+                       "mfu": mfu(times, flops, peaks[0])},
                       fh, indent=1)
     return 0
 

@@ -15,10 +15,12 @@ work no loss reads:
 What the training step does about it (``noencore.engine.objective.counted_layout``, on
 the host before a micro-batch moves): it cuts the micro-batch after its last counted frame
 (the transformer runs S(n) steps for the longest row's n frames, not S(T)), and hands the
-heads only the counted (k, t) positions. audiocraft's solver step computes every step and
-every (k, t) logit of the padded batch. The "after the cut" columns are the steps still
-computed for no loss, for micro-batches of 1, 2 and 8 windows drawn at random (the
-longest window of each sets its length); the heads compute no row no loss reads (one
+heads only the counted (k, t) positions; a rank's rows of a step go into its micro-batches
+longest first, so that short windows share one. audiocraft's solver step computes every
+step and every (k, t) logit of the padded batch. The "after the cut" columns are the
+steps still computed for no loss, for micro-batches of 1, 2 and 8 windows drawn at random
+(and of 2, four per step: gradient accumulation); the longest window of each micro-batch
+sets its length; the heads compute no row no loss reads (one
 uncounted row for a codebook with no counted token, so that its head takes part in the
 backward).
 
@@ -83,13 +85,17 @@ def shares(lm: torch.nn.Module, lengths: np.ndarray, frames: int) -> dict:
 
 
 def cut_share(lm: torch.nn.Module, lengths: np.ndarray, frames: int, micro: int,
-              seed: int = 0) -> float:
+              accumulation: int = 1, seed: int = 0) -> float:
     """The share of transformer steps computed for no loss when windows of real lengths
-    ``lengths`` are drawn at random into micro-batches of ``micro`` and each micro-batch is
-    cut after its longest window (``adapter.trim_frames``)."""
+    ``lengths`` are drawn at random into a rank's steps of ``micro x accumulation`` rows,
+    split into micro-batches longest first (the engine's ``_micro_batches``), and each
+    micro-batch is cut after its longest window (``adapter.trim_frames``)."""
     from noencore.models.adapter import pattern_steps
 
     order = np.random.default_rng(seed).permutation(lengths)
+    per_step = micro * accumulation
+    order = np.concatenate([-np.sort(-order[i:i + per_step])
+                            for i in range(0, order.size, per_step)])
     read = shares(lm, lengths, frames)["read_steps"]
     steps = {}
     computed = 0
@@ -103,16 +109,19 @@ def cut_share(lm: torch.nn.Module, lengths: np.ndarray, frames: int, micro: int,
 
 
 def step_times(lengths: np.ndarray, frames: int, micro: int, layers: int, reps: int,
-               batches: int = 6, seed: int = 0) -> dict:
+               batches: int = 12, seed: int = 0) -> dict:
     """Seconds per micro-batch of the engine's step (fp32) with the counted layout and
     with every position computed, over the same ``batches`` micro-batches of ``micro``
-    windows drawn from ``lengths``, interleaved, best of ``reps``."""
+    windows: evenly spaced quantiles of ``lengths`` (so that the sample holds short windows
+    in their share), shuffled into micro-batches; interleaved, best of ``reps``."""
     import time
 
     from engine_ratios import engine_step, setup
 
-    rng = np.random.default_rng(seed)
-    draws = [torch.as_tensor(rng.choice(lengths, micro)) for _ in range(batches)]
+    picks = np.sort(lengths)[np.linspace(0, lengths.size - 1, batches * micro).round()
+                             .astype(np.int64)]
+    picks = np.random.default_rng(seed).permutation(picks)
+    draws = [torch.as_tensor(picks[i * micro:(i + 1) * micro]) for i in range(batches)]
     states = {}
     for layout in ("dense", "counted"):
         states[layout] = setup(layers, micro, frames / FRAME_RATE, "engine")
@@ -151,11 +160,13 @@ def demo_shards(folder: Path) -> Path:
     return demo.shards_dir
 
 
-MICRO = (1, 2, 8)  # micro-batch sizes of the "after the cut" columns
+# (micro-batch, micro-batches per step) of the "after the cut" columns
+MICRO = ((1, 1), (2, 1), (2, 4), (8, 1))
 
 
 def table(rows: dict[str, dict]) -> list[str]:
-    cut = " | ".join(f"after the cut, {m} per micro-batch" for m in MICRO)
+    cut = " | ".join(f"after the cut, micro-batch {m}" + (f" x {a} per step" if a > 1 else "")
+                     for m, a in MICRO)
     lines = ["| windows | n | frames (T) | steps S | real frames | computed steps no loss "
              f"reads, uncut | of which: delay pattern | padding | {cut} | head rows no loss "
              "reads, uncut |",
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, (lengths, frames) in sets.items():
         rows[name] = shares(lm, lengths, frames)
-        rows[name]["cut"] = {m: cut_share(lm, lengths, frames, m) for m in MICRO}
+        rows[name]["cut"] = {ma: cut_share(lm, lengths, frames, *ma) for ma in MICRO}
     print("\n".join(table(rows)))
     if a.time:
         times = {}

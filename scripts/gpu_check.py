@@ -17,6 +17,9 @@ ce_bandwidth   benchmarks/ops_ratios.py --device cuda --only ce: CE on logits ag
 engine_step    benchmarks/engine_ratios.py --device cuda: the engine's step (eager, and bf16
                with --compile's block, its compile seconds apart) and audiocraft's
                cached-token solver step (MusicGen-small: 24 layers), bf16 and fp32
+engine_mfu     benchmarks/engine_ratios.py --device cuda --width medium: the engine's bf16
+               step at MusicGen-medium's shapes (48 layers of width 1536, B=2 x 30 s), its
+               model-FLOPs utilisation against the GPU's datasheet peak
 zero2_step     noencore.unlearn(..., zero_stage=2, steps=2) in bf16 on a tiny corpus it writes
 =============  ==============================================================================
 
@@ -79,6 +82,9 @@ STEPS = (
                          "--batch", "4", "--seconds", "30", "--reps", "5", "--variants",
                          "cached-bf16,engine-bf16,compiled-bf16,cached-fp32,engine-fp32"), 210,
          json=True),
+    Step("engine_mfu", (PY, "benchmarks/engine_ratios.py", "--device", "cuda", "--width",
+                        "medium", "--layers", "48", "--batch", "2", "--seconds", "30", "--reps",
+                        "3", "--variants", "engine-bf16", "--skip-memory"), 120, json=True),
     Step("zero2_step", (PY, "scripts/gpu_check.py", "--zero2-worker"), 150, json=True),
 )
 
@@ -174,7 +180,16 @@ def headline(rec: dict) -> str:
                  if f"{k}-{p}" in t and f"cached-{p}" in t]
         if data.get("compile_s") is not None:
             parts.append(f"block compiled in {data['compile_s']:.0f} s")
+        if data.get("mfu"):
+            parts.append("MFU " + ", ".join(f"{v} {u:.0%}" for v, u in data["mfu"].items()))
         return "; ".join(parts)
+    if name == "engine_mfu" and data.get("mfu"):
+        return (f"MusicGen-medium shapes ({data['layers']} layers, B={data['batch']} x "
+                f"{data['seconds']:g} s): " + ", ".join(
+                    f"{v} {data['step_s'][v]:.3f} s/step, MFU {u:.1%}"
+                    for v, u in data["mfu"].items())
+                + f" of {data['peak_flops_per_s']['bf16'] / 1e12:.0f} TFLOP/s bf16 "
+                f"({data['peak_source']})")
     if name == "zero2_step" and data:
         return f"{data['steps']} steps, objective {data['objectives']}, {data['seconds']:.1f} s"
     return ""

@@ -153,6 +153,39 @@ def test_the_training_step_reads_only_counted_rows_and_trains_as_the_dense_layou
     assert cos > 0.9999 and abs(float(ours.norm() / ref.norm()) - 1) < 1e-3, cos
 
 
+def test_micro_batches_take_the_longest_windows_first_and_train_as_one_batch(
+        data, monkeypatch):
+    """With accumulation, a rank's rows of a step go into micro-batches longest first (so
+    short windows share a micro-batch that is cut short); the update is the one of the whole
+    step in one micro-batch, every position computed."""
+    from noencore import unlearn
+    from noencore.engine import loop
+
+    _, shards = data
+    run = dict(RUN, batch_size=6, accumulation=3, steps=3)
+    start = _fresh().lm.state_dict()
+    spy = _Spy(monkeypatch)
+    got = unlearn(_fresh(), shards, **run)
+    calls = spy.calls
+    assert len(calls) == run["steps"] * run["accumulation"]
+
+    def length(keep):  # per row: one past its last counted frame
+        frame = torch.arange(1, keep.shape[-1] + 1)
+        return (keep.any(dim=1) * frame).amax(dim=1).tolist()
+
+    for s in range(run["steps"]):
+        step = [length(c["keep"]) for c in calls[s * 3:(s + 1) * 3]]
+        flat = [n for micro in step for n in micro]
+        assert flat == sorted(flat, reverse=True), step
+    assert any(c["frames"] < RUN["frames"] for c in calls)
+    monkeypatch.setattr(loop, "counted_layout", _dense_layout)
+    want = unlearn(_fresh(), shards, **dict(run, accumulation=1))
+    ours, ref = _update(start, got.model.lm.state_dict()), _update(start,
+                                                                   want.model.lm.state_dict())
+    cos = float(torch.nn.functional.cosine_similarity(ours, ref, dim=0))
+    assert cos > 0.9999 and abs(float(ours.norm() / ref.norm()) - 1) < 1e-3, cos
+
+
 def test_random_labels_do_not_depend_on_the_cut(data, monkeypatch):
     """RL's labels hash (row, frame) over the window's frames, not the cut batch's."""
     from noencore import unlearn

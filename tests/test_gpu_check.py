@@ -89,6 +89,10 @@ def _records() -> list[dict]:
         rec("ce_bandwidth", data={"ce": [{"dtype": "float32", "copy_gbps": 4000.0, "seconds": {
             "copy": 1.0, "noencore": 1.25, "inplace": 1.1, "eager": 5.0}}]}),
         rec("engine_step", data={"step_s": {"cached-bf16": 3.0, "engine-bf16": 1.5}}),
+        rec("engine_mfu", data={"layers": 48, "batch": 2, "seconds": 30.0,
+                                "step_s": {"engine-bf16": 0.25}, "mfu": {"engine-bf16": 0.4},
+                                "peak_flops_per_s": {"bf16": 989e12, "fp32": 67e12},
+                                "peak_source": "NVIDIA H200: H200 datasheet, dense"}),
         rec("zero2_step", "timeout", tail="Traceback: something\n[gpu_check] stopped after 150 s"),
     ]
 
@@ -105,6 +109,8 @@ def test_results_file(gc, tmp_path):
     assert "small bf16: ours/eager 0.50, ours/Liger 0.80" in text
     assert "float32: 80% (in place 91%) of copy bandwidth (4000 GB/s)" in text
     assert "bf16: engine 2.00x the cached solver's tokens/s" in text
+    assert ("MusicGen-medium shapes (48 layers, B=2 x 30 s): engine-bf16 0.250 s/step, MFU "
+            "40.0% of 989 TFLOP/s bf16 (NVIDIA H200: H200 datasheet, dense)") in text
     assert "## ops_bench" in text and "| small | 2.00 ms |" in text
     assert "progress line" not in text  # only the benchmark's tables are copied
     assert "## zero2_step: timeout" in text and "Traceback: something" in text
@@ -220,3 +226,24 @@ def test_stand_ins_import_and_name_the_package_to_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "stand-ins ok" in out.stdout, out.stderr
+
+
+def test_model_flops_utilisation_divides_by_the_assumed_peak(monkeypatch):
+    """engine_ratios' MFU: the LM's FLOPs over step time x the peak of the step's
+    precision; the peak is the named GPU's datasheet figure (the most specific name first),
+    and the measured matmul rate where the device is not in the table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    er = _load("engine_ratios_mfu", "benchmarks/engine_ratios.py")
+    import torch
+
+    rates = {"fp32": 2e11, "bf16": 5e11}
+    assert er.assumed_peak("cpu", rates) == (rates, "the matmul rate measured in this run")
+    for name, bf16 in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        peaks, source = er.assumed_peak("cuda", rates)
+        assert peaks["bf16"] == bf16 and name in source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert er.assumed_peak("cuda", rates)[0] == rates
+    got = er.mfu({"engine-bf16": 2.0, "cached-fp32": 4.0}, 1e12, rates)
+    assert got == {"engine-bf16": 1e12 / (2.0 * 5e11), "cached-fp32": 1e12 / (4.0 * 2e11)}

@@ -74,3 +74,9 @@ def test_cut_share_counts_the_steps_of_each_micro_batch_longest_window():
     shares = [wp.cut_share(lm, lengths, T, m) for m in (1, 2, 3, lengths.size)]
     assert shares[0] < got["wasted_share"] and all(0 <= s <= got["wasted_share"]
                                                    for s in shares)
+    # micro-batches of 2 filled longest first from steps of 6: (23, 23) (17, 14) (9, 5), 1
+    first6 = np.random.default_rng(0).permutation(lengths)[:6]
+    steps = 2 * sum(pattern_steps(lm, int(n)) for n in sorted(first6, reverse=True)[::2])
+    rest = pattern_steps(lm, int(np.random.default_rng(0).permutation(lengths)[6]))
+    assert abs(wp.cut_share(lm, lengths, T, 2, 3) - (1 - got["read_steps"] / (steps + rest))
+               ) < 1e-12

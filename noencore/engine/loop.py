@@ -382,7 +382,14 @@ def _micro_inputs(run: Trainer, b: Any, counts: torch.Tensor, step: int) -> tupl
 
 
 def _micro_batches(run: Trainer, b: Any) -> list:
+    """This rank's rows of a step in ``accumulation`` micro-batches, the longest windows
+    first: short windows share micro-batches, which ``counted_layout`` then cuts short (the
+    step's gradient is the sum over its micro-batches, whichever rows each holds)."""
     size = run.shape.micro_batch
+    if run.accumulation > 1:
+        frame = torch.arange(1, b.mask.shape[-1] + 1)
+        length = (b.mask.any(dim=1) * frame).amax(dim=1)  # one past the last counted frame
+        b = b.take(torch.argsort(length, descending=True, stable=True))
     return [b.select(slice(m * size, (m + 1) * size)) for m in range(run.accumulation)]
 
 

@@ -48,6 +48,12 @@ class StepBatch:
                          self.unit[rows], self.captions[rows], self.row[rows],
                          self.held[rows])
 
+    def take(self, index: torch.Tensor) -> StepBatch:
+        """The rows ``index`` (long [n]) of this batch, in that order."""
+        return StepBatch(self.codes[index], self.mask[index], self.forget[index],
+                         self.unit[index], [self.captions[i] for i in index.tolist()],
+                         self.row[index], self.held[index])
+
 
 def _resolve(shards, spec, name: str) -> np.ndarray:
     """Item indices selected by ``spec``: a split name, or a list of source ids."""

@@ -55,6 +55,9 @@ BASE_CFG: dict[str, Any] = {
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_heads": 4, "num_layers": 2},
     "small-width": {"dim": 1024, "num_heads": 16, "num_layers": 2},
+    # MusicGen-medium's width (audiocraft's scale "medium": 1536, 24 heads; 48 layers as
+    # released), few layers unless a benchmark asks for more
+    "medium-width": {"dim": 1536, "num_heads": 24, "num_layers": 2},
     # MusicGen-small as released (audiocraft's musicgen LM config at model scale "small":
     # 24 layers of width 1024, 16 heads, memory-efficient attention), random weights. The
     # name says so: "musicgen-small" alone would read as the pretrained model.
