@@ -20,7 +20,7 @@ longest first, so that short windows share one. audiocraft's solver step compute
 step and every (k, t) logit of the padded batch. The "after the cut" columns are the
 steps still computed for no loss, for micro-batches of 1, 2 and 8 windows drawn at random
 (and of 2, four per step: gradient accumulation); the longest window of each micro-batch
-sets its length; the heads compute no row no loss reads (one
+sets its length, rounded up to one of 16 lengths (``adapter.cut_frames``); the heads compute no row no loss reads (one
 uncounted row for a codebook with no counted token, so that its head takes part in the
 backward).
 
@@ -89,8 +89,8 @@ def cut_share(lm: torch.nn.Module, lengths: np.ndarray, frames: int, micro: int,
     """The share of transformer steps computed for no loss when windows of real lengths
     ``lengths`` are drawn at random into a rank's steps of ``micro x accumulation`` rows,
     split into micro-batches longest first (the engine's ``_micro_batches``), and each
-    micro-batch is cut after its longest window (``adapter.trim_frames``)."""
-    from noencore.models.adapter import pattern_steps
+    micro-batch is cut after its longest window, rounded up (``adapter.trim_frames``)."""
+    from noencore.models.adapter import cut_frames, pattern_steps
 
     order = np.random.default_rng(seed).permutation(lengths)
     per_step = micro * accumulation
@@ -101,7 +101,7 @@ def cut_share(lm: torch.nn.Module, lengths: np.ndarray, frames: int, micro: int,
     computed = 0
     for i in range(0, order.size, micro):
         chunk = order[i:i + micro]
-        n = max(int(chunk.max()), 1)
+        n = cut_frames(int(chunk.max()), frames)
         if n not in steps:
             steps[n] = pattern_steps(lm, n)
         computed += chunk.size * steps[n]

@@ -62,16 +62,18 @@ def test_counted_positions_are_the_counted_tokens():
 
 
 def test_trim_frames_cuts_after_the_last_counted_frame():
-    from noencore.models.adapter import pattern_index, trim_frames
+    from noencore.models.adapter import CUT_LENGTHS, pattern_index, token_mask, trim_frames
 
     lm = _fresh().lm
     g = torch.Generator().manual_seed(1)
-    for B, T in [(1, 9), (3, 17), (5, 40)]:
+    for B, T in [(1, 9), (3, 17), (5, 40), (2, 250)]:
+        step = -(-T // CUT_LENGTHS)
         for _ in range(4):
             keep = _random_keep(lm, B, T, g)
             n = trim_frames(lm, keep)
             frames = keep.any(dim=(0, 1)).nonzero()
-            assert n == (int(frames.max()) + 1 if frames.numel() else 1)
+            last = int(frames.max()) + 1 if frames.numel() else 1
+            assert n == min(T, -(-last // step) * step)  # one of few lengths, >= last
             assert not keep[..., n:].any()
             # every counted token sits on the same step of the shorter sequence
             seq_n, valid_n = pattern_index(lm, n)
@@ -79,10 +81,36 @@ def test_trim_frames_cuts_after_the_last_counted_frame():
             used = keep[:, :, :n].any(dim=0)
             assert valid_n[used].all() and (seq_n[used] == seq_t[:, :n][used]).all()
     full = torch.ones(2, lm.num_codebooks, 12, dtype=torch.bool)
-    from noencore.models.adapter import token_mask
-
     assert trim_frames(lm, token_mask(lm, full)) == 12
     assert trim_frames(lm, torch.zeros(2, lm.num_codebooks, 12, dtype=torch.bool)) == 1
+
+
+def test_the_cut_batch_gives_the_counted_rows_the_same_states(data):
+    """The heads' rows of a cut batch against the same rows of the whole batch: the
+    transformer's states (with the text condition) and the targets, row for row."""
+    from noencore.engine.objective import counted_layout
+    from noencore.models.adapter import counted_positions, dense_codebook_rows
+    from noencore.models.text import ConditionCache
+
+    root, shards = data
+    model = _fresh()
+    lm = model.lm.eval()
+    g = torch.Generator().manual_seed(2)
+    B, T = 3, 37
+    keep = _random_keep(lm, B, T, g)
+    keep[:, :, 29:] = False  # every row ends by frame 29
+    codes = torch.randint(0, model.card, (B, lm.num_codebooks, T), generator=g)
+    emb, emask = ConditionCache(root / "shards" / "conditions").batch(shards.captions[:B])
+    conds = model.condition_tensors(emb, emask)
+    cut, keep_cut, positions, window = counted_layout(lm, codes, keep)
+    assert cut.shape[-1] < T and window == T
+    with torch.no_grad():
+        got = dense_codebook_rows(lm, cut, keep_cut, conds, positions)
+        want = dense_codebook_rows(lm, codes, keep, conds, counted_positions(keep))
+    for (a, va), (b, vb) in zip(got, want):
+        assert torch.equal(va, vb) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.item, b.item) and torch.equal(a.time, b.time)
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
 
 
 class _Spy:
@@ -153,16 +181,23 @@ def test_the_training_step_reads_only_counted_rows_and_trains_as_the_dense_layou
     assert cos > 0.9999 and abs(float(ours.norm() / ref.norm()) - 1) < 1e-3, cos
 
 
+@pytest.mark.parametrize("method,options", [
+    ("graddiff", {"remain_weight": 0.5}),
+    ("npo", {"remain_anchor": True}),  # reads each row's reference NLL (by its unit)
+    ("rl", {}),  # reads each row's global index (the random labels' hash)
+], ids=["graddiff", "npo-anchored", "rl"])
 def test_micro_batches_take_the_longest_windows_first_and_train_as_one_batch(
-        data, monkeypatch):
+        data, monkeypatch, method, options):
     """With accumulation, a rank's rows of a step go into micro-batches longest first (so
     short windows share a micro-batch that is cut short); the update is the one of the whole
-    step in one micro-batch, every position computed."""
+    step in one micro-batch, every position computed, for methods that read each row's
+    reference and global index."""
     from noencore import unlearn
     from noencore.engine import loop
 
     _, shards = data
-    run = dict(RUN, batch_size=6, accumulation=3, steps=3)
+    run = dict(RUN, batch_size=6, accumulation=3, steps=3, method=method,
+               method_options=options)
     start = _fresh().lm.state_dict()
     spy = _Spy(monkeypatch)
     got = unlearn(_fresh(), shards, **run)
@@ -276,3 +311,29 @@ def test_two_zero3_ranks_with_counted_rows_train_as_one_dense_process(data, tmp_
         ratio = float(ours.norm() / ref.norm())
         print(f"rank {rank}: cosine {cos:.4f}, norm ratio {ratio:.3f}")
         assert cos > 0.97 and abs(ratio - 1) < 0.1, (rank, cos, ratio)
+
+
+def test_the_compiled_block_compiles_no_graph_for_cut_batches(data, monkeypatch):
+    """--compile: the block's graphs are made in the warm-up (sequence length dynamic), and
+    micro-batches cut to other lengths reuse them: no compile inside the steps."""
+    from torch._dynamo.utils import counters
+
+    from noencore import unlearn
+    from noencore.models import block
+
+    _, shards = data
+    monkeypatch.setenv("NOENCORE_COMPILE_BACKEND", "aot_eager")  # dynamo's guards, fast
+    after = {}
+    real = block.FusedBlocks.warm_up
+
+    def warm_up(self, x, cross, **kw):
+        real(self, x, cross, **kw)
+        after["graphs"] = int(counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(block.FusedBlocks, "warm_up", warm_up)
+    spy = _Spy(monkeypatch)
+    res = unlearn(_fresh(), shards, **dict(RUN, steps=3), compile=True)
+    assert res.compile["compiled"] and res.compile["backend"] == "aot_eager"
+    assert len({c["frames"] for c in spy.calls}) > 1, "no micro-batch was cut"
+    assert int(counters["stats"]["unique_graphs"]) == after["graphs"], \
+        "a graph was compiled during the steps"

@@ -59,16 +59,20 @@ def test_window_lengths_tile_each_track_from_its_start():
 
 def test_cut_share_counts_the_steps_of_each_micro_batch_longest_window():
     """After the cut, a micro-batch computes S(n) steps per window for its longest window's
-    n frames: one window per micro-batch leaves only the delay pattern's steps; one
+    n frames (rounded up to one of a few lengths): one window per micro-batch leaves the
+    delay pattern's steps and the rounding; one
     micro-batch holding a full window computes what the uncut batch computes."""
     from noencore.models import load_musicgen
-    from noencore.models.adapter import pattern_steps
+    from noencore.models.adapter import cut_frames, pattern_steps
+
+    def steps_of(n):  # the cut rounds up to one of a few lengths
+        return pattern_steps(lm, cut_frames(int(n), T))
 
     wp = _script()
     lm = load_musicgen("tiny", with_codec=False).lm
     T, lengths = 23, np.array([23, 14, 5, 1, 23, 9, 17])
     got = wp.shares(lm, lengths, T)
-    alone = sum(pattern_steps(lm, int(n)) for n in lengths)
+    alone = sum(steps_of(n) for n in lengths)
     assert abs(wp.cut_share(lm, lengths, T, 1) - (1 - got["read_steps"] / alone)) < 1e-12
     assert abs(wp.cut_share(lm, lengths, T, lengths.size) - got["wasted_share"]) < 1e-12
     shares = [wp.cut_share(lm, lengths, T, m) for m in (1, 2, 3, lengths.size)]
@@ -76,7 +80,7 @@ def test_cut_share_counts_the_steps_of_each_micro_batch_longest_window():
                                                    for s in shares)
     # micro-batches of 2 filled longest first from steps of 6: (23, 23) (17, 14) (9, 5), 1
     first6 = np.random.default_rng(0).permutation(lengths)[:6]
-    steps = 2 * sum(pattern_steps(lm, int(n)) for n in sorted(first6, reverse=True)[::2])
-    rest = pattern_steps(lm, int(np.random.default_rng(0).permutation(lengths)[6]))
+    steps = 2 * sum(steps_of(n) for n in sorted(first6, reverse=True)[::2])
+    rest = steps_of(np.random.default_rng(0).permutation(lengths)[6])
     assert abs(wp.cut_share(lm, lengths, T, 2, 3) - (1 - got["read_steps"] / (steps + rest))
                ) < 1e-12

@@ -906,7 +906,7 @@ class Trainer:
         x, cross = warm_up_inputs(lm, self.shape.micro_batch, self.cfg.frames, self.dev, dtype)
         autocast = self.precision == "bf16" and not self.distributed
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=autocast):
-            self.fused.warm_up(x, cross)
+            self.fused.warm_up(x, cross, single_row=self.shape.micro_batch == 1)
         if self.rank == 0 and self.fused.compile_s is not None and self.progress:
             print(f"compiled the transformer block ({self.fused.backend}) in "
                   f"{self.fused.compile_s:.1f} s", file=sys.stderr)

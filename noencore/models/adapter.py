@@ -10,7 +10,9 @@ logits are never materialised.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,9 +40,13 @@ class CodebookRows:
 def pattern_steps(lm: nn.Module, frames: int) -> int:
     """S: the steps of the interleaved sequence the transformer runs over for ``frames``
     frames (audiocraft's pattern with ``keep_only_valid_steps``)."""
-    probe = torch.zeros(1, lm.num_codebooks, frames, dtype=torch.long)
-    return int(lm.pattern_provider.get_pattern(frames).build_pattern_sequence(
-        probe, lm.special_token_id, keep_only_valid_steps=True)[0].shape[-1])
+    return _pattern_steps(lm.pattern_provider, lm.num_codebooks, frames)
+
+
+def _pattern_steps(provider: Any, codebooks: int, frames: int) -> int:
+    probe = torch.zeros(1, codebooks, frames, dtype=torch.long)
+    return int(provider.get_pattern(frames).build_pattern_sequence(
+        probe, 0, keep_only_valid_steps=True)[0].shape[-1])  # the token only fills steps
 
 
 def pattern_index(lm: nn.Module, frames: int, device: torch.device | str = "cpu"
@@ -52,16 +58,28 @@ def pattern_index(lm: nn.Module, frames: int, device: torch.device | str = "cpu"
     Found by reverting a tensor holding each step's own index through the pattern, so it
     agrees with ``compute_predictions`` for any pattern audiocraft provides.
     """
-    pattern = lm.pattern_provider.get_pattern(frames)
-    K = lm.num_codebooks
-    steps = pattern_steps(lm, frames)
-    probe = torch.arange(steps, dtype=torch.float64).expand(1, 1, K, steps).contiguous()
+    seq, valid = _pattern_index(lm.pattern_provider, lm.num_codebooks, frames)
+    return seq.to(device), valid.to(device)
+
+
+def _pattern_index(provider: Any, codebooks: int, frames: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = provider.get_pattern(frames)
+    steps = _pattern_steps(provider, codebooks, frames)
+    probe = torch.arange(steps, dtype=torch.float64).expand(1, 1, codebooks, steps).contiguous()
     reverted, _, valid = pattern.revert_pattern_logits(probe, float("nan"),
                                                        keep_only_valid_steps=True)
     seq = reverted[0, 0]  # [K, T]
     valid = valid.bool() & ~torch.isnan(seq)
-    seq = torch.where(valid, seq, torch.zeros_like(seq)).long()
-    return seq.to(device), valid.to(device)
+    return torch.where(valid, seq, torch.zeros_like(seq)).long(), valid
+
+
+@functools.lru_cache(maxsize=4 * 16)
+def _step_of(provider: Any, codebooks: int, frames: int, device: torch.device) -> torch.Tensor:
+    """``pattern_index``'s steps on ``device``, kept (never written to): the training step
+    asks for the same few lengths (``trim_frames``) every micro-batch, and a fresh copy to
+    a GPU would wait for the stream each time."""
+    return _pattern_index(provider, codebooks, frames)[0].to(device)
 
 
 def hidden_states(lm: nn.Module, codes: torch.Tensor,
@@ -171,19 +189,39 @@ def counted_positions(keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]
     return torch.cat(per), tuple(int(p.numel()) for p in per)
 
 
+CUT_LENGTHS = 16  # a window's frames are cut to one of at most this many lengths
+
+
+def cut_frames(last: int, frames: int) -> int:
+    """The length a batch of ``frames``-frame windows is cut to when its counted tokens end
+    at frame ``last`` (exclusive): ``last`` rounded up to a multiple of
+    ceil(frames / ``CUT_LENGTHS``), at most ``frames``."""
+    step = -(-frames // CUT_LENGTHS)
+    return min(frames, -(-max(last, 1) // step) * step)
+
+
 def trim_frames(lm: nn.Module, keep: torch.Tensor) -> int:
-    """How many frames of a batch its counted tokens need: one past the last counted frame
-    (at least 1), or T where the delay pattern of that length would place a counted token
-    on another step. keep: bool [B, K, T] on the host.
+    """How many frames of a batch its counted tokens need: one past the last counted frame,
+    rounded up to a multiple of ceil(T / ``CUT_LENGTHS``) (so that a run sees few sequence
+    lengths: audiocraft's pattern caches, the device's index copies and a compiled block
+    stay warm); T where nothing would be cut, for a pattern other than the delay pattern
+    (or its parallel case), or where the pattern of that length would place a counted
+    token on another step. keep: bool [B, K, T] on the host.
 
     Padding sits at the end of a row; when every row of a batch ends before T, the steps
-    after the last counted one feed no loss (self-attention is causal), so the transformer
-    can run over the shorter sequence and give the counted positions the same states.
+    after the last counted one feed no loss (self-attention is causal; under the delay
+    pattern the first n + 1 steps of a window hold only its first n frames), so the
+    transformer can run over the shorter sequence and give the counted positions the same
+    states.
     """
+    from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
+
     T = keep.shape[-1]
+    if not isinstance(lm.pattern_provider, DelayedPatternProvider):
+        return T
     frames = keep.any(dim=(0, 1)).nonzero()
-    n = int(frames.max()) + 1 if frames.numel() else 1
-    if n >= T:
+    n = cut_frames(int(frames.max()) + 1 if frames.numel() else 1, T)
+    if n == T:
         return T
     seq_n, valid_n = pattern_index(lm, n)
     seq_t, _ = pattern_index(lm, T)
@@ -209,7 +247,7 @@ def dense_codebook_rows(lm: nn.Module, codes: torch.Tensor, keep: torch.Tensor,
     out = hidden_states(lm, codes, condition_tensors)  # [B, S, D]
     S = out.shape[1]
     flat = out.reshape(B * S, out.shape[-1])
-    seq, _ = pattern_index(lm, T, codes.device)
+    seq = _step_of(lm.pattern_provider, lm.num_codebooks, T, codes.device)
     if positions is None:
         everywhere = torch.arange(B * T, device=codes.device)
         per_codebook = [everywhere] * K

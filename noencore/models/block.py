@@ -28,6 +28,7 @@ Makefile keeps it in ``.cache/inductor``), so a second run skips most of the com
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import types
@@ -200,33 +201,23 @@ class FusedBlocks:
         for layer in self.layers:
             layer._noencore_math = fn
 
-    def warm_up(self, x: torch.Tensor, cross: torch.Tensor | None) -> None:
+    def warm_up(self, x: torch.Tensor, cross: torch.Tensor | None, *,
+                single_row: bool = False) -> None:
         """Compile now, forward and backward, on stand-ins of the training shapes (the
-        layers' parameter shapes, ``x`` [B, S, D] and ``cross`` [B, L, D]; batch and text
-        length dynamic): the time is reported as ``compile_s``, apart from the steps'. A
-        failure is named in a warning, and every layer goes on with the function eager."""
+        layers' parameter shapes, ``x`` [B, S, D] and ``cross`` [B, L, D]; batch, sequence and
+        text length dynamic): the time is reported as ``compile_s``, apart from the steps'. A
+        failure is named in a warning, and every layer goes on with the function eager.
+        ``single_row``: micro-batches of one row (a size-1 batch gets a graph of its own)."""
         if not self.compiled:
             return
         # one layer of each kind the run has (trained or frozen: their graphs differ)
         kinds = {tuple(p.requires_grad for p in layer.parameters()): layer
                  for layer in self.layers}
-        for t in (x, cross):  # any batch size and text length reuse the graph
-            for dim in (0, 1) if t is not None else ():
-                if t.shape[dim] > 1:
-                    torch._dynamo.mark_dynamic(t, dim)
         start = time.perf_counter()
         try:
-            for layer in kinds.values():
-                w = {k: None if v is None else _stand_in(v)
-                     for k, v in layer_tensors(layer).items()}
-                with torch.no_grad():  # the graph scoring and the references use
-                    layer._noencore_math(x, cross, w, layer_constants(layer))
-                trains = any(p.requires_grad for p in layer.parameters())
-                if trains:
-                    xs = x.detach().clone().requires_grad_(True)
-                    torch._dynamo.mark_dynamic(xs, 0)
-                    layer._noencore_math(xs, cross, w, layer_constants(layer)
-                                         ).float().sum().backward()
+            for layer, rows in itertools.product(kinds.values(),
+                                                 (x.shape[0], 1) if single_row else (x.shape[0],)):
+                self._warm_up_layer(layer, x[:rows], None if cross is None else cross[:rows])
         except Exception as exc:  # noqa: BLE001 - named below, and the run goes on eager
             self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
             self.compiled = False
@@ -237,6 +228,20 @@ class FusedBlocks:
             return
         self.compile_s = time.perf_counter() - start
 
+    @staticmethod
+    def _warm_up_layer(layer: nn.Module, x: torch.Tensor, cross: torch.Tensor | None) -> None:
+        """The graphs of one layer kind: the no-grad one (scoring, references) and, for a
+        trained layer, the training step's (the input and, where the text projection
+        trains, the condition carry gradients)."""
+        w = {k: None if v is None else _stand_in(v) for k, v in layer_tensors(layer).items()}
+        with torch.no_grad():
+            layer._noencore_math(_dynamic(x.detach()), _dynamic(_detached(cross)), w,
+                                 layer_constants(layer))
+        if any(p.requires_grad for p in layer.parameters()):
+            xs = _dynamic(x.detach().clone().requires_grad_(True))
+            cs = _dynamic(_detached(cross, cross is not None and cross.requires_grad))
+            layer._noencore_math(xs, cs, w, layer_constants(layer)).float().sum().backward()
+
     def restore(self) -> None:
         """audiocraft's forward back on every layer."""
         for layer in self.layers:
@@ -245,10 +250,26 @@ class FusedBlocks:
         self.layers = []
 
 
+def _dynamic(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` [B, S or L, D] with its batch and length marked dynamic (any batch size,
+    sequence length or text length reuses the graph; a size-1 dimension stays specialised)."""
+    for dim in (0, 1) if t is not None else ():
+        if t.shape[dim] > 1:
+            torch._dynamo.mark_dynamic(t, dim)
+    return t
+
+
+def _detached(t: torch.Tensor | None, requires_grad: bool = False) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
 def _stand_in(p: torch.Tensor) -> torch.Tensor:
-    """A tensor like parameter ``p`` (its full shape under ZeRO-3, ``ds_shape``)."""
+    """A parameter like ``p`` (its full shape under ZeRO-3, ``ds_shape``): of the same type,
+    since the compiled graph's guards check the type and a plain tensor would make the
+    first step compile again."""
     shape = tuple(getattr(p, "ds_shape", p.shape))
-    return torch.randn(shape, device=p.device, dtype=p.dtype).requires_grad_(p.requires_grad)
+    return nn.Parameter(torch.randn(shape, device=p.device, dtype=p.dtype),
+                        requires_grad=p.requires_grad)
 
 
 def warm_up_inputs(lm: nn.Module, batch: int, frames: int, device: Any, dtype: torch.dtype
@@ -263,7 +284,10 @@ def warm_up_inputs(lm: nn.Module, batch: int, frames: int, device: Any, dtype: t
     x = torch.randn(b, steps, dim, device=device, dtype=dtype)
     cross = None
     if lm.transformer.layers[0].cross_attention is not None:
-        cross = torch.randn(b, 8, dim, device=device, dtype=dtype)
+        # as the training step's condition: it carries gradients where the text projection
+        # trains
+        trains = any(p.requires_grad for p in lm.condition_provider.parameters())
+        cross = torch.randn(b, 8, dim, device=device, dtype=dtype).requires_grad_(trains)
     return x, cross
 
 
