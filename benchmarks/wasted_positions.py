@@ -20,9 +20,9 @@ longest first, so that short windows share one. audiocraft's solver step compute
 step and every (k, t) logit of the padded batch. The "after the cut" columns are the
 steps still computed for no loss, for micro-batches of 1, 2 and 8 windows drawn at random
 (and of 2, four per step: gradient accumulation); the longest window of each micro-batch
-sets its length, rounded up to one of 16 lengths (``adapter.cut_frames``); the heads compute no row no loss reads (one
-uncounted row for a codebook with no counted token, so that its head takes part in the
-backward).
+sets its length, rounded up to one of 16 lengths (``adapter.cut_frames``). The heads
+compute no row no loss reads (but one uncounted row for a codebook with no counted
+token, so that its head takes part in the backward).
 
 ``--time``: the engine's step at MusicGen-small width, the counted layout against every
 position computed (the layout before it), over the same micro-batches of demo windows and
