@@ -209,12 +209,10 @@ def engine_step(st: dict, autocast: bool) -> None:
     host_mask = token_mask(lm, real.contiguous())
     forget = torch.arange(B) % 2 == 0
     counts = token_counts(lm, host_mask, forget).to(codes.device)
-    if st.get("layout") == "dense":
-        positions = (torch.arange(B * T).repeat(K), (B * T,) * K)
-        window = T
-    else:
-        codes, host_mask, positions, window = counted_layout(lm, codes, host_mask)
-    positions = (positions[0].to(codes.device), positions[1])
+    positions, window = None, T  # dense: the objective makes every position a row
+    if st.get("layout") != "dense":
+        codes, host_mask, (index, sizes), window = counted_layout(lm, codes, host_mask)
+        positions = (index.to(codes.device), sizes)
     mask, forget = host_mask.to(codes.device), forget.to(codes.device)
     with _autocast(st, autocast):
         loss, _ = st["objective"](codes, mask, forget, st["emb"], st["emask"], None, counts, 0,

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+CUT_LENGTHS = 16  # a window's frames are cut to one of at most this many lengths
+
 
 @dataclass
 class CodebookRows:
@@ -74,7 +76,7 @@ def _pattern_index(provider: Any, codebooks: int, frames: int
     return torch.where(valid, seq, torch.zeros_like(seq)).long(), valid
 
 
-@functools.lru_cache(maxsize=4 * 16)
+@functools.lru_cache(maxsize=4 * CUT_LENGTHS)
 def _step_of(provider: Any, codebooks: int, frames: int, device: torch.device) -> torch.Tensor:
     """``pattern_index``'s steps on ``device``, kept (never written to): the training step
     asks for the same few lengths (``trim_frames``) every micro-batch, and a fresh copy to
@@ -189,9 +191,6 @@ def counted_positions(keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]
     return torch.cat(per), tuple(int(p.numel()) for p in per)
 
 
-CUT_LENGTHS = 16  # a window's frames are cut to one of at most this many lengths
-
-
 def cut_frames(last: int, frames: int) -> int:
     """The length a batch of ``frames``-frame windows is cut to when its counted tokens end
     at frame ``last`` (exclusive): ``last`` rounded up to a multiple of
@@ -223,11 +222,19 @@ def trim_frames(lm: nn.Module, keep: torch.Tensor) -> int:
     n = cut_frames(int(frames.max()) + 1 if frames.numel() else 1, T)
     if n == T:
         return T
-    seq_n, valid_n = pattern_index(lm, n)
-    seq_t, _ = pattern_index(lm, T)
     used = keep[:, :, :n].any(dim=0)  # [K, n]
-    same = (seq_n == seq_t[:, :n]) & valid_n
+    same = _same_steps(lm.pattern_provider, lm.num_codebooks, n, T)
     return n if bool(same[used].all()) else T
+
+
+@functools.lru_cache(maxsize=4 * CUT_LENGTHS)
+def _same_steps(provider: Any, codebooks: int, n: int, frames: int) -> torch.Tensor:
+    """bool [K, n]: the codes whose prediction sits on the same step, and is valid, under
+    the pattern of ``n`` frames as under that of ``frames`` (kept, never written to: the
+    training step asks for the same few lengths every micro-batch)."""
+    seq_n, valid_n = _pattern_index(provider, codebooks, n)
+    seq_t, _ = _pattern_index(provider, codebooks, frames)
+    return (seq_n == seq_t[:, :n]) & valid_n
 
 
 def dense_codebook_rows(lm: nn.Module, codes: torch.Tensor, keep: torch.Tensor,
