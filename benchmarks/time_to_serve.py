@@ -228,8 +228,10 @@ def measure_demo(demo: str | os.PathLike) -> dict:
     if not retrained_dir.is_dir():
         raise ServeError(f"{retrained_dir}: missing: the demo's retrained model is the "
                          "baseline of every ratio")
-    methods = sorted(p.name for p in models.iterdir()
-                     if p.is_dir() and p.name not in NOT_METHODS)
+    from noencore.demo.pipeline import TWIN_PREFIX  # more retrained models: no request
+
+    methods = sorted(p.name for p in models.iterdir() if p.is_dir()
+                     and p.name not in NOT_METHODS and not p.name.startswith(TWIN_PREFIX))
     if not methods:
         raise ServeError(f"{models}: no unlearning run (folders other than "
                          f"{', '.join(NOT_METHODS)})")

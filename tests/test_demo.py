@@ -45,12 +45,13 @@ def test_run_demo_tiny(tiny_demo: Path) -> None:
     results, _, digest_table = text.partition("## Reproducibility")
     rows = [line for line in results.splitlines() if line.startswith("| ") and "---" not in line]
     # the retrained model's row first (the reference), then one row per method
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["retrained (gold)", *METHODS]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["retrained (gold)", *METHODS,
+                                                           "retrained_order1"]
     assert all("goals met" in rows[0] and "/5" in r for r in rows[2:])
     assert "privleak % (MUSE: Min-K% k=0.4) | privleak_loss % | KS p (n = " in rows[0]
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "summary.png").stat().st_size > 5000 and "(summary.png)" in text
-    assert set(summary) == set(METHODS)
+    assert set(summary) == {*METHODS, "retrained_order1"}  # the twin, by default
     # every method is compared with the retrained model: its NLLs, AUC and replay
     for row in summary.values():
         assert row["holdout_nll_retrained"] > 0 and row["forget_nll_retrained"] > 0
@@ -209,8 +210,9 @@ def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> No
     and the retrained model alike."""
     from noencore.data.shards import TokenShards
 
-    cfg = DemoConfig(**{**TINY, "methods": TINY["methods"][2:]}, corpus="shared",
-                     forget_share=0.5)
+    match = ("match", {**TINY["methods"][2][1], "weight_decay": 0.25, "stop_every": 2})
+    cfg = DemoConfig(**{**TINY, "methods": (match,)}, corpus="shared", forget_share=0.5,
+                     retrain_twins=1)
     out = tmp_path / "demo"
     run_demo(out, cfg)
     records = [json.loads(x) for x in (out / "corpus" / "manifest.jsonl").read_text().splitlines()]
@@ -221,4 +223,25 @@ def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> No
     shards = TokenShards(out / "shards")
     assert len(set(shards.select(split="forget").ids)) == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"match"} and summary["match"]["forget_nll_retrained"] > 0
+    assert set(summary) == {"match", "retrained_order1"}
+    # the entry's own weight decay and check interval reach the run (DemoConfig's elsewhere)
+    run = json.loads((out / "models" / "match" / "config.json").read_text())
+    assert (run["weight_decay"], run["stop_every"]) == (0.25, 2)
+    assert cfg.unlearn_weight_decay != 0.25 and cfg.check_every != 2
+    assert summary["match"]["forget_nll_retrained"] > 0
+    # the twin: retrained as the gold standard is (no forget row, the same start and
+    # settings) in another batch order, and scored against it as a method is
+    gold, twin = (json.loads((out / "models" / m / "config.json").read_text())
+                  for m in ("retrained", "retrained_order1"))
+    assert twin["seed"] == gold["seed"] + 1 and twin["forget_ratio"] == gold["forget_ratio"] == 0
+    assert {k: v for k, v in twin.items() if k not in ("seed", "out")} == \
+        {k: v for k, v in gold.items() if k not in ("seed", "out")}
+    from safetensors.torch import load_file
+
+    a, b = (load_file(out / "models" / m / "model" / "model.safetensors")
+            for m in ("retrained", "retrained_order1"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    row = summary["retrained_order1"]
+    assert row["forget_nll_retrained"] == summary["match"]["forget_nll_retrained"]
+    assert row["forget_nll_after"] != row["forget_nll_retrained"]
+    assert "| retrained_order1 |" in (out / "report.md").read_text()
