@@ -245,3 +245,36 @@ def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> No
     assert row["forget_nll_retrained"] == summary["match"]["forget_nll_retrained"]
     assert row["forget_nll_after"] != row["forget_nll_retrained"]
     assert "| retrained_order1 |" in (out / "report.md").read_text()
+
+
+def test_demo_seeds_rows_name_the_goals_each_model_meets() -> None:
+    """benchmarks/demo_seeds.py's table row: the figures of a summary row, the goals met
+    as goals_met counts them, and n/a (not "None") where a set was too small to score."""
+    import importlib.util
+    import random
+
+    from noencore.demo import goals_met
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = random.Random()
+    row = {k: rng.uniform(0.01, 9.0) for k in (
+        "forget_nll_after", "holdout_nll_after", "holdout_nll_retrained", "remain_nll_after",
+        "remain_nll_before", "di_p_after", "di_p_retrained")}
+    row.update({k: rng.uniform(0.0, 1.0) for k in (
+        "forget_mia_auc_after", "forget_mia_auc_retrained", "forget_auc_gap", "forget_quality",
+        "replay_after", "replay_retrained", "relearn_auc")}, forget_auc_worst_attack="mink")
+    cells = [c.strip() for c in bench._row("distinct", "all", 3, "match", row, 12.4).split("|")]
+    met = sum(v is True for v in goals_met(row).values())
+    assert cells[1:5] == ["distinct", "all", "3", "match"] and cells[-2] == "12"
+    assert cells[5] == f"{row['forget_nll_after']:.3f}"
+    assert cells[9] == f"mink {row['forget_auc_gap']:.3f}"
+    assert cells[14].startswith(f"{met}/5"), (cells[14], goals_met(row))
+    # one forget track: no AUC, KS or DI; the twin's row has no run time of its own
+    small = {**row, "forget_auc_gap": None, "forget_auc_worst_attack": None,
+             "forget_mia_auc_after": None, "forget_quality": None, "di_p_after": None}
+    cells = [c.strip() for c in bench._row("distinct", "one", 0, "twin", small, None).split("|")]
+    assert cells[9] == "n/a" and "None" not in "".join(cells) and cells[-2] == "–"
+    assert "n/a: KS, AUC" in cells[14]
