@@ -73,8 +73,12 @@ def main() -> None:
 
 
 def _row(corpus: str, size: str, seed: int, model: str, r: dict, seconds: float | None) -> str:
-    """One Markdown row of the table: a model's figures and the goals it meets."""
+    """One Markdown row of the table: a model's figures and the goals it meets (the
+    demo report's own cell formats)."""
     from noencore.demo import goals_met
+    from noencore.demo.pipeline import _fmt as _f
+    from noencore.demo.pipeline import _fmt_p as _p
+    from noencore.demo.pipeline import _strongest_cell
 
     goals = goals_met(r)
     failed = [k for k, v in goals.items() if v is False]
@@ -84,7 +88,7 @@ def _row(corpus: str, size: str, seed: int, model: str, r: dict, seconds: float 
         f"{r['holdout_nll_after']:.3f} [{r['holdout_nll_retrained']:.3f}] | "
         f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.2f} | "
         f"{_f(r['forget_mia_auc_after'])} [{_f(r['forget_mia_auc_retrained'])}] | "
-        f"{_strongest(r)} | "
+        f"{_strongest_cell(r)} | "
         f"{_f(r['forget_quality'])} | "
         f"{_p(r.get('di_p_after'))} [{_p(r.get('di_p_retrained'))}] | "
         f"{_f(r['replay_after'])} [{_f(r['replay_retrained'])}] | "
@@ -93,21 +97,6 @@ def _row(corpus: str, size: str, seed: int, model: str, r: dict, seconds: float 
         + (f" (not: {', '.join(failed)})" if failed else "")
         + (f" (n/a: {', '.join(unknown)})" if unknown else "")
         + f" | {'–' if seconds is None else f'{seconds:.0f}'} |")
-
-
-def _strongest(r: dict) -> str:
-    """"mink 0.061": the attack farthest from the retrained model's AUC and that gap."""
-    if r.get("forget_auc_gap") is None:
-        return "n/a"
-    return f"{r.get('forget_auc_worst_attack')} {_f(r['forget_auc_gap'])}"
-
-
-def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def _p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
         DemoConfig,
         _replay_config,
         _summary_row,
-        goals_met,
+        summary_table,
     )
     from noencore.engine.loop import unlearn
     from noencore.evaluation.evaluate import evaluate
@@ -77,17 +77,9 @@ def main() -> None:
                    metrics=["token", "mia", "privleak", "forget_quality", "dataset_inference",
                             "continuation", "ngram"], relearn_steps=cfg.relearn_steps,
                    relearn_lr=cfg.unlearn_lr, relearn_batch_size=cfg.batch_size)
-    r = _summary_row(rep, base, gold)
-    goals = goals_met(r)
-    print("| forget NLL | unseen [retrained] | remain Δ% | LOSS AUC [retrained] | strongest "
-          "attack ΔAUC | KS p | DI p | replay | relearned AUC | goals met |\n" + "|---" * 10
-          + "|\n" + f"| {r['forget_nll_after']:.3f} | {r['holdout_nll_after']:.3f} "
-          f"[{r['holdout_nll_retrained']:.3f}] | "
-          f"{100 * (r['remain_nll_after'] / r['remain_nll_before'] - 1):+.2f} | "
-          f"{r['forget_mia_auc_after']:.3f} [{r['forget_mia_auc_retrained']:.3f}] | "
-          f"{r['forget_auc_worst_attack']} {r['forget_auc_gap']:.3f} | "
-          f"{r['forget_quality']:.2g} | {r['di_p_after']:.2g} | {r['replay_after']:.3f} | "
-          f"{r['relearn_auc']:.3f} | {sum(v is True for v in goals.values())}/5 |")
+    # the demo report's table: the retrained model's row, then the final model's
+    print(summary_table({"A then B": _summary_row(rep, base, gold)},
+                        _summary_row(gold, base, gold, retrained_row=True)))
     for label, model in (("after A", first.model_dir), ("after A then B", second.model_dir),
                          ("retrained", demo / "models" / "retrained" / "model")):
         aucs = [evaluate(str(model), {"forget": half, "remain": "remain", "holdout": HOLDOUT},

@@ -44,9 +44,10 @@ stop rule for this method ("original" at AUC 0) only stops a run that sent the w
 forget set past where those tracks were. Give it steps to sit at the targets: on the demo
 600 steps left the forget set much nearer the retrained model than 150 (forget AUC
 0.54-0.60 against 0.65-0.80, relearned AUC 0.58-0.73 against 0.88-0.97: weight decay
-erodes what no loss term holds once the rows are on target). Stopping once the forget set's mean reached
-theirs (AUC 0.5) stops too early: the rows have reached the targets' mean, not each its
-own quantile, and the forget set is still a narrow clump a membership attack tells apart.
+erodes what no loss term holds once the rows are on target). Stopping once the forget
+set's mean reached theirs (AUC 0.5) stops too early: the rows have reached the targets'
+mean, not each its own quantile, and the forget set is still a narrow clump a membership
+attack tells apart.
 """
 from __future__ import annotations
 
