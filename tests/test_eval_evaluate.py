@@ -91,8 +91,20 @@ def test_evaluate_report_and_cached_reference(env, tmp_path):
                                                                     rel=1e-6)
         assert r["token"]["before"][s]["nll"] == pytest.approx(base["token"]["after"][s]["nll"],
                                                                rel=1e-6)
-    for a in ("loss", "mink", "mink_muse", "minkpp", "zlib", "ref_before"):
+    for a in ("loss", "mink", "mink_muse", "minkpp", "zlib", "loss_coarse", "ref_before"):
         assert 0.0 <= r["mia"]["after"]["forget"][a] <= 1.0
+    # the coarse-codebook attack reads the codebook of every saved token: recomputed by hand
+    from noencore.evaluation.mia import roc_auc
+    from noencore.evaluation.token_metrics import load_stats
+
+    saved = load_stats(tmp_path / "after" / "token_stats.npz")[0]
+
+    def coarse(st):  # per item, mean log p of its codebook-0 tokens
+        return np.array([-st.nll[(st.item == i) & (st.codebook == 0)].mean()
+                         for i in range(st.n_items)])
+
+    assert r["mia"]["after"]["forget"]["loss_coarse"] == pytest.approx(
+        roc_auc(coarse(saved["forget"]), coarse(saved["holdout"]), min_items=3))
     assert "ref_retrained" not in r["mia"]["after"]["forget"]  # no retrained model given
     # MUSE's privleak: the mink_muse attack against chance; the variants under their names
     assert r["privleak"]["attack"] == "mink_muse" and r["privleak"]["reference_auc"] == 0.5
@@ -144,7 +156,7 @@ def test_dataset_inference_and_strongest_attack_against_the_retrained_model(env,
     r = evaluate(env["model"], sets, reference=env["ref"], retrained=tmp_path / "gold",
                  out=tmp_path / "after", progress=False, min_auc_items=3)
     di = r["dataset_inference"]
-    assert di["features"] == ["loss", "mink", "mink_muse", "minkpp", "zlib"]
+    assert di["features"] == ["loss", "mink", "mink_muse", "minkpp", "zlib", "loss_coarse"]
     for role in ("after", "before", "retrained"):
         assert 0.0 <= di[role]["p_value"] <= 1.0, role
         assert (di[role]["n_suspect"], di[role]["n_validation"]) == (N_PER_SET, N_PER_SET)

@@ -112,9 +112,9 @@ def _set(rng: np.random.Generator, lengths: list[int], shift: float = 0.0,
         items.append((logps, logits))
     if tie_value is not None:  # every token of item 0 the same log-prob: ties inside
         items[0] = ([tie_value] * len(items[0][0]), items[0][1])
-    nll, mean, var, item = [], [], [], []
+    nll, mean, var, item, book = [], [], [], [], []
     for i, (logps, logits) in enumerate(items):
-        for lp, lg in zip(logps, logits):
+        for j, (lp, lg) in enumerate(zip(logps, logits)):
             # the op's moments of this row (hidden = logits, weight = identity; they do not
             # depend on the target); the target's log-prob is the hand-made one (shifted:
             # members more likely)
@@ -124,15 +124,17 @@ def _set(rng: np.random.Generator, lengths: list[int], shift: float = 0.0,
             mean.append(float(st.logp_mean[0]))
             var.append(float(st.logp_var[0]))
             item.append(i)
+            book.append(j % CODEBOOKS)  # an item's tokens cycle through the codebooks
     shifted = [([lp + shift for lp in logps], logits) for logps, logits in items]
     return shifted, mia.ItemTokens(nll=np.array(nll), item=np.array(item, np.int64),
                                    n_items=len(lengths), logp_mean=np.array(mean),
-                                   logp_var=np.array(var))
+                                   logp_var=np.array(var), codebook=np.array(book))
 
 
 # lengths where k * n is not whole (7 * 0.2 = 1.4; (7 - 1) * 0.4 = 2.4), under 1 (3 * 0.2),
 # an empty item (0) and an item of one token (nothing left once its last is left out)
 FORGET_LENGTHS = [7, 3, 0, 1, 12, 9, 5, 16]
+CODEBOOKS = 3  # the codebook of token j of an item: j % 3 (item of one token: codebook 0 only)
 HOLDOUT_LENGTHS = [6, 11, 4, 8, 0, 13, 2]
 
 
@@ -301,6 +303,9 @@ def test_loss_zlib_and_reference_attacks_as_published():
         loss = -float(np.mean(logps)) if logps else 0.0      # the reference's avg_loss
         assert scores["loss"][i] == pytest.approx(-loss, abs=1e-12)
         assert scores["zlib"][i] == pytest.approx(-loss / sizes[i], abs=1e-12)
+        coarse = logps[::CODEBOOKS]  # the item's codebook-0 tokens
+        assert scores["loss_coarse"][i] == pytest.approx(
+            float(np.mean(coarse)) if coarse else 0.0, abs=1e-12)
         sel = before.item == i
         ref_loss = float(before.nll[sel].mean()) if sel.any() else 0.0
         # the reference attack's score: target loss - reference loss (non-members higher)

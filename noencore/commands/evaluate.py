@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="evaluate an unlearned model on forget / remain / holdout sets",
         description="Token NLL and accuracy, membership inference (LOSS, Min-K%%, MUSE's "
-                    "Min-K%%, Min-K%%++, compression, reference ratio; ROC AUC), MUSE's privleak "
+                    "Min-K%%, Min-K%%++, compression, LOSS on codebook 0, reference ratio; ROC AUC), MUSE's privleak "
                     "and the same formula on the other attacks, forget quality (KS test on "
                     "per-item mean NLL), and with --clap: CLAP score, FAD, memorisation "
                     "(definitions: docs/metrics.md). Writes OUT/report.json, "

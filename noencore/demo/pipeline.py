@@ -664,7 +664,8 @@ def _relearned(rep: dict) -> dict[str, float | None]:
 GOALS = {
     "KS": "forget quality (KS p-value vs the retrained model) >= 0.05",
     "AUC": "forget-vs-holdout AUC within 0.05 of the retrained model's, for the strongest "
-           "attack (the largest gap among LOSS, Min-K%, MUSE's Min-K%, Min-K%++, zlib)",
+           "attack (the largest gap among LOSS, Min-K%, MUSE's Min-K%, Min-K%++, zlib, "
+           "LOSS on codebook 0)",
     "unseen": "the artist's unseen tracks' NLL within 10 % of the retrained model's",
     "remain": "remain NLL within 2 % of the memorised model's",
     "replay": "forget replay (continuation) <= the retrained model's + 0.05",
@@ -694,7 +695,8 @@ TABLE_NOTES = (
     "[retrained model]; the remain Δ is against the memorised model. AUC: LOSS attack, forget "
     "set vs the artist's unseen (holdout) tracks [retrained model's]. strongest attack: "
     "the attack whose forget AUC is farthest from the retrained model's (LOSS, Min-K%, "
-    "MUSE's Min-K%, Min-K%++, zlib) and that distance, which the AUC goal reads. privleak, in %, "
+    "MUSE's Min-K%, Min-K%++, zlib, LOSS on codebook 0) and that distance, which the AUC goal "
+    "reads. privleak, in %, "
     "relative to the retrained model's AUC of the same attack (0 = as the retrained model; "
     "negative = the forget set still leaks, -100 fully; positive = over-unlearned: forget "
     "tracks look less familiar than never-seen ones): MUSE's (its Min-K% attack at k = 0.4, "

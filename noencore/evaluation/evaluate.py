@@ -7,7 +7,7 @@ forget, remain and holdout sets of token shards:
 - token level (batched, teacher-forced, bf16 autocast): NLL and top-1 per set and per
   codebook, per-item NLL distributions;
 - membership inference, forget vs holdout and remain vs holdout: every attack of
-  ``mia.ATTACKS`` (LOSS, Min-K%, MUSE's Min-K%, Min-K%++, compression, reference ratio
+  ``mia.ATTACKS`` (LOSS, Min-K%, MUSE's Min-K%, Min-K%++, compression, LOSS on codebook 0, reference ratio
   against the model before unlearning and against the retrained model); ROC AUC each;
   MUSE's privleak and the same formula on the project's attacks (``privleak_<attack>``);
   forget quality (KS test on per-item mean NLL) and the strongest attack against the

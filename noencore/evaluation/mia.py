@@ -27,6 +27,10 @@ on teacher-forced next-token log-probabilities ``logp = -nll``:
   :data:`MINKPP_VAR_FLOOR`; then Min-K% (k = 0.2) over those z-scores.
 - ``zlib``: compression (Carlini et al. 2021, for audio tokens): the item's mean NLL over
   the zlib-compressed size in bytes of its int16 codes, negated.
+- ``loss_coarse``: LOSS on the item's codebook-0 tokens alone (the first level of the
+  residual quantiser, the coarse content every other codebook refines). An attack for
+  audio tokens: a method that moves an item's mean over all codebooks can leave its
+  coarse codebook familiar (``docs/metrics.md``, "the coarse codebook").
 - ``ref_before`` / ``ref_retrained``: reference ratio ``log p_model(x) - log p_ref(x)``
   (per-token means), against the model before unlearning / against the model retrained
   without the forget set (MUSE's reference model).
@@ -77,6 +81,7 @@ class ItemTokens:
         n_items: number of items (an item may have no token: it scores 0 in every attack).
         logp_mean: optional float64 [N], E_{z~p}[log p(z)] for Min-K%++.
         logp_var: optional float64 [N], Var_{z~p}[log p(z)] for Min-K%++.
+        codebook: optional int64 [N], the codebook of each token (for ``loss_coarse``).
     """
 
     nll: np.ndarray
@@ -84,6 +89,7 @@ class ItemTokens:
     n_items: int
     logp_mean: np.ndarray | None = None
     logp_var: np.ndarray | None = None
+    codebook: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.nll = np.asarray(self.nll, dtype=np.float64).reshape(-1)
@@ -101,6 +107,10 @@ class ItemTokens:
                 if v.shape != self.nll.shape:
                     raise ValueError(f"{name} {v.shape} must match nll {self.nll.shape}")
                 setattr(self, name, v)
+        if self.codebook is not None:
+            self.codebook = np.asarray(self.codebook, dtype=np.int64).reshape(-1)
+            if self.codebook.shape != self.nll.shape:
+                raise ValueError(f"codebook {self.codebook.shape} must match nll {self.nll.shape}")
 
     def counts(self) -> np.ndarray:
         """int64 [n_items]: tokens per item."""
@@ -157,6 +167,17 @@ def mean_nll(tokens: ItemTokens) -> np.ndarray:
 def loss_score(tokens: ItemTokens) -> np.ndarray:
     """LOSS attack: float64 [n_items] mean token log-probability (higher = member)."""
     return _item_mean(-tokens.nll, tokens.item, tokens.n_items)
+
+
+def coarse_loss_score(tokens: ItemTokens, codebook: int = 0) -> np.ndarray:
+    """LOSS on one codebook: float64 [n_items] mean log-probability of the item's tokens
+    of ``codebook`` (0: the coarse one); 0 for an item with none. Needs
+    ``tokens.codebook``."""
+    if tokens.codebook is None:
+        raise ValueError("the coarse-codebook LOSS attack needs each token's codebook "
+                         "(SetStats.tokens() gives it)")
+    sel = tokens.codebook == codebook
+    return _item_mean(-tokens.nll[sel], tokens.item[sel], tokens.n_items)
 
 
 def mink_score(tokens: ItemTokens, k: float = MINK_K, drop_last: bool = False) -> np.ndarray:
@@ -255,6 +276,9 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            lambda t, sizes, refs: minkpp_score(t)),
     Attack("zlib", "compression (zlib)", "mean_i log p(x_i) / zlib bytes of the int16 codes",
            lambda t, sizes, refs: compression_score(t, sizes)),
+    Attack("loss_coarse", "LOSS on codebook 0 (coarse)",
+           "mean_i log p(x_i) over the item's codebook-0 tokens",
+           lambda t, sizes, refs: coarse_loss_score(t)),
     Attack("ref_before", "reference ratio vs the model before unlearning",
            "mean_i log p(x_i) - mean_i log p_before(x_i)", _ref_attack("before"), "before"),
     Attack("ref_retrained", "reference ratio vs the retrained model (MUSE's)",

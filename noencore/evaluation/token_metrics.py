@@ -80,7 +80,8 @@ class SetStats:
 
     def tokens(self) -> ItemTokens:
         return ItemTokens(nll=self.nll, item=self.item, n_items=self.n_items,
-                          logp_mean=self.logp_mean, logp_var=self.logp_var)
+                          logp_mean=self.logp_mean, logp_var=self.logp_var,
+                          codebook=self.codebook)
 
     def summary(self) -> dict[str, Any]:
         """Set-level numbers: mean NLL (nats/token), top-1 accuracy, per codebook too."""
