@@ -210,7 +210,8 @@ def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> No
     and the retrained model alike."""
     from noencore.data.shards import TokenShards
 
-    match = ("match", {**TINY["methods"][2][1], "weight_decay": 0.25, "stop_every": 2})
+    match = ("match", {**TINY["methods"][2][1], "weight_decay": 0.25, "stop_every": 2,
+                       "stop_patience": 4})
     cfg = DemoConfig(**{**TINY, "methods": (match,)}, corpus="shared", forget_share=0.5,
                      retrain_twins=1)
     out = tmp_path / "demo"
@@ -224,9 +225,9 @@ def test_demo_on_the_shared_corpus_with_part_of_the_artist(tmp_path: Path) -> No
     assert len(set(shards.select(split="forget").ids)) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"match", "retrained_order1"}
-    # the entry's own weight decay and check interval reach the run (DemoConfig's elsewhere)
+    # the entry's own weight decay, check interval and patience reach the run (DemoConfig's elsewhere)
     run = json.loads((out / "models" / "match" / "config.json").read_text())
-    assert (run["weight_decay"], run["stop_every"]) == (0.25, 2)
+    assert (run["weight_decay"], run["stop_every"], run["stop_patience"]) == (0.25, 2, 4)
     assert cfg.unlearn_weight_decay != 0.25 and cfg.check_every != 2
     assert summary["match"]["forget_nll_retrained"] > 0
     # the twin: retrained as the gold standard is (no forget row, the same start and

@@ -256,3 +256,62 @@ def test_nonmember_stop_bisects_the_last_step_and_moves_row_target(data):
     assert info is not None and method.row_target == 4.0
     assert abs(info["fraction"] - 4 / 7) < 2 ** -9 and abs(info["auc"] - 0.5) < 1e-2
     torch.testing.assert_close(p.detach(), start + info["fraction"] * (state["end"] - start))
+
+
+def test_nonmember_stop_patience_needs_checks_in_a_row(data):
+    """patience N: the rule must hold at N checks in a row (a check where it does not
+    starts the count again); the stop is the last of them, not bisected."""
+    from noencore.engine.sets import UnlearningSets
+    from noencore.engine.stopping import NonmemberStop
+    from noencore.models.text import ConditionCache
+
+    root, shards = data
+    model = _fresh()
+    sets = UnlearningSets(shards, "forget", ["r0", "r1", "r2", "r3"], RUN["frames"])
+    cache = ConditionCache(root / "shards" / "conditions")
+    with pytest.raises(UsageError, match="stop patience must be >= 1"):
+        NonmemberStop(model, sets, "forget", ["r4", "r5"], cache, patience=0)
+    stop = NonmemberStop(model, sets, "forget", ["r4", "r5"], cache, rule="original",
+                         target_auc=0.0, patience=3)
+    aucs = iter([0.0, 0.0, 0.4, 0.0, 0.0, 0.0])  # held, held, not, then three in a row
+    stop.measure = lambda: (next(aucs), 8.0, 7.0)
+    p = next(model.lm.parameters())
+    before = p.detach().clone()
+    got = [stop.check(step) for step in range(1, 7)]
+    assert got[:5] == [None] * 5 and stop.hits == 3
+    assert got[5]["step"] == 6 and got[5]["checks_in_a_row"] == 3
+    assert got[5]["fraction"] == 1.0  # the weights of the last check, not bisected
+    torch.testing.assert_close(p.detach(), before)
+
+
+def test_match_guard_waits_three_checks_and_a_resumed_run_counts_on(data, tmp_path):
+    """The default method's guard (rule "original" at AUC 0) gets patience 3, other
+    rules 1; the count of checks in a row travels in the checkpoint."""
+    from noencore.engine.config import UnlearnConfig
+    from noencore.engine.loop import Trainer, _load_resume_state, _save_checkpoint
+
+    _, shards = data
+    kw = {**RUN, "remain": ["r0", "r1", "r2", "r3"], "stop_nonmembers": ["r4", "r5"],
+          "steps": 2}
+    del kw["progress"]
+
+    def ready(method, out):
+        run = Trainer(_fresh(), shards, UnlearnConfig(**{**kw, "method": method, "out": out}),
+                      progress=False)
+        run.check_options()
+        run.resolve_devices()
+        run.build_sets()
+        run.setup_optimizer()
+        run.compute_references()
+        return run
+
+    run = ready("match", tmp_path / "run")
+    assert (run.stop_rule, run.stop_auc, run.stop_patience) == ("original", 0.0, 3)
+    assert run.stopper.patience == 3
+    other = ready("graddiff", tmp_path / "other")
+    assert (other.stop_rule, other.stop_patience, other.stopper.patience) == ("auc", 1, 1)
+    run.stopper.hits = 2
+    _save_checkpoint(run, 1, run.stopper.original)
+    run.stopper.hits = 0
+    _load_resume_state(run, tmp_path / "run" / "checkpoints" / "step_0000001")
+    assert run.stopper.hits == 2

@@ -127,8 +127,10 @@ def work(rank):
     for stage in [None, 2]:  # target matching with the "original" stop rule
         if stage is None and WORLD > 1:
             continue
-        # two of the remain tracks anchored at the non-members' level (anchor_unseen)
-        method = get_method("match", width=1.0, remain_weight=1.0, remain_anchor=True)
+        # two of the remain tracks anchored at the non-members' level (anchor_unseen);
+        # codebook 0 weighted 2:1 in each row's pull (each rank's rows laid out by codebook)
+        method = get_method("match", width=1.0, remain_weight=1.0, remain_anchor=True,
+                            coarse_weight=2.0)
         res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
                       "method": method, "lr": 3e-3, "remain": REMAIN[:2], "steps": 8,
                       "anchor_unseen": REMAIN[2:],

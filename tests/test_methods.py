@@ -75,7 +75,18 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
     if method.name == "match":  # Huber of (row mean NLL - target), width delta, / delta
         gap = seq / length - method.target
         huber = F.huber_loss(gap, torch.zeros_like(gap), reduction="none", delta=method.width)
-        return fw * (huber / method.width * forget).sum() / n_rows + rw * r_mean
+        value = fw * (huber / method.width * forget).sum() / n_rows + rw * r_mean
+        if method.coarse_weight == 1.0:
+            return value
+        # coarse_weight c: the row's pull (the Huber's slope) spread over its tokens c : 1
+        # (codebook 0 : the others); the value stays the Huber's
+        c = torch.ones(1, K, 1)
+        c[0, 0] = method.coarse_weight
+        share = c * valid
+        slope = (gap / method.width).clamp(-1, 1).detach()
+        spread = (ce * share).sum(dim=(1, 2)) / share.sum(dim=(1, 2))
+        step = fw * (slope * spread * forget).sum() / n_rows + rw * r_mean
+        return value.detach() + step - step.detach()
     sim = (2 / method.beta) * F.softplus(method.gamma - method.beta * seq / length)
     return fw * (sim * forget).sum() / n_rows + rw * r_mean
 
@@ -91,12 +102,16 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
          # with a narrow width is the linear (GA-strength) branch, a wide one the quadratic
          ("match", {"target": 0.5, "width": 0.3, "remain_weight": 0.7, "remain_anchor": False}),
          ("match", {"target": 7.0, "width": 50.0, "remain_weight": 0.7, "remain_anchor": False}),
-         ("match", {"target": 7.0, "width": 50.0, "remain_anchor": True})]
+         ("match", {"target": 7.0, "width": 50.0, "remain_anchor": True}),
+         # rows on both sides of a target within the quadratic zone, codebook 0 weighted 3:1
+         ("match", {"target": 7.6, "width": 1.0, "remain_anchor": True, "coarse_weight": 3.0})]
 
 
 @pytest.mark.parametrize("name,opts", CASES,
                          ids=[c[0] + ("-anchored" if c[1].get("remain_anchor") else "")
                               + (f"-w{c[1]['width']:g}" if "width" in c[1] else "")
+                              + (f"-coarse{c[1]['coarse_weight']:g}"
+                                 if "coarse_weight" in c[1] else "")
                               for c in CASES])
 @pytest.mark.parametrize("layout", ["dense", "counted"])
 def test_objective_gradient_matches_plain_formula(env, name, opts, layout):
@@ -346,6 +361,38 @@ def test_match_with_one_forget_window_sends_it_to_the_median():
                                                 dtype=torch.float32))
     w, loss = m.weights(_rows([2.0] * 5, [1.5] * 5))
     assert torch.isfinite(w).all() and (w < 0).all() and torch.isfinite(loss)  # ascent
+
+
+def test_match_coarse_weight_spreads_each_row_pull_over_its_codebooks():
+    """coarse_weight c: within a forget row, a codebook-0 token weighs c times a token of
+    the other codebooks; each row's weights sum to the same pull as with equal shares."""
+    from noencore.methods import Rows
+
+    # 3 forget rows, 2 codebooks laid out codebook by codebook, rows of unequal length,
+    # one invalid token
+    item = torch.tensor([0, 0, 1, 2, 2, 0, 1, 1, 1, 2])
+    rows = Rows(targets=torch.zeros(10, dtype=torch.long), item=item,
+                nll=torch.tensor([1.0, 3.0, 2.0, 9.0, 9.5, 2.0, 4.0, 1.0, 3.0, 9.0]),
+                forget=torch.ones(3, dtype=torch.bool), ref_nll=None,
+                forget_tokens=9, remain_tokens=0, forget_rows=3,
+                valid=torch.tensor([True] * 8 + [False, True]), codebook_sizes=(5, 5))
+    assert rows.codebook.tolist() == [0] * 5 + [1] * 5
+    equal = get_method("match", target=5.0, width=1.0, remain_weight=0.0, remain_anchor=False)
+    heavy = get_method("match", target=5.0, width=1.0, remain_weight=0.0,
+                       remain_anchor=False, coarse_weight=3.0)
+    (w1, loss1), (w3, loss3) = equal.weights(rows), heavy.weights(rows)
+    assert float(loss1) == float(loss3)  # the loss is the rows' Huber either way
+    valid = rows.valid
+    for r in range(3):
+        sel = (item == r) & valid
+        torch.testing.assert_close(w3[sel].sum(), w1[sel].sum())  # the row's whole pull
+        cb0, rest = w3[sel & (rows.codebook == 0)], w3[sel & (rows.codebook == 1)]
+        if cb0.numel() and rest.numel():
+            torch.testing.assert_close(cb0 / rest[0], torch.full_like(cb0, 3.0))
+    # rows 0 and 1 below the target (ascent), row 2 above it (descent)
+    assert (w3[(item < 2) & valid] < 0).all() and (w3[(item == 2) & valid] > 0).all()
+    with pytest.raises(ValueError, match="coarse_weight must be positive"):
+        get_method("match", coarse_weight=0.0)
 
 
 def test_match_pulls_rows_to_the_target_from_both_sides():

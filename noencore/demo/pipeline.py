@@ -71,7 +71,8 @@ DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 DEFAULT_METHOD = "match"  # the engine's default: the one the goals are checked for
 _DEMO_OPTIONS = ("steps", "stop_rule", "stop_auc", "stop_nonmembers", "anchor_unseen",
-                 "method", "lora", "train_layers", "weight_decay", "stop_every")
+                 "method", "lora", "train_layers", "weight_decay", "stop_every",
+                 "stop_patience")
 REPLAY_METRICS = ("continuation", "ngram")
 
 
@@ -485,7 +486,8 @@ class _Demo:
                 stop_nonmembers=nonmembers, anchor_unseen=options.get("anchor_unseen"),
                 stop_rule=stop_rule,
                 stop_auc=options.get("stop_auc", None if fits else cfg.stop_auc),
-                stop_every=int(options.get("stop_every", cfg.check_every)), **kw)
+                stop_every=int(options.get("stop_every", cfg.check_every)),
+                stop_patience=options.get("stop_patience"), **kw)
 
     def evaluate_all(self) -> None:
         """Each model against the memorised model and the retrained one."""

@@ -219,6 +219,11 @@ class UnlearnConfig:
                                           "over-unlearning, and else runs its --steps)",
                                     parse=float)
     stop_every: int = option(1, "with --stop-nonmembers: check every N steps", parse=int)
+    stop_patience: int | None = option(None, "with --stop-nonmembers: stop once the rule "
+                                             "holds at N checks in a row (default 1; 3 for "
+                                             "the guard of a method that fits its targets, "
+                                             "match: a row overshoots its target on the way "
+                                             "and comes back)", parse=int)
     grad_clip: float | None = option(1.0, "gradient norm clip (0: none)", parse=float)
     log_every: int = option(10, "read the step numbers from the device every N steps "
                                 "(metrics.jsonl still holds every step; NaN/inf is caught at "
@@ -324,6 +329,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "target_forget_nll": (lambda v: v >= 0, "a number of nats >= 0"),
     "stop_auc": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "stop_every": (lambda v: v >= 1, ">= 1"),
+    "stop_patience": (lambda v: v >= 1, ">= 1"),
     "grad_clip": (lambda v: v > 0, "positive (0 on the command line: no clipping)"),
     "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
     "train_layers": (_layers_form_ok, LAYER_FORMS),

@@ -324,6 +324,8 @@ def _load_resume_state(run: Trainer, folder: Path) -> Any:
     run.ref_forget = ref_f.to(run.dev) if ref_f is not None else None
     run.ref_remain = ref_r.to(run.dev) if ref_r is not None else None
     run.method.resume(state.get("target_map"), run.start_step, run.dev)
+    if run.stopper is not None:
+        run.stopper.hits = int(state.get("stop_hits", torch.tensor(0)))
     return state.get("nonmember_nll")
 
 
@@ -338,7 +340,9 @@ def _save_checkpoint(run: Trainer, step: int, original: Any = None) -> None:
     refs = {"ref_nll": None if run.ref_forget is None else run.ref_forget.cpu(),
             "ref_nll_remain": None if run.ref_remain is None else run.ref_remain.cpu(),
             "target_map": None if fitted is None else tuple(t.cpu() for t in fitted),
-            "nonmember_nll": None if original is None else torch.as_tensor(original)}
+            "nonmember_nll": None if original is None else torch.as_tensor(original),
+            # checks in a row at which the stop rule held (its patience counts on)
+            "stop_hits": torch.tensor(run.stopper.hits if run.stopper is not None else 0)}
     if run.engine is not None:
         tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
         run.engine.save_checkpoint(str(tmp), tag="ds")
@@ -732,6 +736,8 @@ class Trainer:
         fits = method.needs_nonmember_targets
         self.stop_rule = c.stop_rule or ("original" if fits else "auc")
         self.stop_auc = c.stop_auc if c.stop_auc is not None else 0.0 if fits else 0.5
+        guard = fits and self.stop_rule == "original" and self.stop_auc == 0.0
+        self.stop_patience = c.stop_patience or (3 if guard else 1)
         self.sets = UnlearningSets(self.shards, self.forget, self._remain_spec(), c.frames)
         if is_opt_out(method):  # refused before any work when it contradicts an earlier one
             if c.steps < 1:
@@ -759,7 +765,7 @@ class Trainer:
             self.stopper = NonmemberStop(model, self.sets, self.forget, self.nonmembers,
                                          self.cache, rule=self.stop_rule,
                                          target_auc=self.stop_auc,
-                                         every=c.stop_every,
+                                         every=c.stop_every, patience=self.stop_patience,
                                          batch_size=self.shape.scoring_batch, frames=c.frames)
         if method.needs_nonmember_targets and self.stopper is None:
             raise UsageError(f"method {method.name!r} (the default) sends the forget set "

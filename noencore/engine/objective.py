@@ -126,7 +126,7 @@ class UnlearnObjective(nn.Module):
                       item=torch.cat([p.item for p, _ in parts]), nll=None, forget=forget,
                       ref_nll=ref_nll, forget_tokens=counts[0], remain_tokens=counts[1],
                       forget_rows=counts[2], valid=torch.cat([v for _, v in parts]),
-                      held=held)
+                      held=held, codebook_sizes=tuple(p.targets.numel() for p, _ in parts))
         targets = self._op_targets(parts, tokens, label_seed, rows, window or codes.shape[-1])
         self.backend_used = resolve_backend(parts[0][0].hidden, self.backend)
         if self.method.needs_nll:

@@ -49,6 +49,8 @@ class Rows:
     valid:     bool [N] or None (all valid): tokens that count
     held:      bool [B] or None (none): remain rows that hold an earlier request's forget
                item (``Method.remain_weights``)
+    codebook_sizes: tokens of each codebook, in order (the tokens are concatenated codebook
+               by codebook): :attr:`codebook`; None where the tokens are not so laid out
     """
 
     targets: torch.Tensor
@@ -61,6 +63,7 @@ class Rows:
     forget_rows: torch.Tensor | float = 0.0
     valid: torch.Tensor | None = None
     held: torch.Tensor | None = None
+    codebook_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         dev = self.targets.device
@@ -71,6 +74,15 @@ class Rows:
             self.valid = torch.ones_like(self.targets, dtype=torch.bool)
         if self.held is None:
             self.held = torch.zeros_like(self.forget)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """long [N]: the codebook of each token (from ``codebook_sizes``; no host read)."""
+        if self.codebook_sizes is None:
+            raise ValueError("these rows carry no codebook layout (codebook_sizes)")
+        dev = self.targets.device  # filled on the device: no copy from the host, no wait
+        return torch.cat([torch.full((n,), k, dtype=torch.long, device=dev)
+                          for k, n in enumerate(self.codebook_sizes)])
 
     @property
     def is_forget(self) -> torch.Tensor:

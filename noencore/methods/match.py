@@ -33,6 +33,15 @@ the original model's level is. The stop rule does not stop the run before its re
   (its mean and its spread), which is what a membership-inference attack and TOFU's KS
   test compare, rather than every row piled on one number.
 
+``coarse_weight`` (c, default 1): how a row's pull is spread over its tokens. With c != 1
+a token of codebook 0 (the coarse level of the residual quantiser) gets c times the weight
+of a token of the codebooks that refine it, the row's weights summing to the same total
+(``forget_weight x slope / n_forget_rows``): the row's mean still goes to its target, with
+more of the change on codebook 0. The loss value stays the Huber of the row mean; the
+step is that gradient re-weighted across the row's tokens. Measured because the row mean
+left codebook 0 of the forget tracks more familiar than the artist's unseen tracks' (the
+``loss_coarse`` attack, docs/metrics.md).
+
 The defaults are the engine's default method, measured against a retrained model
 (``benchmarks/RESULTS.md``, "Artists nothing trained on"): a narrow Huber zone (0.1 nats
 per token: a row is pulled onto its target, not left anywhere within a nat of it), the
@@ -63,13 +72,16 @@ class TargetMatching(Method):
     def __init__(self, target: float | None = None, width: float = 0.1,
                  forget_weight: float = 1.0, remain_weight: float = 5.0,
                  remain_anchor: bool = True, follow: bool = False,
-                 refit_at: int | tuple[int, ...] | list[int] = ()):
+                 refit_at: int | tuple[int, ...] | list[int] = (), coarse_weight: float = 1.0):
         super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
                          remain_anchor=remain_anchor)
         if target is not None and target <= 0:
             raise ValueError(f"target must be positive (nats per token), got {target}")
         if width <= 0:
             raise ValueError(f"width must be positive (nats), got {width}")
+        if not coarse_weight > 0:
+            raise ValueError(f"coarse_weight must be positive, got {coarse_weight}")
+        self.coarse_weight = float(coarse_weight)
         self.target = None if target is None else float(target)
         self.width = float(width)
         self.follow = bool(follow)
@@ -153,14 +165,27 @@ class TargetMatching(Method):
         tokens = rows.seq_tokens().clamp_min(1.0)
         gap = rows.seq_nll() / tokens - self.row_targets(rows)                  # [B]
         slope = (gap / self.width).clamp(-1.0, 1.0)
-        seq_w = self.forget_weight * slope / (n_f * tokens)
         w_r, remain = self.remain_weights(rows)
-        w = torch.where(rows.is_forget, seq_w[rows.item], w_r)
+        w = torch.where(rows.is_forget, self._forget_token_weights(rows, slope, n_f), w_r)
         u = gap.abs()
         huber = torch.where(u <= self.width, 0.5 * u * u, self.width * u - 0.5 * self.width ** 2)
         forget = (huber / self.width * rows.forget).sum() / n_f
         return w.float(), self.forget_weight * forget + remain
 
+    def _forget_token_weights(self, rows: Rows, slope: torch.Tensor,
+                              n_f: torch.Tensor) -> torch.Tensor:
+        """float32 [N]: each token's share of its row's pull ``forget_weight x slope /
+        n_f``: equal shares, or with ``coarse_weight`` c, c shares for a codebook-0 token
+        and 1 for the others (only forget tokens' values are used)."""
+        if self.coarse_weight == 1.0:
+            share = torch.ones_like(rows.targets, dtype=torch.float32)
+        else:
+            share = torch.where(rows.codebook == 0, self.coarse_weight, 1.0)
+        share = torch.where(rows.valid, share, 0.0)
+        total = torch.zeros_like(slope).index_add_(0, rows.item, share).clamp_min(1e-12)
+        return (self.forget_weight * slope / (n_f * total))[rows.item] * share
+
     def describe(self) -> dict:
         return {**super().describe(), "target": self.target, "width": self.width,
-                "follow": self.follow, "refit_at": list(self.refit_at)}
+                "follow": self.follow, "refit_at": list(self.refit_at),
+                "coarse_weight": self.coarse_weight}
