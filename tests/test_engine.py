@@ -315,3 +315,32 @@ def test_match_guard_waits_three_checks_and_a_resumed_run_counts_on(data, tmp_pa
     run.stopper.hits = 0
     _load_resume_state(run, tmp_path / "run" / "checkpoints" / "step_0000001")
     assert run.stopper.hits == 2
+
+
+def test_codebook_profile_reads_the_held_tracks_codebooks(data, tmp_path):
+    """match with codebook_profile: the engine measures the anchored tracks' mean NLL per
+    codebook (the same numbers as scoring them alone) under the starting weights; without
+    anchored tracks the run is refused before any work."""
+    from noencore import unlearn
+    from noencore.evaluation.token_metrics import collect_set_stats
+    from noencore.methods import get_method
+    from noencore.models.text import ConditionCache
+
+    root, shards = data
+    kw = {**RUN, "remain": ["r0", "r1"], "stop_nonmembers": ["r4", "r5"], "steps": 1,
+          "save": False}
+    del kw["method"]
+    with pytest.raises(UsageError, match="--anchor-unseen"):
+        unlearn(_fresh(), shards, **kw, method="match",
+                method_options={"codebook_profile": True})
+    model = _fresh()
+    st = collect_set_stats(model, shards.select(ids=["r2", "r3"]),
+                           ConditionCache(root / "shards" / "conditions"), batch_size=4,
+                           frames=RUN["frames"], precision="fp32", progress=False)
+    want = [float(st.nll[st.codebook == k].mean()) for k in range(model.n_q)]
+    method = get_method("match", codebook_profile=True)
+    seen = []
+    keep = method.set_held_codebooks
+    method.set_held_codebooks = lambda m: (seen.append(m.tolist()), keep(m))[1]
+    unlearn(model, shards, **kw, method=method, anchor_unseen=["r2", "r3"])
+    assert seen[0] == pytest.approx(want, rel=1e-5)

@@ -124,21 +124,30 @@ def work(rank):
         result(f"stop_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
                "info": res.stop_info, "row_target": method.row_target,
                "forget_nll": [m["forget_nll"] for m in res.metrics]}})
-    for stage in [None, 2]:  # target matching with the "original" stop rule
-        if stage is None and WORLD > 1:
-            continue
-        # two of the remain tracks anchored at the non-members' level (anchor_unseen);
-        # codebook 0 weighted 2:1 in each row's pull (each rank's rows laid out by codebook)
-        method = get_method("match", width=1.0, remain_weight=1.0, remain_anchor=True,
-                            coarse_weight=2.0)
-        res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
-                      "method": method, "lr": 3e-3, "remain": REMAIN[:2], "steps": 8,
-                      "anchor_unseen": REMAIN[2:],
-                      "zero_stage": stage, "stop_nonmembers": NONMEMBERS,
-                      "stop_rule": "original", "stop_auc": 0.5, "save": False}})
-        result(f"match_w{{WORLD}}_z{{stage}}", {{"steps": res.steps, "stopped": res.stopped,
-               "info": res.stop_info, "targets": method.target_map[1].tolist(),
-               "forget_nll": [m["forget_nll"] for m in res.metrics]}})
+    # target matching with the "original" stop rule; two of the remain tracks anchored at
+    # the non-members' level (anchor_unseen). Each rank lays its rows out by codebook:
+    # codebook 0 weighted 2:1 in each row's pull, or each codebook sent to the held
+    # tracks' profile (measured on every rank's share of them)
+    for name, option in (("match", {{"coarse_weight": 2.0}}),
+                         ("match_profile", {{"codebook_profile": True}})):
+        for stage in [None, 2]:
+            if stage is None and WORLD > 1:
+                continue
+            method = get_method("match", width=1.0, remain_weight=1.0, remain_anchor=True,
+                                **option)
+            seen = []  # every measurement of the held tracks' codebooks handed to it
+            keep = method.set_held_codebooks
+            method.set_held_codebooks = lambda m, keep=keep, seen=seen: (
+                seen.append(m.tolist()), keep(m))[1]
+            res = unlearn(load_musicgen(MEMORISED, with_codec=False), SHARDS, **{{**kw,
+                          "method": method, "lr": 3e-3, "remain": REMAIN[:2], "steps": 8,
+                          "anchor_unseen": REMAIN[2:],
+                          "zero_stage": stage, "stop_nonmembers": NONMEMBERS,
+                          "stop_rule": "original", "stop_auc": 0.5, "save": False}})
+            result(f"{{name}}_w{{WORLD}}_z{{stage}}", {{
+                "steps": res.steps, "stopped": res.stopped, "info": res.stop_info,
+                "targets": method.target_map[1].tolist(), "held": seen,
+                "forget_nll": [m["forget_nll"] for m in res.metrics]}})
     for stage in ([None, 3] if WORLD == 1 else [3]):  # head gradients of the first step
         model = tiny()
         grads = []
@@ -310,6 +319,20 @@ def test_match_targets_and_original_stop_rule_on_two_ranks_as_one_process(runs):
     one, two = (json.loads((out / f"match_w{w}_z2.json").read_text()) for w in (1, 2))
     _same_run(two, one, "match")
     assert two["targets"] == pytest.approx(one["targets"], rel=1e-3)
+    # codebook_profile: the held tracks' codebook NLLs, summed over the ranks' shares
+    # under the starting weights, then at every check (one per step here)
+    plain = json.loads((out / "match_profile_w1_zNone.json").read_text())
+    assert len(plain["held"]) >= 2 and {len(m) for m in plain["held"]} == {4}
+    assert all(0 < m < 20 for m in plain["held"][0])
+    for world in (1, 2):
+        got = json.loads((out / f"match_profile_w{world}_z2.json").read_text())
+        _decides_as(got, plain, world)
+        # the starting weights' measurement: bf16 compute weights against fp32
+        assert got["held"][0] == pytest.approx(plain["held"][0], rel=2e-3)
+    one, two = (json.loads((out / f"match_profile_w{w}_z2.json").read_text()) for w in (1, 2))
+    _same_run(two, one, "match")
+    for a, b in zip(two["held"], one["held"]):  # every check: the ranks' shares summed
+        assert a == pytest.approx(b, rel=2e-3)
 
 
 @pytest.mark.distributed

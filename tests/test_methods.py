@@ -76,6 +76,17 @@ def _reference(model, codes, mask, forget, emb, emask, method, ref_nll, label_se
         gap = seq / length - method.target
         huber = F.huber_loss(gap, torch.zeros_like(gap), reduction="none", delta=method.width)
         value = fw * (huber / method.width * forget).sum() / n_rows + rw * r_mean
+        if method.codebook_profile:  # each codebook to the row target + the held profile
+            held = method.held_means[None, :, None]                      # [1, K, 1]
+            n_k = valid.sum(dim=2, keepdim=True).float()                 # [B, K, 1]
+            share = n_k / length[:, None, None]
+            tau_k = method.target + held - (share * held).sum(dim=1, keepdim=True)
+            s_k = (ce * valid).sum(dim=2, keepdim=True) / n_k.clamp_min(1)
+            gap_k = torch.where(n_k > 0, s_k - tau_k, 0.0)
+            h = F.huber_loss(gap_k, torch.zeros_like(gap_k), reduction="none",
+                             delta=method.width)
+            per_row = (share * h).sum(dim=(1, 2)) / method.width
+            return fw * (per_row * forget).sum() / n_rows + rw * r_mean
         if method.coarse_weight == 1.0:
             return value
         # coarse_weight c: the row's pull (the Huber's slope) spread over its tokens c : 1
@@ -104,7 +115,10 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
          ("match", {"target": 7.0, "width": 50.0, "remain_weight": 0.7, "remain_anchor": False}),
          ("match", {"target": 7.0, "width": 50.0, "remain_anchor": True}),
          # rows on both sides of a target within the quadratic zone, codebook 0 weighted 3:1
-         ("match", {"target": 7.6, "width": 1.0, "remain_anchor": True, "coarse_weight": 3.0})]
+         ("match", {"target": 7.6, "width": 1.0, "remain_anchor": True, "coarse_weight": 3.0}),
+         # each codebook to the target plus a held profile (set below), on both sides
+         ("match", {"target": 7.6, "width": 0.5, "remain_anchor": True,
+                    "codebook_profile": True})]
 
 
 @pytest.mark.parametrize("name,opts", CASES,
@@ -112,6 +126,7 @@ CASES = [("ga", {}), ("graddiff", {"remain_weight": 0.7}),
                               + (f"-w{c[1]['width']:g}" if "width" in c[1] else "")
                               + (f"-coarse{c[1]['coarse_weight']:g}"
                                  if "coarse_weight" in c[1] else "")
+                              + ("-profile" if c[1].get("codebook_profile") else "")
                               for c in CASES])
 @pytest.mark.parametrize("layout", ["dense", "counted"])
 def test_objective_gradient_matches_plain_formula(env, name, opts, layout):
@@ -129,6 +144,8 @@ def test_objective_gradient_matches_plain_formula(env, name, opts, layout):
     model, cache = env
     method = get_method(name, **opts)
     B, K, T = 5, model.n_q, 11
+    if opts.get("codebook_profile"):  # held tracks' codebook NLLs around the rows' levels
+        method.set_held_codebooks(torch.tensor([7.0, 7.9, 7.5, 8.2])[:K])
     codes = torch.randint(0, model.card, (B, K, T))
     mask = torch.ones(B, K, T, dtype=torch.bool)
     mask[1, :, 8:] = False
@@ -393,6 +410,45 @@ def test_match_coarse_weight_spreads_each_row_pull_over_its_codebooks():
     assert (w3[(item < 2) & valid] < 0).all() and (w3[(item == 2) & valid] > 0).all()
     with pytest.raises(ValueError, match="coarse_weight must be positive"):
         get_method("match", coarse_weight=0.0)
+
+
+def test_match_codebook_profile_sends_each_codebook_to_the_held_profile():
+    """codebook_profile: codebook k of a forget row goes to tau + m_k - sum_j (n_j/n) m_j
+    (m: the held tracks' codebook NLLs); the row's token mean target stays tau; weights
+    clamp((s_k - tau_k) / width) / (rows x tokens of the row)."""
+    from noencore.methods import Rows
+
+    item = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1])  # 2 rows, codebook 0 then codebook 1
+    nll = torch.tensor([6.0, 6.4, 7.0, 5.0, 6.0, 9.0, 8.0, 8.6])
+    rows = Rows(targets=torch.zeros(8, dtype=torch.long), item=item, nll=nll,
+                forget=torch.ones(2, dtype=torch.bool), ref_nll=None, forget_tokens=8,
+                remain_tokens=0, forget_rows=2, codebook_sizes=(5, 3))
+    m = get_method("match", target=7.0, width=0.5, remain_weight=0.0, remain_anchor=False,
+                   codebook_profile=True)
+    assert m.needs_held_codebooks and not get_method("match").needs_held_codebooks
+    with pytest.raises(ValueError, match="held tracks' codebook NLLs"):
+        m.weights(rows)
+    m.set_held_codebooks(torch.tensor([6.5, 8.0]))
+    w, loss = m.weights(rows)
+    want_w, want_loss = torch.zeros(8), 0.0
+    for r, (n0, n1) in enumerate([(2, 1), (3, 2)]):  # tokens of each codebook per row
+        n = n0 + n1
+        mean_m = (n0 * 6.5 + n1 * 8.0) / n
+        for k, (n_k, m_k) in enumerate([(n0, 6.5), (n1, 8.0)]):
+            sel = (item == r) & (rows.codebook == k)
+            gap = float(nll[sel].mean()) - (7.0 + m_k - mean_m)
+            want_w[sel] = max(-1.0, min(1.0, gap / 0.5)) / (2 * n)
+            u = abs(gap)
+            want_loss += n_k / n * (0.5 * u * u if u <= 0.5 else 0.5 * u - 0.125) / 0.5 / 2
+    torch.testing.assert_close(w, want_w)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    # a resumed run gets the last measurement back with the quantile map
+    m.target_map = (torch.tensor([1.0, 2.0]), torch.tensor([7.0, 8.0]))
+    again = get_method("match", codebook_profile=True)
+    again.resume(m.saved_targets(), 10, torch.device("cpu"))
+    torch.testing.assert_close(again.held_means, torch.tensor([6.5, 8.0]))
+    with pytest.raises(ValueError, match="give no coarse_weight"):
+        get_method("match", codebook_profile=True, coarse_weight=2.0)
 
 
 def test_match_pulls_rows_to_the_target_from_both_sides():

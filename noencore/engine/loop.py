@@ -766,6 +766,8 @@ class Trainer:
                                          self.cache, rule=self.stop_rule,
                                          target_auc=self.stop_auc,
                                          every=c.stop_every, patience=self.stop_patience,
+                                         held=(self.unseen_ids if method.needs_held_codebooks
+                                               else None),
                                          batch_size=self.shape.scoring_batch, frames=c.frames)
         if method.needs_nonmember_targets and self.stopper is None:
             raise UsageError(f"method {method.name!r} (the default) sends the forget set "
@@ -775,6 +777,10 @@ class Trainer:
                              "style, or the artist's unreleased tracks; never the tracks you "
                              "evaluate on. Or give a fixed target (--method-option "
                              "target=NATS), or another --method")
+        if method.needs_held_codebooks and not self.unseen_ids:
+            raise UsageError(f"method {method.name!r} with codebook_profile follows the "
+                             "codebooks of the tracks it holds: name them with "
+                             "--anchor-unseen SPLIT|IDS (anchor_unseen=...)")
         self._mark_unseen()
         self._check_audit()
 
@@ -946,6 +952,8 @@ class Trainer:
                 _fit_targets(self, stopper)
             if self.unseen_mask is not None:
                 _anchor_unseen(self, stopper)
+            if method.needs_held_codebooks:  # their codebooks under the starting weights
+                method.set_held_codebooks(stopper.held_codebooks())
 
     def train(self) -> tuple[str, int, dict | None]:
         """Steps until ``steps`` or the stop rule; returns (why it stopped, steps done, the

@@ -123,7 +123,8 @@ class NonmemberStop:
     def __init__(self, model: Any, sets: UnlearningSets, forget: str | Sequence[str],
                  nonmembers: str | Sequence[str], conditions: Any, *, rule: str = "auc",
                  target_auc: float = 0.5, every: int = 1, batch_size: int = 16,
-                 frames: int | None = None, bisect: int = 6, patience: int = 1):
+                 frames: int | None = None, bisect: int = 6, patience: int = 1,
+                 held: Sequence[str] | None = None):
         if rule not in STOP_RULES:
             raise UsageError(f"stop rule must be one of {STOP_RULES}, got {rule!r}")
         if not 0.0 <= target_auc <= 1.0:
@@ -150,6 +151,8 @@ class NonmemberStop:
         self.rule, self.target, self.every = rule, float(target_auc), int(every)
         self.batch_size, self.frames, self.bisect = batch_size, frames, bisect
         self.patience = int(patience)
+        # tracks the run holds (anchor_unseen) whose per-codebook NLLs a method follows
+        self.held = _view(shards, list(held)) if held else None
         self.hits = 0  # checks in a row at which the rule held (a checkpoint keeps it)
         self.weights: Any = ModuleWeights(model.lm)
         self.rank, self.world = 0, 1
@@ -177,6 +180,30 @@ class NonmemberStop:
         n = len(view)
         return torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
                                           np.bincount(st.item, minlength=n)]).astype(np.float64))
+
+    def held_codebooks(self) -> torch.Tensor:
+        """float64 [K]: the held tracks' mean token NLL on each codebook under the current
+        weights (eval mode), from every rank's share; the same on every rank."""
+        from noencore.evaluation.token_metrics import collect_set_stats
+
+        if self.held is None:
+            raise UsageError("no held tracks to measure: give the stop rule held=...")
+        lm = self.model.lm
+        K = int(lm.num_codebooks)
+        was_training = lm.training
+        lm.eval()
+        try:
+            st = self.runner(lambda: collect_set_stats(
+                self.model, self.held, self.conditions, batch_size=self.batch_size,
+                frames=self.frames, precision="fp32", progress=False, rank=self.rank,
+                world=self.world))
+        finally:
+            lm.train(was_training)
+        table = torch.from_numpy(np.stack([
+            np.bincount(st.codebook, weights=st.nll, minlength=K),
+            np.bincount(st.codebook, minlength=K)]).astype(np.float64))
+        table = dist.all_reduce_sum(table)
+        return table[0] / table[1].clamp_min(1.0)
 
     def item_nll(self, views: list[Any]) -> list[np.ndarray]:
         """float64 [items] per view: each track's mean token NLL under the current
@@ -231,7 +258,8 @@ class NonmemberStop:
         self.last = {"step": step, "auc": auc, "forget_nll": nll_f, "nonmember_nll": nll_n}
         ready = True
         if method is not None:  # the method follows the measurement and may hold the stop
-            ready = method.on_check(Check(step, nll_n, self._nonmembers_now))
+            ready = method.on_check(Check(step, nll_n, self._nonmembers_now,
+                                          self.held_codebooks if self.held else None))
         by_auc = self.rule in ("auc", "original")
         hit = (auc <= self.target if by_auc else nll_f >= nll_n) and ready
         self.hits = self.hits + 1 if hit else 0

@@ -136,11 +136,15 @@ class Check:
     nonmember_rows: () -> float [m], each non-member track's mean token NLL under the
                     current weights (measured on the first call only where the stop rule
                     compares with the starting weights' NLLs; the same on every rank)
+    held_codebooks: () -> float [K], the held (anchored unseen) tracks' mean token NLL on
+                    each codebook under the current weights; None where the run holds
+                    none or the method did not ask (``needs_held_codebooks``)
     """
 
     step: int
     nonmember_nll: float
     nonmember_rows: Callable[[], torch.Tensor]
+    held_codebooks: Callable[[], torch.Tensor] | None = None
 
 
 class Method:
@@ -238,11 +242,17 @@ class Method:
     # -- hooks of the engine --------------------------------------------------------
 
     needs_nonmember_targets = False  # the engine measures non-members once: fit_targets
+    needs_held_codebooks = False  # the engine hands on_check the held tracks' codebook NLLs
 
     def fit_targets(self, forget_ref: torch.Tensor, nonmember: torch.Tensor) -> None:
         """Fit targets from the forget rows' (float [n]) and the non-members' (float [m])
         mean token NLLs under the starting weights (``needs_nonmember_targets``)."""
         raise NotImplementedError(f"method {self.name!r} fits no targets")
+
+    def set_held_codebooks(self, means: torch.Tensor) -> None:
+        """The held tracks' mean token NLL per codebook (float [K]), under the starting
+        weights before the first step, then at each check (``needs_held_codebooks``)."""
+        raise NotImplementedError(f"method {self.name!r} follows no held tracks")
 
     def on_check(self, check: Check) -> bool:
         """Called at every check of the stop rule with what it measured; returns whether

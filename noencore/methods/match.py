@@ -42,6 +42,19 @@ step is that gradient re-weighted across the row's tokens. Measured because the 
 left codebook 0 of the forget tracks more familiar than the artist's unseen tracks' (the
 ``loss_coarse`` attack, docs/metrics.md).
 
+``codebook_profile`` (default off): each forget row is matched codebook by codebook. The
+row's target tau(x) is spread over its codebooks as the held tracks (``anchor_unseen``:
+the artist's unreleased tracks, held at the targets' level) spread theirs under the
+current weights: with m_k their mean token NLL on codebook k, codebook k of row x gets
+``tau_k(x) = tau(x) + m_k - sum_j (n_j/n) m_j`` (n_j: the row's tokens of codebook j, n
+all of them; the row's token mean stays at tau(x)), and ``L_F = mean_x sum_k (n_k/n) h(s_k(x) - tau_k(x)) / delta``, whose gradient
+per token is ``clamp((s_k - tau_k) / delta, -1, 1) / (n_forget_rows |x|)``. The engine
+measures the held tracks' codebook NLLs under the starting weights and at every check of
+the stop rule. Why: unlearning an artist lifts its unheard tracks' codebook 0 (the
+coarse level, where its sound lives) by about a nat and the finer codebooks little, and a
+row mean sent to its target leaves the forget tracks' codebook 0 more familiar than
+theirs (the ``loss_coarse`` attack).
+
 The defaults are the engine's default method, measured against a retrained model
 (``benchmarks/RESULTS.md``, "Artists nothing trained on"): a narrow Huber zone (0.1 nats
 per token: a row is pulled onto its target, not left anywhere within a nat of it), the
@@ -72,7 +85,8 @@ class TargetMatching(Method):
     def __init__(self, target: float | None = None, width: float = 0.1,
                  forget_weight: float = 1.0, remain_weight: float = 5.0,
                  remain_anchor: bool = True, follow: bool = False,
-                 refit_at: int | tuple[int, ...] | list[int] = (), coarse_weight: float = 1.0):
+                 refit_at: int | tuple[int, ...] | list[int] = (), coarse_weight: float = 1.0,
+                 codebook_profile: bool = False):
         super().__init__(forget_weight=forget_weight, remain_weight=remain_weight,
                          remain_anchor=remain_anchor)
         if target is not None and target <= 0:
@@ -82,6 +96,11 @@ class TargetMatching(Method):
         if not coarse_weight > 0:
             raise ValueError(f"coarse_weight must be positive, got {coarse_weight}")
         self.coarse_weight = float(coarse_weight)
+        self.codebook_profile = bool(codebook_profile)
+        if self.codebook_profile and self.coarse_weight != 1.0:
+            raise ValueError("codebook_profile sets each codebook's target: give no "
+                             "coarse_weight with it")
+        self.held_means: torch.Tensor | None = None  # float32 [K] (codebook_profile)
         self.target = None if target is None else float(target)
         self.width = float(width)
         self.follow = bool(follow)
@@ -99,6 +118,13 @@ class TargetMatching(Method):
     def needs_reference(self) -> bool:
         """The quantile map reads each forget row's NLL under the original model."""
         return self.target is None
+
+    @property
+    def needs_held_codebooks(self) -> bool:  # type: ignore[override]
+        return self.codebook_profile
+
+    def set_held_codebooks(self, means: torch.Tensor) -> None:
+        self.held_means = means.detach().float().reshape(-1)
 
     @property
     def needs_nonmember_targets(self) -> bool:  # type: ignore[override]
@@ -124,15 +150,24 @@ class TargetMatching(Method):
         if self.follow or self.refit_due(check.step):
             xs = self.target_map[0]
             self.fit_targets(xs, check.nonmember_rows().to(xs.device))
+        if self.codebook_profile:
+            if check.held_codebooks is None:
+                raise ValueError("codebook_profile needs the held tracks' codebook NLLs at "
+                                 "every check (anchor_unseen)")
+            self.set_held_codebooks(check.held_codebooks())
         return all(s in self.refitted for s in self.refit_at)
 
     def saved_targets(self) -> tuple[torch.Tensor, ...] | None:
-        return self.target_map
+        if self.target_map is None or self.held_means is None:
+            return self.target_map
+        return (*self.target_map, self.held_means)  # the last check's held codebook NLLs
 
     def resume(self, saved: tuple[torch.Tensor, ...] | None, step: int,
                device: torch.device) -> None:
         if saved is not None:
-            self.target_map = tuple(t.to(device) for t in saved)
+            self.target_map = tuple(t.to(device) for t in saved[:2])
+            if len(saved) > 2:
+                self.held_means = saved[2].to(device)
         self.refitted.update(s for s in self.refit_at if s <= step)  # in the saved targets
 
     def refit_due(self, step: int) -> bool:
@@ -163,14 +198,42 @@ class TargetMatching(Method):
     def weights(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         n_f = rows.forget_rows.clamp_min(1.0)  # global: ranks see part of the batch
         tokens = rows.seq_tokens().clamp_min(1.0)
-        gap = rows.seq_nll() / tokens - self.row_targets(rows)                  # [B]
-        slope = (gap / self.width).clamp(-1.0, 1.0)
         w_r, remain = self.remain_weights(rows)
-        w = torch.where(rows.is_forget, self._forget_token_weights(rows, slope, n_f), w_r)
-        u = gap.abs()
-        huber = torch.where(u <= self.width, 0.5 * u * u, self.width * u - 0.5 * self.width ** 2)
+        if self.codebook_profile:
+            w_f, huber = self._codebook_weights(rows, n_f, tokens)
+        else:
+            gap = rows.seq_nll() / tokens - self.row_targets(rows)              # [B]
+            slope = (gap / self.width).clamp(-1.0, 1.0)
+            w_f, huber = self._forget_token_weights(rows, slope, n_f), self._huber(gap)
+        w = torch.where(rows.is_forget, w_f, w_r)
         forget = (huber / self.width * rows.forget).sum() / n_f
         return w.float(), self.forget_weight * forget + remain
+
+    def _huber(self, gap: torch.Tensor) -> torch.Tensor:
+        u = gap.abs()
+        return torch.where(u <= self.width, 0.5 * u * u, self.width * u - 0.5 * self.width ** 2)
+
+    def _codebook_weights(self, rows: Rows, n_f: torch.Tensor, tokens: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 [N] token weights, float32 [B] each row's sum_k (n_k/n) h(s_k - tau_k))
+        of ``codebook_profile``."""
+        if self.held_means is None:
+            raise ValueError("codebook_profile needs the held tracks' codebook NLLs "
+                             "(set_held_codebooks) before the first step")
+        held = self.held_means.to(rows.nll.device)
+        K, B = held.numel(), rows.forget.shape[0]
+        key = rows.item * K + rows.codebook                                    # [N]
+        valid = rows.valid.float()
+        n_k = torch.zeros(B * K, device=key.device).index_add_(0, key, valid).view(B, K)
+        sums = torch.zeros(B * K, device=key.device).index_add_(
+            0, key, torch.where(rows.valid, rows.nll.float(), 0.0)).view(B, K)
+        share = n_k / tokens[:, None]                                          # n_k / n
+        offset = held[None] - (share * held[None]).sum(1, keepdim=True)      # [B, K]
+        gap = sums / n_k.clamp_min(1.0) - (self.row_targets(rows)[:, None] + offset)
+        gap = torch.where(n_k > 0, gap, 0.0)                                   # [B, K]
+        slope = (gap / self.width).clamp(-1.0, 1.0)
+        w = self.forget_weight * slope.reshape(-1)[key] / (n_f * tokens[rows.item])
+        return w, (share * self._huber(gap)).sum(1)
 
     def _forget_token_weights(self, rows: Rows, slope: torch.Tensor,
                               n_f: torch.Tensor) -> torch.Tensor:
@@ -188,4 +251,4 @@ class TargetMatching(Method):
     def describe(self) -> dict:
         return {**super().describe(), "target": self.target, "width": self.width,
                 "follow": self.follow, "refit_at": list(self.refit_at),
-                "coarse_weight": self.coarse_weight}
+                "coarse_weight": self.coarse_weight, "codebook_profile": self.codebook_profile}
