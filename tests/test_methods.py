@@ -449,6 +449,12 @@ def test_match_codebook_profile_sends_each_codebook_to_the_held_profile():
     torch.testing.assert_close(again.held_means, torch.tensor([6.5, 8.0]))
     with pytest.raises(ValueError, match="give no coarse_weight"):
         get_method("match", codebook_profile=True, coarse_weight=2.0)
+    # the engine's first measurement sets the device (meta stands in for the rank's GPU);
+    # a check's host measurement moves there, so that no step copies it from the host
+    on_gpu = get_method("match", codebook_profile=True)
+    on_gpu.set_held_codebooks(torch.zeros(2, device="meta"))
+    on_gpu.set_held_codebooks(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert on_gpu.held_means.device.type == "meta" and on_gpu.held_means.dtype == torch.float32
 
 
 def test_match_pulls_rows_to_the_target_from_both_sides():

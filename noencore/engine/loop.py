@@ -953,7 +953,7 @@ class Trainer:
             if self.unseen_mask is not None:
                 _anchor_unseen(self, stopper)
             if method.needs_held_codebooks:  # their codebooks under the starting weights
-                method.set_held_codebooks(stopper.held_codebooks())
+                method.set_held_codebooks(stopper.held_codebooks().to(self.dev))
 
     def train(self) -> tuple[str, int, dict | None]:
         """Steps until ``steps`` or the stop rule; returns (why it stopped, steps done, the

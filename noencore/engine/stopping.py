@@ -259,7 +259,7 @@ class NonmemberStop:
         ready = True
         if method is not None:  # the method follows the measurement and may hold the stop
             ready = method.on_check(Check(step, nll_n, self._nonmembers_now,
-                                          self.held_codebooks if self.held else None))
+                                          None if self.held is None else self.held_codebooks))
         by_auc = self.rule in ("auc", "original")
         hit = (auc <= self.target if by_auc else nll_f >= nll_n) and ready
         self.hits = self.hits + 1 if hit else 0

@@ -124,7 +124,10 @@ class TargetMatching(Method):
         return self.codebook_profile
 
     def set_held_codebooks(self, means: torch.Tensor) -> None:
-        self.held_means = means.detach().float().reshape(-1)
+        """Keep the measurement on the device of the first one (the engine's: a check
+        moves it there, so that no training step copies it from the host)."""
+        dev = means.device if self.held_means is None else self.held_means.device
+        self.held_means = means.detach().float().reshape(-1).to(dev)
 
     @property
     def needs_nonmember_targets(self) -> bool:  # type: ignore[override]
@@ -220,7 +223,7 @@ class TargetMatching(Method):
         if self.held_means is None:
             raise ValueError("codebook_profile needs the held tracks' codebook NLLs "
                              "(set_held_codebooks) before the first step")
-        held = self.held_means.to(rows.nll.device)
+        held = self.held_means
         K, B = held.numel(), rows.forget.shape[0]
         key = rows.item * K + rows.codebook                                    # [N]
         valid = rows.valid.float()
