@@ -15,7 +15,12 @@ import torch
 from noencore.errors import NoencoreError, UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_shards import conditioned_shards, random_items, write_shards  # noqa: E402
+from test_engine_shards import (  # noqa: E402
+    conditioned_shards,
+    prepared_trainer,
+    random_items,
+    write_shards,
+)
 
 OVERRIDES = {"transformer_lm": {"num_layers": 1}}
 RUN = dict(forget="forget", method="graddiff", steps=6, lr=1e-3, batch_size=4,
@@ -287,8 +292,7 @@ def test_nonmember_stop_patience_needs_checks_in_a_row(data):
 def test_match_guard_waits_three_checks_and_a_resumed_run_counts_on(data, tmp_path):
     """The default method's guard (rule "original" at AUC 0) gets patience 3, other
     rules 1; the count of checks in a row travels in the checkpoint."""
-    from noencore.engine.config import UnlearnConfig
-    from noencore.engine.loop import Trainer, _load_resume_state, _save_checkpoint
+    from noencore.engine.loop import _load_resume_state, _save_checkpoint
 
     _, shards = data
     kw = {**RUN, "remain": ["r0", "r1", "r2", "r3"], "stop_nonmembers": ["r4", "r5"],
@@ -296,14 +300,7 @@ def test_match_guard_waits_three_checks_and_a_resumed_run_counts_on(data, tmp_pa
     del kw["progress"]
 
     def ready(method, out):
-        run = Trainer(_fresh(), shards, UnlearnConfig(**{**kw, "method": method, "out": out}),
-                      progress=False)
-        run.check_options()
-        run.resolve_devices()
-        run.build_sets()
-        run.setup_optimizer()
-        run.compute_references()
-        return run
+        return prepared_trainer(_fresh(), shards, **{**kw, "method": method, "out": out})
 
     run = ready("match", tmp_path / "run")
     assert (run.stop_rule, run.stop_auc, run.stop_patience) == ("original", 0.0, 3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine_shards import conditioned_shards
+from test_engine_shards import conditioned_shards, prepared_trainer
 
 from noencore.errors import UsageError
 
@@ -41,17 +41,8 @@ def _model():
 
 def _prepared(shards, **kw):
     """A trainer through ``compute_references`` (the phases before training)."""
-    from noencore.engine.config import UnlearnConfig
-    from noencore.engine.loop import Trainer
-
-    opts = {k: v for k, v in {**RUN, **kw}.items() if k != "progress"}
-    run = Trainer(_model(), shards, UnlearnConfig().replace(**opts), progress=False)
-    run.check_options()
-    run.resolve_devices()
-    run.build_sets()
-    run.setup_optimizer()
-    run.compute_references()
-    return run
+    return prepared_trainer(_model(), shards,
+                            **{k: v for k, v in {**RUN, **kw}.items() if k != "progress"})
 
 
 def test_the_unseen_tracks_are_held_at_the_nonmembers_level(shards):

@@ -158,6 +158,21 @@ def conditioned_shards(folder: Path, items: list, overrides: dict | None = None)
     return shards
 
 
+def prepared_trainer(model, shards, **options):
+    """A trainer of ``options`` (``UnlearnConfig``'s) run through ``compute_references``:
+    the phases before the first step."""
+    from noencore.engine.config import UnlearnConfig
+    from noencore.engine.loop import Trainer
+
+    run = Trainer(model, shards, UnlearnConfig().replace(**options), progress=False)
+    run.check_options()
+    run.resolve_devices()
+    run.build_sets()
+    run.setup_optimizer()
+    run.compute_references()
+    return run
+
+
 def two_ranks_beside(cmd: list[str], work: Path, one_process, *, env: dict, cwd: Path,
                      timeout: float = 540) -> tuple:
     """Start ``cmd`` (a 2-rank launch whose driver writes ``work/result_rank{r}.json``),
