@@ -47,8 +47,12 @@ row's target tau(x) is spread over its codebooks as the held tracks (``anchor_un
 the artist's unreleased tracks, held at the targets' level) spread theirs under the
 current weights: with m_k their mean token NLL on codebook k, codebook k of row x gets
 ``tau_k(x) = tau(x) + m_k - sum_j (n_j/n) m_j`` (n_j: the row's tokens of codebook j, n
-all of them; the row's token mean stays at tau(x)), and ``L_F = mean_x sum_k (n_k/n) h(s_k(x) - tau_k(x)) / delta``, whose gradient
-per token is ``clamp((s_k - tau_k) / delta, -1, 1) / (n_forget_rows |x|)``. The engine
+all of them; the row's token mean stays at tau(x)), and::
+
+    L_F = mean_x sum_k (n_k/n) h(s_k(x) - tau_k(x)) / delta
+
+(s_k(x): the row's mean token NLL on codebook k), whose gradient per token is
+``clamp((s_k - tau_k) / delta, -1, 1) / (n_forget_rows |x|)``. The engine
 measures the held tracks' codebook NLLs under the starting weights and at every check of
 the stop rule. Why: unlearning an artist lifts its unheard tracks' codebook 0 (the
 coarse level, where its sound lives) by about a nat and the finer codebooks little, and a
@@ -207,7 +211,7 @@ class TargetMatching(Method):
         else:
             gap = rows.seq_nll() / tokens - self.row_targets(rows)              # [B]
             slope = (gap / self.width).clamp(-1.0, 1.0)
-            w_f, huber = self._forget_token_weights(rows, slope, n_f), self._huber(gap)
+            w_f, huber = self._forget_token_weights(rows, slope, n_f, tokens), self._huber(gap)
         w = torch.where(rows.is_forget, w_f, w_r)
         forget = (huber / self.width * rows.forget).sum() / n_f
         return w.float(), self.forget_weight * forget + remain
@@ -238,15 +242,15 @@ class TargetMatching(Method):
         w = self.forget_weight * slope.reshape(-1)[key] / (n_f * tokens[rows.item])
         return w, (share * self._huber(gap)).sum(1)
 
-    def _forget_token_weights(self, rows: Rows, slope: torch.Tensor,
-                              n_f: torch.Tensor) -> torch.Tensor:
+    def _forget_token_weights(self, rows: Rows, slope: torch.Tensor, n_f: torch.Tensor,
+                              tokens: torch.Tensor) -> torch.Tensor:
         """float32 [N]: each token's share of its row's pull ``forget_weight x slope /
-        n_f``: equal shares, or with ``coarse_weight`` c, c shares for a codebook-0 token
-        and 1 for the others (only forget tokens' values are used)."""
+        n_f``: equal shares (1 / the row's ``tokens``), or with ``coarse_weight`` c, c
+        shares for a codebook-0 token and 1 for the others (only forget tokens' values are
+        used)."""
         if self.coarse_weight == 1.0:
-            share = torch.ones_like(rows.targets, dtype=torch.float32)
-        else:
-            share = torch.where(rows.codebook == 0, self.coarse_weight, 1.0)
+            return (self.forget_weight * slope / (n_f * tokens))[rows.item]
+        share = torch.where(rows.codebook == 0, self.coarse_weight, 1.0)
         share = torch.where(rows.valid, share, 0.0)
         total = torch.zeros_like(slope).index_add_(0, rows.item, share).clamp_min(1e-12)
         return (self.forget_weight * slope / (n_f * total))[rows.item] * share
