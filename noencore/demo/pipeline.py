@@ -48,8 +48,8 @@ TWIN_PREFIX = "retrained_order"  # models/<prefix>k: the gold standard in batch 
 # validation tracks trained as remain rows held at that level (so that the artist's other
 # music does not follow the forget set past it), the remain set anchored at the memorised
 # model's NLL; 600 steps (the engine's stop rule for it is a guard: "original" at AUC 0,
-# once the forget set went past every unknown artist's track as the memorised model
-# scored them; checked every 10 steps). More steps at the targets bring the forget set
+# once the forget set stayed past every unknown artist's track as the memorised model
+# scored them at 3 checks in a row; checked every 10 steps). More steps at the targets bring the forget set
 # closer to the artist's unseen tracks and let weight decay erode what no loss holds:
 # on seed 0, 150 / 300 / 600 steps gave forget AUC 0.79 / 0.63 / 0.60 (retrained 0.44)
 # and relearned AUC 0.97 / 0.94 / 0.73 (benchmarks/RESULTS.md).
@@ -59,8 +59,9 @@ TWIN_PREFIX = "retrained_order"  # models/<prefix>k: the gold standard in batch 
 # "stop_nonmembers" (the split its stop rule and targets read: default the artist's
 # validation tracks), "anchor_unseen" (a split held as the engine's anchor_unseen),
 # "method" (the engine's method when the entry's name is a label of its own, e.g.
-# "bounded_ga_lora"), "lora", "train_layers", "weight_decay" and "stop_every" (unlearn's
-# options of those names; by default DemoConfig's unlearn_weight_decay and check_every).
+# "bounded_ga_lora"), "lora", "train_layers", "weight_decay", "stop_every" and
+# "stop_patience" (unlearn's options of those names; by default DemoConfig's
+# unlearn_weight_decay and check_every, and the engine's patience).
 DEFAULT_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ga", {}),
     ("rl", {"remain_weight": 1.0, "steps": 60}),

@@ -169,14 +169,30 @@ class NonmemberStop:
         self.weights, self.rank, self.world = weights, rank, world
         self.runner = runner or _call
 
+    def _set_stats(self, view: Any) -> Any:
+        """This rank's share of ``view``'s token statistics (``SetStats``) under the current
+        weights."""
+        from noencore.evaluation.token_metrics import collect_set_stats
+
+        return collect_set_stats(self.model, view, self.conditions, batch_size=self.batch_size,
+                                 frames=self.frames, precision="fp32", progress=False,
+                                 rank=self.rank, world=self.world)
+
+    def _measured(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the model in eval mode, through the runner (under DeepSpeed: the
+        objective module's forward)."""
+        lm = self.model.lm
+        was_training = lm.training
+        lm.eval()
+        try:
+            return self.runner(fn)
+        finally:
+            lm.train(was_training)
+
     def _item_table(self, view: Any) -> torch.Tensor:
         """float64 [2, items of ``view``]: this rank's summed token NLL and token count of
         each item."""
-        from noencore.evaluation.token_metrics import collect_set_stats
-
-        st = collect_set_stats(self.model, view, self.conditions, batch_size=self.batch_size,
-                               frames=self.frames, precision="fp32", progress=False,
-                               rank=self.rank, world=self.world)
+        st = self._set_stats(view)
         n = len(view)
         return torch.from_numpy(np.stack([np.bincount(st.item, weights=st.nll, minlength=n),
                                           np.bincount(st.item, minlength=n)]).astype(np.float64))
@@ -184,21 +200,10 @@ class NonmemberStop:
     def held_codebooks(self) -> torch.Tensor:
         """float64 [K]: the held tracks' mean token NLL on each codebook under the current
         weights (eval mode), from every rank's share; the same on every rank."""
-        from noencore.evaluation.token_metrics import collect_set_stats
-
         if self.held is None:
             raise UsageError("no held tracks to measure: give the stop rule held=...")
-        lm = self.model.lm
-        K = int(lm.num_codebooks)
-        was_training = lm.training
-        lm.eval()
-        try:
-            st = self.runner(lambda: collect_set_stats(
-                self.model, self.held, self.conditions, batch_size=self.batch_size,
-                frames=self.frames, precision="fp32", progress=False, rank=self.rank,
-                world=self.world))
-        finally:
-            lm.train(was_training)
+        K = int(self.model.lm.num_codebooks)
+        st = self._measured(lambda: self._set_stats(self.held))
         table = torch.from_numpy(np.stack([
             np.bincount(st.codebook, weights=st.nll, minlength=K),
             np.bincount(st.codebook, minlength=K)]).astype(np.float64))
@@ -208,13 +213,7 @@ class NonmemberStop:
     def item_nll(self, views: list[Any]) -> list[np.ndarray]:
         """float64 [items] per view: each track's mean token NLL under the current
         weights (eval mode), from every rank's share; the same on every rank."""
-        lm = self.model.lm
-        was_training = lm.training
-        lm.eval()
-        try:
-            tables = self.runner(lambda: [self._item_table(v) for v in views])
-        finally:
-            lm.train(was_training)
+        tables = self._measured(lambda: [self._item_table(v) for v in views])
         tables = [dist.all_reduce_sum(t) for t in tables]
         with np.errstate(invalid="ignore", divide="ignore"):
             return [(t[0] / t[1]).numpy() for t in tables]
